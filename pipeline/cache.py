@@ -1,0 +1,243 @@
+"""The on-disk feature cache: one folder per cache key, one zarr array per shard.
+
+Layout of `CACHE/<key>/`:
+    meta.json                     what produced these numbers (backbone, weights SHA-256, preprocessing,
+                                  layer, precision, dimension)
+    features.zarr/<shard>-<tag>   a (rows, dim) float32 zarr v3 array; attribute `image_ids` names the rows
+    shards/<shard>.json           the completion record, written last: rows, ids, SHA-256 of the data
+
+A shard is present only when its record exists and its array matches the record's checksum: zarr reads a
+chunk that was never written as zeros without complaint, so the array alone proves nothing. Arrays are
+written in `CACHE/.staging/` and renamed into place, then the record is replaced atomically, so a run
+killed at any moment leaves whole shards only, and a task that runs twice just leaves an orphan for `gc`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from pipeline.errors import CacheError
+
+FORMAT_VERSION = 1
+_STAGING = ".staging"
+_ORPHAN_GRACE_S = 3600  # gc leaves younger unrecorded arrays alone: a running task may be committing them
+_RECORD_FIELDS = {"array", "rows", "dim", "sha256", "image_ids"}
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that changes the numbers; two runs share rows only when all of it matches."""
+
+    backbone: str
+    weights_sha256: str
+    preprocess: dict
+    layer: str
+    precision: str
+    dim: int
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.backbone}-{self.layer}-{self.precision}-{self.digest}"
+
+
+def array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _tree_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _load_array(path: Path, record: dict) -> np.ndarray:
+    """Read one shard and prove it is the one the record describes."""
+    try:
+        data = zarr.open_array(store=str(path), mode="r")[:]
+    except Exception as exc:  # zarr/numcodecs raise many types for damaged files
+        raise CacheError(f"shard {path} is unreadable ({type(exc).__name__}: {exc}); "
+                         "run `pipeline cache verify` then `pipeline cache gc`") from exc
+    if data.shape != (record["rows"], record["dim"]) or array_sha256(data) != record["sha256"]:
+        raise CacheError(f"shard {path} does not match its completion record (changed or truncated "
+                         "since written); run `pipeline cache gc` to drop it, the next run recomputes it")
+    return data
+
+
+class FeatureStore:
+    """The shards of one cache key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.arrays = self.root / "features.zarr"
+        self.records_dir = self.root / "shards"
+
+    @classmethod
+    def create(cls, cache_dir: str | os.PathLike, key: CacheKey) -> FeatureStore:
+        """Open the store of `key`, creating it if needed (safe when several processes race)."""
+        store = cls(Path(cache_dir) / key.dirname)
+        store.records_dir.mkdir(parents=True, exist_ok=True)
+        if not (store.arrays / "zarr.json").exists():
+            zarr.open_group(store=str(store.arrays), mode="a")
+        if not (store.root / "meta.json").exists():
+            _write_json_atomic(store.root / "meta.json",
+                               {**asdict(key), "key": key.dirname, "format": FORMAT_VERSION})
+        return store
+
+    @classmethod
+    def all_in(cls, cache_dir: str | os.PathLike) -> list[FeatureStore]:
+        cache_dir = Path(cache_dir)
+        if not cache_dir.is_dir():
+            raise CacheError(f"cache folder not found: {cache_dir}")
+        return [cls(p.parent) for p in sorted(cache_dir.glob("*/meta.json"))]
+
+    @property
+    def meta(self) -> dict:
+        try:
+            return json.loads((self.root / "meta.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{self.root / 'meta.json'} is unreadable: {exc}") from exc
+
+    def records(self) -> dict[str, dict]:
+        """Completion records by shard id; a damaged record counts as absent (its shard is redone)."""
+        records = {}
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                records[path.stem] = record if isinstance(record, dict) and record.keys() >= _RECORD_FIELDS else None
+            except (OSError, ValueError):
+                records[path.stem] = None
+        return {k: v for k, v in records.items() if v is not None}
+
+    def index(self) -> dict[str, tuple[str, int]]:
+        """image id -> (shard id, row) over all committed shards."""
+        index: dict[str, tuple[str, int]] = {}
+        for shard, record in self.records().items():
+            for row, image_id in enumerate(record["image_ids"]):
+                index.setdefault(image_id, (shard, row))
+        return index
+
+    def write_shard(self, shard: str, image_ids: list[str], features: np.ndarray) -> None:
+        """Commit one shard atomically; a second commit of the same shard id is harmless."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        rows, dim = features.shape
+        array_name = f"{shard}-{uuid.uuid4().hex[:8]}"
+        staging = self.root.parent / _STAGING / f"{self.root.name}-{array_name}"
+        zarr.create_array(store=str(staging), data=features, chunks=(max(rows, 1), dim),
+                          attributes={"image_ids": image_ids})
+        _fsync_tree(staging)
+        os.rename(staging, self.arrays / array_name)
+        _write_json_atomic(self.records_dir / f"{shard}.json", {
+            "array": array_name, "rows": rows, "dim": dim, "dtype": "float32",
+            "sha256": array_sha256(features), "image_ids": image_ids, "written": time.time()})
+
+    def read(self, image_ids: list[str]) -> da.Array:
+        """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read."""
+        records = self.records()
+        index = self.index()
+        missing = [i for i in image_ids if i not in index]
+        if missing:
+            raise CacheError(f"{len(missing)} images are not in cache {self.root.name} "
+                             f"(first: {missing[0]}); run `pipeline extract` first")
+        shards = sorted({index[i][0] for i in image_ids})
+        dim = self.meta["dim"]
+        parts, offsets, total = [], {}, 0
+        for shard in shards:
+            record = records[shard]
+            loaded = dask.delayed(_load_array, pure=True)(self.arrays / record["array"], record)
+            parts.append(da.from_delayed(loaded, shape=(record["rows"], dim), dtype=np.float32))
+            offsets[shard], total = total, total + record["rows"]
+        positions = np.fromiter((offsets[index[i][0]] + index[i][1] for i in image_ids), dtype=np.int64,
+                                count=len(image_ids))
+        if not parts:
+            return da.zeros((0, dim), dtype=np.float32)
+        return da.concatenate(parts)[positions]
+
+    def verify(self) -> list[str]:
+        """One line per problem: a record whose array changed, is truncated or unreadable; orphans."""
+        problems = []
+        records = self.records()
+        for shard, record in records.items():
+            try:
+                _load_array(self.arrays / record["array"], record)
+            except CacheError as exc:
+                problems.append(f"{self.root.name}: shard {shard}: {str(exc).split(';')[0]}")
+        damaged = {p.stem for p in self.records_dir.glob("*.json")} - records.keys()
+        problems += [f"{self.root.name}: shard {s}: completion record is unreadable" for s in sorted(damaged)]
+        return problems
+
+    def orphans(self, min_age_s: float = 0.0) -> list[Path]:
+        """Arrays no record points to (a task that ran twice, or died between rename and record)."""
+        used = {r["array"] for r in self.records().values()}
+        now = time.time()
+        return [p for p in sorted(self.arrays.iterdir())
+                if p.is_dir() and p.name not in used and now - p.stat().st_mtime >= min_age_s]
+
+    def gc(self) -> list[str]:
+        """Drop damaged shards (so the next run recomputes them) and old orphans; return what went."""
+        removed = []
+        records = self.records()
+        for shard, record in records.items():
+            try:
+                _load_array(self.arrays / record["array"], record)
+            except CacheError:
+                (self.records_dir / f"{shard}.json").unlink()
+                shutil.rmtree(self.arrays / record["array"], ignore_errors=True)
+                removed.append(f"{self.root.name}: damaged shard {shard}")
+        for path in sorted(self.records_dir.glob("*.json")):
+            if path.stem not in records:
+                path.unlink()
+                removed.append(f"{self.root.name}: unreadable record {path.stem}")
+        for orphan in self.orphans(_ORPHAN_GRACE_S):
+            shutil.rmtree(orphan)
+            removed.append(f"{self.root.name}: orphan array {orphan.name}")
+        return removed
+
+    def summary(self) -> dict:
+        meta = self.meta
+        records = self.records()
+        return {"key": self.root.name, "backbone": meta["backbone"], "layer": meta["layer"],
+                "precision": meta["precision"], "dim": meta["dim"], "shards": len(records),
+                "rows": sum(r["rows"] for r in records.values()), "bytes": _tree_size(self.root)}
+
+
+def clean_staging(cache_dir: str | os.PathLike, min_age_s: float = _ORPHAN_GRACE_S) -> list[str]:
+    """Staging folders left by killed runs (never complete, never read)."""
+    staging = Path(cache_dir) / _STAGING
+    now = time.time()
+    gone = []
+    for path in sorted(staging.glob("*")) if staging.is_dir() else []:
+        if now - path.stat().st_mtime >= min_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(f"staging leftover {path.name}")
+    return gone

@@ -1,0 +1,181 @@
+"""The `pipeline` command. Errors a user can fix (`PipelineError`) print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
+
+
+def _add_extract_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.extract import DEVICES, PRECISIONS
+
+    parser.add_argument("--data", help="image folder (DIR/<class>/<image>), flat folder, or a text file "
+                                       "listing one image path per line")
+    parser.add_argument("--config", help="YAML config with data: and features: sections (see configs/)")
+    parser.add_argument("--backbone", action="append", help="registered backbone, repeatable "
+                                                            "(default: efficientnet_lite0)")
+    parser.add_argument("--layer", action="append", help="tap point, NAME or BACKBONE:NAME, repeatable "
+                                                         "(default: each backbone's last feature block)")
+    parser.add_argument("--cache", help="feature cache folder (default: cache)")
+    parser.add_argument("--device", choices=DEVICES, help="auto picks CUDA when present (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: 32)")
+    parser.add_argument("--shard-size", type=int, help="images per shard, i.e. per Dask task (default: 256)")
+    parser.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: Dask's local "
+                                            "in-process scheduler)")
+    parser.add_argument("--weights", help="local state dict for the (single) backbone, instead of its "
+                                          "registered weights")
+    parser.add_argument("--skipped", help="where to write the CSV of skipped files (default: "
+                                          "CACHE/skipped.csv)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pipeline.config import extract_settings
+    from pipeline.extract import extract
+
+    sources, settings = extract_settings(args)
+    skipped: list[tuple[str, str]] = []
+    for split, folder in sources.items():
+        if len(sources) > 1:
+            print(f"== {split}: {folder}")
+        report = extract(folder, progress=not args.quiet, **settings)
+        for (backbone, layer), fs in report.feature_sets.items():
+            print(f"{backbone} [{layer}]: {fs.features.shape[0]} x {fs.features.shape[1]} features "
+                  f"in {Path(settings['cache_dir']) / fs.cache_key}")
+        for path, reason in report.skipped[:10]:
+            print(f"skipped {path}: {reason}")
+        if len(report.skipped) > 10:
+            print(f"... and {len(report.skipped) - 10} more")
+        print(report.summary())
+        skipped += report.skipped
+    skipped_csv = Path(args.skipped) if args.skipped else Path(settings["cache_dir"]) / "skipped.csv"
+    _write_skipped(skipped_csv, skipped)
+    if skipped:
+        print(f"skip list ({len(skipped)} files, with reasons): {skipped_csv}")
+    return 0
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "reason"])
+        writer.writerows(skipped)
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pipeline.cache import FeatureStore, clean_staging
+
+    stores = FeatureStore.all_in(args.cache)
+    if args.action == "ls":
+        if not stores:
+            print(f"no feature caches in {args.cache}")
+        rows = [s.summary() for s in stores]
+        width = max([len(r["key"]) for r in rows] + [3])
+        if rows:
+            print(f"{'key':<{width}}  {'backbone':<20} {'layer':<8} {'dim':>5} {'rows':>7} {'shards':>6} size")
+        for r in rows:
+            print(f"{r['key']:<{width}}  {r['backbone']:<20} {r['layer']:<8} {r['dim']:>5} {r['rows']:>7} "
+                  f"{r['shards']:>6} {_human_bytes(r['bytes'])}")
+        return 0
+    if args.action == "verify":
+        problems = [p for s in stores for p in s.verify()]
+        orphans = sum(len(s.orphans()) for s in stores)
+        for problem in problems:
+            print(problem)
+        shards = sum(len(s.records()) for s in stores)
+        print(f"checked {shards} shards in {len(stores)} caches: "
+              f"{'OK' if not problems else f'{len(problems)} problems (pipeline cache gc drops them)'}"
+              + (f"; {orphans} unreferenced arrays (harmless, gc removes them after an hour)" if orphans else ""))
+        return 1 if problems else 0
+    removed = [r for s in stores for r in s.gc()] + clean_staging(args.cache)
+    for line in removed:
+        print(f"removed {line}")
+    print(f"gc: removed {len(removed)} items")
+    return 0
+
+
+def cmd_backbones(_args: argparse.Namespace) -> int:
+    from pipeline import backbones as registry
+
+    for name in registry.list_backbones():
+        spec = registry.get_spec(name)
+        try:
+            weights = str(spec.locate_weights())
+        except PipelineError:
+            weights = "weights not on disk (pass --weights PATH; see README)"
+        layers = ", ".join(f"{k}:{v.dim}" + ("*" if k == spec.default_layer else "")
+                           for k, v in spec.layers.items())
+        pre = spec.preprocess
+        print(f"{name}\n  {spec.source}\n  weights: {weights}\n  input: resize {pre.resize}, crop {pre.crop}, "
+              f"{pre.interpolation}\n  layers (name:dim, * = default): {layers}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(cache_dir=args.cache, out_dir=args.out, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description="Transfer learning for image classification: pretrained CNN features, "
+                                     "cached on disk, reused by classical heads.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    extract = sub.add_parser("extract", help="embed images with frozen backbones into the feature cache",
+                             description="Embed images with frozen pretrained backbones into the sharded "
+                                         "feature cache; only images missing from the cache are computed.")
+    _add_extract_options(extract)
+    extract.set_defaults(func=cmd_extract)
+
+    cache = sub.add_parser("cache", help="list, verify or clean the feature cache",
+                           description="ls: keys, rows and size; verify: re-check every shard against its "
+                                       "completion record; gc: drop damaged shards and leftovers.")
+    cache.add_argument("action", choices=["ls", "verify", "gc"])
+    cache.add_argument("--cache", default="cache", help="feature cache folder (default: cache)")
+    cache.set_defaults(func=cmd_cache)
+
+    backbones = sub.add_parser("backbones", help="list registered backbones, their layers and weights")
+    backbones.set_defaults(func=cmd_backbones)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on scikit-learn's bundled digits (no download)")
+    demo.add_argument("--cache", default="cache", help="feature cache folder (default: cache)")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes its images (default: runs/demo)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed shards are kept; rerun to finish the rest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

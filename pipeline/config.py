@@ -1,0 +1,88 @@
+"""YAML run configs: validated in full before any work starts.
+
+Every error names the file, the key and what was expected, so a typo costs seconds, not a run.
+Command-line options override the config's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+# key -> (accepted types, what the message says is expected)
+FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "backbones": ((list,), "a list of backbone names"),
+    "layers": ((list,), "a list of layer names (NAME or BACKBONE:NAME)"),
+    "cache_dir": ((str,), "a folder path"),
+    "device": ((str,), "auto, cpu or cuda"),
+    "precision": ((str,), "auto, bf16 or fp32"),
+    "batch_size": ((int,), "a positive integer"),
+    "shard_size": ((int,), "a positive integer"),
+    "scheduler": ((str, type(None)), "a dask.distributed scheduler address"),
+    "weights": ((str,), "a local state-dict path"),
+}
+TOP_LEVEL_KEYS = {"data": "a folder path, or a mapping of split name to folder path",
+                  "features": "a mapping of feature-extraction settings"}
+DEFAULTS: dict[str, Any] = {"cache_dir": "cache", "device": "auto", "precision": "auto", "batch_size": 32,
+                            "shard_size": 256, "scheduler": None, "weights": None}
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
+    features = raw.get("features") or {}
+    if not isinstance(features, dict):
+        raise ConfigError(f"{path}: 'features' must be {TOP_LEVEL_KEYS['features']}")
+    for key, value in features.items():
+        if key not in FEATURES_KEYS:
+            raise ConfigError(f"{path}: unknown key 'features.{key}'; expected one of: {', '.join(FEATURES_KEYS)}")
+        types, expected = FEATURES_KEYS[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ConfigError(f"{path}: 'features.{key}' must be {expected}, got {value!r}")
+    return {"data": _data_sources(raw.get("data"), path), "features": features}
+
+
+def _data_sources(data: Any, path: Path) -> dict[str, Path]:
+    """Relative data paths are taken from the config file's folder, so a config works from anywhere."""
+    if data is None:
+        return {}
+    if isinstance(data, str):
+        data = {"data": data}
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ConfigError(f"{path}: 'data' must be {TOP_LEVEL_KEYS['data']}")
+    sources = {}
+    for split, folder in data.items():
+        resolved = Path(folder) if Path(folder).is_absolute() else path.parent / folder
+        if not resolved.exists():
+            raise ConfigError(f"{path}: 'data.{split}': folder not found: {resolved}")
+        sources[split] = resolved
+    return sources
+
+
+def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Any]]:
+    """(data sources, keyword arguments for `extract`) from a config and command-line overrides."""
+    config = load_config(args.config) if args.config else {"data": {}, "features": {}}
+    features = {**DEFAULTS, **config["features"]}
+    overrides = {"backbones": args.backbone, "layers": args.layer, "cache_dir": args.cache,
+                 "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+                 "shard_size": args.shard_size, "scheduler": args.scheduler, "weights": args.weights}
+    features.update({k: v for k, v in overrides.items() if v is not None})
+    sources = {"data": Path(args.data)} if args.data else config["data"]
+    if not sources:
+        raise ConfigError("nothing to extract: pass --data DIR, or --config FILE with a data: section")
+    return sources, features

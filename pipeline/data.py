@@ -1,0 +1,151 @@
+"""Finding images, identifying them by content, and decoding them robustly.
+
+An image's id is a hash of its bytes, so a renamed, moved or duplicated file maps to the same
+cached row. Decoding never raises for a bad file: it returns the reason, and the caller skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.backbones import Preprocess
+from pipeline.errors import DataError
+
+ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+@dataclass
+class Dataset:
+    """Image paths with optional labels; `labels[i]` indexes `class_names`, or is -1 if unlabelled."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    skipped: list[tuple[str, str]]  # (path, reason) for files rejected while scanning
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def scan(source: str | os.PathLike) -> Dataset:
+    """An image folder (`DIR/<class>/<image>`), a flat folder of images, or a text file listing paths."""
+    source = Path(source)
+    if source.is_file():
+        return _scan_list(source)
+    if not source.is_dir():
+        raise DataError(f"data folder or file list not found: {source}")
+    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and _visible(p))
+    loose = sorted(p for p in source.iterdir() if p.is_file() and _visible(p))
+    if not class_dirs:
+        if not loose:
+            raise DataError(f"no images in {source}")
+        return Dataset(loose, np.full(len(loose), -1), [], [])
+    paths, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and _visible(p))
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"no images in the class folders of {source}")
+    skipped = [(str(p), "not inside a class folder") for p in loose]
+    return Dataset(paths, np.asarray(labels), [d.name for d in class_dirs], skipped)
+
+
+def _scan_list(list_file: Path) -> Dataset:
+    """One path per line; relative paths are taken from the list's own folder; '#' starts a comment."""
+    base = list_file.parent
+    try:
+        lines = list_file.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file} is not a text file listing image paths") from None
+    paths, skipped = [], []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line) if Path(line).is_absolute() else base / line
+        (paths.append(path) if path.is_file() else skipped.append((str(path), "file not found")))
+    if not paths and not skipped:
+        raise DataError(f"no paths listed in {list_file}")
+    return Dataset(paths, np.full(len(paths), -1), [], skipped)
+
+
+def hash_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:ID_LENGTH]
+
+
+def hash_files(paths: list[Path], workers: int = 4) -> list[str | None]:
+    """Content ids in order; None where the file cannot be read (it is then skipped by the caller)."""
+    def one(path: Path) -> str | None:
+        try:
+            return hash_file(path)
+        except OSError:
+            return None
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, paths))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Every mode to 8-bit RGB: 16-bit and float scaled (not clipped), alpha composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0, 0, 255)
+        image = Image.fromarray(array.astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _draft_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    scale = shorter / min(size)
+    return (max(1, int(size[0] * scale + 0.999)), max(1, int(size[1] * scale + 0.999)))
+
+
+def _resize_and_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
+    width, height = image.size
+    scale = pre.resize / min(width, height)
+    new_size = (max(pre.crop, round(width * scale)), max(pre.crop, round(height * scale)))
+    image = image.resize(new_size, _RESAMPLE[pre.interpolation])
+    left = int(round((new_size[0] - pre.crop) / 2.0))
+    top = int(round((new_size[1] - pre.crop) / 2.0))
+    return image.crop((left, top, left + pre.crop, top + pre.crop))
+
+
+def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
+    """The preprocessed image as an HxWx3 uint8 array, or a one-line reason why it was skipped."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.seek(0)  # first frame of animations
+                if image.format == "JPEG":
+                    # Decode at reduced scale (1/2, 1/4, 1/8) when the target is much smaller: the
+                    # IDCT then does a fraction of the work; the result stays >= the resize target.
+                    image.draft("RGB", _draft_size(image.size, pre.resize))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                rgb = _to_rgb(image)
+        return np.asarray(_resize_and_crop(rgb, pre))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"refused: decompression bomb ({exc})"
+    except UnidentifiedImageError:
+        return "empty file" if path.stat().st_size == 0 else "not an image (unknown format)"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"corrupt or truncated image: {reason}"

@@ -1,0 +1,24 @@
+"""One small error hierarchy: the CLI catches `PipelineError` once and prints its message.
+
+Anything that is not a `PipelineError` is a bug and is allowed to crash with a traceback.
+"""
+
+
+class PipelineError(Exception):
+    """Base class for every error a user can cause and fix (bad input, missing files)."""
+
+
+class ConfigError(PipelineError):
+    """A configuration file or command-line option is wrong."""
+
+
+class BackboneError(PipelineError):
+    """A backbone is unknown, or its weights are missing or unusable."""
+
+
+class CacheError(PipelineError):
+    """The feature cache is missing, incomplete or has been tampered with."""
+
+
+class DataError(PipelineError):
+    """An input folder or file list cannot be used."""

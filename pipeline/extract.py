@@ -1,0 +1,307 @@
+"""Stage 1: images -> frozen backbone -> pooled features in the cache, one Dask task per shard.
+
+Only images whose content id is missing from the cache are computed. Each shard task decodes in a
+thread pool while the network runs batches under `inference_mode`, channels-last and (where the
+hardware has it) bf16 autocast. The network is loaded once per process and kept, so on a
+dask.distributed cluster each worker loads it once, not once per task.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import backbones as registry
+from pipeline.cache import CacheKey, FeatureStore
+from pipeline.data import Dataset, decode, hash_files, scan
+from pipeline.errors import ConfigError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------- device and precision
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 autocast several times faster than fp32 on a CPU."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+# --------------------------------------------------------------------------- shard tasks
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one task needs; small and picklable, so it travels to cluster workers cheaply."""
+
+    backbone: str
+    weights: str | None
+    layers: tuple[str, ...]
+    stores: tuple[str, ...]
+    device: str
+    precision: str
+    batch_size: int
+    shard: str
+    paths: tuple[str, ...]
+    image_ids: tuple[str, ...]
+
+
+@dataclass
+class ShardResult:
+    computed: int
+    skipped: list[tuple[str, str]]
+
+
+_NETWORKS: dict[tuple, tuple[registry.TappedNetwork, registry.Preprocess]] = {}
+_NETWORKS_LOCK = threading.Lock()
+
+
+def _network(job: ShardJob) -> tuple[registry.TappedNetwork, registry.Preprocess]:
+    """The tapped network for this job, loaded once per process and reused by later tasks."""
+    key = (job.backbone, job.weights, job.layers, job.device)
+    with _NETWORKS_LOCK:
+        if key not in _NETWORKS:
+            loaded = registry.load_backbone(job.backbone, job.weights)
+            network = registry.tapped(loaded, list(job.layers))
+            network.to(job.device, memory_format=torch.channels_last).eval()
+            _NETWORKS[key] = (network, loaded.spec.preprocess)
+        return _NETWORKS[key]
+
+
+def forward(network: registry.TappedNetwork, pre: registry.Preprocess, images: np.ndarray,
+            device: str, precision: str) -> dict[str, np.ndarray]:
+    """A uint8 NHWC batch -> pooled float32 features per layer."""
+    batch = torch.from_numpy(images)
+    if device == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    # NHWC memory permuted to NCHW shape is exactly the channels-last layout the network wants.
+    x = batch.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+    x = (x - mean) / std
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        outputs = network(x)
+    return {layer: out.float().cpu().numpy() for layer, out in outputs.items()}
+
+
+def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -> ShardResult:
+    """Decode (in threads) and embed one shard, then commit it to every layer's store."""
+    network, pre = _network(job)
+    good_ids: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in job.layers}
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        for layer, feats in forward(network, pre, np.stack(pending), job.device, job.precision).items():
+            chunks[layer].append(feats)
+        if on_progress:
+            on_progress(len(pending))
+        pending.clear()
+
+    with ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+        decoded = pool.map(lambda p: decode(Path(p), pre), job.paths)
+        for path, image_id, image in zip(job.paths, job.image_ids, decoded, strict=True):
+            if isinstance(image, str):
+                skipped.append((path, image))
+                if on_progress:
+                    on_progress(1)
+                continue
+            pending.append(image)
+            good_ids.append(image_id)
+            if len(pending) == job.batch_size:
+                flush()
+        if pending:
+            flush()
+    if good_ids:
+        for layer, store in zip(job.layers, job.stores, strict=True):
+            FeatureStore(Path(store)).write_shard(job.shard, good_ids, np.concatenate(chunks[layer]))
+    return ShardResult(len(good_ids), skipped)
+
+
+def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[ShardResult]:
+    if not jobs:
+        return []
+    if scheduler is None:
+        # Dask's local in-process scheduler, one shard at a time: torch already uses every core.
+        tasks = [dask.delayed(run_shard, pure=False)(job, bar.update) for job in jobs]
+        return list(dask.compute(*tasks, scheduler="sync"))
+    from distributed import Client, as_completed
+
+    try:
+        client = Client(scheduler, timeout="10s", set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    with client:
+        futures = client.compute([dask.delayed(run_shard, pure=False)(job) for job in jobs])
+        results = []
+        for future in as_completed(futures):
+            result = future.result()
+            bar.update(result.computed + len(result.skipped))
+            results.append(result)
+        return results
+
+
+# --------------------------------------------------------------------------- the public API
+
+@dataclass
+class FeatureSet:
+    """Features of one (backbone, layer) for every usable image of a dataset, in dataset order."""
+
+    features: da.Array
+    labels: np.ndarray
+    image_ids: list[str]
+    paths: list[Path]
+    class_names: list[str]
+    backbone: str
+    layer: str
+    cache_key: str
+
+
+@dataclass
+class ExtractReport:
+    images: int
+    computed: int = 0
+    reused: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    feature_sets: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"images: {self.images} | rows computed: {self.computed} | rows reused: {self.reused} | "
+                f"files skipped: {len(self.skipped)} | {self.images_per_second:.1f} images/s "
+                f"({self.seconds:.1f} s)")
+
+
+def layers_for(backbone: str, layers: Iterable[str] | None) -> list[str]:
+    """`--layer NAME` applies to every backbone, `--layer BACKBONE:NAME` to one; none means the default."""
+    spec = registry.get_spec(backbone)
+    chosen = []
+    for entry in layers or []:
+        owner, _, name = entry.rpartition(":")
+        if owner in ("", backbone):
+            chosen.append(spec.layer(name))
+    return list(dict.fromkeys(chosen)) or [spec.default_layer]
+
+
+def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str) -> CacheKey:
+    spec = registry.get_spec(backbone)
+    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision,
+                    spec.layers[layer].dim)
+
+
+def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str, list[str], list[str]]]:
+    """Group images into shards; a shard's id is a hash of its image ids, so a retry reuses it."""
+    shards = []
+    for start in range(0, len(ids), shard_size):
+        chunk_ids = ids[start:start + shard_size]
+        shard = hashlib.sha256("".join(chunk_ids).encode()).hexdigest()[:16]
+        shards.append((shard, chunk_ids, [str(p) for p in paths[start:start + shard_size]]))
+    return shards
+
+
+def extract(data: str | os.PathLike | Dataset, backbones: Iterable[str] | None = None,
+            layers: Iterable[str] | None = None, cache_dir: str | os.PathLike = "cache",
+            device: str = "auto", precision: str = "auto", batch_size: int = 32, shard_size: int = 256,
+            scheduler: str | None = None, weights: str | os.PathLike | None = None,
+            progress: bool = True) -> ExtractReport:
+    """Embed every image of `data` with each backbone, computing only what the cache lacks."""
+    backbones = list(backbones or [DEFAULT_BACKBONE])
+    if weights is not None and len(backbones) != 1:
+        raise ConfigError("--weights names one weights file, so give exactly one --backbone with it")
+    if batch_size < 1 or shard_size < 1:
+        raise ConfigError("batch size and shard size must be positive")
+    layer_plan = {name: layers_for(name, layers) for name in backbones}  # validates names first
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    dataset = data if isinstance(data, Dataset) else scan(data)
+    started = time.perf_counter()
+    report = ExtractReport(images=len(dataset.paths), skipped=list(dataset.skipped))
+
+    ids = hash_files(dataset.paths)
+    usable = [i for i, image_id in enumerate(ids) if image_id is not None]
+    report.skipped += [(str(dataset.paths[i]), "unreadable file") for i, v in enumerate(ids) if v is None]
+    decode_failures: dict[str, str] = {}
+    for backbone in backbones:
+        loaded_path = registry.resolve_weights(registry.get_spec(backbone), weights)
+        sha = registry.file_sha256(loaded_path)
+        stores = [FeatureStore.create(cache_dir, cache_key(backbone, sha, layer, precision))
+                  for layer in layer_plan[backbone]]
+        present = set.intersection(*(set(s.index()) for s in stores))
+        todo: dict[str, Path] = {}  # id -> first path with that content, in dataset order
+        for i in usable:
+            if ids[i] not in present:
+                todo.setdefault(ids[i], dataset.paths[i])
+        todo_ids, todo_paths = list(todo), list(todo.values())
+        report.reused += len({ids[i] for i in usable} - todo.keys())
+        jobs = [ShardJob(backbone, str(weights) if weights else None, tuple(layer_plan[backbone]),
+                         tuple(str(s.root) for s in stores), device, precision, batch_size, shard,
+                         tuple(paths), tuple(chunk_ids))
+                for shard, chunk_ids, paths in _plan(todo_ids, todo_paths, shard_size)]
+        with tqdm(total=len(todo_ids), unit="img", desc=backbone, disable=None if progress else True) as bar:
+            for result in _run_jobs(jobs, scheduler, bar):
+                report.computed += result.computed
+                decode_failures.update(result.skipped)
+        report.feature_sets.update(_feature_sets(dataset, ids, usable, stores, backbone, layer_plan[backbone],
+                                                 decode_failures))
+    report.skipped += sorted(decode_failures.items())
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _feature_sets(dataset: Dataset, ids: list[str | None], usable: list[int], stores: list[FeatureStore],
+                  backbone: str, layers: list[str], failures: dict[str, str]) -> dict:
+    """Everything that decoded, in dataset order; a failed file is absent from every backbone alike."""
+    rows = [i for i in usable if str(dataset.paths[i]) not in failures]
+    row_ids = [ids[i] for i in rows]
+    sets = {}
+    for layer, store in zip(layers, stores, strict=True):
+        sets[(backbone, layer)] = FeatureSet(
+            features=store.read(row_ids), labels=dataset.labels[rows], image_ids=row_ids,
+            paths=[dataset.paths[i] for i in rows], class_names=dataset.class_names,
+            backbone=backbone, layer=layer, cache_key=store.root.name)
+    return sets
+

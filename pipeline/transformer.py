@@ -1,0 +1,61 @@
+"""A scikit-learn transformer over image paths, backed by the feature cache.
+
+`make_pipeline(FeatureExtractor(), LogisticRegression())` fits on a list of file paths; images the
+cache already holds are not run through the network again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from pipeline import backbones as registry
+from pipeline.data import Dataset
+from pipeline.errors import DataError
+from pipeline.extract import DEFAULT_BACKBONE, extract, resolve_device, resolve_precision
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """Image paths -> pooled features of a frozen backbone, one row per path."""
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, layer: str | None = None, cache_dir: str = "cache",
+                 device: str = "auto", precision: str = "auto", batch_size: int = 32,
+                 scheduler: str | None = None, progress: bool = False) -> None:
+        self.backbone = backbone
+        self.layer = layer
+        self.cache_dir = cache_dir
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.scheduler = scheduler
+        self.progress = progress
+
+    def fit(self, X: object = None, y: object = None) -> FeatureExtractor:
+        """Nothing is learned (the backbone is frozen); this validates the settings up front."""
+        spec = registry.get_spec(self.backbone)
+        self.layer_ = spec.layer(self.layer)
+        self.n_features_out_ = spec.layers[self.layer_].dim
+        self.device_ = resolve_device(self.device)
+        self.precision_ = resolve_precision(self.precision, self.device_)
+        return self
+
+    def transform(self, X: object) -> np.ndarray:
+        check_is_fitted(self, "layer_")
+        paths = [Path(p) for p in np.asarray(X, dtype=object).ravel()]
+        dataset = Dataset(paths, np.full(len(paths), -1), [], [])
+        report = extract(dataset, [self.backbone], [f"{self.backbone}:{self.layer_}"], self.cache_dir,
+                         self.device_, self.precision_, self.batch_size, scheduler=self.scheduler,
+                         progress=self.progress)
+        if report.skipped:
+            path, reason = report.skipped[0]
+            raise DataError(f"cannot embed {len(report.skipped)} of {len(paths)} files "
+                            f"(first: {path}: {reason}); a transformer must return one row per input")
+        return report.feature_sets[(self.backbone, self.layer_)].features.compute()
+
+    def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
+        check_is_fitted(self, "layer_")
+        return np.asarray([f"{self.backbone}_{self.layer_}_{i}" for i in range(self.n_features_out_)],
+                          dtype=object)
