@@ -174,7 +174,7 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
     with client:
         futures = client.compute([dask.delayed(run_shard, pure=False)(job) for job in jobs])
         results = []
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
             result = future.result()
             bar.update(result.computed + len(result.skipped))
             results.append(result)

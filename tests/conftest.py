@@ -1,0 +1,47 @@
+"""Shared fixtures: small generated image folders, and the real flowers12 photos where present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
+
+needs_flowers = pytest.mark.skipif(
+    not (FLOWERS / "train").is_dir(),
+    reason=f"real photos not found at {FLOWERS} (the shared flowers12 set is not part of the project)")
+
+
+def make_image(seed: int, size: int = 48) -> Image.Image:
+    """A smooth, distinct colour image: cheap to decode, different bytes for every seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [np.sin(x * rng.uniform(1, 6) + rng.uniform(0, 3)) * np.cos(y * rng.uniform(1, 6)) for _ in range(3)]
+    pixels = ((np.stack(channels, -1) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 4, start_seed: int = 0) -> Path:
+    """root/<class>/<n>.jpg, each a different image."""
+    seed = start_seed
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(seed).save(folder / f"img{i}.jpg", quality=90)
+            seed += 1
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"

@@ -1,0 +1,170 @@
+"""The feature cache: reuse, content ids, skips, atomic shards, tamper detection, schedulers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from pipeline.cache import FeatureStore
+from pipeline.extract import ShardJob, extract, run_shard
+
+from .conftest import make_folder
+
+
+def _features(report):
+    (fs,) = report.feature_sets.values()
+    return fs, fs.features.compute()
+
+
+def test_rerun_reuses_every_row(tiny_folder, cache_dir):
+    first = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    assert (first.images, first.computed, first.reused) == (12, 12, 0)
+    again = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    assert (again.computed, again.reused) == (0, 12)
+    fs1, x1 = _features(first)
+    fs2, x2 = _features(again)
+    assert x1.shape == (12, 1280) and np.array_equal(x1, x2)
+    assert list(fs2.labels) == [0] * 4 + [1] * 4 + [2] * 4 and fs2.class_names == ["class0", "class1", "class2"]
+
+
+def test_renamed_moved_and_duplicated_files_are_not_recomputed(tiny_folder, cache_dir):
+    _, before = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False))
+    (tiny_folder / "class0" / "img0.jpg").rename(tiny_folder / "class0" / "renamed.jpg")
+    (tiny_folder / "class1" / "img1.jpg").rename(tiny_folder / "class2" / "moved.jpg")
+    (tiny_folder / "class2" / "copy.jpg").write_bytes((tiny_folder / "class2" / "img3.jpg").read_bytes())
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    assert (report.images, report.computed, report.reused) == (13, 0, 12)
+    fs, after = _features(report)
+    assert np.array_equal(after[fs.paths.index(tiny_folder / "class2" / "copy.jpg")],
+                          after[fs.paths.index(tiny_folder / "class2" / "img3.jpg")])
+    assert set(map(tuple, after.tolist())) == set(map(tuple, before.tolist()))  # same rows, one twice
+
+
+def test_corrupt_file_is_skipped_and_reported_while_others_are_cached(tiny_folder, cache_dir):
+    (tiny_folder / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tiny_folder / "class2" / "empty.png").write_bytes(b"")
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    reasons = dict(report.skipped)
+    assert set(reasons) == {str(tiny_folder / "class1" / "broken.jpg"), str(tiny_folder / "class2" / "empty.png")}
+    assert reasons[str(tiny_folder / "class2" / "empty.png")] == "empty file"
+    assert report.computed == 12
+    fs, x = _features(report)
+    assert x.shape[0] == 12 and np.isfinite(x).all() and len(fs.paths) == 12
+    assert extract(tiny_folder, cache_dir=cache_dir, progress=False).computed == 0
+
+
+def test_shards_are_plain_zarr_readable_by_dask(tiny_folder, cache_dir):
+    fs, x = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=5))
+    store = FeatureStore(cache_dir / fs.cache_key)
+    records = store.records()
+    assert len(records) == 3 and sum(r["rows"] for r in records.values()) == 12
+    rows = {}
+    for record in records.values():
+        array = da.from_zarr(str(store.arrays / record["array"])).compute()
+        rows.update(zip(record["image_ids"], array, strict=True))
+    assert np.array_equal(np.stack([rows[i] for i in fs.image_ids]), x)
+
+
+def test_a_shard_task_that_runs_twice_is_harmless(tiny_folder, cache_dir):
+    fs, x = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=100))
+    store = FeatureStore(cache_dir / fs.cache_key)
+    (shard, record), = store.records().items()
+    job = ShardJob("efficientnet_lite0", None, ("head",), (str(store.root),), "cpu",
+                   json.loads((store.root / "meta.json").read_text())["precision"], 32, shard,
+                   tuple(str(p) for p in fs.paths), tuple(fs.image_ids))
+    run_shard(job)  # the retry of a task that had in fact finished
+    assert len(store.orphans()) == 1 and store.verify() == []
+    assert np.array_equal(store.read(fs.image_ids).compute(), x)
+
+
+def test_flipped_byte_is_caught_by_verify_and_gc_lets_the_next_run_recompute(tiny_folder, cache_dir):
+    fs, x = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=6))
+    store = FeatureStore(cache_dir / fs.cache_key)
+    assert store.verify() == []
+    record = next(iter(store.records().values()))
+    chunk = next(p for p in (store.arrays / record["array"]).rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    problems = store.verify()
+    assert len(problems) == 1 and "does not match its completion record" in problems[0] or "unreadable" in problems[0]
+    assert any("damaged shard" in line for line in store.gc())
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=6)
+    assert (report.computed, report.reused) == (6, 6)
+    assert np.array_equal(_features(report)[1], x)
+
+
+def test_truncated_shard_is_caught(tiny_folder, cache_dir):
+    fs, _ = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False))
+    store = FeatureStore(cache_dir / fs.cache_key)
+    record = next(iter(store.records().values()))
+    chunk = next(p for p in (store.arrays / record["array"]).rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    assert len(store.verify()) == 1
+
+
+def test_key_changes_with_precision_and_layer(tiny_folder, cache_dir):
+    extract(tiny_folder, cache_dir=cache_dir, progress=False, precision="fp32")
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False, precision="bf16", layers=["head", "stage6"])
+    assert report.computed == 12 and len(report.feature_sets) == 2
+    keys = sorted(p.parent.name for p in cache_dir.glob("*/meta.json"))
+    assert len(keys) == 3 and any("-fp32-" in k for k in keys) and any("stage6-bf16" in k for k in keys)
+
+
+def _run_cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_run_killed_midway_resumes_identical_to_an_uninterrupted_run(tmp_path):
+    data = make_folder(tmp_path / "images", classes=4, per_class=30)
+    options = ["--data", str(data), "--shard-size", "4", "--batch-size", "4", "--precision", "fp32", "--quiet"]
+    killed_cache = tmp_path / "killed"
+    proc = _run_cli("extract", "--cache", str(killed_cache), *options)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed_cache.glob("*/shards/*.json"))) < 3:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(killed_cache.glob("*/shards/*.json")))
+    assert 0 < done < 30, f"the kill did not land mid-run ({done} of 30 shards)"
+    resumed = _run_cli("extract", "--cache", str(killed_cache), *options)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"rows computed: {120 - 4 * done}" in out and f"rows reused: {4 * done}" in out
+    clean = extract(data, cache_dir=tmp_path / "clean", shard_size=4, batch_size=4, precision="fp32", progress=False)
+    resumed_report = extract(data, cache_dir=killed_cache, shard_size=4, batch_size=4, precision="fp32",
+                             progress=False)
+    assert resumed_report.computed == 0
+    assert np.array_equal(_features(resumed_report)[1], _features(clean)[1])
+    (store,) = FeatureStore.all_in(killed_cache)
+    assert store.verify() == []
+
+
+@pytest.mark.slow
+def test_local_scheduler_and_two_process_cluster_give_identical_features(tmp_path):
+    from distributed import LocalCluster
+
+    data = make_folder(tmp_path / "images", classes=2, per_class=6)
+    local = extract(data, cache_dir=tmp_path / "local", shard_size=3, progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = extract(data, cache_dir=tmp_path / "cluster", shard_size=3, progress=False,
+                         scheduler=cluster.scheduler_address)
+    assert remote.computed == 12
+    assert np.array_equal(_features(local)[1], _features(remote)[1])
+
+
+def test_unreachable_scheduler_is_a_clear_error(tiny_folder, cache_dir):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
+        extract(tiny_folder, cache_dir=cache_dir, progress=False, scheduler="tcp://127.0.0.1:1")
+    assert not list(Path(cache_dir).glob("*/shards/*.json"))
