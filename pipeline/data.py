@@ -118,13 +118,17 @@ def _draft_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
 
 
 def _resize_and_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
+    """Resize the shorter side to `pre.resize`, then centre-crop `pre.crop`, in one resampling pass.
+
+    Resampling only the source box that the crop keeps gives the same picture as resize-then-crop
+    but computes crop x crop output pixels instead of the whole resized image.
+    """
     width, height = image.size
     scale = pre.resize / min(width, height)
-    new_size = (max(pre.crop, round(width * scale)), max(pre.crop, round(height * scale)))
-    image = image.resize(new_size, _RESAMPLE[pre.interpolation])
-    left = int(round((new_size[0] - pre.crop) / 2.0))
-    top = int(round((new_size[1] - pre.crop) / 2.0))
-    return image.crop((left, top, left + pre.crop, top + pre.crop))
+    box_w, box_h = min(width, pre.crop / scale), min(height, pre.crop / scale)
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return image.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation],
+                        box=(left, top, left + box_w, top + box_h))
 
 
 def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
@@ -139,7 +143,7 @@ def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
                     # IDCT then does a fraction of the work; the result stays >= the resize target.
                     image.draft("RGB", _draft_size(image.size, pre.resize))
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)
                 rgb = _to_rgb(image)
         return np.asarray(_resize_and_crop(rgb, pre))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
