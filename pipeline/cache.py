@@ -28,6 +28,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline.data import DECODER
 from pipeline.errors import CacheError
 
 FORMAT_VERSION = 1
@@ -46,6 +47,7 @@ class CacheKey:
     layer: str
     precision: str
     dim: int
+    decoder: str = DECODER
 
     @property
     def digest(self) -> str:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -20,8 +21,11 @@ from pipeline.backbones import Preprocess
 from pipeline.errors import DataError
 
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_CV2_RESAMPLE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
+                 "lanczos": cv2.INTER_LANCZOS4}
+# Identifies this decoding and resampling code in the cache key: changing it changes the numbers.
+DECODER = "pillow-decode+opencv-resize/1"
+cv2.setNumThreads(1)  # decoding runs beside the network, which already has every core
 
 
 @dataclass
@@ -117,18 +121,21 @@ def _draft_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
     return (max(1, int(size[0] * scale + 0.999)), max(1, int(size[1] * scale + 0.999)))
 
 
-def _resize_and_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
-    """Resize the shorter side to `pre.resize`, then centre-crop `pre.crop`, in one resampling pass.
+def _resize_and_crop(image: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize the shorter side to `pre.resize` and centre-crop `pre.crop`, as one resampling pass.
 
-    Resampling only the source box that the crop keeps gives the same picture as resize-then-crop
-    but computes crop x crop output pixels instead of the whole resized image.
+    Only the source box that the crop keeps is resampled, straight to crop x crop. OpenCV does the
+    resampling: Pillow's bicubic takes about 0.7 ms for a 224 px output, a tenth of a forward pass on
+    two CPU cores, where OpenCV takes under 0.1 ms. Shrinking uses area averaging (no aliasing).
     """
-    width, height = image.size
-    scale = pre.resize / min(width, height)
-    box_w, box_h = min(width, pre.crop / scale), min(height, pre.crop / scale)
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    return image.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation],
-                        box=(left, top, left + box_w, top + box_h))
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    side = min(width, height) * pre.crop / pre.resize  # the source box the crop keeps, in source pixels
+    box = max(1, round(side))
+    left, top = (width - box) // 2, (height - box) // 2
+    region = array[top:top + box, left:left + box]
+    method = cv2.INTER_AREA if box > pre.crop else _CV2_RESAMPLE[pre.interpolation]
+    return cv2.resize(region, (pre.crop, pre.crop), interpolation=method)
 
 
 def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
@@ -145,7 +152,7 @@ def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
                 rgb = _to_rgb(image)
-        return np.asarray(_resize_and_crop(rgb, pre))
+        return _resize_and_crop(rgb, pre)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"refused: decompression bomb ({exc})"
     except UnidentifiedImageError:
