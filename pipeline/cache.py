@@ -185,18 +185,23 @@ class FeatureStore:
             return da.zeros((0, dim), dtype=np.float32)
         return da.concatenate(parts)[positions]
 
-    def verify(self) -> list[str]:
-        """One line per problem: a record whose array changed, is truncated or unreadable; orphans."""
-        problems = []
+    def _damage(self) -> tuple[dict[str, tuple[dict, str]], list[str]]:
+        """(shard -> (record, why) for shards that fail their check, shards whose record is unreadable)."""
         records = self.records()
+        damaged = {}
         for shard, record in records.items():
             try:
                 _load_array(self.arrays / record["array"], record)
             except CacheError as exc:
-                problems.append(f"{self.root.name}: shard {shard}: {str(exc).split(';')[0]}")
-        damaged = {p.stem for p in self.records_dir.glob("*.json")} - records.keys()
-        problems += [f"{self.root.name}: shard {s}: completion record is unreadable" for s in sorted(damaged)]
-        return problems
+                damaged[shard] = (record, str(exc).split(";")[0])
+        unreadable = sorted({p.stem for p in self.records_dir.glob("*.json")} - records.keys())
+        return damaged, unreadable
+
+    def verify(self) -> list[str]:
+        """One line per problem: a shard that changed, is truncated or unreadable, or a broken record."""
+        damaged, unreadable = self._damage()
+        return ([f"{self.root.name}: shard {shard}: {why}" for shard, (_record, why) in damaged.items()]
+                + [f"{self.root.name}: shard {s}: completion record is unreadable" for s in unreadable])
 
     def orphans(self, min_age_s: float = 0.0) -> list[Path]:
         """Arrays no record points to (a task that ran twice, or died between rename and record)."""
@@ -206,23 +211,24 @@ class FeatureStore:
                 if p.is_dir() and p.name not in used and now - p.stat().st_mtime >= min_age_s]
 
     def gc(self) -> list[str]:
-        """Drop damaged shards (so the next run recomputes them) and old orphans; return what went."""
+        """Drop damaged shards (so the next run recomputes them) and old leftovers; return what went."""
+        damaged, unreadable = self._damage()
         removed = []
-        records = self.records()
-        for shard, record in records.items():
-            try:
-                _load_array(self.arrays / record["array"], record)
-            except CacheError:
-                (self.records_dir / f"{shard}.json").unlink()
-                shutil.rmtree(self.arrays / record["array"], ignore_errors=True)
-                removed.append(f"{self.root.name}: damaged shard {shard}")
-        for path in sorted(self.records_dir.glob("*.json")):
-            if path.stem not in records:
-                path.unlink()
-                removed.append(f"{self.root.name}: unreadable record {path.stem}")
+        for shard, (record, _why) in damaged.items():
+            (self.records_dir / f"{shard}.json").unlink()
+            shutil.rmtree(self.arrays / record["array"], ignore_errors=True)
+            removed.append(f"{self.root.name}: damaged shard {shard}")
+        for shard in unreadable:
+            (self.records_dir / f"{shard}.json").unlink()
+            removed.append(f"{self.root.name}: unreadable record {shard}")
         for orphan in self.orphans(_ORPHAN_GRACE_S):
             shutil.rmtree(orphan)
             removed.append(f"{self.root.name}: orphan array {orphan.name}")
+        now = time.time()
+        for tmp in self.records_dir.glob(".*.tmp"):  # a record write cut short by a kill
+            if now - tmp.stat().st_mtime >= _ORPHAN_GRACE_S:
+                tmp.unlink()
+                removed.append(f"{self.root.name}: unfinished record {tmp.name}")
         return removed
 
     def summary(self) -> dict:
