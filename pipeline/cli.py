@@ -7,7 +7,7 @@ import csv
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
 
@@ -64,19 +64,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "reason"])
-        writer.writerows(skipped)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the skip list {path}: {exc.strerror or exc}") from None
 
 
 def _human_bytes(size: float) -> str:
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            break
         size /= 1024
-    return f"{size:.1f} GB"
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

@@ -38,6 +38,8 @@ def load_config(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -52,7 +54,9 @@ def load_config(path: str | Path) -> dict:
         if key not in FEATURES_KEYS:
             raise ConfigError(f"{path}: unknown key 'features.{key}'; expected one of: {', '.join(FEATURES_KEYS)}")
         types, expected = FEATURES_KEYS[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        bad_list = isinstance(value, list) and not all(isinstance(v, str) for v in value)
+        bad_count = isinstance(value, int) and value < 1
+        if not isinstance(value, types) or isinstance(value, bool) or bad_list or bad_count:
             raise ConfigError(f"{path}: 'features.{key}' must be {expected}, got {value!r}")
     return {"data": _data_sources(raw.get("data"), path), "features": features}
 

@@ -7,8 +7,8 @@ cached row. Decoding never raises for a bad file: it returns the reason, and the
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +85,12 @@ def _scan_list(list_file: Path) -> Dataset:
     return Dataset(paths, np.full(len(paths), -1), [], skipped)
 
 
+def content_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:ID_LENGTH]
+
+
 def hash_file(path: Path) -> str:
+    """The same id as `content_id` of the file's bytes, streamed."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()[:ID_LENGTH]
 
@@ -138,25 +143,45 @@ def _resize_and_crop(image: Image.Image, pre: Preprocess) -> np.ndarray:
     return cv2.resize(region, (pre.crop, pre.crop), interpolation=method)
 
 
-def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
-    """The preprocessed image as an HxWx3 uint8 array, or a one-line reason why it was skipped."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.ndarray | str:
+    """The preprocessed image as an HxWx3 uint8 array, or a one-line reason why it was skipped.
+
+    The bytes are read once and, given `expected_id`, checked against it, so a file that changed
+    since it was hashed is skipped instead of storing one image's features under another's id.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)  # first frame of animations
-                if image.format == "JPEG":
-                    # Decode at reduced scale (1/2, 1/4, 1/8) when the target is much smaller: the
-                    # IDCT then does a fraction of the work; the result stays >= the resize target.
-                    image.draft("RGB", _draft_size(image.size, pre.resize))
-                image.load()
-                ImageOps.exif_transpose(image, in_place=True)
-                rgb = _to_rgb(image)
-        return _resize_and_crop(rgb, pre)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"refused: decompression bomb ({exc})"
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"unreadable file: {exc.strerror or exc}"
+    if not data:
+        return "empty file"
+    if expected_id is not None and content_id(data) != expected_id:
+        return "file changed during the run (rerun to pick up the new content)"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                return (f"refused: decompression bomb ({image.width} x {image.height} pixels, over Pillow's "
+                        f"limit of {Image.MAX_IMAGE_PIXELS})")
+            image.seek(0)  # first frame of animations
+            if image.format == "JPEG":
+                # Decode at reduced scale (1/2, 1/4, 1/8) when the target is much smaller: the
+                # IDCT then does a fraction of the work; the result stays >= the resize target.
+                image.draft("RGB", _draft_size(image.size, pre.resize))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return _resize_and_crop(_to_rgb(image), pre)
+    except Image.DecompressionBombError as exc:
+        return f"refused: decompression bomb ({_first_line(exc)})"
     except UnidentifiedImageError:
-        return "empty file" if path.stat().st_size == 0 else "not an image (unknown format)"
+        return "not an image (unknown format)"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"corrupt or truncated image: {reason}"
+        return f"corrupt or truncated image: {_first_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - a malformed file may trip any decoder; it must not stop the run
+        return f"cannot decode: {type(exc).__name__}: {_first_line(exc)}"

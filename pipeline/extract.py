@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,10 +37,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # --------------------------------------------------------------------------- device and precision
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, local: bool = True) -> str:
+    """`local=False` when a cluster will run the work: its workers, not this machine, need the GPU."""
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and local and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device auto or cpu")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,8 +64,8 @@ def resolve_precision(precision: str, device: str) -> str:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":
         return precision
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device == "cuda":  # with no local GPU (a cluster's GPU workers), assume bf16 as every GPU since Ampere
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
@@ -75,20 +77,22 @@ class ShardJob:
 
     backbone: str
     weights: str | None
+    weights_sha256: str
     layers: tuple[str, ...]
-    stores: tuple[str, ...]
+    stores: tuple[str, ...]  # absolute store folder per layer
     device: str
     precision: str
     batch_size: int
     shard: str
-    paths: tuple[str, ...]
+    paths: tuple[str, ...]  # absolute, so a worker in another folder finds them
     image_ids: tuple[str, ...]
+    needed: tuple[frozenset[str], ...]  # per store, the ids of this shard that store still lacks
 
 
 @dataclass
 class ShardResult:
     computed: int
-    skipped: list[tuple[str, str]]
+    failed: dict[str, str]  # image id -> why it was skipped
 
 
 _NETWORKS: dict[tuple, tuple[registry.TappedNetwork, registry.Preprocess]] = {}
@@ -97,10 +101,15 @@ _NETWORKS_LOCK = threading.Lock()
 
 def _network(job: ShardJob) -> tuple[registry.TappedNetwork, registry.Preprocess]:
     """The tapped network for this job, loaded once per process and reused by later tasks."""
-    key = (job.backbone, job.weights, job.layers, job.device)
+    key = (job.backbone, job.weights, job.weights_sha256, job.layers, job.device)
     with _NETWORKS_LOCK:
         if key not in _NETWORKS:
-            loaded = registry.load_backbone(job.backbone, job.weights)
+            if job.device == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"this run asked for CUDA, but the worker on {platform.node()} has no GPU")
+            loaded = registry.load_backbone(job.backbone, job.weights, job.weights_sha256)
+            if job.device == "cuda":  # "fp32" must mean fp32: no silent TF32 convolutions or matmuls
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
             network = registry.tapped(loaded, list(job.layers))
             network.to(job.device, memory_format=torch.channels_last).eval()
             _NETWORKS[key] = (network, loaded.spec.preprocess)
@@ -130,10 +139,10 @@ def _decode_threads(device: str) -> int:
 
 
 def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -> ShardResult:
-    """Decode (in threads) and embed one shard, then commit it to every layer's store."""
+    """Decode (in threads) and embed one shard, then commit it to every layer's store that lacks it."""
     network, pre = _network(job)
     good_ids: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    failed: dict[str, str] = {}
     chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in job.layers}
     pending: list[np.ndarray] = []
 
@@ -145,10 +154,10 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
         pending.clear()
 
     with ThreadPoolExecutor(_decode_threads(job.device)) as pool:
-        decoded = pool.map(lambda p: decode(Path(p), pre), job.paths)
-        for path, image_id, image in zip(job.paths, job.image_ids, decoded, strict=True):
+        decoded = pool.map(lambda item: decode(Path(item[0]), pre, item[1]), zip(job.paths, job.image_ids, strict=True))
+        for image_id, image in zip(job.image_ids, decoded, strict=True):
             if isinstance(image, str):
-                skipped.append((path, image))
+                failed[image_id] = image
                 if on_progress:
                     on_progress(1)
                 continue
@@ -158,10 +167,12 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
                 flush()
         if pending:
             flush()
-    if good_ids:
-        for layer, store in zip(job.layers, job.stores, strict=True):
-            FeatureStore(Path(store)).write_shard(job.shard, good_ids, np.concatenate(chunks[layer]))
-    return ShardResult(len(good_ids), skipped)
+    for layer, store, needed in zip(job.layers, job.stores, job.needed, strict=True):
+        rows = [i for i, image_id in enumerate(good_ids) if image_id in needed]
+        if rows:
+            FeatureStore(Path(store)).write_shard(job.shard, [good_ids[i] for i in rows],
+                                                  np.concatenate(chunks[layer])[rows])
+    return ShardResult(len(good_ids), failed)
 
 
 def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[ShardResult]:
@@ -175,14 +186,14 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
 
     try:
         client = Client(scheduler, timeout="10s", set_as_default=False)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:
         raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     with client:
         futures = client.compute([dask.delayed(run_shard, pure=False)(job) for job in jobs])
         results = []
         for future in as_completed(futures, loop=client.loop):
             result = future.result()
-            bar.update(result.computed + len(result.skipped))
+            bar.update(result.computed + len(result.failed))
             results.append(result)
         return results
 
@@ -233,10 +244,28 @@ def layers_for(backbone: str, layers: Iterable[str] | None) -> list[str]:
     return list(dict.fromkeys(chosen)) or [spec.default_layer]
 
 
+def _check_layer_owners(backbones: list[str], layers: Iterable[str] | None) -> None:
+    for entry in layers or []:
+        owner = entry.rpartition(":")[0]
+        if owner and owner not in backbones:
+            raise ConfigError(f"--layer {entry}: {owner!r} is not one of the backbones being extracted "
+                              f"({', '.join(backbones)})")
+
+
 def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str) -> CacheKey:
     spec = registry.get_spec(backbone)
-    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision,
-                    spec.layers[layer].dim)
+    tap = spec.layers[layer]
+    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, tap.module)
+
+
+def _provenance(device: str) -> dict:
+    """Written into meta.json beside the key: what made the numbers, for a person reading the cache."""
+    import cv2
+    import PIL
+    import torchvision
+
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "opencv": cv2.__version__}
 
 
 def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str, list[str], list[str]]]:
@@ -245,24 +274,32 @@ def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str,
     for start in range(0, len(ids), shard_size):
         chunk_ids = ids[start:start + shard_size]
         shard = hashlib.sha256("".join(chunk_ids).encode()).hexdigest()[:16]
-        shards.append((shard, chunk_ids, [str(p) for p in paths[start:start + shard_size]]))
+        shards.append((shard, chunk_ids, [str(p.absolute()) for p in paths[start:start + shard_size]]))
     return shards
 
 
-def extract(data: str | os.PathLike | Dataset, backbones: Iterable[str] | None = None,
+def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | None = None,
             layers: Iterable[str] | None = None, cache_dir: str | os.PathLike = "cache",
             device: str = "auto", precision: str = "auto", batch_size: int = 32, shard_size: int = 256,
             scheduler: str | None = None, weights: str | os.PathLike | None = None,
             progress: bool = True) -> ExtractReport:
-    """Embed every image of `data` with each backbone, computing only what the cache lacks."""
-    backbones = list(backbones or [DEFAULT_BACKBONE])
+    """Embed every image of `data` with each backbone, computing only what the cache lacks.
+
+    Everything that can be wrong with the arguments (names, layers, weights files) is checked before
+    the first image is touched."""
+    backbones = [backbones] if isinstance(backbones, str) else list(backbones or [DEFAULT_BACKBONE])
     if weights is not None and len(backbones) != 1:
         raise ConfigError("--weights names one weights file, so give exactly one --backbone with it")
     if batch_size < 1 or shard_size < 1:
-        raise ConfigError("batch size and shard size must be positive")
-    layer_plan = {name: layers_for(name, layers) for name in backbones}  # validates names first
-    device = resolve_device(device)
+        raise ConfigError("batch size and shard size must be positive integers")
+    _check_layer_owners(backbones, layers)
+    layer_plan = {name: layers_for(name, layers) for name in backbones}
+    weights_path = Path(weights).absolute() if weights is not None else None
+    shas = {name: registry.file_sha256(registry.resolve_weights(registry.get_spec(name), weights_path))
+            for name in backbones}
+    device = resolve_device(device, local=scheduler is None)
     precision = resolve_precision(precision, device)
+    cache_dir = Path(cache_dir).absolute()
     dataset = data if isinstance(data, Dataset) else scan(data)
     started = time.perf_counter()
     report = ExtractReport(images=len(dataset.paths), skipped=list(dataset.skipped))
@@ -270,38 +307,39 @@ def extract(data: str | os.PathLike | Dataset, backbones: Iterable[str] | None =
     ids = hash_files(dataset.paths)
     usable = [i for i, image_id in enumerate(ids) if image_id is not None]
     report.skipped += [(str(dataset.paths[i]), "unreadable file") for i, v in enumerate(ids) if v is None]
-    decode_failures: dict[str, str] = {}
+    failed: dict[str, str] = {}  # image id -> reason; every copy of a failed image is skipped
+    all_stores = {}
     for backbone in backbones:
-        loaded_path = registry.resolve_weights(registry.get_spec(backbone), weights)
-        sha = registry.file_sha256(loaded_path)
-        stores = [FeatureStore.create(cache_dir, cache_key(backbone, sha, layer, precision))
-                  for layer in layer_plan[backbone]]
-        present = set.intersection(*(set(s.index()) for s in stores))
+        stores = [FeatureStore.create(cache_dir, cache_key(backbone, shas[backbone], layer, precision),
+                                      _provenance(device)) for layer in layer_plan[backbone]]
+        all_stores[backbone] = stores
+        present = [set(store.index()) for store in stores]
         todo: dict[str, Path] = {}  # id -> first path with that content, in dataset order
         for i in usable:
-            if ids[i] not in present:
+            if any(ids[i] not in have for have in present):
                 todo.setdefault(ids[i], dataset.paths[i])
-        todo_ids, todo_paths = list(todo), list(todo.values())
         report.reused += len({ids[i] for i in usable} - todo.keys())
-        jobs = [ShardJob(backbone, str(weights) if weights else None, tuple(layer_plan[backbone]),
-                         tuple(str(s.root) for s in stores), device, precision, batch_size, shard,
-                         tuple(paths), tuple(chunk_ids))
-                for shard, chunk_ids, paths in _plan(todo_ids, todo_paths, shard_size)]
-        with tqdm(total=len(todo_ids), unit="img", desc=backbone, disable=None if progress else True) as bar:
+        jobs = []
+        for shard, chunk_ids, paths in _plan(list(todo), list(todo.values()), shard_size):
+            needed = tuple(frozenset(i for i in chunk_ids if i not in have) for have in present)
+            jobs.append(ShardJob(backbone, str(weights_path) if weights_path else None, shas[backbone],
+                                 tuple(layer_plan[backbone]), tuple(str(s.root) for s in stores), device,
+                                 precision, batch_size, shard, tuple(paths), tuple(chunk_ids), needed))
+        with tqdm(total=len(todo), unit="img", desc=backbone, disable=None if progress else True) as bar:
             for result in _run_jobs(jobs, scheduler, bar):
                 report.computed += result.computed
-                decode_failures.update(result.skipped)
-        report.feature_sets.update(_feature_sets(dataset, ids, usable, stores, backbone, layer_plan[backbone],
-                                                 decode_failures))
-    report.skipped += sorted(decode_failures.items())
+                failed.update(result.failed)
+    rows = [i for i in usable if ids[i] not in failed]
+    report.skipped += [(str(dataset.paths[i]), failed[ids[i]]) for i in usable if ids[i] in failed]
+    for backbone, stores in all_stores.items():
+        report.feature_sets.update(_feature_sets(dataset, ids, rows, stores, backbone, layer_plan[backbone]))
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _feature_sets(dataset: Dataset, ids: list[str | None], usable: list[int], stores: list[FeatureStore],
-                  backbone: str, layers: list[str], failures: dict[str, str]) -> dict:
-    """Everything that decoded, in dataset order; a failed file is absent from every backbone alike."""
-    rows = [i for i in usable if str(dataset.paths[i]) not in failures]
+def _feature_sets(dataset: Dataset, ids: list[str | None], rows: list[int], stores: list[FeatureStore],
+                  backbone: str, layers: list[str]) -> dict:
+    """The same rows (everything that decoded, in dataset order) for every backbone and layer."""
     row_ids = [ids[i] for i in rows]
     sets = {}
     for layer, store in zip(layers, stores, strict=True):
@@ -310,4 +348,3 @@ def _feature_sets(dataset: Dataset, ids: list[str | None], usable: list[int], st
             paths=[dataset.paths[i] for i in rows], class_names=dataset.class_names,
             backbone=backbone, layer=layer, cache_key=store.root.name)
     return sets
-

@@ -36,26 +36,30 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def fit(self, X: object = None, y: object = None) -> FeatureExtractor:
         """Nothing is learned (the backbone is frozen); this validates the settings up front."""
         spec = registry.get_spec(self.backbone)
+        self.backbone_ = self.backbone
         self.layer_ = spec.layer(self.layer)
         self.n_features_out_ = spec.layers[self.layer_].dim
-        self.device_ = resolve_device(self.device)
-        self.precision_ = resolve_precision(self.precision, self.device_)
+        # The precision is part of the cache key, so it is fixed here; the device is chosen again
+        # at transform time, so a fitted pipeline moves between GPU and CPU machines.
+        self.precision_ = resolve_precision(self.precision, resolve_device(self.device))
         return self
 
     def transform(self, X: object) -> np.ndarray:
         check_is_fitted(self, "layer_")
-        paths = [Path(p) for p in np.asarray(X, dtype=object).ravel()]
+        if isinstance(X, str | Path) or np.ndim(X) != 1:
+            raise DataError("FeatureExtractor.transform expects a 1-D list of image paths")
+        paths = [Path(p) for p in X]
         dataset = Dataset(paths, np.full(len(paths), -1), [], [])
-        report = extract(dataset, [self.backbone], [f"{self.backbone}:{self.layer_}"], self.cache_dir,
-                         self.device_, self.precision_, self.batch_size, scheduler=self.scheduler,
+        report = extract(dataset, [self.backbone_], [f"{self.backbone_}:{self.layer_}"], self.cache_dir,
+                         self.device, self.precision_, self.batch_size, scheduler=self.scheduler,
                          progress=self.progress)
         if report.skipped:
             path, reason = report.skipped[0]
             raise DataError(f"cannot embed {len(report.skipped)} of {len(paths)} files "
                             f"(first: {path}: {reason}); a transformer must return one row per input")
-        return report.feature_sets[(self.backbone, self.layer_)].features.compute()
+        return report.feature_sets[(self.backbone_, self.layer_)].features.compute()
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "layer_")
-        return np.asarray([f"{self.backbone}_{self.layer_}_{i}" for i in range(self.n_features_out_)],
+        return np.asarray([f"{self.backbone_}_{self.layer_}_{i}" for i in range(self.n_features_out_)],
                           dtype=object)

@@ -97,3 +97,16 @@ def test_lite_architecture_matches_reference_shapes():
     spec = registry.get_spec("efficientnet_lite2")
     assert spec.preprocess.crop == 260 and spec.layers["stage7"].dim == 352
     assert Path(spec.locate_weights()).name.startswith("efficientnet-lite2")
+
+
+def test_one_network_serves_concurrent_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = registry.get_spec("resnet18")
+    network = registry.TappedNetwork(spec.build().eval(), {"layer4": "layer4"})
+    inputs = [torch.rand(2, 3, 64, 64) for _ in range(8)]
+    with torch.inference_mode():
+        alone = [network(x)["layer4"] for x in inputs]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda x: network(x)["layer4"], inputs))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(alone, together, strict=True))

@@ -76,9 +76,11 @@ def test_a_shard_task_that_runs_twice_is_harmless(tiny_folder, cache_dir):
     fs, x = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=100))
     store = FeatureStore(cache_dir / fs.cache_key)
     (shard, record), = store.records().items()
-    job = ShardJob("efficientnet_lite0", None, ("head",), (str(store.root),), "cpu",
-                   json.loads((store.root / "meta.json").read_text())["precision"], 32, shard,
-                   tuple(str(p) for p in fs.paths), tuple(fs.image_ids))
+    meta = json.loads((store.root / "meta.json").read_text())
+    job = ShardJob(backbone="efficientnet_lite0", weights=None, weights_sha256=meta["weights_sha256"],
+                   layers=("head",), stores=(str(store.root),), device="cpu", precision=meta["precision"],
+                   batch_size=32, shard=shard, paths=tuple(str(p) for p in fs.paths),
+                   image_ids=tuple(fs.image_ids), needed=(frozenset(fs.image_ids),))
     run_shard(job)  # the retry of a task that had in fact finished
     assert len(store.orphans()) == 1 and store.verify() == []
     assert np.array_equal(store.read(fs.image_ids).compute(), x)
@@ -94,7 +96,8 @@ def test_flipped_byte_is_caught_by_verify_and_gc_lets_the_next_run_recompute(tin
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
     problems = store.verify()
-    assert len(problems) == 1 and "does not match its completion record" in problems[0] or "unreadable" in problems[0]
+    assert len(problems) == 1
+    assert "does not match its completion record" in problems[0] or "unreadable" in problems[0]
     assert any("damaged shard" in line for line in store.gc())
     report = extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=6)
     assert (report.computed, report.reused) == (6, 6)
@@ -168,3 +171,33 @@ def test_unreachable_scheduler_is_a_clear_error(tiny_folder, cache_dir):
     with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
         extract(tiny_folder, cache_dir=cache_dir, progress=False, scheduler="tcp://127.0.0.1:1")
     assert not list(Path(cache_dir).glob("*/shards/*.json"))
+
+
+def test_every_copy_of_an_undecodable_file_is_skipped(tiny_folder, cache_dir):
+    for name in ("a.jpg", "b.jpg"):
+        (tiny_folder / "class0" / name).write_bytes(b"")
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    assert sorted(reason for _path, reason in report.skipped) == ["empty file", "empty file"]
+    assert _features(report)[1].shape == (12, 1280)
+
+
+def test_a_tampered_record_cannot_make_gc_delete_other_shards(tiny_folder, cache_dir):
+    fs, x = _features(extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=6))
+    store = FeatureStore(cache_dir / fs.cache_key)
+    path = next(store.records_dir.glob("*.json"))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "array": ""}))
+    assert len(store.verify()) == 1 and len(store.records()) == 1
+    store.gc()
+    assert (store.arrays / "zarr.json").is_file() and len(store.records()) == 1
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False, shard_size=6)
+    assert report.computed == 6 and np.array_equal(_features(report)[1], x)
+
+
+def test_adding_a_layer_computes_it_without_rewriting_the_complete_one(tiny_folder, cache_dir):
+    first = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    head = FeatureStore(cache_dir / _features(first)[0].cache_key)
+    before = head.records()
+    report = extract(tiny_folder, cache_dir=cache_dir, progress=False, layers=["head", "stage5"])
+    assert report.computed == 12 and head.records() == before
+    assert report.feature_sets[("efficientnet_lite0", "stage5")].features.shape == (12, 112)

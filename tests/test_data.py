@@ -109,3 +109,12 @@ def test_missing_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
         scan(tmp_path / "empty")
+
+
+def test_a_file_that_changed_since_it_was_hashed_is_skipped(tmp_path):
+    from pipeline.data import hash_file
+
+    path = _save(tmp_path / "a.png", make_image(5, 40))
+    assert isinstance(decode(path, PRE, hash_file(path)), np.ndarray)
+    assert decode(path, PRE, "0" * 32).startswith("file changed during the run")
+    assert decode(tmp_path / "gone.png", PRE) == "file not found"
