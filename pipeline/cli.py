@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -15,26 +16,24 @@ EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
 def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     from pipeline.extract import DEVICES, PRECISIONS
 
-    parser.add_argument("--data", help="image folder (DIR/<class>/<image>), flat folder, or a text file "
-                                       "listing one image path per line")
-    parser.add_argument("--config", help="YAML config with data: and features: sections (see configs/)")
-    parser.add_argument("--backbone", action="append", help="registered backbone, repeatable "
-                                                            "(default: efficientnet_lite0)")
-    parser.add_argument("--layer", action="append", help="tap point, NAME or BACKBONE:NAME, repeatable "
-                                                         "(default: each backbone's last feature block)")
-    parser.add_argument("--cache", help="feature cache folder (default: cache)")
-    parser.add_argument("--device", choices=DEVICES, help="auto picks CUDA when present (default: auto)")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help="auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: 32)")
-    parser.add_argument("--shard-size", type=int, help="images per shard, i.e. per Dask task (default: 256)")
-    parser.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: Dask's local "
-                                            "in-process scheduler)")
-    parser.add_argument("--weights", help="local state dict for the (single) backbone, instead of its "
-                                          "registered weights")
-    parser.add_argument("--skipped", help="where to write the CSV of skipped files (default: "
-                                          "CACHE/skipped.csv)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add = parser.add_argument
+    add("--data", metavar="PATH",
+        help="image folder (DIR/<class>/<image>), flat folder, or a text file listing one image path per line")
+    add("--config", metavar="FILE", help="YAML config with data: and features: sections (see configs/)")
+    add("--backbone", metavar="NAME", action="append",
+        help="registered backbone, repeatable (default: efficientnet_lite0; list: pipeline backbones)")
+    add("--layer", metavar="LAYER", action="append",
+        help="tap point, NAME or BACKBONE:NAME, repeatable (default: each backbone's last feature block)")
+    add("--cache", metavar="DIR", help="feature cache folder (default: cache)")
+    add("--device", choices=DEVICES, help="auto picks CUDA when present (default: auto)")
+    add("--precision", choices=PRECISIONS, help="auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+    add("--batch-size", metavar="N", type=int, help="images per forward pass (default: 32)")
+    add("--shard-size", metavar="N", type=int, help="images per shard, i.e. per Dask task (default: 256)")
+    add("--scheduler", metavar="ADDRESS",
+        help="address of a dask.distributed scheduler (default: Dask's local in-process scheduler)")
+    add("--weights", metavar="PATH", help="local state dict for the (single) backbone, instead of its registered weights")
+    add("--skipped", metavar="FILE", help="where to write the CSV of skipped files (default: CACHE/skipped.csv)")
+    add("--quiet", action="store_true", help="no progress bar")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -179,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed shards are kept; rerun to finish the rest", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
