@@ -31,7 +31,8 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     add("--shard-size", metavar="N", type=int, help="images per shard, i.e. per Dask task (default: 256)")
     add("--scheduler", metavar="ADDRESS",
         help="address of a dask.distributed scheduler (default: Dask's local in-process scheduler)")
-    add("--weights", metavar="PATH", help="local state dict for the (single) backbone, instead of its registered weights")
+    add("--weights", metavar="PATH",
+        help="local state dict for the (single) backbone, instead of its registered weights")
     add("--skipped", metavar="FILE", help="where to write the CSV of skipped files (default: CACHE/skipped.csv)")
     add("--quiet", action="store_true", help="no progress bar")
 
