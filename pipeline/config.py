@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 # key -> (accepted types, what the message says is expected)
 FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -27,7 +27,9 @@ FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "weights": ((str,), "a local state-dict path"),
 }
 TOP_LEVEL_KEYS = {"data": "a folder path, or a mapping of split name to folder path",
-                  "features": "a mapping of feature-extraction settings"}
+                  "features": "a mapping of feature-extraction settings",
+                  "heads": "a list of heads, each {name: NAME, type: TYPE, ...}",
+                  "output_dir": "a folder for the run's models, metrics and report"}
 DEFAULTS: dict[str, Any] = {"cache_dir": "cache", "device": "auto", "precision": "auto", "batch_size": 32,
                             "shard_size": 256, "scheduler": None, "weights": None}
 
@@ -42,6 +44,11 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: object, path: Path) -> dict:
+    """Validate a config mapping; `path` names it in messages and anchors its relative data paths."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
     for key in raw:
@@ -58,7 +65,11 @@ def load_config(path: str | Path) -> dict:
         bad_count = isinstance(value, int) and value < 1
         if not isinstance(value, types) or isinstance(value, bool) or bad_list or bad_count:
             raise ConfigError(f"{path}: 'features.{key}' must be {expected}, got {value!r}")
-    return {"data": _data_sources(raw.get("data"), path), "features": features}
+    for key in ("heads", "output_dir"):
+        if key in raw and not isinstance(raw[key], list if key == "heads" else str):
+            raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}")
+    return {"data": _data_sources(raw.get("data"), path), "features": features, "heads": raw.get("heads"),
+            "output_dir": raw.get("output_dir"), "path": path}
 
 
 def _data_sources(data: Any, path: Path) -> dict[str, Path]:
@@ -90,3 +101,48 @@ def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[st
     if not sources:
         raise ConfigError("nothing to extract: pass --data DIR, or --config FILE with a data: section")
     return sources, features
+
+
+def head_specs(config: dict) -> list:
+    """The `heads:` list as HeadSpecs, every key checked against its type's options."""
+    from pipeline.backbones import get_spec
+    from pipeline.heads import HEAD_OPTIONS, HeadSpec
+
+    path = config["path"]
+    backbones = config["features"].get("backbones") or ["efficientnet_lite0"]
+    specs, names = [], set()
+    for i, raw in enumerate(config["heads"] or []):
+        where = f"{path}: 'heads[{i}]'"
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or "type" not in raw:
+            raise ConfigError(f"{where} must be a mapping with at least name: and type:")
+        if raw["type"] not in HEAD_OPTIONS:
+            raise ConfigError(f"{where}.type: unknown head type {raw['type']!r}; expected one of: "
+                              f"{', '.join(HEAD_OPTIONS)}")
+        if raw["name"] in names:
+            raise ConfigError(f"{where}.name: {raw['name']!r} is used twice")
+        names.add(raw["name"])
+        options = dict(HEAD_OPTIONS[raw["type"]])
+        for key, value in raw.items():
+            if key in ("name", "type"):
+                continue
+            if key not in options:
+                raise ConfigError(f"{where}.{key}: unknown option for a {raw['type']} head; expected one of: "
+                                  f"{', '.join(options)}")
+            options[key] = value
+        sources = options.pop("sources", None) or options.pop("source", None) or (
+            backbones if raw["type"] == "pca_fusion" else backbones[:1])
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        resolved = []
+        for source in sources:
+            backbone, _, layer = str(source).partition(":")
+            if backbone not in backbones:
+                raise ConfigError(f"{where}: source {source!r} is not among features.backbones "
+                                  f"({', '.join(backbones)})")
+            try:
+                resolved.append(f"{backbone}:{get_spec(backbone).layer(layer or None)}")
+            except PipelineError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        specs.append(HeadSpec(raw["name"], raw["type"], resolved, options))
+    if not specs:
+        raise ConfigError(f"{path}: 'heads' must name at least one head")
+    return specs

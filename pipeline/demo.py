@@ -1,8 +1,8 @@
 """The README's first command: a dataset that needs no download, through the real pipeline.
 
 scikit-learn ships 1,797 handwritten digits (8x8, 16 grey levels). They are written out as PNG files
-in the image-folder layout, embedded by the bundled EfficientNet-Lite0 into the feature cache, and a
-logistic-regression probe on the cached features shows that the features carry the classes.
+in the image-folder layout, then `pipeline run` embeds them with the bundled EfficientNet-Lite0 and
+fits, compares and reports four heads on the cached features.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from pipeline.extract import DEFAULT_BACKBONE, extract
 
 
 def write_digits(root: Path, test_fraction: float = 0.25, size: int = 64) -> dict[str, Path]:
@@ -39,25 +37,28 @@ def write_digits(root: Path, test_fraction: float = 0.25, size: int = 64) -> dic
     return splits
 
 
-def run_demo(cache_dir: str = "cache", out_dir: str = "runs/demo", progress: bool = True) -> float:
-    """Extract train and test features, fit a linear probe, print and return its test accuracy."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def demo_config(out_dir: Path, cache_dir: str) -> dict:
+    """The raw config of `configs/demo.yaml`, with this run's folders."""
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parent / "demo.yaml").read_text())
+    raw["data"] = {"train": str((out_dir / "digits" / "train").absolute()),
+                   "test": str((out_dir / "digits" / "test").absolute())}
+    raw["features"]["cache_dir"] = cache_dir
+    raw["output_dir"] = str(out_dir)
+    return raw
+
+
+def run_demo(cache_dir: str = "cache", out_dir: str = "runs/demo", progress: bool = True) -> dict:
+    """Write the digits, then run the demo config on them: extract, fit four heads, report."""
+    from pipeline.config import parse_config
+    from pipeline.run import run
 
     started = time.perf_counter()
-    splits = write_digits(Path(out_dir) / "digits")
-    print(f"demo data: scikit-learn digits as PNG files in {splits['train'].parent}")
-    sets = {}
-    for split, folder in splits.items():
-        report = extract(folder, cache_dir=cache_dir, progress=progress)
-        print(f"{split}: {report.summary()}")
-        sets[split] = report.feature_sets[(DEFAULT_BACKBONE, "head")]
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    probe.fit(sets["train"].features.compute(), sets["train"].labels)
-    accuracy = float(probe.score(sets["test"].features.compute(), sets["test"].labels))
-    print(f"linear probe on cached {DEFAULT_BACKBONE} features: test accuracy {accuracy:.1%} "
-          f"({len(sets['test'].labels)} test images)")
-    print(f"features cached in {Path(cache_dir).resolve()} (`pipeline cache ls`); "
-          f"demo took {time.perf_counter() - started:.0f} s")
-    return accuracy
+    out = Path(out_dir)
+    write_digits(out / "digits")
+    print(f"demo data: scikit-learn's digits as PNG files in {out / 'digits'}")
+    config = parse_config(demo_config(out, cache_dir), Path("configs/demo.yaml"))
+    metrics = run("configs/demo.yaml", progress=progress, config=config)
+    print(f"demo took {time.perf_counter() - started:.0f} s; rerun it and every feature row comes from the cache")
+    return metrics

@@ -1,0 +1,157 @@
+"""The run report: one self-contained HTML page (figures inlined) plus each figure as a PNG file."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+
+from pipeline.extract import FeatureSet  # noqa: E402
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
+h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:1rem 0}
+th,td{padding:.35rem .8rem;border-bottom:1px solid #ddd;text-align:right} th:first-child,td:first-child{text-align:left}
+tr.best{background:#eef6ee;font-weight:600} img{max-width:100%;border:1px solid #eee} figure{margin:1.5rem 0}
+figcaption{color:#555;font-size:.9rem} code{background:#f4f4f4;padding:0 .25rem}
+"""
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
+    matrix = confusion_matrix(y_true, y_pred, labels=range(len(classes)))
+    size = max(5, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    top = matrix.max() or 1
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > top / 2 else "black")
+    return _save(fig, path)
+
+
+def projection_figure(features: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
+    points = PCA(2, random_state=0).fit_transform(features) if len(features) > 2 else np.zeros((len(features), 2))
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    for k, name in enumerate(classes):
+        mask = labels == k
+        ax.scatter(points[mask, 0], points[mask, 1], s=14, color=cmap(k % cmap.N), label=name, alpha=0.8)
+    ax.set_title(title)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    return _save(fig, path)
+
+
+def worst_figure(paths: list[Path], y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: Path,
+                 count: int = 12) -> Path:
+    """Test images whose true class got the lowest probability, with what the head said instead."""
+    true_p = proba[np.arange(len(y_true)), y_true]
+    order = np.argsort(true_p)[:count]
+    cols = min(6, max(1, len(order)))
+    rows = max(1, int(np.ceil(len(order) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order, strict=False):
+        with Image.open(paths[i]) as image:
+            thumb = ImageOps.exif_transpose(image).convert("RGB")
+            thumb.thumbnail((160, 160))
+        ax.imshow(thumb)
+        predicted = int(proba[i].argmax())
+        ax.set_title(f"true {classes[y_true[i]]}\nsaid {classes[predicted]} ({proba[i, predicted]:.0%})",
+                     fontsize=8, color="firebrick" if predicted != y_true[i] else "black")
+    return _save(fig, path)
+
+
+def per_class_figure(precision: np.ndarray, recall: np.ndarray, classes: list[str], path: Path) -> Path:
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(classes) + 2), 4))
+    ax.bar(x - 0.2, precision, 0.4, label="precision", color="#4c72b0")
+    ax.bar(x + 0.2, recall, 0.4, label="recall", color="#dd8452")
+    ax.set_xticks(x, classes, rotation=60, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right")
+    ax.set_title("per-class precision and recall (best head, test split)")
+    return _save(fig, path)
+
+
+def _params(best_params: dict) -> str:
+    return ", ".join(f"{key.split('__')[-1]}={value}" for key, value in best_params.items())
+
+
+def _figure_html(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><a href="{path.name}"><img alt="{html.escape(caption)}" '
+            f'src="data:image/png;base64,{data}"></a><figcaption>{html.escape(caption)} '
+            f'(<a href="{path.name}">{path.name}</a>)</figcaption></figure>')
+
+
+def write_report(out: Path, metrics: dict, results: dict, best: str, test: FeatureSet, y_test: np.ndarray,
+                 classes: list[str]) -> Path:
+    """Write the PNG figures and report.html into `out`; return the HTML path."""
+    result = results[best]
+    figures = [
+        (confusion_figure(y_test, result.predicted, classes, f"confusion matrix: {best}", out / "confusion.png"),
+         f"Confusion matrix of the best head ({best}) on the test split."),
+        (projection_figure(test.features.compute(), y_test, classes,
+                           f"test embeddings, {test.backbone} [{test.layer}], PCA", out / "projection.png"),
+         "The test images' embeddings projected to two dimensions (PCA), coloured by true class."),
+        (worst_figure(test.paths, y_test, result.proba, classes, out / "worst.png"),
+         "Worst-classified test images: the lowest probability given to the true class (red: misclassified)."),
+    ]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_test, result.predicted, labels=range(len(classes)), zero_division=0)
+    figures.append((per_class_figure(precision, recall, classes, out / "per_class.png"),
+                    "Per-class precision and recall of the best head."))
+
+    head_rows = "".join(
+        f'<tr class="{"best" if name == best else ""}"><td>{html.escape(name)}</td><td>{m["type"]}</td>'
+        f'<td>{html.escape(" + ".join(m["sources"]))}</td><td>{m["accuracy"]:.1%}</td><td>{m["macro_f1"]:.3f}</td>'
+        f'<td>{m["cv_accuracy"]:.1%}</td><td>{m["fit_seconds"]:.2f}</td>'
+        f'<td>{html.escape(_params(m["best_params"]))}</td></tr>'
+        for name, m in sorted(metrics["heads"].items(), key=lambda kv: -kv[1]["accuracy"]))
+    class_rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{p:.2f}</td><td>{r:.2f}</td><td>{f:.2f}</td><td>{int(s)}</td></tr>"
+        for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True))
+    ex = metrics["extract"]
+    title = f"Run report: {html.escape(out.name)}"
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Run report: {html.escape(out.name)}</h1>
+<p class="sub">{len(test.paths)} test images, {len(classes)} classes. Features: {ex["images"]} images,
+{ex["computed"]} rows computed, {ex["reused"]} reused from the cache, {ex["skipped"]} files skipped,
+{ex["seconds"]:.1f} s. Best head: <b>{html.escape(best)}</b> at {result.accuracy:.1%} test accuracy.</p>
+<h2>Heads</h2>
+<table><tr><th>head</th><th>type</th><th>features</th><th>test accuracy</th><th>macro-F1</th>
+<th>CV accuracy</th><th>fit time (s)</th><th>chosen by CV</th></tr>{head_rows}</table>
+<h2>Best head: {html.escape(best)}</h2>
+{"".join(_figure_html(p, c) for p, c in figures)}
+<h2>Per class</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>{class_rows}</table>
+<p class="sub">Files: <code>metrics.json</code>, <code>predictions.csv</code>, <code>heads/*.joblib</code>.</p>
+</body></html>"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,136 @@
+"""`pipeline run CONFIG`: extract (or reuse) features, fit and compare every head, save, report.
+
+Writes into `output_dir`: `metrics.json` (the contract other tools read), `heads/<name>.joblib`
+bundles with their checksums, `predictions.csv` for the test split, and the HTML report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from pipeline.bundle import save_bundle
+from pipeline.config import DEFAULTS, head_specs, load_config
+from pipeline.errors import ConfigError
+from pipeline.extract import ExtractReport, FeatureSet, extract
+from pipeline.heads import FittedHead, HeadSpec, fit_head
+
+
+@dataclass
+class HeadResult:
+    fitted: FittedHead
+    accuracy: float
+    macro_f1: float
+    predicted: np.ndarray
+    proba: np.ndarray
+
+
+def _matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple[np.ndarray, list[int]]:
+    blocks = [sets[tuple(s.split(":"))].features.compute() for s in sources]
+    return np.hstack(blocks), [b.shape[1] for b in blocks]
+
+
+def _test_labels(train: FeatureSet, test: FeatureSet) -> np.ndarray:
+    """Test labels re-indexed to the training class order (the folders may list different classes)."""
+    unknown = sorted(set(test.class_names) - set(train.class_names))
+    if unknown:
+        raise ConfigError(f"test classes not seen in training: {', '.join(unknown)}")
+    return np.asarray([train.class_names.index(test.class_names[i]) for i in test.labels])
+
+
+def _sum_reports(reports: list[ExtractReport]) -> dict:
+    return {"images": sum(r.images for r in reports), "computed": sum(r.computed for r in reports),
+            "reused": sum(r.reused for r in reports), "skipped": sum(len(r.skipped) for r in reports),
+            "seconds": round(sum(r.seconds for r in reports), 3)}
+
+
+def _source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_dir: Path) -> list[dict]:
+    out = []
+    for source in spec.sources:
+        fs = sets[tuple(source.split(":"))]
+        meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
+        out.append({"backbone": fs.backbone, "layer": fs.layer, "cache_key": fs.cache_key,
+                    "precision": meta["precision"], "weights_sha256": meta["weights_sha256"]})
+    return out
+
+
+def run(config_path: str | Path, progress: bool = True, config: dict | None = None) -> dict:
+    """Run every stage the config names; return the metrics written to metrics.json.
+
+    `config`, when given, is an already-parsed config (the demo builds its own) and `config_path`
+    only names it in messages."""
+    config = config or load_config(config_path)
+    specs = head_specs(config)  # validated before any work starts
+    if not {"train", "test"} <= config["data"].keys():
+        raise ConfigError(f"{config_path}: 'data' needs both train: and test: folders for a run")
+    if not config["output_dir"]:
+        raise ConfigError(f"{config_path}: 'output_dir' is required")
+    out = Path(config["output_dir"])
+    features = {**DEFAULTS, **config["features"]}
+    features["backbones"] = features.get("backbones") or ["efficientnet_lite0"]
+    features["layers"] = sorted({s for spec in specs for s in spec.sources})
+    cache_dir = Path(features["cache_dir"])
+
+    reports = {split: extract(config["data"][split], progress=progress, **features) for split in ("train", "test")}
+    train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
+    first = train_sets[tuple(specs[0].sources[0].split(":"))]
+    y_train = first.labels
+    y_test = _test_labels(first, test_sets[tuple(specs[0].sources[0].split(":"))])
+    classes = first.class_names
+
+    results: dict[str, HeadResult] = {}
+    for spec in specs:
+        X_train, dims = _matrix(train_sets, spec.sources)
+        X_test, _ = _matrix(test_sets, spec.sources)
+        fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"])
+        proba = fitted.pipeline.predict_proba(X_test)
+        predicted = fitted.pipeline.classes_[proba.argmax(1)]
+        result = HeadResult(fitted, float(accuracy_score(y_test, predicted)),
+                            float(f1_score(y_test, predicted, average="macro")), predicted, proba)
+        results[spec.name] = result
+        save_bundle(out / "heads" / f"{spec.name}.joblib", {
+            "pipeline": fitted.pipeline, "classes": classes, "head": vars(spec),
+            "sources": _source_meta(train_sets, spec, cache_dir),
+            "metrics": {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "cv_accuracy": fitted.cv_accuracy,
+                        "best_params": fitted.best_params, "fit_seconds": fitted.fit_seconds}})
+        print(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
+              f"macro-F1 {result.macro_f1:.3f}, fit {fitted.fit_seconds:.1f} s")
+
+    best = max(results, key=lambda name: (results[name].accuracy, results[name].macro_f1))
+    metrics = {
+        "heads": {name: {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "fit_seconds": round(r.fitted.fit_seconds, 3),
+                         "cv_accuracy": r.fitted.cv_accuracy, "best_params": r.fitted.best_params,
+                         "type": r.fitted.spec.type, "sources": r.fitted.spec.sources}
+                  for name, r in results.items()},
+        "best_head": best,
+        "extract": _sum_reports(list(reports.values())),
+        "classes": classes,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    test_first = test_sets[tuple(specs[0].sources[0].split(":"))]
+    _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
+
+    from pipeline.report import write_report
+
+    report = write_report(out, metrics, results, best, test_first, y_test, classes)
+    print(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
+    print(f"report: {report}")
+    return metrics
+
+
+def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,
+                       result: HeadResult) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "image_id", "true_class", "predicted_class", "head",
+                         *[f"p_{c}" for c in classes]])
+        for i, (p, image_id) in enumerate(zip(test.paths, test.image_ids, strict=True)):
+            writer.writerow([str(p), image_id, classes[y_test[i]], classes[result.predicted[i]], head,
+                             *[f"{v:.6f}" for v in result.proba[i]]])
+
