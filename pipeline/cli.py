@@ -132,6 +132,63 @@ def cmd_backbones(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run import run
+
+    run(args.config, progress=not args.quiet)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """One head on one labelled folder; its cross-validated accuracy is the only score there is."""
+    from pipeline.bundle import save_bundle
+    from pipeline.config import DEFAULTS, head_specs, parse_config
+    from pipeline.extract import extract
+    from pipeline.heads import fit_head
+    from pipeline.run import matrix, source_meta
+
+    raw = {"data": {"train": str(Path(args.data).absolute())}, "heads": [{"name": args.name, "type": args.type}],
+           "features": {"backbones": args.backbone or ["efficientnet_lite0"], "cache_dir": args.cache}}
+    if args.source:
+        raw["heads"][0]["sources" if args.type == "pca_fusion" else "source"] = args.source
+    config = parse_config(raw, Path("command line"))
+    (spec,) = head_specs(config)
+    features = {**DEFAULTS, **config["features"], "layers": spec.sources}
+    report = extract(config["data"]["train"], progress=not args.quiet, **features)
+    X, dims = matrix(report.feature_sets, spec.sources)
+    first = report.feature_sets[tuple(spec.sources[0].split(":"))]
+    fitted = fit_head(spec, X, first.labels, dims)
+    metrics = {"cv_accuracy": fitted.cv_accuracy, "best_params": fitted.best_params,
+               "fit_seconds": fitted.fit_seconds}
+    path = save_bundle(args.out, {"pipeline": fitted.pipeline, "classes": first.class_names, "head": vars(spec),
+                                  "sources": source_meta(report.feature_sets, spec, Path(args.cache)),
+                                  "metrics": metrics})
+    print(f"{spec.name}: cross-validated accuracy {fitted.cv_accuracy:.1%} ({fitted.fit_seconds:.1f} s); "
+          f"saved {path} and {path.name}.sha256")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import predict, write_predictions
+
+    result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet)
+    out = write_predictions(result, args.out)
+    for path, reason in result.report.skipped:
+        print(f"skipped {path}: {reason}")
+    print(f"{len(result.proba)} predictions written to {out} ({result.report.summary()})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.predict import evaluate, predict
+
+    scores = evaluate(predict(args.model, args.data, args.cache, args.device, args.scheduler,
+                              progress=not args.quiet))
+    print(f"{args.model} on {args.data}: accuracy {scores['accuracy']:.1%}, macro-F1 {scores['macro_f1']:.3f} "
+          f"({scores['images']} images)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -160,6 +217,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     backbones = sub.add_parser("backbones", help="list registered backbones, their layers and weights")
     backbones.set_defaults(func=cmd_backbones)
+
+    run = sub.add_parser("run", help="run every stage a YAML config names (extract, heads, report)",
+                         description="Extract (or reuse) features, fit and compare the config's heads, save them, "
+                                     "and write metrics.json, predictions.csv and report.html to output_dir.")
+    run.add_argument("config", help="YAML run config (see configs/demo.yaml)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    from pipeline.heads import HEAD_OPTIONS
+
+    fit = sub.add_parser("fit", help="fit one head on a labelled folder and save it",
+                         description="Fit one head on cached features of a labelled folder (extracting what is "
+                                     "missing), choosing its settings by cross-validation, and save the bundle.")
+    fit.add_argument("--data", required=True, metavar="DIR", help="labelled image folder (DIR/<class>/<image>)")
+    fit.add_argument("--type", required=True, choices=list(HEAD_OPTIONS), help="head type")
+    fit.add_argument("--name", default="head", help="name recorded in the bundle (default: head)")
+    fit.add_argument("--backbone", action="append", metavar="NAME", help="backbone(s) to use, repeatable")
+    fit.add_argument("--source", action="append", metavar="BACKBONE[:LAYER]",
+                     help="feature source(s); several for pca_fusion (default: the first backbone's default layer)")
+    fit.add_argument("--cache", default="cache", metavar="DIR", help="feature cache folder (default: cache)")
+    fit.add_argument("--out", required=True, metavar="FILE", help="where to save the head (.joblib)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(func=cmd_fit)
+
+    for name, func, text in (("predict", cmd_predict, "predict classes of new images with a saved head"),
+                             ("evaluate", cmd_evaluate, "score a saved head on a labelled folder")):
+        sub_parser = sub.add_parser(name, help=text, description=text + "; images already in the cache are reused.")
+        sub_parser.add_argument("--model", required=True, metavar="FILE", help="a saved head (.joblib)")
+        sub_parser.add_argument("--data", required=True, metavar="PATH",
+                                help="image folder or a text file listing image paths")
+        if name == "predict":
+            sub_parser.add_argument("--out", default="predictions.csv", metavar="FILE",
+                                    help="CSV to write (default: predictions.csv)")
+        sub_parser.add_argument("--cache", default="cache", metavar="DIR", help="feature cache folder (default: cache)")
+        sub_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sub_parser.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler address")
+        sub_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        sub_parser.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="end-to-end demo on scikit-learn's bundled digits (no download)")
     demo.add_argument("--cache", default="cache", help="feature cache folder (default: cache)")

@@ -30,7 +30,7 @@ class HeadResult:
     proba: np.ndarray
 
 
-def _matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple[np.ndarray, list[int]]:
+def matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple[np.ndarray, list[int]]:
     blocks = [sets[tuple(s.split(":"))].features.compute() for s in sources]
     return np.hstack(blocks), [b.shape[1] for b in blocks]
 
@@ -49,7 +49,7 @@ def _sum_reports(reports: list[ExtractReport]) -> dict:
             "seconds": round(sum(r.seconds for r in reports), 3)}
 
 
-def _source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_dir: Path) -> list[dict]:
+def source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_dir: Path) -> list[dict]:
     out = []
     for source in spec.sources:
         fs = sets[tuple(source.split(":"))]
@@ -85,8 +85,8 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
 
     results: dict[str, HeadResult] = {}
     for spec in specs:
-        X_train, dims = _matrix(train_sets, spec.sources)
-        X_test, _ = _matrix(test_sets, spec.sources)
+        X_train, dims = matrix(train_sets, spec.sources)
+        X_test, _ = matrix(test_sets, spec.sources)
         fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"])
         proba = fitted.pipeline.predict_proba(X_test)
         predicted = fitted.pipeline.classes_[proba.argmax(1)]
@@ -95,7 +95,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         results[spec.name] = result
         save_bundle(out / "heads" / f"{spec.name}.joblib", {
             "pipeline": fitted.pipeline, "classes": classes, "head": vars(spec),
-            "sources": _source_meta(train_sets, spec, cache_dir),
+            "sources": source_meta(train_sets, spec, cache_dir),
             "metrics": {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "cv_accuracy": fitted.cv_accuracy,
                         "best_params": fitted.best_params, "fit_seconds": fitted.fit_seconds}})
         print(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "

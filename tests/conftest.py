@@ -16,13 +16,20 @@ needs_flowers = pytest.mark.skipif(
     reason=f"real photos not found at {FLOWERS} (the shared flowers12 set is not part of the project)")
 
 
-def make_image(seed: int, size: int = 48) -> Image.Image:
-    """A smooth, distinct colour image: cheap to decode, different bytes for every seed."""
+_TINTS = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (220, 200, 30), (160, 40, 200)]
+
+
+def make_image(seed: int, size: int = 48, tint: int | None = None) -> Image.Image:
+    """A smooth, distinct colour image: cheap to decode, different bytes for every seed; a `tint`
+    (class index) gives all images of a class a common colour and stripe direction to learn."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     channels = [np.sin(x * rng.uniform(1, 6) + rng.uniform(0, 3)) * np.cos(y * rng.uniform(1, 6)) for _ in range(3)]
-    pixels = ((np.stack(channels, -1) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+    pixels = (np.stack(channels, -1) + 1) * 127.5
+    if tint is not None:
+        stripes = (np.sin((x if tint % 2 else y) * 25) > 0)[..., None]
+        pixels = 0.3 * pixels + 0.7 * np.asarray(_TINTS[tint % len(_TINTS)]) * (0.6 + 0.4 * stripes)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
 
 
 def make_folder(root: Path, classes: int = 3, per_class: int = 4, start_seed: int = 0) -> Path:
@@ -32,7 +39,7 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 4, start_seed: in
         folder = root / f"class{c}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            make_image(seed).save(folder / f"img{i}.jpg", quality=90)
+            make_image(seed, tint=c).save(folder / f"img{i}.jpg", quality=90)
             seed += 1
     return root
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pipeline.cli import main
@@ -7,6 +9,7 @@ from pipeline.cli import main
 def test_demo_runs_end_to_end_on_bundled_digits(tmp_path, capsys):
     assert main(["demo", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "train: images: 1347 | rows computed: 1347" in out
-    accuracy = float(out.split("test accuracy ")[1].split("%")[0])
-    assert accuracy > 90.0, out
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["extract"] == {**metrics["extract"], "images": 1797, "computed": 1797, "skipped": 0}
+    assert metrics["heads"]["logreg"]["accuracy"] > 0.9, out
+    assert (tmp_path / "demo" / "report.html").is_file() and "report: " in out

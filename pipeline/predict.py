@@ -1,0 +1,80 @@
+"""Using a saved head on new images: image -> cache -> head.
+
+New images are extracted with exactly the features the head was trained on (same backbone, layer,
+weights and precision, hence the same cache key); images already in the cache are reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from pipeline.bundle import BundleError, load_bundle
+from pipeline.extract import ExtractReport, FeatureSet, extract
+
+
+@dataclass
+class Predictions:
+    bundle: dict
+    features: FeatureSet  # the first source: paths, ids and labels of the rows
+    proba: np.ndarray
+    report: ExtractReport
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.bundle["pipeline"].classes_[self.proba.argmax(1)]
+
+
+def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = "cache",
+            device: str = "auto", scheduler: str | None = None, progress: bool = True) -> Predictions:
+    bundle = load_bundle(model)
+    sources = bundle["sources"]
+    precisions = {s["precision"] for s in sources}
+    if len(precisions) != 1:
+        raise BundleError(f"{model}: its feature sources mix precisions {sorted(precisions)}")
+    report = extract(data, list(dict.fromkeys(s["backbone"] for s in sources)),
+                     [f"{s['backbone']}:{s['layer']}" for s in sources], cache_dir, device, precisions.pop(),
+                     scheduler=scheduler, progress=progress)
+    blocks = []
+    for source in sources:
+        fs = report.feature_sets[(source["backbone"], source["layer"])]
+        if fs.cache_key != source["cache_key"]:
+            raise BundleError(f"{model} was trained on features {source['cache_key']}, but this installation "
+                              f"makes {fs.cache_key} (different weights, preprocessing or decoder): refit the head")
+        blocks.append(fs.features.compute())
+    proba = bundle["pipeline"].predict_proba(np.hstack(blocks)) if blocks[0].shape[0] else np.zeros((0, 0))
+    first = report.feature_sets[(sources[0]["backbone"], sources[0]["layer"])]
+    return Predictions(bundle, first, proba, report)
+
+
+def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
+    """One row per image: path, image id, predicted class, then one probability column per class."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    classes = result.bundle["classes"]
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "image_id", "predicted_class", *[f"p_{c}" for c in classes]])
+        for path, image_id, label, row in zip(result.features.paths, result.features.image_ids, result.predicted,
+                                              result.proba, strict=True):
+            writer.writerow([str(path), image_id, classes[label], *[f"{v:.6f}" for v in row]])
+    return out
+
+
+def evaluate(result: Predictions) -> dict:
+    """Accuracy and macro-F1 on a labelled folder whose class folders carry the head's class names."""
+    classes = result.bundle["classes"]
+    names = result.features.class_names
+    unknown = sorted(set(names) - set(classes))
+    if not names:
+        raise BundleError("evaluation needs a labelled image folder (DIR/<class>/<image>)")
+    if unknown:
+        raise BundleError(f"classes the head does not know: {', '.join(unknown)}")
+    truth = np.asarray([classes.index(names[i]) for i in result.features.labels])
+    return {"images": int(len(truth)), "accuracy": float(accuracy_score(truth, result.predicted)),
+            "macro_f1": float(f1_score(truth, result.predicted, average="macro"))}

@@ -1,0 +1,83 @@
+"""Stage 2 heads on cached features, their bundles, and predict/evaluate on new images."""
+
+import joblib
+import numpy as np
+import pytest
+
+from pipeline.bundle import BundleError, load_bundle, save_bundle
+from pipeline.cli import main
+from pipeline.extract import extract
+from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
+
+from .conftest import make_folder
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    data = make_folder(root / "train", classes=3, per_class=6)
+    report = extract(data, layers=["head", "stage6"], cache_dir=root / "cache", progress=False)
+    head = report.feature_sets[("efficientnet_lite0", "head")]
+    stage6 = report.feature_sets[("efficientnet_lite0", "stage6")]
+    return root, data, head.features.compute(), stage6.features.compute(), head.labels
+
+
+@pytest.mark.parametrize("head_type", list(HEAD_OPTIONS))
+def test_every_head_fits_and_predicts_on_cached_features(cached, head_type):
+    _root, _data, head, stage6, labels = cached
+    options = dict(HEAD_OPTIONS[head_type])
+    if head_type == "pca_fusion":
+        options["components"] = 4
+        X, dims = np.hstack([head, stage6]), [head.shape[1], stage6.shape[1]]
+    else:
+        X, dims = head, [head.shape[1]]
+    fitted = fit_head(HeadSpec("h", head_type, ["efficientnet_lite0:head"], options), X, labels, dims)
+    proba = fitted.pipeline.predict_proba(X)
+    assert proba.shape == (len(labels), 3) and np.allclose(proba.sum(1), 1)
+    assert (fitted.pipeline.predict(X) == labels).mean() >= 0.8  # training images of three distinct patterns
+    assert 0 <= fitted.cv_accuracy <= 1 and fitted.fit_seconds > 0
+
+
+def test_concat_then_pca_and_feature_selection(cached):
+    _root, _data, head, stage6, labels = cached
+    options = {**HEAD_OPTIONS["pca_fusion"], "order": "concat_then_pca", "components": 6, "select_k": 4,
+               "variance_threshold": 0.0}
+    fitted = fit_head(HeadSpec("f", "pca_fusion", ["a", "b"], options), np.hstack([head, stage6]), labels,
+                      [head.shape[1], stage6.shape[1]])
+    assert fitted.pipeline.named_steps["select"].k == 4
+
+
+def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(cached, capsys):
+    root, data, head, _stage6, _labels = cached
+    model = root / "lr.joblib"
+    assert main(["fit", "--data", str(data), "--type", "logistic_regression", "--out", str(model),
+                 "--cache", str(root / "cache"), "--quiet"]) == 0
+    assert "cross-validated accuracy" in capsys.readouterr().out
+    bundle = load_bundle(model)
+    assert bundle["classes"] == ["class0", "class1", "class2"]
+    assert bundle["sources"][0]["backbone"] == "efficientnet_lite0" and "scikit-learn" in bundle["versions"]
+    reloaded = joblib.load(model)["pipeline"]
+    assert np.array_equal(reloaded.predict_proba(head), bundle["pipeline"].predict_proba(head))
+
+    out = root / "preds.csv"
+    assert main(["predict", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--cache", str(root / "cache"), "--quiet"]) == 0
+    assert "rows computed: 0 | rows reused: 18" in capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,image_id,predicted_class,p_class0,p_class1,p_class2" and len(lines) == 19
+
+    data_bytes = model.read_bytes()
+    model.write_bytes(data_bytes[:-1] + bytes([data_bytes[-1] ^ 1]))
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--quiet"]) == 2
+    assert "does not match its checksum" in capsys.readouterr().err
+    model.write_bytes(data_bytes)
+    (root / "lr.joblib.sha256").unlink()
+    with pytest.raises(BundleError, match="refusing to load an unverified"):
+        load_bundle(model)
+
+
+def test_a_bundle_needing_an_unknown_backbone_is_refused(tmp_path):
+    path = save_bundle(tmp_path / "x.joblib", {"pipeline": None, "classes": [], "sources": [
+        {"backbone": "resnet9000", "layer": "head", "cache_key": "k", "precision": "fp32", "weights_sha256": ""}]})
+    with pytest.raises(BundleError, match="needs backbone 'resnet9000'"):
+        load_bundle(path)

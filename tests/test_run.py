@@ -1,0 +1,99 @@
+"""`pipeline run CONFIG`: the metrics.json contract, saved heads, predictions and the report."""
+
+import csv
+import json
+import re
+import shutil
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import ConfigError
+from pipeline.run import run
+
+from .conftest import FLOWERS, make_folder, needs_flowers
+
+HEADS = """heads:
+  - {name: logreg, type: logistic_regression}
+  - {name: svm, type: svm, kernel: linear}
+  - {name: knn, type: knn}
+  - {name: fusion, type: pca_fusion, sources: [efficientnet_lite0, efficientnet_lite0:stage6], components: 8}
+"""
+
+
+def _config(tmp_path, train, test, heads=HEADS, extra=""):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{train: {train}, test: {test}}}\n"
+                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {tmp_path / 'cache'}}}\n"
+                    f"{heads}output_dir: {tmp_path / 'out'}\n{extra}")
+    return path
+
+
+def _check_contract(out, head_names, images):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["heads"]) == set(head_names)
+    for scores in metrics["heads"].values():
+        assert isinstance(scores["accuracy"], float) and isinstance(scores["macro_f1"], float)
+    extract = metrics["extract"]
+    assert {k: type(v) for k, v in extract.items()} == {"images": int, "computed": int, "reused": int,
+                                                          "skipped": int, "seconds": float}
+    assert extract["images"] == images
+    for name in head_names:
+        assert (out / "heads" / f"{name}.joblib").is_file() and (out / "heads" / f"{name}.joblib.sha256").is_file()
+    return metrics
+
+
+def test_run_writes_the_metrics_contract_heads_predictions_and_report(tmp_path, capsys):
+    train = make_folder(tmp_path / "train", classes=3, per_class=6)
+    test = make_folder(tmp_path / "test", classes=3, per_class=3, start_seed=100)
+    assert main(["run", str(_config(tmp_path, train, test)), "--quiet"]) == 0
+    out = tmp_path / "out"
+    metrics = _check_contract(out, ["logreg", "svm", "knn", "fusion"], images=27)
+    assert metrics["extract"]["computed"] == 27 and metrics["heads"]["logreg"]["accuracy"] >= 0.8
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 9 and {"path", "image_id", "true_class", "predicted_class", "p_class0"} <= rows[0].keys()
+    page = (out / "report.html").read_text()
+    for figure in ("confusion.png", "projection.png", "worst.png", "per_class.png"):
+        assert (out / figure).stat().st_size > 1000 and f'href="{figure}"' in page
+    assert "data:image/png;base64," in page and "<td>logreg</td>" in page
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+
+    again = run(_config(tmp_path, train, test), progress=False)  # a second run: features all from the cache
+    assert again["extract"]["computed"] == 0 and again["extract"]["reused"] == 27
+
+
+@pytest.mark.parametrize("heads,message", [
+    ("heads:\n  - {name: a, type: logistic_regression, Cs: [1]}\n", r"'heads\[0\]'.Cs: unknown option"),
+    ("heads:\n  - {name: a, type: random_forest}\n", r"'heads\[0\]'.type: unknown head type 'random_forest'"),
+    ("heads:\n  - {name: a, type: knn, source: resnet18}\n", "source 'resnet18' is not among features.backbones"),
+    ("heads:\n  - {name: a, type: knn, source: 'efficientnet_lite0:layer9'}\n", "no layer 'layer9'"),
+    ("heads:\n  - {name: a, type: knn}\n  - {name: a, type: svm}\n", "'a' is used twice"),
+    ("heads: []\n", "at least one head"),
+])
+def test_bad_run_configs_are_refused_before_any_work(tmp_path, heads, message):
+    train = make_folder(tmp_path / "train", classes=2, per_class=2)
+    with pytest.raises(ConfigError, match=message):
+        run(_config(tmp_path, train, train, heads=heads), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_run_config_with_an_unknown_top_level_key_names_it(tmp_path, capsys):
+    train = make_folder(tmp_path / "train", classes=2, per_class=2)
+    assert main(["run", str(_config(tmp_path, train, train, extra="ouptut: x\n"))]) == 2
+    assert re.search(r"run.yaml: unknown key 'ouptut'", capsys.readouterr().err)
+
+
+@needs_flowers
+@pytest.mark.slow
+def test_run_on_a_small_real_set(tmp_path):
+    for split, count in (("train", 8), ("test", 4)):
+        for cls in ("daisy", "sunflower", "iris"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for photo in sorted((FLOWERS / split / cls).glob("*"))[:count]:
+                shutil.copy(photo, tmp_path / split / cls / photo.name)
+    config = _config(tmp_path, tmp_path / "train", tmp_path / "test",
+                     heads="heads:\n  - {name: logreg, type: logistic_regression}\n  - {name: knn, type: knn}\n")
+    run(config, progress=False)
+    metrics = _check_contract(tmp_path / "out", ["logreg", "knn"], images=36)
+    assert metrics["heads"]["logreg"]["accuracy"] >= 0.9  # three easy species, 8 photos each
