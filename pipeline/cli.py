@@ -163,8 +163,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     path = save_bundle(args.out, {"pipeline": fitted.pipeline, "classes": first.class_names, "head": vars(spec),
                                   "sources": source_meta(report.feature_sets, spec, Path(args.cache)),
                                   "metrics": metrics})
-    print(f"{spec.name}: cross-validated accuracy {fitted.cv_accuracy:.1%} ({fitted.fit_seconds:.1f} s); "
-          f"saved {path} and {path.name}.sha256")
+    score = "no cross-validation (one setting)" if fitted.cv_accuracy is None else (
+        f"cross-validated accuracy {fitted.cv_accuracy:.1%}")
+    print(f"{spec.name}: {score} ({fitted.fit_seconds:.1f} s); saved {path} and {path.name}.sha256")
     return 0
 
 

@@ -113,29 +113,37 @@ class FittedHead:
     spec: HeadSpec
     pipeline: Pipeline
     best_params: dict
-    cv_accuracy: float
+    cv_accuracy: float | None  # None when there was nothing to choose, hence no cross-validation
     fit_seconds: float
 
 
 def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], scheduler: str | None = None,
              n_jobs: int | None = None) -> FittedHead:
-    """Cross-validate, refit the best setting on all training rows; folds go to Dask when `scheduler`."""
+    """Cross-validate, refit the best setting on all training rows; folds go to Dask when `scheduler`.
+
+    A grid with a single setting leaves nothing to choose, so it is fitted once without CV (its
+    `cv_accuracy` is then None): that is the fast path for a head whose settings are already known."""
     search = build_head(spec, dims, y, n_jobs if scheduler is None else -1)
     started = time.perf_counter()
-    if scheduler is None:
-        search.fit(X, y)
+    if all(len(values) == 1 for values in search.param_grid.values()):
+        best_params = {key: values[0] for key, values in search.param_grid.items()}
+        pipeline, cv_accuracy = search.estimator.set_params(**best_params), None
+        if spec.type != "svm":  # the SVM is fitted by its calibration below
+            pipeline.fit(X, y)
     else:
-        import joblib
-        from distributed import Client
-
-        with Client(scheduler), joblib.parallel_backend("dask"):  # the dask backend uses the default client
+        if scheduler is None:
             search.fit(X, y)
-    pipeline = search.best_estimator_
+        else:
+            import joblib
+            from distributed import Client
+
+            with Client(scheduler), joblib.parallel_backend("dask"):  # the dask backend uses the default client
+                search.fit(X, y)
+        pipeline, best_params, cv_accuracy = search.best_estimator_, search.best_params_, float(search.best_score_)
     if spec.type == "svm":
         # Probabilities for an SVM: Platt scaling on out-of-fold decisions of the chosen setting, then
         # one SVM on all rows (sklearn's replacement for the deprecated SVC(probability=True)).
-        svc = pipeline.named_steps["clf"]
         pipeline = Pipeline([("scale", pipeline.named_steps["scale"]),
-                             ("clf", CalibratedClassifierCV(svc, cv=_cv(y), ensemble=False))])
+                             ("clf", CalibratedClassifierCV(pipeline.named_steps["clf"], cv=_cv(y), ensemble=False))])
         pipeline.fit(X, y)
-    return FittedHead(spec, pipeline, search.best_params_, float(search.best_score_), time.perf_counter() - started)
+    return FittedHead(spec, pipeline, best_params, cv_accuracy, time.perf_counter() - started)

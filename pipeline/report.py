@@ -21,6 +21,7 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
 h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:1rem 0}
 th,td{padding:.35rem .8rem;border-bottom:1px solid #ddd;text-align:right} th:first-child,td:first-child{text-align:left}
+.heads td:nth-child(2),.heads td:nth-child(3),.heads td:last-child{text-align:left}
 tr.best{background:#eef6ee;font-weight:600} img{max-width:100%;border:1px solid #eee} figure{margin:1.5rem 0}
 figcaption{color:#555;font-size:.9rem} code{background:#f4f4f4;padding:0 .25rem}
 """
@@ -129,7 +130,8 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
     head_rows = "".join(
         f'<tr class="{"best" if name == best else ""}"><td>{html.escape(name)}</td><td>{m["type"]}</td>'
         f'<td>{html.escape(" + ".join(m["sources"]))}</td><td>{m["accuracy"]:.1%}</td><td>{m["macro_f1"]:.3f}</td>'
-        f'<td>{m["cv_accuracy"]:.1%}</td><td>{m["fit_seconds"]:.2f}</td>'
+        f'<td>{"-" if m["cv_accuracy"] is None else format(m["cv_accuracy"], ".1%")}</td>'
+        f'<td>{m["fit_seconds"]:.2f}</td>'
         f'<td>{html.escape(_params(m["best_params"]))}</td></tr>'
         for name, m in sorted(metrics["heads"].items(), key=lambda kv: -kv[1]["accuracy"]))
     class_rows = "".join(
@@ -144,7 +146,7 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
 {ex["computed"]} rows computed, {ex["reused"]} reused from the cache, {ex["skipped"]} files skipped,
 {ex["seconds"]:.1f} s. Best head: <b>{html.escape(best)}</b> at {result.accuracy:.1%} test accuracy.</p>
 <h2>Heads</h2>
-<table><tr><th>head</th><th>type</th><th>features</th><th>test accuracy</th><th>macro-F1</th>
+<table class="heads"><tr><th>head</th><th>type</th><th>features</th><th>test accuracy</th><th>macro-F1</th>
 <th>CV accuracy</th><th>fit time (s)</th><th>chosen by CV</th></tr>{head_rows}</table>
 <h2>Best head: {html.escape(best)}</h2>
 {"".join(_figure_html(p, c) for p, c in figures)}

@@ -1,0 +1,84 @@
+"""Stage-2 targets on flowers12: head accuracy, fusion accuracy, and what a second head costs.
+
+    python benchmarks/heads_accuracy.py [--data ../shared/data/flowers12]
+
+1. Lite0 features extracted into a fresh cache: the extraction time every head is compared with.
+2. Heads on those cached features (no forward pass; the run checks that no row is computed):
+   logistic regression (C by 5-fold CV), the same with C fixed (the fast path for a known setting),
+   SVM (RBF), kNN, and PCA fusion of Lite0 + Lite1 + Lite2 (features from the project cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score
+
+from pipeline.extract import extract
+from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def features(data: Path, backbones: list[str], cache: str) -> dict:
+    sets = {}
+    for split in ("train", "test"):
+        report = extract(data / split, backbones, cache_dir=cache, progress=False)
+        sets[split] = {b: report.feature_sets[(b, "head")] for b in backbones}
+        sets[f"{split}_report"] = report
+    return sets
+
+
+def evaluate(name: str, head_type: str, options: dict, sources: list[str], sets: dict) -> dict:
+    """Time from cached features to a fitted head with its test predictions."""
+    started = time.perf_counter()
+    X_train = np.hstack([sets["train"][s].features.compute() for s in sources])
+    X_test = np.hstack([sets["test"][s].features.compute() for s in sources])
+    y_train, y_test = sets["train"][sources[0]].labels, sets["test"][sources[0]].labels
+    dims = [sets["train"][s].features.shape[1] for s in sources]
+    fitted = fit_head(HeadSpec(name, head_type, sources, {**HEAD_OPTIONS[head_type], **options}), X_train, y_train,
+                      dims)
+    accuracy = accuracy_score(y_test, fitted.pipeline.predict(X_test))
+    return {"head": name, "accuracy": round(float(accuracy), 4), "seconds": round(time.perf_counter() - started, 2),
+            "best_params": {k: str(v) for k, v in fitted.best_params.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/flowers12"))
+    parser.add_argument("--cache", default=str(ROOT / "cache"), help="cache for Lite1/Lite2 (reused)")
+    parser.add_argument("--out", default=str(ROOT / "runs/bench/heads_accuracy.json"))
+    args = parser.parse_args()
+    data = Path(args.data)
+    with tempfile.TemporaryDirectory() as fresh:
+        started = time.perf_counter()
+        features(data, ["efficientnet_lite0"], fresh)
+        extraction = time.perf_counter() - started
+    all_three = features(data, ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], args.cache)
+    assert all_three["train_report"].computed + all_three["test_report"].computed <= 2 * 960  # Lite0 reused
+    heads = [
+        evaluate("logreg (C by CV)", "logistic_regression", {}, ["efficientnet_lite0"], all_three),
+        evaluate("logreg (C=0.1 fixed)", "logistic_regression", {"C": [0.1]}, ["efficientnet_lite0"], all_three),
+        evaluate("svm rbf", "svm", {}, ["efficientnet_lite0"], all_three),
+        evaluate("knn", "knn", {}, ["efficientnet_lite0"], all_three),
+        evaluate("pca fusion lite0+1+2", "pca_fusion", {}, ["efficientnet_lite0", "efficientnet_lite1",
+                                                             "efficientnet_lite2"], all_three),
+    ]
+    result = {"extraction_seconds_lite0_960_images": round(extraction, 2), "heads": heads}
+    for head in heads:
+        head["fraction_of_extraction"] = round(head["seconds"] / extraction, 3)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"Lite0 extraction of train+test (960 images, fresh cache): {extraction:.1f} s")
+    for head in heads:
+        print(f"{head['head']:<24} test accuracy {head['accuracy']:.2%}  {head['seconds']:6.2f} s "
+              f"({head['fraction_of_extraction']:.1%} of extraction)  {head['best_params']}")
+
+
+if __name__ == "__main__":
+    main()
