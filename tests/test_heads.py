@@ -81,3 +81,15 @@ def test_a_bundle_needing_an_unknown_backbone_is_refused(tmp_path):
         {"backbone": "resnet9000", "layer": "head", "cache_key": "k", "precision": "fp32", "weights_sha256": ""}]})
     with pytest.raises(BundleError, match="needs backbone 'resnet9000'"):
         load_bundle(path)
+
+
+@pytest.mark.slow
+def test_cross_validation_folds_run_on_a_dask_cluster(cached):
+    from distributed import LocalCluster
+
+    _root, _data, head, _stage6, labels = cached
+    spec = HeadSpec("h", "logistic_regression", ["efficientnet_lite0:head"], dict(HEAD_OPTIONS["logistic_regression"]))
+    local = fit_head(spec, head, labels, [head.shape[1]])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = fit_head(spec, head, labels, [head.shape[1]], scheduler=cluster.scheduler_address)
+    assert remote.best_params == local.best_params and remote.cv_accuracy == local.cv_accuracy
