@@ -29,7 +29,8 @@ FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 TOP_LEVEL_KEYS = {"data": "a folder path, or a mapping of split name to folder path",
                   "features": "a mapping of feature-extraction settings",
                   "heads": "a list of heads, each {name: NAME, type: TYPE, ...}",
-                  "output_dir": "a folder for the run's models, metrics and report"}
+                  "output_dir": "a folder for the run's models, metrics and report",
+                  "memory_budget_mb": "a positive integer: past it, heads are fitted out of core"}
 DEFAULTS: dict[str, Any] = {"cache_dir": "cache", "device": "auto", "precision": "auto", "batch_size": 32,
                             "shard_size": 256, "scheduler": None, "weights": None}
 
@@ -65,11 +66,13 @@ def parse_config(raw: object, path: Path) -> dict:
         bad_count = isinstance(value, int) and value < 1
         if not isinstance(value, types) or isinstance(value, bool) or bad_list or bad_count:
             raise ConfigError(f"{path}: 'features.{key}' must be {expected}, got {value!r}")
-    for key in ("heads", "output_dir"):
-        if key in raw and not isinstance(raw[key], list if key == "heads" else str):
-            raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}")
+    for key, kind in (("heads", list), ("output_dir", str), ("memory_budget_mb", int)):
+        value = raw.get(key)
+        if key in raw and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)):
+            raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}, got {value!r}")
     return {"data": _data_sources(raw.get("data"), path), "features": features, "heads": raw.get("heads"),
-            "output_dir": raw.get("output_dir"), "path": path}
+            "output_dir": raw.get("output_dir"), "memory_budget_mb": raw.get("memory_budget_mb", 4096),
+            "path": path}
 
 
 def _data_sources(data: Any, path: Path) -> dict[str, Path]:

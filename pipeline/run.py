@@ -19,6 +19,7 @@ from pipeline.config import DEFAULTS, head_specs, load_config
 from pipeline.errors import ConfigError
 from pipeline.extract import ExtractReport, FeatureSet, extract
 from pipeline.heads import FittedHead, HeadSpec, fit_head
+from pipeline.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
 
 
 @dataclass
@@ -84,11 +85,19 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     classes = first.class_names
 
     results: dict[str, HeadResult] = {}
+    budget = config["memory_budget_mb"] * 2**20
     for spec in specs:
-        X_train, dims = matrix(train_sets, spec.sources)
-        X_test, _ = matrix(test_sets, spec.sources)
-        fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"])
-        proba = fitted.pipeline.predict_proba(X_test)
+        train_sources = [train_sets[tuple(s.split(":"))].features for s in spec.sources]
+        test_sources = [test_sets[tuple(s.split(":"))].features for s in spec.sources]
+        if matrix_bytes(train_sources) > budget:
+            print(f"{spec.name}: training features exceed memory_budget_mb={config['memory_budget_mb']}; "
+                  "fitting out of core, block by block")
+            fitted = fit_incremental(spec, train_sources, y_train)
+            proba = predict_proba_blocks(fitted.pipeline, test_sources)
+        else:
+            X_train, dims = matrix(train_sets, spec.sources)
+            fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"])
+            proba = fitted.pipeline.predict_proba(matrix(test_sets, spec.sources)[0])
         predicted = fitted.pipeline.classes_[proba.argmax(1)]
         result = HeadResult(fitted, float(accuracy_score(y_test, predicted)),
                             float(f1_score(y_test, predicted, average="macro")), predicted, proba)

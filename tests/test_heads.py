@@ -93,3 +93,32 @@ def test_cross_validation_folds_run_on_a_dask_cluster(cached):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = fit_head(spec, head, labels, [head.shape[1]], scheduler=cluster.scheduler_address)
     assert remote.best_params == local.best_params and remote.cv_accuracy == local.cv_accuracy
+
+
+@pytest.mark.parametrize("head_type", ["logistic_regression", "pca_fusion"])
+def test_out_of_core_heads_learn_block_by_block(cached, head_type):
+    import dask.array as da
+
+    from pipeline.outofcore import fit_incremental, predict_proba_blocks
+
+    _root, _data, head, stage6, labels = cached
+    order = np.random.default_rng(1).permutation(len(labels))  # blocks must not be single-class
+    sources = [da.from_array(head[order], chunks=5), da.from_array(stage6[order], chunks=5)]
+    options = {**HEAD_OPTIONS[head_type], "components": 3} if head_type == "pca_fusion" else HEAD_OPTIONS[head_type]
+    used = sources if head_type == "pca_fusion" else sources[:1]
+    fitted = fit_incremental(HeadSpec("o", head_type, ["a", "b"][: len(used)], dict(options)), used, labels[order],
+                             block_rows=5)
+    proba = predict_proba_blocks(fitted.pipeline, used, block_rows=4)
+    assert proba.shape == (18, 3) and fitted.best_params["out_of_core"]
+    assert (fitted.pipeline.classes_[proba.argmax(1)] == labels[order]).mean() >= 0.8
+
+
+def test_heads_that_need_all_rows_in_memory_refuse_the_out_of_core_path(cached):
+    import dask.array as da
+
+    from pipeline.errors import ConfigError
+    from pipeline.outofcore import fit_incremental
+
+    _root, _data, head, _stage6, labels = cached
+    with pytest.raises(ConfigError, match="needs all features in memory"):
+        fit_incremental(HeadSpec("k", "knn", ["a"], dict(HEAD_OPTIONS["knn"])), [da.from_array(head)], labels)

@@ -97,3 +97,15 @@ def test_run_on_a_small_real_set(tmp_path):
     run(config, progress=False)
     metrics = _check_contract(tmp_path / "out", ["logreg", "knn"], images=36)
     assert metrics["heads"]["logreg"]["accuracy"] >= 0.9  # three easy species, 8 photos each
+
+
+@pytest.mark.slow
+def test_run_past_the_memory_budget_fits_out_of_core(tmp_path, capsys):
+    train = make_folder(tmp_path / "train", classes=3, per_class=70)  # 210 x (1280 + 192) floats: 1.2 MB
+    test = make_folder(tmp_path / "test", classes=3, per_class=3, start_seed=1000)
+    heads = ("heads:\n  - {name: sgd, type: logistic_regression, C: [1.0]}\n"
+             "  - {name: fusion, type: pca_fusion, sources: [efficientnet_lite0, 'efficientnet_lite0:stage6'],"
+             " components: 8}\n")
+    metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n"), progress=False)
+    assert capsys.readouterr().out.count("fitting out of core") == 2
+    assert metrics["heads"]["sgd"]["best_params"]["out_of_core"] and metrics["heads"]["sgd"]["accuracy"] >= 0.8
