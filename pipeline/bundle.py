@@ -58,7 +58,12 @@ def load_bundle(path: str | os.PathLike) -> dict:
     if _sha256(path) != expected:
         raise BundleError(f"{path} does not match its checksum in {checksum.name}: the file was altered or "
                           "truncated; refusing to load it")
-    bundle = joblib.load(path)
+    try:
+        bundle = joblib.load(path)
+    except Exception as exc:  # unpickling fails in many ways when library versions differ
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BundleError(f"{path} cannot be loaded with the libraries installed here "
+                          f"({type(exc).__name__}: {reason})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise BundleError(f"{path} is not a model bundle written by this version of the pipeline")
     for source in bundle["sources"]:

@@ -147,8 +147,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from pipeline.heads import fit_head
     from pipeline.run import matrix, source_meta
 
+    backbones = args.backbone or list(dict.fromkeys(s.split(":")[0] for s in args.source or [])) or [
+        "efficientnet_lite0"]
     raw = {"data": {"train": str(Path(args.data).absolute())}, "heads": [{"name": args.name, "type": args.type}],
-           "features": {"backbones": args.backbone or ["efficientnet_lite0"], "cache_dir": args.cache}}
+           "features": {"backbones": backbones, "cache_dir": args.cache}}
     if args.source:
         raw["heads"][0]["sources" if args.type == "pca_fusion" else "source"] = args.source
     config = parse_config(raw, Path("command line"))
@@ -157,7 +159,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     report = extract(config["data"]["train"], progress=not args.quiet, **features)
     X, dims = matrix(report.feature_sets, spec.sources)
     first = report.feature_sets[tuple(spec.sources[0].split(":"))]
-    fitted = fit_head(spec, X, first.labels, dims)
+    if not first.class_names:
+        raise ConfigError(f"--data {args.data} must be a labelled folder (DIR/<class>/<image>)")
+    fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names)
     metrics = {"cv_accuracy": fitted.cv_accuracy, "best_params": fitted.best_params,
                "fit_seconds": fitted.fit_seconds}
     path = save_bundle(args.out, {"pipeline": fitted.pipeline, "classes": first.class_names, "head": vars(spec),

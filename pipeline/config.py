@@ -7,6 +7,7 @@ Command-line options override the config's values.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[st
 def head_specs(config: dict) -> list:
     """The `heads:` list as HeadSpecs, every key checked against its type's options."""
     from pipeline.backbones import get_spec
-    from pipeline.heads import HEAD_OPTIONS, HeadSpec
+    from pipeline.heads import HEAD_OPTIONS, OPTION_CHECKS, HeadSpec
 
     path = config["path"]
     backbones = config["features"].get("backbones") or ["efficientnet_lite0"]
@@ -121,6 +122,9 @@ def head_specs(config: dict) -> list:
         if raw["type"] not in HEAD_OPTIONS:
             raise ConfigError(f"{where}.type: unknown head type {raw['type']!r}; expected one of: "
                               f"{', '.join(HEAD_OPTIONS)}")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", raw["name"]):
+            raise ConfigError(f"{where}.name: {raw['name']!r} must be letters, digits, '_', '-' or '.' "
+                              "(it names the saved file)")
         if raw["name"] in names:
             raise ConfigError(f"{where}.name: {raw['name']!r} is used twice")
         names.add(raw["name"])
@@ -131,6 +135,9 @@ def head_specs(config: dict) -> list:
             if key not in options:
                 raise ConfigError(f"{where}.{key}: unknown option for a {raw['type']} head; expected one of: "
                                   f"{', '.join(options)}")
+            check, expected = OPTION_CHECKS[key]
+            if not check(value):
+                raise ConfigError(f"{where}.{key} must be {expected}, got {value!r}")
             options[key] = value
         sources = options.pop("sources", None) or options.pop("source", None) or (
             backbones if raw["type"] == "pca_fusion" else backbones[:1])

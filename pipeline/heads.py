@@ -44,38 +44,67 @@ class HeadSpec:
     options: dict = field(default_factory=dict)
 
 
-def _cv(labels: np.ndarray) -> StratifiedKFold:
-    """Five folds, fewer when a class has fewer than five training images."""
-    smallest = int(np.bincount(labels).min()) if len(labels) else 0
-    if smallest < 2:
-        raise ConfigError("cross-validation needs at least 2 training images in every class")
-    return StratifiedKFold(n_splits=min(5, smallest), shuffle=True, random_state=0)
-
-
-def _search(pipeline: Pipeline, grid: dict, labels: np.ndarray, n_jobs: int | None) -> GridSearchCV:
-    return GridSearchCV(pipeline, {k: list(v) for k, v in grid.items()}, cv=_cv(labels), n_jobs=n_jobs,
-                        scoring="accuracy", refit=True)
+def _is_number(value: object, minimum: float = 0.0) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > minimum
 
 
 def _as_list(value: object) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _fusion_pipeline(spec: HeadSpec, dims: list[int], n_samples: int) -> Pipeline:
+def _positive_ints(value: object) -> bool:
+    return bool(_as_list(value)) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                         for v in _as_list(value))
+
+
+# option -> (check, what is expected); checked with the config, before any work starts.
+OPTION_CHECKS: dict[str, tuple] = {
+    "C": (lambda v: bool(_as_list(v)) and all(_is_number(x) for x in _as_list(v)),
+          "a positive number or a list of them"),
+    "gamma": (lambda v: bool(_as_list(v)) and all(x in ("scale", "auto") or _is_number(x) for x in _as_list(v)),
+              "scale, auto, a positive number, or a list of them"),
+    "kernel": (lambda v: v in ("linear", "rbf"), "linear or rbf"),
+    "n_neighbors": (_positive_ints, "a positive integer or a list of them"),
+    "components": (lambda v: _positive_ints(v) and not isinstance(v, list), "a positive integer"),
+    "order": (lambda v: v in ("pca_then_concat", "concat_then_pca"), "pca_then_concat or concat_then_pca"),
+    "variance_threshold": (lambda v: v is None or _is_number(v, -1e-300), "a number >= 0"),
+    "select_k": (lambda v: v is None or (_positive_ints(v) and not isinstance(v, list)), "a positive integer"),
+    "source": (lambda v: v is None or isinstance(v, str), "BACKBONE or BACKBONE:LAYER"),
+    "sources": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                "a list of BACKBONE or BACKBONE:LAYER"),
+}
+
+
+def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedKFold:
+    """Five folds, fewer when a class has fewer than five training images."""
+    counts = np.bincount(labels)
+    present = counts[counts > 0]
+    if not len(present) or present.min() < 2:
+        names = class_names or [str(i) for i in range(len(counts))]
+        few = [names[i] for i, c in enumerate(counts) if 0 < c < 2]
+        raise ConfigError(f"cross-validation needs at least 2 training images in every class ({', '.join(few)} "
+                          "has 1): add images, or give the head a single setting (e.g. C: 1.0) to skip CV")
+    return StratifiedKFold(n_splits=min(5, int(present.min())), shuffle=True, random_state=0)
+
+
+def _smallest_fold(cv: StratifiedKFold | None, labels: np.ndarray) -> int:
+    """Rows in the smallest training fold: the most a PCA or a kNN can count on while it is tuned."""
+    if cv is None:
+        return len(labels)
+    return min(len(train) for train, _ in cv.split(np.zeros(len(labels)), labels))
+
+
+def _fusion_pipeline(spec: HeadSpec, dims: list[int], rows: int) -> Pipeline:
     """Each source standardised and reduced by PCA, then concatenated (or the reverse order)."""
     opts = spec.options
-    # PCA inside cross-validation sees 4/5 of the training rows, so stay below that.
-    limit = max(1, int(n_samples * 0.8) - 1)
     if opts["order"] == "pca_then_concat":
         offsets = np.cumsum([0, *dims])
         blocks = [(f"source{i}", Pipeline([("scale", StandardScaler()),
-                                           ("pca", PCA(min(opts["components"], dims[i], limit), random_state=0))]),
+                                           ("pca", PCA(min(opts["components"], dims[i], rows), random_state=0))]),
                    list(range(offsets[i], offsets[i + 1]))) for i in range(len(dims))]
         steps: list = [("fuse", ColumnTransformer(blocks))]
-    elif opts["order"] == "concat_then_pca":
-        steps = [("scale", StandardScaler()), ("pca", PCA(min(opts["components"], sum(dims), limit), random_state=0))]
     else:
-        raise ConfigError(f"head {spec.name!r}: order must be pca_then_concat or concat_then_pca")
+        steps = [("scale", StandardScaler()), ("pca", PCA(min(opts["components"], sum(dims), rows), random_state=0))]
     if opts["variance_threshold"] is not None:
         steps.append(("variance", VarianceThreshold(float(opts["variance_threshold"]))))
     if opts["select_k"] is not None:
@@ -84,27 +113,23 @@ def _fusion_pipeline(spec: HeadSpec, dims: list[int], n_samples: int) -> Pipelin
     return Pipeline(steps)
 
 
-def build_head(spec: HeadSpec, dims: list[int], labels: np.ndarray, n_jobs: int | None = None) -> GridSearchCV:
-    """An unfitted search over the head's grid; its `best_estimator_` is the Pipeline that is kept."""
+def build_head(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, dict[str, list]]:
+    """The unfitted Pipeline and its grid; `rows` is the fewest training rows it will be fitted on."""
     opts = spec.options
     if spec.type == "logistic_regression":
         pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=3000))])
-        return _search(pipe, {"clf__C": _as_list(opts["C"])}, labels, n_jobs)
+        return pipe, {"clf__C": _as_list(opts["C"])}
     if spec.type == "svm":
-        if opts["kernel"] not in ("linear", "rbf"):
-            raise ConfigError(f"head {spec.name!r}: kernel must be linear or rbf, not {opts['kernel']!r}")
         pipe = Pipeline([("scale", StandardScaler()), ("clf", SVC(kernel=opts["kernel"]))])
         grid = {"clf__C": _as_list(opts["C"])}
         if opts["kernel"] == "rbf":
             grid["clf__gamma"] = _as_list(opts["gamma"])
-        return _search(pipe, grid, labels, n_jobs)
+        return pipe, grid
     if spec.type == "knn":
         pipe = Pipeline([("clf", KNeighborsClassifier(metric="cosine", weights="distance"))])
-        smallest_fold = int(len(labels) * 0.8) - 1
-        ks = [k for k in _as_list(opts["n_neighbors"]) if k <= smallest_fold] or [1]
-        return _search(pipe, {"clf__n_neighbors": ks}, labels, n_jobs)
+        return pipe, {"clf__n_neighbors": [k for k in _as_list(opts["n_neighbors"]) if k <= rows] or [1]}
     if spec.type == "pca_fusion":
-        return _search(_fusion_pipeline(spec, dims, len(labels)), {"clf__C": _as_list(opts["C"])}, labels, n_jobs)
+        return _fusion_pipeline(spec, dims, rows), {"clf__C": _as_list(opts["C"])}
     raise ConfigError(f"unknown head type {spec.type!r}; expected one of: {', '.join(HEAD_OPTIONS)}")
 
 
@@ -118,32 +143,40 @@ class FittedHead:
 
 
 def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], scheduler: str | None = None,
-             n_jobs: int | None = None) -> FittedHead:
+             n_jobs: int | None = None, class_names: list[str] | None = None) -> FittedHead:
     """Cross-validate, refit the best setting on all training rows; folds go to Dask when `scheduler`.
 
     A grid with a single setting leaves nothing to choose, so it is fitted once without CV (its
     `cv_accuracy` is then None): that is the fast path for a head whose settings are already known."""
-    search = build_head(spec, dims, y, n_jobs if scheduler is None else -1)
     started = time.perf_counter()
-    if all(len(values) == 1 for values in search.param_grid.values()):
-        best_params = {key: values[0] for key, values in search.param_grid.items()}
-        pipeline, cv_accuracy = search.estimator.set_params(**best_params), None
-        if spec.type != "svm":  # the SVM is fitted by its calibration below
-            pipeline.fit(X, y)
-    else:
-        if scheduler is None:
-            search.fit(X, y)
+    _, grid = build_head(spec, dims, len(y))
+    single = all(len(values) == 1 for values in grid.values())
+    cv = None if single and spec.type != "svm" else _cv(y, class_names)
+    pipeline, grid = build_head(spec, dims, _smallest_fold(None if single else cv, y))
+    try:
+        if single:
+            best_params, cv_accuracy = {key: values[0] for key, values in grid.items()}, None
+            pipeline.set_params(**best_params)
+            if spec.type != "svm":  # the SVM is fitted by its calibration below
+                pipeline.fit(X, y)
         else:
-            import joblib
-            from distributed import Client
-
-            with Client(scheduler), joblib.parallel_backend("dask"):  # the dask backend uses the default client
+            search = GridSearchCV(pipeline, grid, cv=cv, n_jobs=n_jobs if scheduler is None else -1,
+                                  scoring="accuracy", error_score="raise")
+            if scheduler is None:
                 search.fit(X, y)
-        pipeline, best_params, cv_accuracy = search.best_estimator_, search.best_params_, float(search.best_score_)
-    if spec.type == "svm":
-        # Probabilities for an SVM: Platt scaling on out-of-fold decisions of the chosen setting, then
-        # one SVM on all rows (sklearn's replacement for the deprecated SVC(probability=True)).
-        pipeline = Pipeline([("scale", pipeline.named_steps["scale"]),
-                             ("clf", CalibratedClassifierCV(pipeline.named_steps["clf"], cv=_cv(y), ensemble=False))])
-        pipeline.fit(X, y)
+            else:
+                import joblib
+                from distributed import Client
+
+                with Client(scheduler), joblib.parallel_backend("dask"):  # the dask backend uses the default client
+                    search.fit(X, y)
+            pipeline, best_params, cv_accuracy = search.best_estimator_, search.best_params_, float(search.best_score_)
+        if spec.type == "svm":
+            # Probabilities for an SVM: Platt scaling on out-of-fold decisions of the chosen setting, then
+            # one SVM on all rows (sklearn's replacement for the deprecated SVC(probability=True)).
+            pipeline = Pipeline([("scale", pipeline.named_steps["scale"]),
+                                 ("clf", CalibratedClassifierCV(pipeline.named_steps["clf"], cv=cv, ensemble=False))])
+            pipeline.fit(X, y)
+    except ValueError as exc:  # scikit-learn's verdict on this data with these settings
+        raise ConfigError(f"head {spec.name!r} cannot be fitted: {str(exc).strip().splitlines()[0]}") from None
     return FittedHead(spec, pipeline, best_params, cv_accuracy, time.perf_counter() - started)

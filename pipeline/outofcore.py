@@ -72,6 +72,12 @@ def fit_incremental(spec: HeadSpec, sources: list[da.Array], y: np.ndarray, bloc
     if spec.type not in ("logistic_regression", "pca_fusion"):
         raise ConfigError(f"head {spec.name!r}: a {spec.type} head needs all features in memory, and they exceed "
                           "the memory budget; use logistic_regression or pca_fusion, or raise memory_budget_mb")
+    unsupported = [k for k, v in (("order", spec.options.get("order") == "concat_then_pca"),
+                                  ("variance_threshold", spec.options.get("variance_threshold") is not None),
+                                  ("select_k", spec.options.get("select_k") is not None)) if v]
+    if unsupported:
+        raise ConfigError(f"head {spec.name!r}: {', '.join(unsupported)} is not available out of core (per-source "
+                          "incremental PCA only); drop it or raise memory_budget_mb")
     started = time.perf_counter()
     classes = np.unique(y)
     starts = np.arange(0, len(y), block_rows)

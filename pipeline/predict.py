@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline import backbones as registry
 from pipeline.bundle import BundleError, load_bundle
-from pipeline.extract import ExtractReport, FeatureSet, extract
+from pipeline.extract import ExtractReport, FeatureSet, cache_key, extract
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Predictions:
 
     @property
     def predicted(self) -> np.ndarray:
+        if not len(self.proba):
+            return np.zeros(0, dtype=int)
         return self.bundle["pipeline"].classes_[self.proba.argmax(1)]
 
 
@@ -37,17 +40,21 @@ def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | 
     precisions = {s["precision"] for s in sources}
     if len(precisions) != 1:
         raise BundleError(f"{model}: its feature sources mix precisions {sorted(precisions)}")
-    report = extract(data, list(dict.fromkeys(s["backbone"] for s in sources)),
-                     [f"{s['backbone']}:{s['layer']}" for s in sources], cache_dir, device, precisions.pop(),
-                     scheduler=scheduler, progress=progress)
-    blocks = []
-    for source in sources:
-        fs = report.feature_sets[(source["backbone"], source["layer"])]
-        if fs.cache_key != source["cache_key"]:
+    precision = precisions.pop()
+    weights = sources[0].get("weights")
+    for source in sources:  # the same features as in training, or nothing is computed at all
+        spec = registry.get_spec(source["backbone"])
+        sha = registry.file_sha256(registry.resolve_weights(spec, weights))
+        key = cache_key(source["backbone"], sha, source["layer"], precision).dirname
+        if key != source["cache_key"]:
             raise BundleError(f"{model} was trained on features {source['cache_key']}, but this installation "
-                              f"makes {fs.cache_key} (different weights, preprocessing or decoder): refit the head")
-        blocks.append(fs.features.compute())
-    proba = bundle["pipeline"].predict_proba(np.hstack(blocks)) if blocks[0].shape[0] else np.zeros((0, 0))
+                              f"makes {key} (different weights, preprocessing or decoder): refit the head")
+    report = extract(data, list(dict.fromkeys(s["backbone"] for s in sources)),
+                     [f"{s['backbone']}:{s['layer']}" for s in sources], cache_dir, device, precision,
+                     scheduler=scheduler, weights=weights, progress=progress)
+    blocks = [report.feature_sets[(s["backbone"], s["layer"])].features.compute() for s in sources]
+    rows = blocks[0].shape[0]
+    proba = bundle["pipeline"].predict_proba(np.hstack(blocks)) if rows else np.zeros((0, len(bundle["classes"])))
     first = report.feature_sets[(sources[0]["backbone"], sources[0]["layer"])]
     return Predictions(bundle, first, proba, report)
 
@@ -73,6 +80,8 @@ def evaluate(result: Predictions) -> dict:
     unknown = sorted(set(names) - set(classes))
     if not names:
         raise BundleError("evaluation needs a labelled image folder (DIR/<class>/<image>)")
+    if not len(result.features.labels):
+        raise BundleError("no usable image to evaluate on (see the skipped files)")
     if unknown:
         raise BundleError(f"classes the head does not know: {', '.join(unknown)}")
     truth = np.asarray([classes.index(names[i]) for i in result.features.labels])

@@ -16,6 +16,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.bundle import save_bundle
 from pipeline.config import DEFAULTS, head_specs, load_config
+from pipeline.data import Dataset, scan
 from pipeline.errors import ConfigError
 from pipeline.extract import ExtractReport, FeatureSet, extract
 from pipeline.heads import FittedHead, HeadSpec, fit_head
@@ -37,11 +38,33 @@ def matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple
 
 
 def _test_labels(train: FeatureSet, test: FeatureSet) -> np.ndarray:
-    """Test labels re-indexed to the training class order (the folders may list different classes)."""
-    unknown = sorted(set(test.class_names) - set(train.class_names))
+    """Test labels re-indexed to the training class order (the test folder may hold fewer classes)."""
+    return np.asarray([train.class_names.index(test.class_names[i]) for i in test.labels], dtype=int)
+
+
+def _labelled_splits(config: dict, where: str | Path) -> dict[str, Dataset]:
+    """Scan both splits before any work: each must be a labelled folder, test classes known to train."""
+    splits = {}
+    for split in ("train", "test"):
+        if split not in config["data"]:
+            raise ConfigError(f"{where}: 'data' needs both train: and test: folders for a run")
+        splits[split] = scan(config["data"][split])
+        if not splits[split].class_names:
+            raise ConfigError(f"{where}: 'data.{split}' must be a labelled folder (DIR/<class>/<image>)")
+    unknown = sorted(set(splits["test"].class_names) - set(splits["train"].class_names))
     if unknown:
-        raise ConfigError(f"test classes not seen in training: {', '.join(unknown)}")
-    return np.asarray([train.class_names.index(test.class_names[i]) for i in test.labels])
+        raise ConfigError(f"{where}: 'data.test' has classes that 'data.train' lacks: {', '.join(unknown)}")
+    return splits
+
+
+def _check_rows(train: FeatureSet, test: FeatureSet) -> None:
+    """Every class needs a training row (or the probability columns would not match the classes)."""
+    counts = np.bincount(train.labels, minlength=len(train.class_names))
+    empty = [train.class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ConfigError(f"no usable training image in class {', '.join(empty)} (see the skipped files)")
+    if not len(test.labels):
+        raise ConfigError("no usable test image (see the skipped files)")
 
 
 def _sum_reports(reports: list[ExtractReport]) -> dict:
@@ -50,13 +73,16 @@ def _sum_reports(reports: list[ExtractReport]) -> dict:
             "seconds": round(sum(r.seconds for r in reports), 3)}
 
 
-def source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_dir: Path) -> list[dict]:
+def source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_dir: Path,
+                weights: str | None = None) -> list[dict]:
+    """What a saved head needs to make its features again; `weights` is a custom weights file, if any."""
     out = []
     for source in spec.sources:
         fs = sets[tuple(source.split(":"))]
         meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
         out.append({"backbone": fs.backbone, "layer": fs.layer, "cache_key": fs.cache_key,
-                    "precision": meta["precision"], "weights_sha256": meta["weights_sha256"]})
+                    "precision": meta["precision"], "weights_sha256": meta["weights_sha256"],
+                    "weights": str(Path(weights).absolute()) if weights else None})
     return out
 
 
@@ -67,19 +93,23 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     only names it in messages."""
     config = config or load_config(config_path)
     specs = head_specs(config)  # validated before any work starts
-    if not {"train", "test"} <= config["data"].keys():
-        raise ConfigError(f"{config_path}: 'data' needs both train: and test: folders for a run")
     if not config["output_dir"]:
         raise ConfigError(f"{config_path}: 'output_dir' is required")
+    splits = _labelled_splits(config, config_path)
     out = Path(config["output_dir"])
+    try:
+        (out / "heads").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: 'output_dir': cannot create {out}: {exc.strerror or exc}") from None
     features = {**DEFAULTS, **config["features"]}
     features["backbones"] = features.get("backbones") or ["efficientnet_lite0"]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
 
-    reports = {split: extract(config["data"][split], progress=progress, **features) for split in ("train", "test")}
+    reports = {split: extract(splits[split], progress=progress, **features) for split in ("train", "test")}
     train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
     first = train_sets[tuple(specs[0].sources[0].split(":"))]
+    _check_rows(first, test_sets[tuple(specs[0].sources[0].split(":"))])
     y_train = first.labels
     y_test = _test_labels(first, test_sets[tuple(specs[0].sources[0].split(":"))])
     classes = first.class_names
@@ -96,7 +126,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
             proba = predict_proba_blocks(fitted.pipeline, test_sources)
         else:
             X_train, dims = matrix(train_sets, spec.sources)
-            fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"])
+            fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"], class_names=classes)
             proba = fitted.pipeline.predict_proba(matrix(test_sets, spec.sources)[0])
         predicted = fitted.pipeline.classes_[proba.argmax(1)]
         result = HeadResult(fitted, float(accuracy_score(y_test, predicted)),
@@ -104,7 +134,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         results[spec.name] = result
         save_bundle(out / "heads" / f"{spec.name}.joblib", {
             "pipeline": fitted.pipeline, "classes": classes, "head": vars(spec),
-            "sources": source_meta(train_sets, spec, cache_dir),
+            "sources": source_meta(train_sets, spec, cache_dir, features["weights"]),
             "metrics": {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "cv_accuracy": fitted.cv_accuracy,
                         "best_params": fitted.best_params, "fit_seconds": fitted.fit_seconds}})
         print(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
@@ -120,8 +150,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         "extract": _sum_reports(list(reports.values())),
         "classes": classes,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
     test_first = test_sets[tuple(specs[0].sources[0].split(":"))]
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 

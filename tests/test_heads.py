@@ -1,6 +1,5 @@
 """Stage 2 heads on cached features, their bundles, and predict/evaluate on new images."""
 
-import joblib
 import numpy as np
 import pytest
 
@@ -45,6 +44,7 @@ def test_concat_then_pca_and_feature_selection(cached):
     fitted = fit_head(HeadSpec("f", "pca_fusion", ["a", "b"], options), np.hstack([head, stage6]), labels,
                       [head.shape[1], stage6.shape[1]])
     assert fitted.pipeline.named_steps["select"].k == 4
+    assert fitted.pipeline[:-1].transform(np.hstack([head, stage6])).shape == (len(labels), 4)
 
 
 def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(cached, capsys):
@@ -56,8 +56,7 @@ def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(ca
     bundle = load_bundle(model)
     assert bundle["classes"] == ["class0", "class1", "class2"]
     assert bundle["sources"][0]["backbone"] == "efficientnet_lite0" and "scikit-learn" in bundle["versions"]
-    reloaded = joblib.load(model)["pipeline"]
-    assert np.array_equal(reloaded.predict_proba(head), bundle["pipeline"].predict_proba(head))
+    expected = bundle["pipeline"].predict_proba(head)  # head: the cached features, in the folder's order
 
     out = root / "preds.csv"
     assert main(["predict", "--model", str(model), "--data", str(data), "--out", str(out),
@@ -65,6 +64,11 @@ def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(ca
     assert "rows computed: 0 | rows reused: 18" in capsys.readouterr().out
     lines = out.read_text().splitlines()
     assert lines[0] == "path,image_id,predicted_class,p_class0,p_class1,p_class2" and len(lines) == 19
+    from_csv = np.array([[float(v) for v in line.split(",")[3:]] for line in lines[1:]])
+    assert np.allclose(from_csv, expected, atol=1e-6)  # the reloaded head, through the cache, agrees
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--cache", str(root / "cache"),
+                 "--quiet"]) == 0
+    assert "accuracy 100.0%" in capsys.readouterr().out
 
     data_bytes = model.read_bytes()
     model.write_bytes(data_bytes[:-1] + bytes([data_bytes[-1] ^ 1]))

@@ -70,6 +70,11 @@ def test_run_writes_the_metrics_contract_heads_predictions_and_report(tmp_path, 
     ("heads:\n  - {name: a, type: knn, source: 'efficientnet_lite0:layer9'}\n", "no layer 'layer9'"),
     ("heads:\n  - {name: a, type: knn}\n  - {name: a, type: svm}\n", "'a' is used twice"),
     ("heads: []\n", "at least one head"),
+    ("heads:\n  - {name: a, type: logistic_regression, C: '1'}\n", r"C must be a positive number.*got '1'"),
+    ("heads:\n  - {name: a, type: svm, kernel: poly}\n", "kernel must be linear or rbf"),
+    ("heads:\n  - {name: a, type: pca_fusion, components: 0}\n", "components must be a positive integer"),
+    ("heads:\n  - {name: a, type: pca_fusion, order: random}\n", "order must be pca_then_concat"),
+    ("heads:\n  - {name: ../a, type: knn}\n", "it names the saved file"),
 ])
 def test_bad_run_configs_are_refused_before_any_work(tmp_path, heads, message):
     train = make_folder(tmp_path / "train", classes=2, per_class=2)
@@ -109,3 +114,36 @@ def test_run_past_the_memory_budget_fits_out_of_core(tmp_path, capsys):
     metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n"), progress=False)
     assert capsys.readouterr().out.count("fitting out of core") == 2
     assert metrics["heads"]["sgd"]["best_params"]["out_of_core"] and metrics["heads"]["sgd"]["accuracy"] >= 0.8
+
+
+def test_test_split_with_fewer_classes_and_a_corrupt_file(tmp_path):
+    train = make_folder(tmp_path / "train", classes=3, per_class=6)
+    test = make_folder(tmp_path / "test", classes=2, per_class=3, start_seed=200)  # class0 and class1 only
+    (test / "class1" / "broken.jpg").write_bytes(b"not a jpeg")
+    metrics = run(_config(tmp_path, train, test, heads="heads:\n  - {name: lr, type: logistic_regression}\n"),
+                  progress=False)
+    assert metrics["extract"]["skipped"] == 1
+    with open(tmp_path / "out" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and all(r["true_class"] == r["path"].split("/")[-2] for r in rows)
+    assert sum(r["true_class"] == r["predicted_class"] for r in rows) >= 5
+    assert all(abs(sum(float(r[f"p_class{i}"]) for i in range(3)) - 1) < 1e-4 for r in rows)
+
+
+def test_a_class_with_one_image_needs_a_single_setting(tmp_path):
+    train = make_folder(tmp_path / "train", classes=2, per_class=4)
+    (tmp_path / "train" / "class2").mkdir()
+    (tmp_path / "train" / "class0" / "img0.jpg").rename(tmp_path / "train" / "class2" / "only.jpg")
+    with pytest.raises(ConfigError, match="class2 has 1"):
+        run(_config(tmp_path, train, train, heads="heads:\n  - {name: lr, type: logistic_regression}\n"),
+            progress=False)
+    metrics = run(_config(tmp_path, train, train, heads="heads:\n  - {name: lr, type: logistic_regression, C: 1.0}\n"),
+                  progress=False)
+    assert metrics["heads"]["lr"]["cv_accuracy"] is None
+
+
+def test_unlabelled_training_data_is_refused_before_any_work(tmp_path):
+    flat = make_folder(tmp_path / "images", classes=1, per_class=3) / "class0"
+    with pytest.raises(ConfigError, match="'data.train' must be a labelled folder"):
+        run(_config(tmp_path, flat, flat), progress=False)
+    assert not (tmp_path / "cache").exists()
