@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import BackboneError
+from pipeline.errors import BackboneError, first_line
 
 
 @dataclass(frozen=True)
@@ -128,15 +128,13 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable state dict"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackboneError(f"cannot read weights {path} for {name!r} (a state dict saved with torch.save "
-                            f"is expected): {reason}") from exc
+                            f"is expected): {first_line(exc)}") from exc
     network = spec.build()
     try:
         network.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except (RuntimeError, AttributeError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackboneError(f"weights {path} do not fit backbone {name!r}: {first_line}") from exc
+        raise BackboneError(f"weights {path} do not fit backbone {name!r}: {first_line(exc)}") from exc
     network.eval().requires_grad_(False)
     return LoadedBackbone(spec, network, path, file_sha256(path))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import joblib
 
 from pipeline import backbones as registry
-from pipeline.errors import BackboneError, PipelineError
+from pipeline.errors import BackboneError, PipelineError, first_line
 
 FORMAT = 1
 
@@ -61,9 +61,8 @@ def load_bundle(path: str | os.PathLike) -> dict:
     try:
         bundle = joblib.load(path)
     except Exception as exc:  # unpickling fails in many ways when library versions differ
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BundleError(f"{path} cannot be loaded with the libraries installed here "
-                          f"({type(exc).__name__}: {reason})") from None
+                          f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise BundleError(f"{path} is not a model bundle written by this version of the pipeline")
     for source in bundle["sources"]:

@@ -145,7 +145,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from pipeline.config import DEFAULTS, head_specs, parse_config
     from pipeline.extract import extract
     from pipeline.heads import fit_head
-    from pipeline.run import matrix, source_meta
+    from pipeline.run import feature_set, matrix, source_meta
 
     backbones = args.backbone or list(dict.fromkeys(s.split(":")[0] for s in args.source or [])) or [
         "efficientnet_lite0"]
@@ -158,7 +158,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     features = {**DEFAULTS, **config["features"], "layers": spec.sources}
     report = extract(config["data"]["train"], progress=not args.quiet, **features)
     X, dims = matrix(report.feature_sets, spec.sources)
-    first = report.feature_sets[tuple(spec.sources[0].split(":"))]
+    first = feature_set(report.feature_sets, spec.sources[0])
     if not first.class_names:
         raise ConfigError(f"--data {args.data} must be a labelled folder (DIR/<class>/<image>)")
     fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, first_line
 
 # key -> (accepted types, what the message says is expected)
 FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -45,7 +45,7 @@ def load_config(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
     return parse_config(raw, path)
 
 

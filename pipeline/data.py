@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.backbones import Preprocess
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
 _CV2_RESAMPLE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
@@ -143,11 +143,6 @@ def _resize_and_crop(image: Image.Image, pre: Preprocess) -> np.ndarray:
     return cv2.resize(region, (pre.crop, pre.crop), interpolation=method)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.ndarray | str:
     """The preprocessed image as an HxWx3 uint8 array, or a one-line reason why it was skipped.
 
@@ -178,10 +173,10 @@ def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.nd
             ImageOps.exif_transpose(image, in_place=True)
             return _resize_and_crop(_to_rgb(image), pre)
     except Image.DecompressionBombError as exc:
-        return f"refused: decompression bomb ({_first_line(exc)})"
+        return f"refused: decompression bomb ({first_line(exc)})"
     except UnidentifiedImageError:
         return "not an image (unknown format)"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return f"corrupt or truncated image: {_first_line(exc)}"
+        return f"corrupt or truncated image: {first_line(exc)}"
     except Exception as exc:  # noqa: BLE001 - a malformed file may trip any decoder; it must not stop the run
-        return f"cannot decode: {type(exc).__name__}: {_first_line(exc)}"
+        return f"cannot decode: {type(exc).__name__}: {first_line(exc)}"

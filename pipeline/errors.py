@@ -22,3 +22,9 @@ class CacheError(PipelineError):
 
 class DataError(PipelineError):
     """An input folder or file list cannot be used."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A foreign exception's message cut to one line, for the one-line errors users see."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -22,7 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, first_line
 
 # type -> {option: default}; `source`/`sources` name the features (BACKBONE or BACKBONE:LAYER).
 HEAD_OPTIONS: dict[str, dict] = {
@@ -178,5 +178,5 @@ def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], sche
                                  ("clf", CalibratedClassifierCV(pipeline.named_steps["clf"], cv=cv, ensemble=False))])
             pipeline.fit(X, y)
     except ValueError as exc:  # scikit-learn's verdict on this data with these settings
-        raise ConfigError(f"head {spec.name!r} cannot be fitted: {str(exc).strip().splitlines()[0]}") from None
+        raise ConfigError(f"head {spec.name!r} cannot be fitted: {first_line(exc)}") from None
     return FittedHead(spec, pipeline, best_params, cv_accuracy, time.perf_counter() - started)

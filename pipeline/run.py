@@ -32,8 +32,14 @@ class HeadResult:
     proba: np.ndarray
 
 
+def feature_set(sets: dict[tuple[str, str], FeatureSet], source: str) -> FeatureSet:
+    """The feature set of a head source written BACKBONE:LAYER."""
+    backbone, layer = source.split(":")
+    return sets[(backbone, layer)]
+
+
 def matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple[np.ndarray, list[int]]:
-    blocks = [sets[tuple(s.split(":"))].features.compute() for s in sources]
+    blocks = [feature_set(sets, s).features.compute() for s in sources]
     return np.hstack(blocks), [b.shape[1] for b in blocks]
 
 
@@ -78,7 +84,7 @@ def source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_d
     """What a saved head needs to make its features again; `weights` is a custom weights file, if any."""
     out = []
     for source in spec.sources:
-        fs = sets[tuple(source.split(":"))]
+        fs = feature_set(sets, source)
         meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
         out.append({"backbone": fs.backbone, "layer": fs.layer, "cache_key": fs.cache_key,
                     "precision": meta["precision"], "weights_sha256": meta["weights_sha256"],
@@ -108,17 +114,17 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
 
     reports = {split: extract(splits[split], progress=progress, **features) for split in ("train", "test")}
     train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
-    first = train_sets[tuple(specs[0].sources[0].split(":"))]
-    _check_rows(first, test_sets[tuple(specs[0].sources[0].split(":"))])
+    first, test_first = feature_set(train_sets, specs[0].sources[0]), feature_set(test_sets, specs[0].sources[0])
+    _check_rows(first, test_first)
     y_train = first.labels
-    y_test = _test_labels(first, test_sets[tuple(specs[0].sources[0].split(":"))])
+    y_test = _test_labels(first, test_first)
     classes = first.class_names
 
     results: dict[str, HeadResult] = {}
     budget = config["memory_budget_mb"] * 2**20
     for spec in specs:
-        train_sources = [train_sets[tuple(s.split(":"))].features for s in spec.sources]
-        test_sources = [test_sets[tuple(s.split(":"))].features for s in spec.sources]
+        train_sources = [feature_set(train_sets, s).features for s in spec.sources]
+        test_sources = [feature_set(test_sets, s).features for s in spec.sources]
         if matrix_bytes(train_sources) > budget:
             print(f"{spec.name}: training features exceed memory_budget_mb={config['memory_budget_mb']}; "
                   "fitting out of core, block by block")
@@ -151,7 +157,6 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         "classes": classes,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
-    test_first = test_sets[tuple(specs[0].sources[0].split(":"))]
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
     from pipeline.report import write_report
