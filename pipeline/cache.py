@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -192,8 +193,11 @@ class FeatureStore:
         """image id -> (shard id, row) over all committed shards whose array is on disk."""
         return self._index_of(self.records())
 
-    def write_shard(self, shard: str, image_ids: list[str], features: np.ndarray) -> None:
-        """Commit one shard atomically; a second commit of the same shard id is harmless."""
+    def write_shard(self, shard: str, image_ids: list[str], features: np.ndarray, seconds: float | None = None) -> None:
+        """Commit one shard atomically; a second commit of the same shard id is harmless.
+
+        `seconds` is what computing these rows cost (decode and forward pass): `pipeline rank` reports
+        each candidate's extraction speed from it without running the network again."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         rows, dim = features.shape
         if rows != len(image_ids):
@@ -207,7 +211,7 @@ class FeatureStore:
         _fsync_dir(self.arrays)
         _write_json_atomic(self.records_dir / f"{shard}.json", {
             "array": array_name, "rows": rows, "dim": dim, "sha256": array_sha256(features),
-            "image_ids": image_ids})
+            "image_ids": image_ids, "seconds": seconds})
 
     def read(self, image_ids: list[str]) -> da.Array:
         """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read."""
@@ -288,7 +292,15 @@ class FeatureStore:
         records = self.records()
         return {"key": self.root.name, "backbone": meta["backbone"], "layer": meta["layer"],
                 "precision": meta["precision"], "dim": meta["dim"], "shards": len(records),
-                "rows": sum(r["rows"] for r in records.values()), "bytes": _tree_size(self.root)}
+                "rows": sum(r["rows"] for r in records.values()), "bytes": _tree_size(self.root),
+                "images_per_second": _images_per_second(records.values())}
+
+
+def _images_per_second(records: Iterable[dict]) -> float | None:
+    """Rows per second of extraction over the shards that recorded their cost (older ones did not)."""
+    timed = [r for r in records if isinstance(r.get("seconds"), int | float) and r["seconds"] > 0]
+    seconds = sum(r["seconds"] for r in timed)
+    return sum(r["rows"] for r in timed) / seconds if timed else None
 
 
 def clean_staging(cache_dir: str | os.PathLike, min_age_s: float = _ORPHAN_GRACE_S) -> list[str]:

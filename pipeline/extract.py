@@ -141,6 +141,7 @@ def _decode_threads(device: str) -> int:
 def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -> ShardResult:
     """Decode (in threads) and embed one shard, then commit it to every layer's store that lacks it."""
     network, pre = _network(job)
+    started = time.perf_counter()  # after loading: the records keep the steady-state cost per image
     good_ids: list[str] = []
     failed: dict[str, str] = {}
     chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in job.layers}
@@ -167,11 +168,12 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
                 flush()
         if pending:
             flush()
+    per_image = (time.perf_counter() - started) / max(len(good_ids), 1)
     for layer, store, needed in zip(job.layers, job.stores, job.needed, strict=True):
         rows = [i for i, image_id in enumerate(good_ids) if image_id in needed]
         if rows:
             FeatureStore(Path(store)).write_shard(job.shard, [good_ids[i] for i in rows],
-                                                  np.concatenate(chunks[layer])[rows])
+                                                  np.concatenate(chunks[layer])[rows], per_image * len(rows))
     return ShardResult(len(good_ids), failed)
 
 

@@ -157,3 +157,49 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def rank_figure(rows: list, path: Path) -> Path:
+    """Each training-free score against the probe accuracy, one labelled point per candidate."""
+    probed = [r for r in rows if r.probe_accuracy is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, (score, label) in zip(axes, (("logme", "LogME"), ("hscore", "H-score")), strict=True):
+        xs = [getattr(r, score) for r in probed]
+        ax.scatter(xs, [r.probe_accuracy for r in probed], color="#4c72b0")
+        for r, x in zip(probed, xs, strict=True):
+            ax.annotate(r.candidate, (x, r.probe_accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"{label} (higher should transfer better)")
+        ax.set_ylabel("linear-probe accuracy (5-fold CV)")
+        ax.set_title(f"{label} against probe accuracy")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def write_rank_report(out: Path, rows: list) -> Path:
+    """rank.html (table, and the score plot when probes ran) plus rank_scores.png in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    figure = ""
+    if any(r.probe_accuracy is not None for r in rows):
+        figure = _figure_html(rank_figure(rows, out / "rank_scores.png"),
+                              "Training-free scores against the cross-validated linear-probe accuracy.")
+
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    body = "".join(
+        f'<tr class="{"best" if i == 0 else ""}"><td>{html.escape(r.candidate)}</td><td>{r.logme:.3f}</td>'
+        f"<td>{r.hscore:.2f}</td><td>{cell(r.probe_accuracy, '.1%')}</td><td>{r.dim}</td>"
+        f"<td>{cell(r.images_per_second, '.0f')}</td><td>{r.cache_bytes / 2**20:.1f}</td>"
+        f"<td>{r.score_seconds:.2f}</td><td>{cell(r.probe_seconds, '.2f')}</td></tr>" for i, r in enumerate(rows))
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Backbone ranking</title>
+<style>{_STYLE}</style></head><body>
+<h1>Backbone ranking</h1>
+<p class="sub">{len(rows)} candidates, best LogME first. LogME and H-score need no training; the probe is a
+standardised logistic regression (C=0.1) scored by 5-fold stratified cross-validation on the same images.</p>
+<table><tr><th>candidate</th><th>LogME</th><th>H-score</th><th>probe accuracy</th><th>dim</th>
+<th>extraction img/s</th><th>cache MB</th><th>score time (s)</th><th>probe time (s)</th></tr>{body}</table>
+{figure}
+</body></html>"""
+    path = out / "rank.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,110 @@
+"""Ranking candidates: LogME against a slow reference, score sanity, and `rank` reading only the cache."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+from pipeline.cli import main
+from pipeline.errors import ConfigError
+from pipeline.rank import EPSILON, candidates, hscore, logme, rank, spearman
+from tests.conftest import make_folder
+
+
+def slow_logme(features: np.ndarray, labels: np.ndarray) -> float:
+    """The paper's Algorithm 1 one class at a time with explicit matrices (and the authors' epsilon), the
+    evidence taken from the Gaussian marginal likelihood N(y; 0, F F^T / alpha + I / beta) itself."""
+    f = features.astype(np.float64)
+    n, dim = f.shape
+    eig = np.linalg.eigvalsh(f.T @ f)
+    evidences = []
+    for k in np.unique(labels):
+        y = (labels == k).astype(np.float64)
+        alpha, beta = 1.0, 1.0
+        for _ in range(1000):
+            A = alpha * np.eye(dim) + beta * f.T @ f
+            m = beta * np.linalg.inv(A) @ f.T @ y
+            gamma = np.sum(beta * eig / (alpha + beta * eig))
+            new_alpha = gamma / (m @ m + EPSILON)
+            new_beta = (n - gamma) / (np.sum((y - f @ m) ** 2) + EPSILON)
+            done = abs(new_alpha / new_beta - alpha / beta) <= 1e-12 * alpha / beta
+            alpha, beta = new_alpha, new_beta
+            if done:
+                break
+        cov = f @ f.T / alpha + np.eye(n) / beta
+        evidences.append(multivariate_normal(np.zeros(n), cov).logpdf(y) / n)
+    return float(np.mean(evidences))
+
+
+@pytest.mark.parametrize("n,dim", [(40, 8), (30, 50), (12, 400)])  # more images than dimensions, and fewer
+def test_logme_matches_slow_reference(n: int, dim: int) -> None:
+    rng = np.random.default_rng(n + dim)
+    labels = rng.integers(0, 3, n)
+    features = rng.normal(size=(n, dim)) + labels[:, None] * rng.normal(size=dim) * 0.5
+    assert logme(features, labels) == pytest.approx(slow_logme(features, labels), abs=1e-6)
+
+
+def test_logme_is_finite_when_no_linear_map_helps() -> None:
+    """Labels unrelated to the features would send alpha to infinity, and labels fitted exactly by more
+    dimensions than images would send beta there; both stay finite."""
+    rng = np.random.default_rng(1)
+    assert np.isfinite(logme(rng.normal(size=(50, 10)), rng.integers(0, 3, 50)))
+    assert np.isfinite(logme(rng.normal(size=(18, 1280)), np.repeat(np.arange(3), 6)))
+
+
+def test_linear_labels_score_higher_than_shuffled() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 20))
+    labels = (features @ rng.normal(size=(20, 4))).argmax(1)  # classes from a linear map of the features
+    shuffled = rng.permutation(labels)
+    assert logme(features, labels) > logme(features, shuffled) + 0.05
+    assert hscore(features, labels) > 5 * hscore(features, shuffled)
+
+
+def test_spearman_orders_rows() -> None:
+    from pipeline.rank import RankRow
+
+    rows = [RankRow(str(i), logme=float(i), hscore=float(-i), probe_accuracy=i / 10, dim=1,
+                    images_per_second=None, cache_bytes=0, score_seconds=0, probe_seconds=0) for i in range(4)]
+    assert spearman(rows) == pytest.approx(1.0)
+    assert spearman(rows, "hscore") == pytest.approx(-1.0)
+
+
+def test_candidates_and_bad_fusion() -> None:
+    got = candidates(["efficientnet_lite0"], ["head", "stage6"], ["efficientnet_lite0+efficientnet_lite0:stage6"])
+    assert [c.name for c in got] == ["efficientnet_lite0:head", "efficientnet_lite0:stage6",
+                                     "efficientnet_lite0:head+efficientnet_lite0:stage6"]
+    with pytest.raises(ConfigError, match="joined by"):
+        candidates(["efficientnet_lite0"], None, ["efficientnet_lite0+"])
+
+
+def test_rank_reads_only_the_cache_the_second_time(tmp_path, monkeypatch, capsys) -> None:
+    data = make_folder(tmp_path / "data", classes=3, per_class=6)
+    cache = tmp_path / "cache"
+    first = rank(data, ["efficientnet_lite0"], ["head", "stage5"], ["efficientnet_lite0+efficientnet_lite0:stage5"],
+                 cache_dir=cache, progress=False)
+    assert {r.candidate for r in first} == {"efficientnet_lite0:head", "efficientnet_lite0:stage5",
+                                            "efficientnet_lite0:head+efficientnet_lite0:stage5"}
+    assert all(r.images_per_second and r.images_per_second > 0 for r in first)
+    assert [r.logme for r in first] == sorted((r.logme for r in first), reverse=True)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("rank ran the network although every feature was cached")
+
+    monkeypatch.setattr(sys.modules["pipeline.extract"], "forward", no_forward)
+    out = tmp_path / "rank.json"
+    assert main(["rank", "--data", str(data), "--cache", str(cache), "--layer", "head", "--layer", "stage5",
+                 "--fusion", "efficientnet_lite0+efficientnet_lite0:stage5", "--out", str(out),
+                 "--report", str(tmp_path / "report"), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["candidate"] for r in rows} == {r.candidate for r in first}
+    assert {"candidate", "logme", "hscore", "probe_accuracy"} <= set(rows[0])
+    by_name = {r.candidate: r for r in first}
+    for row in rows:
+        assert row["logme"] == pytest.approx(by_name[row["candidate"]].logme, rel=1e-9)
+    printed = capsys.readouterr().out
+    assert "LogME" in printed and "rows computed: 0" in printed
+    html = (tmp_path / "report" / "rank.html").read_text()
+    assert "rank_scores.png" in html and (tmp_path / "report" / "rank_scores.png").stat().st_size > 0
