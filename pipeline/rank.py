@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -55,19 +54,32 @@ def _check(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return f
 
 
+def _spectrum(f: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues of F^T F, squared projections of y on F's left singular vectors), from the eigen-
+    decomposition of the smaller Gram matrix: n x n or d x d, never an SVD of the full n x d matrix."""
+    n, dim = f.shape
+    if n <= dim:
+        sigma, u = np.linalg.eigh(f @ f.T)
+        return np.clip(sigma, 0, None), (u.T @ y) ** 2
+    sigma, v = np.linalg.eigh(f.T @ f)
+    sigma = np.clip(sigma, 0, None)
+    scale = np.sqrt(sigma)
+    z = (v.T @ (f.T @ y)) / np.where(scale > 0, scale, np.inf)[:, None]  # U^T y; 0 where sigma is 0
+    return sigma, z**2
+
+
 def logme(features: np.ndarray, labels: np.ndarray, tol: float = 1e-10, max_iter: int = 300) -> float:
     """LogME: mean over classes of the maximised log evidence per sample (higher transfers better).
 
-    With F = U S V^T and z = U^T y, every quantity of the fixed point is a sum over the singular values,
-    so each iteration costs O(rank x classes) for all classes together."""
+    With F = U S V^T and z = U^T y, every quantity of the fixed point is a sum over the eigenvalues,
+    so each iteration costs O(min(n, d) x classes) for all classes together."""
     f = _check(features, labels)
     n, dim = f.shape
     y = _one_hot(labels)
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
-    sigma = (s**2)[:, None]  # (rank, 1): eigenvalues of F^T F
+    sigma, z2 = _spectrum(f, y)
     if not sigma.max() > 0:
         raise DataError("LogME: the features are all zero")
-    z2 = (u.T @ y) ** 2  # (rank, classes)
+    sigma = sigma[:, None]
     outside = np.maximum((y**2).sum(0) - z2.sum(0), 0.0)  # part of y no linear map of F can reach
     alpha, beta = np.ones(y.shape[1]), np.ones(y.shape[1])
 
@@ -92,16 +104,42 @@ def logme(features: np.ndarray, labels: np.ndarray, tol: float = 1e-10, max_iter
     return float(np.mean(evidence / n))
 
 
+def _ledoit_wolf(x: np.ndarray) -> tuple[float, float]:
+    """(shrinkage, mu) of the Ledoit-Wolf estimate (1 - s) X^T X / n + s mu I of centred X, from sums
+    that need no d x d matrix: sklearn's formula, rewritten in the n x n Gram matrix."""
+    n, dim = x.shape
+    gram = x @ x.T
+    row_norms2 = np.diag(gram)
+    trace = row_norms2.sum() / n
+    mu = trace / dim
+    cov_norm2 = np.sum(gram**2) / n**2  # |X^T X / n|_F^2
+    beta = min((np.sum(row_norms2**2) / n - cov_norm2) / (dim * n), (cov_norm2 - 2 * mu * trace + dim * mu**2) / dim)
+    delta = (cov_norm2 - 2 * mu * trace + dim * mu**2) / dim
+    return (0.0 if beta == 0 else beta / delta), mu
+
+
 def hscore(features: np.ndarray, labels: np.ndarray) -> float:
-    """H-score with a shrunk feature covariance: tr(cov(f)^-1 cov(E[f|y])) (higher transfers better)."""
+    """H-score with a shrunk feature covariance: tr(cov(f)^-1 cov(E[f|y])) (higher transfers better).
+
+    With more dimensions than images the inverse is taken through the Woodbury identity in n x n."""
     f = _check(features, labels)
-    f = f - f.mean(0)
+    x = f - f.mean(0)
+    n, dim = x.shape
     y = _one_hot(labels)
-    counts = y.sum(0)
-    means = (y.T @ f) / counts[:, None]  # (classes, dim): E[f | y]
-    cov = LedoitWolf(assume_centered=True).fit(f).covariance_
-    solved = np.linalg.solve(cov, means.T)  # (dim, classes)
-    return float(np.sum(counts / len(f) * np.einsum("kd,dk->k", means, solved)))
+    weights = y.sum(0) / n
+    means = (y.T @ x) / y.sum(0)[:, None]  # (classes, dim): E[f | y]
+    shrinkage, mu = _ledoit_wolf(x)
+    a, b = (1 - shrinkage) / n, shrinkage * mu  # cov = a X^T X + b I
+    if a == 0:  # fully shrunk: cov = b I
+        quad = np.sum(means**2, 1) / b
+    elif dim <= n or b == 0:
+        cov = a * (x.T @ x) + b * np.eye(dim)
+        quad = np.einsum("kd,dk->k", means, np.linalg.solve(cov, means.T))
+    else:
+        projected = x @ means.T  # (n, classes)
+        inner = np.linalg.solve(b / a * np.eye(n) + x @ x.T, projected)
+        quad = (np.sum(means**2, 1) - np.einsum("nk,nk->k", projected, inner)) / b
+    return float(np.sum(weights * quad))
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, C: float = PROBE_C) -> float:

@@ -46,6 +46,20 @@ def test_logme_matches_slow_reference(n: int, dim: int) -> None:
     assert logme(features, labels) == pytest.approx(slow_logme(features, labels), abs=1e-6)
 
 
+@pytest.mark.parametrize("n,dim", [(60, 10), (20, 90)])
+def test_hscore_matches_sklearn_ledoit_wolf(n: int, dim: int) -> None:
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(dim)
+    labels = rng.integers(0, 4, n)
+    features = rng.normal(size=(n, dim)) + rng.normal(size=(4, dim))[labels]
+    x = features - features.mean(0)
+    means = np.stack([x[labels == k].mean(0) for k in range(4)])
+    cov_means = sum(np.mean(labels == k) * np.outer(means[k], means[k]) for k in range(4))
+    cov = LedoitWolf(assume_centered=True).fit(x).covariance_
+    assert hscore(features, labels) == pytest.approx(np.trace(np.linalg.solve(cov, cov_means)), rel=1e-8)
+
+
 def test_logme_is_finite_when_no_linear_map_helps() -> None:
     """Labels unrelated to the features would send alpha to infinity, and labels fitted exactly by more
     dimensions than images would send beta there; both stay finite."""
