@@ -17,7 +17,8 @@ from pipeline.errors import ConfigError, PipelineError, first_line
 
 # key -> (accepted types, what the message says is expected)
 FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "backbones": ((list,), "a list of backbone names"),
+    "backbones": ((list, str), "a list of backbone names, or auto (rank the candidates, use the best)"),
+    "candidates": ((list,), "a list of backbone names for backbones: auto to rank"),
     "layers": ((list,), "a list of layer names (NAME or BACKBONE:NAME)"),
     "cache_dir": ((str,), "a folder path"),
     "device": ((str,), "auto, cpu or cuda"),
@@ -65,7 +66,8 @@ def parse_config(raw: object, path: Path) -> dict:
         types, expected = FEATURES_KEYS[key]
         bad_list = isinstance(value, list) and not all(isinstance(v, str) for v in value)
         bad_count = isinstance(value, int) and value < 1
-        if not isinstance(value, types) or isinstance(value, bool) or bad_list or bad_count:
+        bad_auto = key == "backbones" and isinstance(value, str) and value != "auto"
+        if not isinstance(value, types) or isinstance(value, bool) or bad_list or bad_count or bad_auto:
             raise ConfigError(f"{path}: 'features.{key}' must be {expected}, got {value!r}")
     for key, kind in (("heads", list), ("output_dir", str), ("memory_budget_mb", int)):
         value = raw.get(key)
@@ -97,6 +99,9 @@ def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[st
     """(data sources, keyword arguments for `extract`) from a config and command-line overrides."""
     config = load_config(args.config) if args.config else {"data": {}, "features": {}}
     features = {**DEFAULTS, **config["features"]}
+    if features.get("backbones") == "auto":  # extract (or rank) every candidate
+        features["backbones"] = auto_candidates(features)
+    features.pop("candidates", None)
     overrides = {"backbones": args.backbone, "layers": args.layer, "cache_dir": args.cache,
                  "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
                  "shard_size": args.shard_size, "scheduler": args.scheduler, "weights": args.weights}
@@ -107,13 +112,34 @@ def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[st
     return sources, features
 
 
+def auto_candidates(features: dict) -> list[str]:
+    """What `backbones: auto` chooses from: the config's candidates, else every backbone whose weights
+    are on disk (each checked to be registered before any work)."""
+    from pipeline.backbones import get_spec, list_backbones
+
+    if features.get("candidates"):
+        for name in features["candidates"]:
+            get_spec(name)
+        return list(features["candidates"])
+    available = []
+    for name in list_backbones():
+        try:
+            get_spec(name).locate_weights()
+        except PipelineError:
+            continue
+        available.append(name)
+    return available
+
+
 def head_specs(config: dict) -> list:
     """The `heads:` list as HeadSpecs, every key checked against its type's options."""
     from pipeline.backbones import get_spec
     from pipeline.heads import HEAD_OPTIONS, OPTION_CHECKS, HeadSpec
 
     path = config["path"]
-    backbones = config["features"].get("backbones") or ["efficientnet_lite0"]
+    auto = config["features"].get("backbones") == "auto"
+    backbones = auto_candidates(config["features"]) if auto else (
+        config["features"].get("backbones") or ["efficientnet_lite0"])
     specs, names = [], set()
     for i, raw in enumerate(config["heads"] or []):
         where = f"{path}: 'heads[{i}]'"
@@ -139,6 +165,9 @@ def head_specs(config: dict) -> list:
             if not check(value):
                 raise ConfigError(f"{where}.{key} must be {expected}, got {value!r}")
             options[key] = value
+        if auto and (options.get("source") or options.get("sources")):
+            raise ConfigError(f"{where}: with features.backbones: auto a head takes the chosen backbone; "
+                              "remove its source/sources, or list the backbones")
         sources = options.pop("sources", None) or options.pop("source", None) or (
             backbones if raw["type"] == "pca_fusion" else backbones[:1])
         sources = [sources] if isinstance(sources, str) else list(sources)

@@ -109,6 +109,13 @@ def _figure_html(path: Path, caption: str) -> str:
             f'(<a href="{path.name}">{path.name}</a>)</figcaption></figure>')
 
 
+def _ranking_section(metrics: dict) -> str:
+    if "rank" not in metrics:
+        return ""
+    return ("<h2>Backbone chosen by ranking</h2><p class=\"sub\">features.backbones: auto ranked the candidates "
+            "by LogME on the training split (no probes) and used the first.</p>" + rank_table(metrics["rank"]))
+
+
 def write_report(out: Path, metrics: dict, results: dict, best: str, test: FeatureSet, y_test: np.ndarray,
                  classes: list[str]) -> Path:
     """Write the PNG figures and report.html into `out`; return the HTML path."""
@@ -148,7 +155,7 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
 <h2>Heads</h2>
 <table class="heads"><tr><th>head</th><th>type</th><th>features</th><th>test accuracy</th><th>macro-F1</th>
 <th>CV accuracy</th><th>fit time (s)</th><th>chosen by CV</th></tr>{head_rows}</table>
-<h2>Best head: {html.escape(best)}</h2>
+{_ranking_section(metrics)}<h2>Best head: {html.escape(best)}</h2>
 {"".join(_figure_html(p, c) for p, c in figures)}
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>{class_rows}</table>
@@ -175,29 +182,38 @@ def rank_figure(rows: list, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rank_table(rows: list[dict]) -> str:
+    """The ranking as an HTML table, best LogME first (rows as `pipeline.rank.as_json` writes them)."""
+    body = "".join(
+        f'<tr class="{"best" if i == 0 else ""}"><td>{html.escape(r["candidate"])}</td><td>{r["logme"]:.3f}</td>'
+        f'<td>{r["hscore"]:.2f}</td><td>{_cell(r["probe_accuracy"], ".1%")}</td><td>{r["dim"]}</td>'
+        f'<td>{_cell(r["images_per_second"], ".0f")}</td><td>{r["cache_bytes"] / 2**20:.1f}</td>'
+        f'<td>{r["score_seconds"]:.2f}</td><td>{_cell(r["probe_seconds"], ".2f")}</td></tr>'
+        for i, r in enumerate(rows))
+    return ("<table><tr><th>candidate</th><th>LogME</th><th>H-score</th><th>probe accuracy</th><th>dim</th>"
+            "<th>extraction img/s</th><th>cache MB</th><th>score time (s)</th><th>probe time (s)</th></tr>"
+            f"{body}</table>")
+
+
 def write_rank_report(out: Path, rows: list) -> Path:
     """rank.html (table, and the score plot when probes ran) plus rank_scores.png in `out`."""
+    from pipeline.rank import as_json
+
     out.mkdir(parents=True, exist_ok=True)
     figure = ""
     if any(r.probe_accuracy is not None for r in rows):
         figure = _figure_html(rank_figure(rows, out / "rank_scores.png"),
                               "Training-free scores against the cross-validated linear-probe accuracy.")
-
-    def cell(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    body = "".join(
-        f'<tr class="{"best" if i == 0 else ""}"><td>{html.escape(r.candidate)}</td><td>{r.logme:.3f}</td>'
-        f"<td>{r.hscore:.2f}</td><td>{cell(r.probe_accuracy, '.1%')}</td><td>{r.dim}</td>"
-        f"<td>{cell(r.images_per_second, '.0f')}</td><td>{r.cache_bytes / 2**20:.1f}</td>"
-        f"<td>{r.score_seconds:.2f}</td><td>{cell(r.probe_seconds, '.2f')}</td></tr>" for i, r in enumerate(rows))
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Backbone ranking</title>
 <style>{_STYLE}</style></head><body>
 <h1>Backbone ranking</h1>
 <p class="sub">{len(rows)} candidates, best LogME first. LogME and H-score need no training; the probe is a
 standardised logistic regression (C=0.1) scored by 5-fold stratified cross-validation on the same images.</p>
-<table><tr><th>candidate</th><th>LogME</th><th>H-score</th><th>probe accuracy</th><th>dim</th>
-<th>extraction img/s</th><th>cache MB</th><th>score time (s)</th><th>probe time (s)</th></tr>{body}</table>
+{rank_table(as_json(rows))}
 {figure}
 </body></html>"""
     path = out / "rank.html"

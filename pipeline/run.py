@@ -15,12 +15,13 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.bundle import save_bundle
-from pipeline.config import DEFAULTS, head_specs, load_config
+from pipeline.config import DEFAULTS, auto_candidates, head_specs, load_config
 from pipeline.data import Dataset, scan
 from pipeline.errors import ConfigError
 from pipeline.extract import ExtractReport, FeatureSet, extract
 from pipeline.heads import FittedHead, HeadSpec, fit_head
 from pipeline.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
+from pipeline.rank import RankRow, as_json, rank, table
 
 
 @dataclass
@@ -92,6 +93,16 @@ def source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_d
     return out
 
 
+def _rank_candidates(train: Dataset, features: dict, progress: bool) -> list[RankRow]:
+    """`backbones: auto`: LogME of every candidate's default layer on the training split (no probes:
+    the point is to skip training a model per candidate); best first."""
+    options = {k: v for k, v in features.items() if k not in ("backbones", "candidates", "layers", "weights")}
+    rows = rank(train, auto_candidates(features), probe=False, progress=progress, **options)
+    print(table(rows))
+    print(f"backbones: auto chose {rows[0].candidate.split(':')[0]} (highest LogME on the training split)")
+    return rows
+
+
 def run(config_path: str | Path, progress: bool = True, config: dict | None = None) -> dict:
     """Run every stage the config names; return the metrics written to metrics.json.
 
@@ -108,6 +119,13 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     except OSError as exc:
         raise ConfigError(f"{config_path}: 'output_dir': cannot create {out}: {exc.strerror or exc}") from None
     features = {**DEFAULTS, **config["features"]}
+    ranking = None
+    if features.get("backbones") == "auto":
+        ranking = _rank_candidates(splits["train"], features, progress)
+        config = {**config, "features": {**config["features"], "backbones": [ranking[0].candidate.split(":")[0]]}}
+        specs = head_specs(config)
+        features["backbones"] = config["features"]["backbones"]
+    features.pop("candidates", None)
     features["backbones"] = features.get("backbones") or ["efficientnet_lite0"]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
@@ -156,6 +174,8 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         "extract": _sum_reports(list(reports.values())),
         "classes": classes,
     }
+    if ranking:
+        metrics["rank"] = as_json(ranking)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 

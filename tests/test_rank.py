@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from pipeline.cli import main
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.rank import EPSILON, candidates, hscore, logme, rank, spearman
 from tests.conftest import make_folder
 
@@ -122,3 +122,39 @@ def test_rank_reads_only_the_cache_the_second_time(tmp_path, monkeypatch, capsys
     assert "LogME" in printed and "rows computed: 0" in printed
     html = (tmp_path / "report" / "rank.html").read_text()
     assert "rank_scores.png" in html and (tmp_path / "report" / "rank_scores.png").stat().st_size > 0
+
+
+def _auto_config(tmp_path, heads: str):
+    train = make_folder(tmp_path / "train", classes=3, per_class=5)
+    test = make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
+    path = tmp_path / "auto.yaml"
+    path.write_text(f"data: {{train: {train}, test: {test}}}\n"
+                    "features: {backbones: auto, candidates: [efficientnet_lite0, efficientnet_lite1], "
+                    f"cache_dir: {tmp_path / 'cache'}}}\n{heads}output_dir: {tmp_path / 'out'}\n")
+    return path
+
+
+def test_run_with_auto_backbones_uses_the_best_ranked(tmp_path) -> None:
+    from pipeline.run import run
+
+    metrics = run(_auto_config(tmp_path, "heads: [{name: lr, type: logistic_regression, C: 1.0}]\n"), progress=False)
+    ranked = metrics["rank"]
+    assert [r["candidate"].split(":")[0] for r in ranked] != [] and len(ranked) == 2
+    assert ranked[0]["logme"] >= ranked[1]["logme"] and ranked[0]["probe_accuracy"] is None
+    assert metrics["heads"]["lr"]["sources"] == [f"{ranked[0]['candidate']}"]
+    assert "Backbone chosen by ranking" in (tmp_path / "out" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("features,heads,message", [
+    ("{backbones: best}", "[{name: lr, type: logistic_regression}]", "'features.backbones' must be"),
+    ("{backbones: auto}", "[{name: lr, type: logistic_regression, source: efficientnet_lite0}]",
+     "takes the chosen backbone"),
+    ("{backbones: auto, candidates: [nope]}", "[{name: lr, type: logistic_regression}]", "unknown backbone 'nope'"),
+])
+def test_auto_config_errors(tmp_path, features: str, heads: str, message: str) -> None:
+    from pipeline.config import head_specs, load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"features: {features}\nheads: {heads}\noutput_dir: out\n")
+    with pytest.raises(PipelineError, match=message):
+        head_specs(load_config(path))
