@@ -22,6 +22,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;ma
 h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:1rem 0}
 th,td{padding:.35rem .8rem;border-bottom:1px solid #ddd;text-align:right} th:first-child,td:first-child{text-align:left}
 .heads td:nth-child(2),.heads td:nth-child(3),.heads td:last-child{text-align:left}
+td.cand{max-width:24rem}
 tr.best{background:#eef6ee;font-weight:600} img{max-width:100%;border:1px solid #eee} figure{margin:1.5rem 0}
 figcaption{color:#555;font-size:.9rem} code{background:#f4f4f4;padding:0 .25rem}
 """
@@ -167,18 +168,30 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
 
 
 def rank_figure(rows: list, path: Path) -> Path:
-    """Each training-free score against the probe accuracy, one labelled point per candidate."""
+    """Each training-free score against the probe accuracy: one point per candidate, coloured by
+    backbone and labelled by layer (fusions are stars), with the rank correlation in the title."""
+    from pipeline.rank import spearman
+
     probed = [r for r in rows if r.probe_accuracy is not None]
+    groups = list(dict.fromkeys("fusion" if "+" in r.candidate else r.candidate.split(":")[0] for r in probed))
+    cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, (score, label) in zip(axes, (("logme", "LogME"), ("hscore", "H-score")), strict=True):
-        xs = [getattr(r, score) for r in probed]
-        ax.scatter(xs, [r.probe_accuracy for r in probed], color="#4c72b0")
-        for r, x in zip(probed, xs, strict=True):
-            ax.annotate(r.candidate, (x, r.probe_accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for g, group in enumerate(groups):
+            members = [r for r in probed if ("fusion" if "+" in r.candidate else r.candidate.split(":")[0]) == group]
+            ax.scatter([getattr(r, score) for r in members], [r.probe_accuracy for r in members],
+                       color=cmap(g % 10), marker="*" if group == "fusion" else "o",
+                       s=120 if group == "fusion" else 36, label=group, alpha=0.85)
+            for r in members:
+                text = "fusion" if group == "fusion" else r.candidate.split(":")[1]
+                ax.annotate(text, (getattr(r, score), r.probe_accuracy), fontsize=7, xytext=(4, -3),
+                            textcoords="offset points", color=cmap(g % 10))
+        rho = spearman(rows, score)
+        ax.set_title(f"{label} against probe accuracy" + ("" if rho is None else f" (Spearman {rho:+.2f})"))
         ax.set_xlabel(f"{label} (higher should transfer better)")
         ax.set_ylabel("linear-probe accuracy (5-fold CV)")
-        ax.set_title(f"{label} against probe accuracy")
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 
@@ -189,7 +202,9 @@ def _cell(value: float | None, spec: str) -> str:
 def rank_table(rows: list[dict]) -> str:
     """The ranking as an HTML table, best LogME first (rows as `pipeline.rank.as_json` writes them)."""
     body = "".join(
-        f'<tr class="{"best" if i == 0 else ""}"><td>{html.escape(r["candidate"])}</td><td>{r["logme"]:.3f}</td>'
+        f'<tr class="{"best" if i == 0 else ""}">'
+        f'<td class="cand">{html.escape(r["candidate"]).replace("+", " + ")}</td>'
+        f'<td>{r["logme"]:.3f}</td>'
         f'<td>{r["hscore"]:.2f}</td><td>{_cell(r["probe_accuracy"], ".1%")}</td><td>{r["dim"]}</td>'
         f'<td>{_cell(r["images_per_second"], ".0f")}</td><td>{r["cache_bytes"] / 2**20:.1f}</td>'
         f'<td>{r["score_seconds"]:.2f}</td><td>{_cell(r["probe_seconds"], ".2f")}</td></tr>'
@@ -201,9 +216,12 @@ def rank_table(rows: list[dict]) -> str:
 
 def write_rank_report(out: Path, rows: list) -> Path:
     """rank.html (table, and the score plot when probes ran) plus rank_scores.png in `out`."""
-    from pipeline.rank import as_json
+    from pipeline.rank import as_json, spearman
 
     out.mkdir(parents=True, exist_ok=True)
+    rhos = {label: spearman(rows, score) for score, label in (("logme", "LogME"), ("hscore", "H-score"))}
+    agreement = "; ".join(f"Spearman correlation of {label} with the probe accuracy: {rho:+.2f}"
+                          for label, rho in rhos.items() if rho is not None)
     figure = ""
     if any(r.probe_accuracy is not None for r in rows):
         figure = _figure_html(rank_figure(rows, out / "rank_scores.png"),
@@ -212,7 +230,8 @@ def write_rank_report(out: Path, rows: list) -> Path:
 <style>{_STYLE}</style></head><body>
 <h1>Backbone ranking</h1>
 <p class="sub">{len(rows)} candidates, best LogME first. LogME and H-score need no training; the probe is a
-standardised logistic regression (C=0.1) scored by 5-fold stratified cross-validation on the same images.</p>
+standardised logistic regression (C=0.1) scored by 5-fold stratified cross-validation on the same images.
+{agreement}.</p>
 {rank_table(as_json(rows))}
 {figure}
 </body></html>"""
