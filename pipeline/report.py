@@ -167,18 +167,23 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
     return path
 
 
+def _rank_group(row) -> str:
+    """The colour a candidate gets: its backbone, or "fusion"."""
+    return "fusion" if "+" in row.candidate else row.candidate.split(":")[0]
+
+
 def rank_figure(rows: list, path: Path) -> Path:
     """Each training-free score against the probe accuracy: one point per candidate, coloured by
     backbone and labelled by layer (fusions are stars), with the rank correlation in the title."""
     from pipeline.rank import spearman
 
     probed = [r for r in rows if r.probe_accuracy is not None]
-    groups = list(dict.fromkeys("fusion" if "+" in r.candidate else r.candidate.split(":")[0] for r in probed))
+    groups = sorted({_rank_group(r) for r in probed}, key=lambda g: (g == "fusion", g))
     cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, (score, label) in zip(axes, (("logme", "LogME"), ("hscore", "H-score")), strict=True):
         for g, group in enumerate(groups):
-            members = [r for r in probed if ("fusion" if "+" in r.candidate else r.candidate.split(":")[0]) == group]
+            members = [r for r in probed if _rank_group(r) == group]
             ax.scatter([getattr(r, score) for r in members], [r.probe_accuracy for r in members],
                        color=cmap(g % 10), marker="*" if group == "fusion" else "o",
                        s=120 if group == "fusion" else 36, label=group, alpha=0.85)
