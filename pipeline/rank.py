@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -31,6 +30,7 @@ from pipeline.cache import FeatureStore
 from pipeline.data import Dataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.extract import extract, layers_for
+from pipeline.heads import logistic_regression
 
 # As in the authors' implementation: keeps alpha finite for a class no linear map predicts, and beta
 # finite when there are fewer images than dimensions and the labels are fitted exactly.
@@ -147,7 +147,7 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, C: float = PROBE_C)
     folds = min(PROBE_FOLDS, int(np.bincount(np.unique(labels, return_inverse=True)[1]).min()))
     if folds < 2:
         raise DataError("the linear probe needs at least 2 images in every class")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
+    probe = make_pipeline(StandardScaler(), logistic_regression(C))
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
     return float(cross_val_score(probe, features, labels, cv=cv, scoring="accuracy").mean())
 
