@@ -303,6 +303,48 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_finetune)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import CompareOptions, compare, parse_shots
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds must be integers, comma-separated, not {args.seeds!r}") from None
+    options = CompareOptions(args.data, args.test, parse_shots(args.shots), seeds, args.backbone, args.unfreeze,
+                             args.finetune_steps, args.scratch_steps, args.scratch_size, cache_dir=args.cache,
+                             out=args.out, device=args.device, precision=args.precision)
+    compare(options, progress=not args.quiet)
+    print(f"results: {Path(args.out) / 'compare.json'}; figure: {Path(args.out) / 'compare.png'}; "
+          f"report: {Path(args.out) / 'compare.html'}")
+    return 0
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline.extract import DEVICES, PRECISIONS
+
+    parser = sub.add_parser(
+        "compare", help="transfer vs. training from scratch at k labelled images per class",
+        description="On the same k-shot draws of the training folder, train the linear probe on frozen cached "
+                    "features, LP-FT fine-tuning (a short fixed schedule) and a small CNN from scratch; score each "
+                    "on the test folder and time it. Writes compare.json, compare.png and compare.html.")
+    add = parser.add_argument
+    add("--data", required=True, metavar="DIR", help="labelled training folder")
+    add("--test", required=True, metavar="DIR", help="labelled test folder")
+    add("--shots", default="1,5,10,all", help="labelled images per class, comma-separated (default: %(default)s)")
+    add("--seeds", default="0,1,2", help="seeds of the k-shot draws (default: %(default)s)")
+    add("--backbone", default="efficientnet_lite0", metavar="NAME", help="backbone for the probe and fine-tuning")
+    add("--unfreeze", default="last:3", metavar="head|last:N|all", help="fine-tuning's blocks (default: %(default)s)")
+    add("--finetune-steps", type=int, default=60, metavar="N", help="optimizer steps of each fine-tuning run")
+    add("--scratch-steps", type=int, default=300, metavar="N", help="optimizer steps of each from-scratch run")
+    add("--scratch-size", type=int, default=96, metavar="PX", help="input size of the from-scratch CNN")
+    add("--cache", default="cache", metavar="DIR", help="feature cache folder (default: %(default)s)")
+    add("--out", default="runs/compare", metavar="DIR", help="output folder (default: %(default)s)")
+    add("--device", choices=DEVICES, default="auto")
+    add("--precision", choices=PRECISIONS, default="auto")
+    add("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Transfer learning for image classification: pretrained CNN features, "
@@ -378,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.set_defaults(func=cmd_rank)
 
     _add_finetune_parser(sub)
+    _add_compare_parser(sub)
 
     demo = sub.add_parser("demo", help="end-to-end demo on scikit-learn's bundled digits (no download)")
     demo.add_argument("--cache", default="cache", help="feature cache folder (default: cache)")

@@ -210,6 +210,8 @@ def _check(options: FinetuneOptions) -> str:
         raise ConfigError(f"init must be one of {', '.join(INITS)}, not {options.init!r}")
     if not 0 <= options.val_fraction < 1 or options.lr_decay <= 0:
         raise ConfigError("val-fraction must be in [0, 1) and lr-decay > 0")
+    if not re.fullmatch(r"head|all|last:[1-9][0-9]*", options.unfreeze):
+        raise ConfigError(f"unfreeze must be head, all or last:N (N >= 1), not {options.unfreeze!r}")
     options.train.check()
     spec = registry.get_spec(options.backbone)
     registry.resolve_weights(spec)
@@ -243,6 +245,21 @@ def _test_images(options: FinetuneOptions, classes: list[str], pre: registry.Pre
     return images, Dataset(images.paths, images.labels, classes, [])
 
 
+def build_model(network: nn.Module, spec: registry.BackboneSpec, classes: int, probe, unfreeze: str, lr: float,
+                lr_decay: float, train_bn: bool = False) -> tuple[FineTuneNet, list[dict], int]:
+    """The network cut at its default layer with a new linear layer (the probe's, folded, when given),
+    all but the chosen blocks frozen; returns it with its AdamW groups and its number of blocks."""
+    tap = spec.layers[spec.default_layer]
+    model = FineTuneNet(network, tap.module, tap.dim, classes, train_bn)
+    if probe is not None:
+        weight, bias = linear_from_probe(probe, classes)
+        with torch.no_grad():
+            model.classifier.weight.copy_(weight)
+            model.classifier.bias.copy_(bias)
+    units = blocks(network, tap.module)
+    return model, freeze(model, units, unfrozen_count(unfreeze, len(units)), lr, lr_decay), len(units)
+
+
 @dataclass
 class Prepared:
     """Everything set up before the first step: the model (head initialised, blocks frozen), the
@@ -250,7 +267,7 @@ class Prepared:
 
     name: str
     parent: registry.BackboneSpec
-    model: FineTuneNet
+    model: FineTuneNet | None
     groups: list[dict]
     blocks: int
     classes: list[str]
@@ -280,23 +297,16 @@ def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
     val_set = decode_images([train_all.paths[i] for i in val_rows], train_all.labels[val_rows],
                             parent.preprocess, "decode val", progress)[0] if len(val_rows) else None
     test = _test_images(options, classes, parent.preprocess, progress)
-    tap = parent.layers[parent.default_layer]
-    model = FineTuneNet(loaded.network, tap.module, tap.dim, len(classes), options.train_bn)
-    prepared = Prepared(name, parent, model, [], 0, classes, fit_set, val_set, test, skipped)
+    prepared = Prepared(name, parent, None, [], 0, classes, fit_set, val_set, test, skipped)
     if options.init == "probe":
         prepared.probe = fit_probe(Dataset(fit_set.paths, fit_set.labels, classes, []), options.backbone, options,
                                    progress)
-        weight, bias = linear_from_probe(prepared.probe, len(classes))
-        with torch.no_grad():
-            model.classifier.weight.copy_(weight)
-            model.classifier.bias.copy_(bias)
         if test is not None:
             prepared.probe_accuracy = _probe_test_accuracy(prepared.probe, test[1], options, progress)
-    units = blocks(model.network, tap.module)
-    prepared.blocks = len(units)
-    prepared.groups = freeze(model, units, unfrozen_count(options.unfreeze, len(units)), settings.lr,
-                             options.lr_decay)
-    model.to(settings.device, memory_format=torch.channels_last)
+    prepared.model, prepared.groups, prepared.blocks = build_model(
+        loaded.network, parent, len(classes), prepared.probe, options.unfreeze, settings.lr, options.lr_decay,
+        options.train_bn)
+    prepared.model.to(settings.device, memory_format=torch.channels_last)
     return prepared
 
 
