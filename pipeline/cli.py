@@ -253,8 +253,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
     from pipeline.extract import DEVICES, PRECISIONS
+
+    add = parser.add_argument
+    add("--cache", default="cache", metavar="DIR", help="feature cache for the probe (default: %(default)s)")
+    add("--device", choices=DEVICES, default="auto", help="auto picks CUDA when present (default: auto)")
+    add("--precision", choices=PRECISIONS, default="auto",
+        help="bf16 autocast (auto: on CUDA and on CPUs with AMX/AVX512-BF16) or fp32")
+    add("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     from pipeline.finetune import INITS
 
     parser = sub.add_parser(
@@ -295,11 +305,7 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     add("--backbones-dir", metavar="DIR",
         help="where the backbone is saved (default: the first folder of $PIPELINE_BACKBONES, else backbones/)")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same options needed)")
-    add("--cache", default="cache", metavar="DIR", help="feature cache for the probe (default: %(default)s)")
-    add("--device", choices=DEVICES, default="auto", help="auto picks CUDA when present (default: auto)")
-    add("--precision", choices=PRECISIONS, default="auto",
-        help="bf16 autocast (auto: on CUDA and on CPUs with AMX/AVX512-BF16) or fp32")
-    add("--quiet", action="store_true", help="no progress bars")
+    _add_training_compute_options(parser)
     parser.set_defaults(func=cmd_finetune)
 
 
@@ -320,8 +326,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.extract import DEVICES, PRECISIONS
-
     parser = sub.add_parser(
         "compare", help="transfer vs. training from scratch at k labelled images per class",
         description="On the same k-shot draws of the training folder, train the linear probe on frozen cached "
@@ -337,11 +341,8 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     add("--finetune-steps", type=int, default=60, metavar="N", help="optimizer steps of each fine-tuning run")
     add("--scratch-steps", type=int, default=300, metavar="N", help="optimizer steps of each from-scratch run")
     add("--scratch-size", type=int, default=96, metavar="PX", help="input size of the from-scratch CNN")
-    add("--cache", default="cache", metavar="DIR", help="feature cache folder (default: %(default)s)")
     add("--out", default="runs/compare", metavar="DIR", help="output folder (default: %(default)s)")
-    add("--device", choices=DEVICES, default="auto")
-    add("--precision", choices=PRECISIONS, default="auto")
-    add("--quiet", action="store_true", help="no progress bars")
+    _add_training_compute_options(parser)
     parser.set_defaults(func=cmd_compare)
 
 

@@ -204,7 +204,7 @@ def _backbones_root(options: FinetuneOptions) -> Path:
     return Path(options.backbones_dir) if options.backbones_dir else registry.backbone_dirs()[0]
 
 
-def _check(options: FinetuneOptions) -> str:
+def check_options(options: FinetuneOptions) -> str:
     """Everything that can be refused before any work; returns the new backbone's id."""
     if options.init not in INITS:
         raise ConfigError(f"init must be one of {', '.join(INITS)}, not {options.init!r}")
@@ -281,7 +281,7 @@ class Prepared:
 
 def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
     """Check the options, decode the splits, build the model and initialise its head."""
-    name = _check(options)
+    name = check_options(options)
     settings = options.train
     settings.device = resolve_device(settings.device)
     settings.precision = resolve_precision(settings.precision, settings.device)

@@ -155,3 +155,45 @@ def test_unfreeze_choices_and_blocks_of_lite0():
     for bad in ("last:0", "last:19", "some"):
         with pytest.raises(ConfigError, match="unfreeze must be"):
             unfrozen_count(bad, 18)
+
+
+def _run_config(folders: Path, tmp_path: Path, finetune: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{train: {folders / 'train'}, test: {folders / 'test'}}}\n"
+                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {folders / 'cache'}}}\n"
+                    "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
+                    f"output_dir: {tmp_path / 'out'}\nfinetune: {finetune}\n")
+    return path
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("{epochs: 1, unfrezee: last:2}", r"unknown key 'finetune\.unfrezee'"),
+    ("{epochs: one}", r"'finetune\.epochs' must be a positive integer"),
+    ("{train_bn: 1}", r"'finetune\.train_bn' must be true or false"),
+    ("{unfreeze: some}", r"'finetune': unfreeze must be head, all or last:N"),
+    ("{init: warm}", r"'finetune': init must be one of probe, random"),
+    ("[1, 2]", r"'finetune' must be a mapping"),
+])
+def test_run_config_finetune_section_is_validated_naming_file_and_key(folders, tmp_path, section, message):
+    from pipeline.run import run
+
+    path = _run_config(folders, tmp_path, section)
+    with pytest.raises(ConfigError, match=message) as info:
+        run(path, progress=False)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeypatch):
+    import json
+
+    from pipeline.run import run
+
+    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
+    path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")
+    run(path, progress=False)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["finetune"]
+    assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone"}
+    assert metrics["backbone"] == "efficientnet_lite0_ft_out" and isinstance(metrics["accuracy"], float)
+    assert registry.get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
