@@ -83,8 +83,8 @@ def square(pre: Preprocess) -> Preprocess:
 
 
 def augmentation(size: int) -> v2.Compose:
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)])
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)])
 
 
 def to_input(batch: torch.Tensor, pre: Preprocess, device: str) -> torch.Tensor:
