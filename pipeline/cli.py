@@ -265,7 +265,7 @@ def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.finetune import INITS
+    from pipeline.finetune import INITS, LR
 
     parser = sub.add_parser(
         "finetune", help="fine-tune a backbone on a labelled folder and register it as a new backbone",
@@ -282,7 +282,7 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     add("--unfreeze", default="last:3", metavar="head|last:N|all",
         help="what trains besides the new linear layer: nothing, the N blocks nearest the head, or every block "
              "(default: %(default)s; efficientnet_lite0 has 18 blocks)")
-    add("--lr", type=float, default=3e-4, help="learning rate of the new layer (default: %(default)s)")
+    add("--lr", type=float, default=LR, help="learning rate of the new layer (default: %(default)s)")
     add("--lr-decay", type=float, default=0.5,
         help="each earlier block learns at this factor times the next block's rate (default: %(default)s)")
     add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")

@@ -32,6 +32,7 @@ from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
 from pipeline.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 INITS = ("probe", "random")
+LR = 3e-4  # the new layer's learning rate by default: small, since LP-FT starts from a good head
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -51,7 +52,7 @@ class FinetuneOptions:
     backbones_dir: str | Path | None = None
     cache_dir: str | Path = "cache"
     resume: bool = False
-    train: TrainSettings = field(default_factory=TrainSettings)
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=LR))
 
 
 class _Tapped(Exception):  # noqa: N818 - control flow, not an error: the trunk ends at the tap
