@@ -28,7 +28,6 @@ def test_kshot_draws_are_stratified_seeded_and_nested_in_the_classes():
             parse_shots(bad)
 
 
-@pytest.mark.slow
 def test_compare_writes_json_figure_and_report_for_every_method_and_shot(tmp_path):
     make_folder(tmp_path / "train", classes=3, per_class=4)
     make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)

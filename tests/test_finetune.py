@@ -184,7 +184,6 @@ def test_run_config_finetune_section_is_validated_naming_file_and_key(folders, t
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-@pytest.mark.slow
 def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeypatch):
     import json
 
