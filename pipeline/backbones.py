@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -55,6 +56,8 @@ class BackboneSpec:
     default_layer: str
     source: str = ""
     categories: tuple[str, ...] = field(default=(), repr=False)
+    weights_sha256: str | None = None  # set for saved (fine-tuned) backbones: their file must match it
+    parent: str | None = None  # the backbone a saved one was fine-tuned from
 
     def layer(self, name: str | None) -> str:
         """Resolve a layer name (None means the default), refusing unknown ones with the choices."""
@@ -74,14 +77,82 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({**_user_specs(), **_REGISTRY})
 
 
 def get_spec(name: str) -> BackboneSpec:
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}") from None
+    spec = _user_specs().get(name)
+    if spec is None:
+        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())} "
+                            f"(saved backbones are looked up in {', '.join(map(str, backbone_dirs()))}; "
+                            f"set {BACKBONES_ENV} to search elsewhere)")
+    return spec
+
+
+# --------------------------------------------------------------------------- saved (fine-tuned) backbones
+
+BACKBONES_ENV = "PIPELINE_BACKBONES"
+MANIFEST = "backbone.json"
+MANIFEST_FORMAT = 1
+
+
+def backbone_dirs() -> list[Path]:
+    """Folders searched for saved backbones: $PIPELINE_BACKBONES (os.pathsep-separated), else
+    `backbones/` in the working folder. Each saved backbone is `<folder>/<name>/backbone.json`."""
+    value = os.environ.get(BACKBONES_ENV)
+    return [Path(p) for p in value.split(os.pathsep) if p] if value else [Path("backbones")]
+
+
+def _spec_from_manifest(path: Path) -> BackboneSpec:
+    try:
+        manifest = json.loads(path.read_text())
+        weights = path.parent / manifest["weights"]
+        pre = Preprocess(**{**manifest["preprocess"], "mean": tuple(manifest["preprocess"]["mean"]),
+                            "std": tuple(manifest["preprocess"]["std"])})
+        layers = {name: Layer(layer["module"], int(layer["dim"])) for name, layer in manifest["layers"].items()}
+        name, parent = manifest["name"], manifest["parent"]
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT}")
+        return BackboneSpec(name=name, build=lambda: get_spec(parent).build(), locate_weights=lambda: weights,
+                            preprocess=pre, layers=layers, default_layer=manifest["default_layer"],
+                            source=f"fine-tuned from {parent} ({path})",
+                            categories=tuple(manifest.get("classes", ())),
+                            weights_sha256=manifest["weights_sha256"], parent=parent)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackboneError(f"saved backbone manifest {path} is unusable: {first_line(exc)}") from None
+
+
+def _user_specs() -> dict[str, BackboneSpec]:
+    """Saved backbones, read from their manifests each time (they are small; a new one appears at once).
+    A built-in name always wins, and the first folder holding a name wins over later ones."""
+    specs: dict[str, BackboneSpec] = {}
+    for folder in backbone_dirs():
+        for manifest in sorted(folder.glob(f"*/{MANIFEST}")):
+            spec = _spec_from_manifest(manifest)
+            if spec.name not in _REGISTRY:
+                specs.setdefault(spec.name, spec)
+    return specs
+
+
+def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, state: dict, extra: dict) -> Path:
+    """Write `root/name/weights.pth` and its manifest (checksum, parent, preprocessing, layers); the
+    manifest is written last and atomically, so a killed save never leaves a loadable half."""
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "weights.pth"
+    tmp = folder / ".weights.pth.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, weights)
+    manifest = {"format": MANIFEST_FORMAT, "name": name, "parent": parent.name, "weights": weights.name,
+                "weights_sha256": file_sha256(weights), "preprocess": parent.preprocess.as_dict(),
+                "layers": {k: asdict(v) for k, v in parent.layers.items()}, "default_layer": parent.default_layer,
+                **extra}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+    return folder
 
 
 @lru_cache(maxsize=32)
@@ -111,6 +182,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = None
     path = Path(weights) if weights is not None else spec.locate_weights()
     if not path.is_file():
         raise BackboneError(f"weights file for {spec.name!r} not found: {path}")
+    if weights is None and spec.weights_sha256 and file_sha256(path) != spec.weights_sha256:
+        raise BackboneError(f"weights {path} of {spec.name!r} do not match the SHA-256 in its manifest "
+                            "(altered or truncated file): refusing to load them")
     return path
 
 

@@ -32,7 +32,8 @@ TOP_LEVEL_KEYS = {"data": "a folder path, or a mapping of split name to folder p
                   "features": "a mapping of feature-extraction settings",
                   "heads": "a list of heads, each {name: NAME, type: TYPE, ...}",
                   "output_dir": "a folder for the run's models, metrics and report",
-                  "memory_budget_mb": "a positive integer: past it, heads are fitted out of core"}
+                  "memory_budget_mb": "a positive integer: past it, heads are fitted out of core",
+                  "finetune": "a mapping of fine-tuning settings (stage 3)"}
 DEFAULTS: dict[str, Any] = {"cache_dir": "cache", "device": "auto", "precision": "auto", "batch_size": 32,
                             "shard_size": 256, "scheduler": None, "weights": None}
 
@@ -73,9 +74,10 @@ def parse_config(raw: object, path: Path) -> dict:
         value = raw.get(key)
         if key in raw and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)):
             raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}, got {value!r}")
+    _check_finetune(raw.get("finetune"), path)
     return {"data": _data_sources(raw.get("data"), path), "features": features, "heads": raw.get("heads"),
             "output_dir": raw.get("output_dir"), "memory_budget_mb": raw.get("memory_budget_mb", 4096),
-            "path": path}
+            "finetune": raw.get("finetune"), "path": path}
 
 
 def _data_sources(data: Any, path: Path) -> dict[str, Path]:
@@ -185,3 +187,55 @@ def head_specs(config: dict) -> list:
     if not specs:
         raise ConfigError(f"{path}: 'heads' must name at least one head")
     return specs
+
+
+# finetune: key -> (accepted types, what is expected); the values' ranges are checked by pipeline.finetune.
+_NUMBER = ((int, float), "a number")
+FINETUNE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "backbone": ((str,), "a backbone name (default: the first of features.backbones)"),
+    "unfreeze": ((str,), "head, all or last:N"),
+    "lr": _NUMBER, "lr_decay": _NUMBER, "weight_decay": _NUMBER, "warmup": _NUMBER, "label_smoothing": _NUMBER,
+    "val_fraction": _NUMBER, "probe_C": _NUMBER,
+    "epochs": ((int,), "a positive integer"), "patience": ((int,), "a positive integer"),
+    "batch_size": ((int,), "a positive integer"), "seed": ((int,), "an integer"),
+    "init": ((str,), "probe or random"), "train_bn": ((bool,), "true or false"),
+    "name": ((str,), "the id of the saved backbone"), "backbones_dir": ((str,), "a folder path"),
+    "resume": ((bool,), "true or false"),
+}
+
+
+def _check_finetune(section: Any, path: Path) -> None:
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'finetune' must be {TOP_LEVEL_KEYS['finetune']}")
+    for key, value in section.items():
+        if key not in FINETUNE_KEYS:
+            raise ConfigError(f"{path}: unknown key 'finetune.{key}'; expected one of: {', '.join(FINETUNE_KEYS)}")
+        types, expected = FINETUNE_KEYS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{path}: 'finetune.{key}' must be {expected}, got {value!r}")
+
+
+def finetune_options(config: dict, output_dir: Path, features: dict):
+    """The run config's finetune: section as FinetuneOptions (None without one), checked before any work.
+    Data comes from data.train/test, the cache, device and precision from features:."""
+    from pipeline.finetune import LR, FinetuneOptions, check_options
+    from pipeline.training import TrainSettings
+
+    section = config.get("finetune")
+    if section is None:
+        return None
+    section = dict(section)
+    train = {k: section.pop(k) for k in ("epochs", "lr", "weight_decay", "warmup", "label_smoothing", "batch_size",
+                                          "patience", "seed") if k in section}
+    backbone = section.pop("backbone", None) or (features.get("backbones") or ["efficientnet_lite0"])[0]
+    options = FinetuneOptions(config["data"]["train"], config["data"].get("test"), **{
+        "backbone": backbone, "name": f"{backbone}_ft_{output_dir.name}", **section,
+        "out": output_dir / "finetune", "cache_dir": features["cache_dir"]},
+        train=TrainSettings(**{"lr": LR, **train}, device=features["device"], precision=features["precision"]))
+    try:
+        check_options(options)
+    except PipelineError as exc:
+        raise ConfigError(f"{config['path']}: 'finetune': {exc}") from None
+    return options

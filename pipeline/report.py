@@ -243,3 +243,76 @@ standardised logistic regression (C=0.1) scored by 5-fold stratified cross-valid
     path = out / "rank.html"
     path.write_text(page)
     return path
+
+
+def compare_summary(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(method, shots) -> mean/std accuracy, mean seconds and images over the seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], str(run["shots"])), []).append(run)
+    return {key: {"accuracy": float(np.mean([r["accuracy"] for r in rs])),
+                  "std": float(np.std([r["accuracy"] for r in rs])),
+                  "seconds": float(np.mean([r["seconds"] for r in rs])),
+                  "images": float(np.mean([r["images"] for r in rs])), "seeds": len(rs)}
+            for key, rs in groups.items()}
+
+
+def compare_figure(result: dict, path: Path) -> Path:
+    """Accuracy against labelled images per class (mean and seed spread), and wall time per method."""
+    summary = compare_summary(result["runs"])
+    classes = len(result["classes"])
+    shots = list(dict.fromkeys(str(r["shots"]) for r in result["runs"]))
+    methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, method in enumerate(methods):
+        stats = [summary[(method, k)] for k in shots]
+        x = [s["images"] / classes for s in stats]
+        mean = np.array([s["accuracy"] for s in stats])
+        spread = np.array([s["std"] for s in stats])
+        color = plt.get_cmap("tab10")(i)
+        left.plot(x, mean, "o-", color=color, label=method)
+        left.fill_between(x, mean - spread, mean + spread, color=color, alpha=0.2)
+        right.plot(x, [s["seconds"] for s in stats], "o-", color=color, label=method)
+    first = methods[0]
+    ticks = [summary[(first, k)]["images"] / classes for k in shots]
+    labels = [k if k != "all" else f"all ({t:.0f})" for k, t in zip(shots, ticks, strict=True)]
+    left.axhline(1 / classes, color="grey", linestyle=":", label="chance")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, labels)
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training images per class (log scale)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    left.set_ylabel("test accuracy")
+    left.set_ylim(0, 1.02)
+    left.set_title(f"accuracy (mean, band = ± 1 std over {max(s['seeds'] for s in summary.values())} seeds)")
+    right.set_yscale("log")
+    right.set_ylabel("wall time to fit or train (s, log scale)")
+    right.set_title("time (frozen features extracted once beforehand)")
+    return _save(fig, path)
+
+
+def compare_report(out: Path, result: dict) -> Path:
+    """compare.png and compare.html (table of means over seeds) in `out`; returns the HTML path."""
+    summary = compare_summary(result["runs"])
+    figure = _figure_html(compare_figure(result, out / "compare.png"),
+                          "Transfer against training from scratch on the same k-shot draws.")
+    rows = "".join(
+        f"<tr><td>{html.escape(method)}</td><td>{html.escape(k)}</td><td>{s['images']:.0f}</td>"
+        f"<td>{s['accuracy']:.1%} ± {s['std']:.1%}</td><td>{s['seconds']:.1f}</td></tr>"
+        for (method, k), s in summary.items())
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Transfer vs. scratch</title>
+<style>{_STYLE}</style></head><body>
+<h1>Transfer vs. scratch</h1>
+<p class="sub">{result['train_images']} training and {result['test_images']} test images, {len(result['classes'])}
+classes. Backbone {html.escape(result['options']['backbone'])}; its frozen features were extracted once in
+{result['extract_seconds']:.1f} s (not counted below). Fine-tuning starts from the probe (LP-FT), so its time
+includes the probe's.</p>
+<table><tr><th>method</th><th>labels per class</th><th>training images</th><th>test accuracy (mean ± std)</th>
+<th>seconds</th></tr>{rows}</table>
+{figure}
+</body></html>"""
+    path = out / "compare.html"
+    path.write_text(page)
+    return path

@@ -15,10 +15,11 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.bundle import save_bundle
-from pipeline.config import DEFAULTS, auto_candidates, head_specs, load_config
+from pipeline.config import DEFAULTS, auto_candidates, finetune_options, head_specs, load_config
 from pipeline.data import Dataset, scan
 from pipeline.errors import ConfigError
 from pipeline.extract import ExtractReport, FeatureSet, extract
+from pipeline.finetune import FinetuneOptions
 from pipeline.heads import FittedHead, HeadSpec, fit_head
 from pipeline.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
 from pipeline.rank import RankRow, as_json, rank, table
@@ -129,6 +130,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     features["backbones"] = features.get("backbones") or ["efficientnet_lite0"]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
+    stage3 = finetune_options(config, out, features)  # checked before any extraction
 
     reports = {split: extract(splits[split], progress=progress, **features) for split in ("train", "test")}
     train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
@@ -176,6 +178,8 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     }
     if ranking:
         metrics["rank"] = as_json(ranking)
+    if stage3 is not None:
+        metrics["finetune"] = _finetune(stage3, progress)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
@@ -185,6 +189,18 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     print(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
     print(f"report: {report}")
     return metrics
+
+
+def _finetune(options: FinetuneOptions, progress: bool) -> dict:
+    """Stage 3 from the config's finetune: section; the new backbone's id goes into metrics.json."""
+    from pipeline.finetune import finetune
+
+    result = finetune(options, progress=progress).metrics
+    probe = result["probe_accuracy"]
+    print(f"finetune: backbone {result['backbone']} saved; test accuracy {result['accuracy']:.1%}"
+          + ("" if probe is None else f" (linear probe alone {probe:.1%})"))
+    return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "seconds": result["seconds"],
+            "backbone": result["backbone"]}
 
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,

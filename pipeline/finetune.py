@@ -1,0 +1,361 @@
+"""Stage 3: fine-tune a backbone on a labelled folder and save it as a new registered backbone.
+
+The trunk is cut at its default feature layer (the one stage 2 reads) and a new linear layer is put
+on the pooled output. LP-FT: that layer starts from the stage-2 logistic-regression probe fitted on
+the same backbone's cached features (its StandardScaler folded into the weights), so training begins
+at the probe's accuracy instead of from noise that would first wreck the pretrained features.
+Blocks are the network's parameterised units in execution order (a BatchNorm joins the block before
+it); `last:N` unfreezes the N blocks nearest the head, each earlier one at `lr_decay` times the lr of
+the one after it. BatchNorm layers stay in eval mode with frozen affine parameters unless
+`train_bn`: batch statistics of a few dozen images would only add noise to ImageNet's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+from pipeline import backbones as registry
+from pipeline.data import Dataset, scan
+from pipeline.errors import ConfigError
+from pipeline.extract import extract, resolve_device, resolve_precision
+from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.training import Images, TrainSettings, decode_images, predict_logits, square, train
+
+INITS = ("probe", "random")
+LR = 3e-4  # the new layer's learning rate by default: small, since LP-FT starts from a good head
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass
+class FinetuneOptions:
+    data: str | Path
+    test: str | Path | None = None
+    backbone: str = "efficientnet_lite0"
+    unfreeze: str = "last:3"  # head | last:N | all
+    lr_decay: float = 0.5
+    init: str = "probe"
+    train_bn: bool = False
+    val_fraction: float = 0.2
+    probe_C: float | None = None  # None: chosen by 5-fold CV like a stage-2 logistic_regression head
+    out: str | Path = "runs/finetune"
+    name: str | None = None
+    backbones_dir: str | Path | None = None
+    cache_dir: str | Path = "cache"
+    resume: bool = False
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=LR))
+
+
+class _Tapped(Exception):  # noqa: N818 - control flow, not an error: the trunk ends at the tap
+    def __init__(self, output: torch.Tensor) -> None:
+        self.output = output
+
+
+class FineTuneNet(nn.Module):
+    """Trunk up to the tap module, global average pooling, a new linear layer.
+
+    The trunk stops at the tap (its hook raises), so the original classifier never runs."""
+
+    def __init__(self, network: nn.Module, tap: str, dim: int, classes: int, train_bn: bool = False) -> None:
+        super().__init__()
+        self.network = network
+        self.classifier = nn.Linear(dim, classes)
+        self.train_bn = train_bn
+        self.frozen_blocks: list[nn.Module] = []
+        dict(network.named_modules())[tap].register_forward_hook(self._stop)
+
+    @staticmethod
+    def _stop(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        raise _Tapped(output)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            self.network(x)
+        except _Tapped as tapped:
+            out = tapped.output
+        else:
+            raise RuntimeError("the tap module did not run")
+        return out.float().mean((2, 3)) if out.ndim == 4 else out.float().flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def train(self, mode: bool = True) -> FineTuneNet:
+        """Frozen blocks (dropout, stochastic depth) and, unless `train_bn`, every BatchNorm stay in eval."""
+        super().train(mode)
+        for block in self.frozen_blocks:
+            block.eval()
+        if not self.train_bn:
+            for module in self.modules():
+                if isinstance(module, _BN):
+                    module.eval()
+        return self
+
+
+def blocks(network: nn.Module, tap: str, input_size: int = 64) -> list[list[nn.Module]]:
+    """The trunk's units in execution order, up to the tap: each child of a top-level Sequential or
+    ModuleList (else the top-level module) that has parameters; a BatchNorm joins the unit before it."""
+    candidates = []
+    for child in network.children():
+        inner = list(child.children()) if isinstance(child, nn.Sequential | nn.ModuleList) else [child]
+        candidates += [m for m in inner if any(True for _ in m.parameters())]
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda m, _i: order.append(m)) for m in candidates]
+    hooks.append(dict(network.named_modules())[tap].register_forward_hook(FineTuneNet._stop))
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, input_size, input_size))
+    except _Tapped:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    units: list[list[nn.Module]] = []
+    for module in dict.fromkeys(order):
+        if isinstance(module, _BN) and units:
+            units[-1].append(module)
+        else:
+            units.append([module])
+    return units
+
+
+def unfrozen_count(unfreeze: str, total: int) -> int:
+    """How many trunk blocks (counted from the head) `head`, `last:N` or `all` trains."""
+    if unfreeze == "head":
+        return 0
+    if unfreeze == "all":
+        return total
+    match = re.fullmatch(r"last:(\d+)", unfreeze)
+    if not match or not 1 <= int(match.group(1)) <= total:
+        raise ConfigError(f"unfreeze must be head, all or last:N with 1 <= N <= {total} (blocks of this backbone), "
+                          f"not {unfreeze!r}")
+    return int(match.group(1))
+
+
+def freeze(model: FineTuneNet, units: list[list[nn.Module]], count: int, lr: float, decay: float) -> list[dict]:
+    """Freeze all but the last `count` blocks; return AdamW groups with discriminative learning rates."""
+    model.network.requires_grad_(False)
+    groups = [{"params": list(model.classifier.parameters()), "lr": lr}]
+    trained = units[len(units) - count:] if count else []
+    model.frozen_blocks = [m for unit in units[:len(units) - count] for m in unit]
+    for depth, unit in enumerate(reversed(trained), start=1):
+        params = []
+        for module in unit:
+            module.requires_grad_(True)
+            for sub in module.modules():
+                if isinstance(sub, _BN) and not model.train_bn:
+                    sub.requires_grad_(False)
+            params += [p for p in module.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr * decay ** depth})
+    return groups
+
+
+def linear_from_probe(pipeline, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of a linear layer giving the probe's logits on raw features: the probe standardises
+    first, so W' = W / scale and b' = b - W' @ mean. A binary probe's single row z becomes (0, z)."""
+    scaler, clf = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
+    if list(clf.classes_) != list(range(classes)):
+        raise ConfigError("the probe did not see every class; every class needs training images")
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight = coef / scaler.scale_
+    bias = intercept - weight @ scaler.mean_
+    return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
+
+
+def fit_probe(dataset: Dataset, backbone: str, options: FinetuneOptions, progress: bool = True):
+    """The stage-2 logistic regression on the backbone's cached default-layer features of `dataset`."""
+    layer = registry.get_spec(backbone).default_layer
+    report = extract(dataset, backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
+                     progress=progress)
+    fs = report.feature_sets[(backbone, layer)]
+    C = HEAD_OPTIONS["logistic_regression"]["C"] if options.probe_C is None else options.probe_C
+    spec = HeadSpec("probe", "logistic_regression", [f"{backbone}:{layer}"], {"source": None, "C": C})
+    features = fs.features.compute()
+    return fit_head(spec, features, fs.labels, [features.shape[1]], class_names=fs.class_names).pipeline
+
+
+def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/validation rows; fraction 0 keeps every image for training."""
+    rows = np.arange(len(labels))
+    if fraction == 0:
+        return rows, rows[:0]
+    from sklearn.model_selection import train_test_split
+
+    try:
+        fit, val = train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise ConfigError(f"cannot hold out a stratified validation split of {fraction:.0%}: {exc}; "
+                          "use --val-fraction 0 or a larger one") from None
+    return np.sort(fit), np.sort(val)
+
+
+def _backbones_root(options: FinetuneOptions) -> Path:
+    return Path(options.backbones_dir) if options.backbones_dir else registry.backbone_dirs()[0]
+
+
+def check_options(options: FinetuneOptions) -> str:
+    """Everything that can be refused before any work; returns the new backbone's id."""
+    if options.init not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(INITS)}, not {options.init!r}")
+    if not 0 <= options.val_fraction < 1 or options.lr_decay <= 0:
+        raise ConfigError("val-fraction must be in [0, 1) and lr-decay > 0")
+    if not re.fullmatch(r"head|all|last:[1-9][0-9]*", options.unfreeze):
+        raise ConfigError(f"unfreeze must be head, all or last:N (N >= 1), not {options.unfreeze!r}")
+    options.train.check()
+    spec = registry.get_spec(options.backbone)
+    registry.resolve_weights(spec)
+    name = options.name or f"{options.backbone}_ft_{Path(options.out).name}"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"--name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+    root = _backbones_root(options)
+    exists = name in registry.list_backbones() or (root / name / registry.MANIFEST).exists()
+    if exists and not options.resume:
+        raise ConfigError(f"backbone {name!r} already exists (registered, or in {root}): choose another --name")
+    return name
+
+
+def _labelled(path: str | Path, what: str) -> Dataset:
+    dataset = scan(path)
+    if not dataset.class_names:
+        raise ConfigError(f"{what} {path} must be a labelled folder (DIR/<class>/<image>)")
+    return dataset
+
+
+def _test_images(options: FinetuneOptions, classes: list[str], pre: registry.Preprocess,
+                 progress: bool) -> tuple[Images, Dataset] | None:
+    if options.test is None:
+        return None
+    test = _labelled(options.test, "--test")
+    unknown = sorted(set(test.class_names) - set(classes))
+    if unknown:
+        raise ConfigError(f"--test has classes the training folder lacks: {', '.join(unknown)}")
+    labels = np.asarray([classes.index(test.class_names[i]) for i in test.labels])
+    images, _ = decode_images(test.paths, labels, pre, "decode test", progress)
+    return images, Dataset(images.paths, images.labels, classes, [])
+
+
+def build_model(network: nn.Module, spec: registry.BackboneSpec, classes: int, probe, unfreeze: str, lr: float,
+                lr_decay: float, train_bn: bool = False) -> tuple[FineTuneNet, list[dict], int]:
+    """The network cut at its default layer with a new linear layer (the probe's, folded, when given),
+    all but the chosen blocks frozen; returns it with its AdamW groups and its number of blocks."""
+    tap = spec.layers[spec.default_layer]
+    model = FineTuneNet(network, tap.module, tap.dim, classes, train_bn)
+    if probe is not None:
+        weight, bias = linear_from_probe(probe, classes)
+        with torch.no_grad():
+            model.classifier.weight.copy_(weight)
+            model.classifier.bias.copy_(bias)
+    units = blocks(network, tap.module)
+    return model, freeze(model, units, unfrozen_count(unfreeze, len(units)), lr, lr_decay), len(units)
+
+
+@dataclass
+class Prepared:
+    """Everything set up before the first step: the model (head initialised, blocks frozen), the
+    AdamW groups, and the decoded splits."""
+
+    name: str
+    parent: registry.BackboneSpec
+    model: FineTuneNet | None
+    groups: list[dict]
+    blocks: int
+    classes: list[str]
+    fit_set: Images
+    val_set: Images | None
+    test: tuple[Images, Dataset] | None
+    skipped: list[tuple[str, str]]
+    probe: object = None  # the fitted stage-2 Pipeline, with init="probe"
+    probe_accuracy: float | None = None
+
+
+def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
+    """Check the options, decode the splits, build the model and initialise its head."""
+    name = check_options(options)
+    settings = options.train
+    settings.device = resolve_device(settings.device)
+    settings.precision = resolve_precision(settings.precision, settings.device)
+    torch.manual_seed(settings.seed)
+    parent = registry.get_spec(options.backbone)
+    loaded = registry.load_backbone(options.backbone)
+    dataset = _labelled(options.data, "--data")
+    classes = dataset.class_names
+    train_all, skipped = decode_images(dataset.paths, dataset.labels, square(parent.preprocess), "decode train",
+                                       progress)
+    fit_rows, val_rows = _split(train_all.labels, options.val_fraction, settings.seed)
+    fit_set = train_all.subset(fit_rows)
+    val_set = decode_images([train_all.paths[i] for i in val_rows], train_all.labels[val_rows],
+                            parent.preprocess, "decode val", progress)[0] if len(val_rows) else None
+    test = _test_images(options, classes, parent.preprocess, progress)
+    prepared = Prepared(name, parent, None, [], 0, classes, fit_set, val_set, test, skipped)
+    if options.init == "probe":
+        prepared.probe = fit_probe(Dataset(fit_set.paths, fit_set.labels, classes, []), options.backbone, options,
+                                   progress)
+        if test is not None:
+            prepared.probe_accuracy = _probe_test_accuracy(prepared.probe, test[1], options, progress)
+    prepared.model, prepared.groups, prepared.blocks = build_model(
+        loaded.network, parent, len(classes), prepared.probe, options.unfreeze, settings.lr, options.lr_decay,
+        options.train_bn)
+    prepared.model.to(settings.device, memory_format=torch.channels_last)
+    return prepared
+
+
+@dataclass
+class FinetuneResult:
+    backbone: str
+    folder: Path
+    metrics: dict
+
+
+def finetune(options: FinetuneOptions, progress: bool = True,
+             on_epoch: Callable[[int, dict], None] | None = None) -> FinetuneResult:
+    """Fine-tune, evaluate on `options.test` if given, and register the result as a new backbone."""
+    started = time.perf_counter()
+    p = prepare(options, progress)
+    settings = options.train
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"backbone": options.backbone, "unfreeze": options.unfreeze, "lr_decay": options.lr_decay,
+                   "init": options.init, "train_bn": options.train_bn, "val_fraction": options.val_fraction}
+    result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, settings, out / "checkpoint.pt",
+                   options.resume, fingerprint, on_epoch, progress)
+    metrics = {"backbone": p.name, "parent": options.backbone, "classes": p.classes,
+               "trainable_parameters": sum(t.numel() for g in p.groups for t in g["params"]), "blocks": p.blocks,
+               "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+               "resumed_from_epoch": result.resumed_from, "train_seconds": round(result.seconds, 3),
+               "history": result.history, "probe_accuracy": p.probe_accuracy,
+               "images": {"train": len(p.fit_set.labels), "val": 0 if p.val_set is None else len(p.val_set.labels),
+                          "skipped": len(p.skipped)},
+               "options": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
+                              if k != "train"}, **asdict(settings)}}
+    if p.test is not None:
+        predicted = predict_logits(p.model, p.test[0], p.parent.preprocess, settings).argmax(1)
+        metrics["accuracy"] = float(accuracy_score(p.test[0].labels, predicted))
+        metrics["macro_f1"] = float(f1_score(p.test[0].labels, predicted, average="macro"))
+    state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
+             "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
+    summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch")}
+    folder = registry.save_backbone(_backbones_root(options), p.name, p.parent, state,
+                                    {"classes": p.classes, "finetune": summary})
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    (out / "finetune.json").write_text(json.dumps(metrics, indent=1, default=str))
+    return FinetuneResult(p.name, folder, metrics)
+
+
+def _probe_test_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool) -> float:
+    """The linear probe alone on the test split (cached features): what fine-tuning has to beat."""
+    layer = registry.get_spec(options.backbone).default_layer
+    fs = extract(test, options.backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
+                 progress=progress).feature_sets[(options.backbone, layer)]
+    return float(accuracy_score(fs.labels, probe.predict(fs.features.compute())))

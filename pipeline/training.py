@@ -1,0 +1,233 @@
+"""The training loop shared by fine-tuning and the from-scratch baseline.
+
+Images are decoded once (with the same robust decoder as extraction) into uint8 arrays held in
+memory; each epoch augments them afresh (random resized crop, flip, colour jitter), on the training
+split only. AdamW with linear warm-up then cosine decay, stepped per batch. After every epoch a
+checkpoint (model, optimizer, scheduler, history, best weights) is written atomically, so a killed
+run resumes from its last finished epoch. Each epoch's shuffling and augmentation are seeded from
+(seed, epoch), so a resumed run draws exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from pipeline.backbones import Preprocess
+from pipeline.data import decode
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings; every field is recorded in the checkpoint and must match on resume."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 1.0  # epochs of linear warm-up before the cosine decay
+    label_smoothing: float = 0.1
+    batch_size: int = 32
+    patience: int = 3  # epochs without a better validation accuracy before stopping
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "bf16"
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError("lr must be > 0, warmup and weight decay >= 0, label smoothing in [0, 1)")
+
+
+@dataclass
+class Images:
+    """Decoded images (N, H, W, 3) uint8 with their labels and the paths they came from."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    paths: list[Path]
+
+    def subset(self, rows: np.ndarray) -> Images:
+        return Images(self.pixels[rows], self.labels[rows], [self.paths[i] for i in rows])
+
+
+def decode_images(paths: list[Path], labels: np.ndarray, pre: Preprocess, desc: str = "decode",
+                  progress: bool = True) -> tuple[Images, list[tuple[str, str]]]:
+    """Decode every file once; files that fail are returned as (path, reason) and left out."""
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 2)) as pool:
+        decoded = list(tqdm(pool.map(lambda p: decode(Path(p), pre), paths), total=len(paths), desc=desc,
+                            unit="img", disable=None if progress else True))
+    good = [i for i, image in enumerate(decoded) if not isinstance(image, str)]
+    skipped = [(str(paths[i]), image) for i, image in enumerate(decoded) if isinstance(image, str)]
+    pixels = np.stack([decoded[i] for i in good]) if good else np.zeros((0, pre.crop, pre.crop, 3), np.uint8)
+    return Images(pixels, np.asarray(labels)[good], [Path(paths[i]) for i in good]), skipped
+
+
+def square(pre: Preprocess) -> Preprocess:
+    """What training images are decoded to: the shorter side resized, the centre square kept, so the
+    random resized crop has the margin that evaluation's centre crop leaves out."""
+    return Preprocess(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
+
+
+def augmentation(size: int) -> v2.Compose:
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)])
+
+
+def to_input(batch: torch.Tensor, pre: Preprocess, device: str) -> torch.Tensor:
+    """uint8 NCHW -> normalised float, channels-last (the layout the convolutions run fastest in)."""
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255
+    x = (batch.float() - mean) / std
+    return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+
+
+def _batches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches; a last batch of one image joins the one before (BatchNorm needs two)."""
+    chunks = np.array_split(rng.permutation(n), max(1, math.ceil(n / size)))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [np.concatenate(chunks[-2:])]
+    return chunks
+
+
+def _schedule(settings: TrainSettings, steps_per_epoch: int) -> Callable[[int], float]:
+    warm = settings.warmup * steps_per_epoch
+    total = settings.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1.0, total - warm))))
+    return factor
+
+
+def predict_logits(model: nn.Module, images: Images, pre: Preprocess, settings: TrainSettings,
+                   batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode(), torch.autocast(settings.device, torch.bfloat16,
+                                                 enabled=settings.precision == "bf16"):
+        for start in range(0, len(images.labels), batch_size):
+            batch = torch.from_numpy(images.pixels[start:start + batch_size]).permute(0, 3, 1, 2)
+            out.append(model(to_input(batch, pre, settings.device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, val accuracy, seconds
+    best_epoch: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    resumed_from: int = 0  # epochs already done when this process started
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+        raise ConfigError(f"--resume: checkpoint {path} was made with other settings ({', '.join(changed)}); "
+                          "rerun with the same options, or without --resume to start over")
+    return state
+
+
+def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Images | None, pre: Preprocess,
+          settings: TrainSettings, checkpoint: Path | None = None, resume: bool = False,
+          fingerprint: dict | None = None, on_epoch: Callable[[int, dict], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` (its parameter `groups`, each with its own lr) and leave it at its best epoch.
+
+    `fingerprint` (settings that must not change between a run and its resumption) is stored with
+    the checkpoint; `on_epoch(epoch, record)` is called after each epoch's checkpoint is written."""
+    settings.check()
+    fingerprint = {**(fingerprint or {}), **asdict(settings), "images": len(train_set.labels)}
+    fingerprint.pop("device")
+    steps = len(_batches(len(train_set.labels), settings.batch_size, np.random.default_rng(0)))
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    augment = augmentation(pre.crop)
+    result, best_val, best_state = TrainResult(), -1.0, None
+    if resume and checkpoint is not None:
+        state = _load_checkpoint(checkpoint, fingerprint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        result = TrainResult(state["history"], state["best_epoch"], state["stopped_early"], state["seconds"],
+                             len(state["history"]))
+        best_val, best_state = state["best_val"], state["best_state"]
+    started = time.perf_counter() - result.seconds
+    epoch = len(result.history)
+    while epoch < settings.epochs and not result.stopped_early:
+        epoch += 1
+        record = _epoch(model, optimizer, scheduler, loss_fn, augment, train_set, pre, settings, epoch, progress)
+        if val_set is not None and len(val_set.labels):
+            predicted = predict_logits(model, val_set, pre, settings).argmax(1)
+            record["val_accuracy"] = float((predicted == val_set.labels).mean())
+        score = record.get("val_accuracy", float(epoch))  # no validation split: the last epoch is the best
+        if score > best_val:
+            best_val, result.best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result.stopped_early = val_set is not None and epoch - result.best_epoch >= settings.patience
+        result.history.append(record)
+        result.seconds = time.perf_counter() - started
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": result.history, "best_epoch": result.best_epoch, "best_val": best_val,
+                "best_state": best_state, "stopped_early": result.stopped_early, "seconds": result.seconds,
+                "fingerprint": fingerprint})
+        if on_epoch:
+            on_epoch(epoch, record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+           loss_fn: nn.Module, augment: v2.Compose, train_set: Images, pre: Preprocess, settings: TrainSettings,
+           epoch: int, progress: bool) -> dict:
+    """One pass over the training images; randomness seeded from (seed, epoch) for exact resumption."""
+    torch.manual_seed(settings.seed * 100_003 + epoch)
+    rng = np.random.default_rng([settings.seed, epoch])
+    model.train()
+    started, total, seen = time.perf_counter(), 0.0, 0
+    pixels = torch.from_numpy(train_set.pixels).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(train_set.labels).long()
+    batches = _batches(len(labels), settings.batch_size, rng)
+    for rows in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", unit="batch", leave=False,
+                     disable=None if progress else True):
+        x = to_input(torch.stack([augment(pixels[i]) for i in rows]), pre, settings.device)
+        y = labels[rows].to(settings.device)
+        with torch.autocast(settings.device, torch.bfloat16, enabled=settings.precision == "bf16"):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(rows)
+        seen += len(rows)
+    return {"epoch": epoch, "loss": total / max(seen, 1), "seconds": time.perf_counter() - started,
+            "lr": scheduler.get_last_lr()[0]}

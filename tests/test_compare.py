@@ -1,0 +1,55 @@
+"""Transfer vs. scratch on tiny generated images (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.compare import CompareOptions, compare, kshot_rows, parse_shots
+from pipeline.errors import ConfigError
+
+from .conftest import make_folder
+
+
+def test_kshot_draws_are_stratified_seeded_and_nested_in_the_classes():
+    labels = np.repeat([0, 1, 2], [5, 3, 7])
+    rows = kshot_rows(labels, 2, seed=0)
+    assert np.bincount(labels[rows]).tolist() == [2, 2, 2]
+    assert np.array_equal(rows, kshot_rows(labels, 2, seed=0))
+    assert not all(np.array_equal(rows, kshot_rows(labels, 2, seed=s)) for s in range(1, 6))
+    assert np.array_equal(kshot_rows(labels, None, seed=3), np.arange(15))
+    assert np.bincount(labels[kshot_rows(labels, 4, seed=1)]).tolist() == [4, 3, 4]  # a class with fewer: all of it
+    assert parse_shots("1, 5,all") == [1, 5, None]
+    for bad in ("0", "x", "1,,2"):
+        with pytest.raises(ConfigError, match="shots"):
+            parse_shots(bad)
+
+
+def test_compare_writes_json_figure_and_report_for_every_method_and_shot(tmp_path):
+    make_folder(tmp_path / "train", classes=3, per_class=4)
+    make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
+    out = tmp_path / "out"
+    result = compare(CompareOptions(tmp_path / "train", tmp_path / "test", shots=[1, None], seeds=[0], batch_size=4,
+                                    finetune_steps=2, scratch_steps=3, scratch_size=32, cache_dir=tmp_path / "cache",
+                                    out=out, device="cpu"), progress=False)
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved == result
+    cells = {(r["method"], r["shots"]): r for r in saved["runs"]}
+    assert set(cells) == {(m, k) for m in ("linear probe", "fine-tuning", "from scratch") for k in (1, "all")}
+    assert all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in saved["runs"])
+    assert cells[("fine-tuning", 1)]["images"] == 3 and cells[("from scratch", "all")]["images"] == 12
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "Transfer vs. scratch" in (out / "compare.html").read_text()
+
+
+def test_cli_refuses_bad_compare_and_finetune_options_in_one_line(tmp_path, capsys):
+    make_folder(tmp_path / "train", classes=2, per_class=2)
+    assert main(["compare", "--data", str(tmp_path / "train"), "--test", str(tmp_path / "train"),
+                 "--shots", "1,zero"]) == 2
+    assert main(["finetune", "--data", str(tmp_path / "train"), "--unfreeze", "last:x",
+                 "--out", str(tmp_path / "o")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "--shots" in errors[0] and "unfreeze must be" in errors[1]

@@ -1,0 +1,198 @@
+"""Stage 3: fine-tuning on tiny generated images (48 px, one or two epochs, batch 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import backbones as registry
+from pipeline.errors import BackboneError, ConfigError
+from pipeline.extract import extract
+from pipeline.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
+from pipeline.heads import HeadSpec, fit_head
+from pipeline.training import TrainSettings, train
+
+from .conftest import make_folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ft")
+    make_folder(root / "train", classes=3, per_class=4)
+    make_folder(root / "test", classes=3, per_class=2, start_seed=100)
+    return root
+
+
+def _options(folders: Path, tmp_path: Path, **kwargs) -> FinetuneOptions:
+    settings = {"epochs": 1, "batch_size": 4, "device": "cpu", **kwargs.pop("train", {})}
+    defaults = {"test": folders / "test", "unfreeze": "last:2", "val_fraction": 0.25, "probe_C": 1.0,
+                "out": tmp_path / "out", "name": "tiny_ft", "backbones_dir": tmp_path / "backbones",
+                "cache_dir": folders / "cache"}
+    return FinetuneOptions(folders / "train", **{**defaults, **kwargs}, train=TrainSettings(**settings))
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_only_the_chosen_blocks_change_and_frozen_batchnorm_stays_bit_identical(folders, tmp_path, train_bn):
+    p = prepare(_options(folders, tmp_path, train_bn=train_bn), progress=False)
+    units = blocks(p.model.network, p.parent.layers["head"].module)
+    names = {id(m): n for n, m in p.model.named_modules()}
+    trained = {names[id(m)] for unit in units[-2:] for m in unit}
+    before = _snapshot(p.model)
+    train(p.model, p.groups, p.fit_set, None, p.parent.preprocess, _settings(), progress=False)
+    after = p.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    in_trained = {k for k in before if any(k.startswith(t + ".") for t in trained)}
+    assert changed, "training changed nothing"
+    assert changed <= in_trained | {"classifier.weight", "classifier.bias"}  # everything else bit-identical
+    assert {"classifier.weight", "classifier.bias"} <= changed
+    bn_keys = {k for k in in_trained if "_bn" in k}
+    conv_keys = {k for k in in_trained if "conv" in k and k.endswith(".weight") and "_bn" not in k}
+    assert conv_keys and conv_keys <= changed
+    if train_bn:  # the unfrozen blocks' BatchNorm learns and updates its statistics
+        assert {k for k in bn_keys if "running_mean" in k} <= changed and bn_keys & changed
+    else:  # weights, biases and running statistics of every BatchNorm untouched
+        assert not bn_keys & changed
+
+
+def _settings() -> TrainSettings:
+    return TrainSettings(epochs=1, batch_size=4, device="cpu", precision="bf16", lr=1e-2)
+
+
+def test_lpft_head_starts_with_the_probes_weights_and_reproduces_its_predictions(folders, tmp_path):
+    p = prepare(_options(folders, tmp_path), progress=False)
+    weight, bias = linear_from_probe(p.probe, 3)
+    assert torch.equal(p.model.classifier.weight, weight) and torch.equal(p.model.classifier.bias, bias)
+    # on the cached features the probe was fitted on, the folded layer gives the probe's logits
+    fs = extract(folders / "test", "efficientnet_lite0", ["head"], folders / "cache", "cpu", "bf16",
+                 progress=False).feature_sets[("efficientnet_lite0", "head")]
+    X = fs.features.compute()
+    with torch.no_grad():
+        logits = p.model.classifier(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(logits, p.probe.decision_function(X), rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(1) == p.probe.predict(X)).all()
+    random = prepare(_options(folders, tmp_path, init="random"), progress=False)
+    assert random.probe is None and not torch.equal(random.model.classifier.weight, weight)
+
+
+def test_binary_probe_folds_into_two_logits():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 5)) * 3 + 1, np.arange(40) % 2
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, y)
+    weight, bias = linear_from_probe(pipe, 2)
+    proba = torch.softmax(torch.from_numpy(X).float() @ weight.T + bias, 1).numpy()
+    np.testing.assert_allclose(proba, pipe.predict_proba(X), atol=1e-5)
+
+
+def test_resume_after_an_interruption_continues_at_the_next_epoch_and_matches(folders, tmp_path):
+    whole = finetune(_options(folders, tmp_path / "a", train={"epochs": 2}), progress=False)
+
+    def stop(epoch: int, _record: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+    options = _options(folders, tmp_path / "b", train={"epochs": 2})
+    with pytest.raises(KeyboardInterrupt):
+        finetune(options, progress=False, on_epoch=stop)
+    assert not (tmp_path / "b" / "backbones" / "tiny_ft").exists()
+    seen = []
+    resumed = finetune(_options(folders, tmp_path / "b", train={"epochs": 2}, resume=True), progress=False,
+                       on_epoch=lambda epoch, _r: seen.append(epoch))
+    assert seen == [2] and resumed.metrics["resumed_from_epoch"] == 1
+    assert [h["loss"] for h in resumed.metrics["history"]] == [h["loss"] for h in whole.metrics["history"]]
+    a = torch.load(whole.folder / "weights.pth", weights_only=True)
+    b = torch.load(resumed.folder / "weights.pth", weights_only=True)
+    for part in ("state_dict", "classifier"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), key
+    with pytest.raises(ConfigError, match="other settings .*lr_decay"):
+        finetune(_options(folders, tmp_path / "b", lr_decay=0.9, resume=True, name="other"), progress=False)
+
+
+def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(folders, tmp_path, monkeypatch):
+    result = finetune(_options(folders, tmp_path, name="flowers_ft"), progress=False)
+    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
+    assert "flowers_ft" in registry.list_backbones()
+    spec = registry.get_spec("flowers_ft")
+    assert spec.parent == "efficientnet_lite0" and spec.preprocess == registry.get_spec("efficientnet_lite0").preprocess
+    loaded = registry.load_backbone("flowers_ft")
+    saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.network.state_dict().items())
+    cache = tmp_path / "cache"
+    sets = {name: extract(folders / "train", name, None, cache, "cpu", "bf16", progress=False)
+            .feature_sets[(name, "head")] for name in ("efficientnet_lite0", "flowers_ft")}
+    assert sets["flowers_ft"].cache_key != sets["efficientnet_lite0"].cache_key
+    assert sets["flowers_ft"].cache_key.startswith("flowers_ft-head-bf16-")
+    X = sets["flowers_ft"].features.compute()
+    assert not np.allclose(X, sets["efficientnet_lite0"].features.compute())
+    head = fit_head(HeadSpec("lr", "logistic_regression", ["flowers_ft:head"], {"C": 1.0}), X,
+                    sets["flowers_ft"].labels, [X.shape[1]])
+    assert head.pipeline.score(X, sets["flowers_ft"].labels) > 0.5
+    with pytest.raises(ConfigError, match="already exists"):
+        finetune(_options(folders, tmp_path, name="flowers_ft"), progress=False)
+    weights = result.folder / "weights.pth"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(BackboneError, match="do not match the SHA-256 in its manifest") as info:
+        registry.load_backbone("flowers_ft")
+    assert "\n" not in str(info.value)
+
+
+def test_unfreeze_choices_and_blocks_of_lite0():
+    loaded = registry.load_backbone("efficientnet_lite0")
+    units = blocks(loaded.network, "_head_act")
+    assert len(units) == 18  # stem, 16 MBConv blocks, head convolution (each with its BatchNorm)
+    assert [type(m).__name__ for m in units[-1]] == ["SameConv2d", "BatchNorm2d"]
+    assert (unfrozen_count("head", 18), unfrozen_count("last:3", 18), unfrozen_count("all", 18)) == (0, 3, 18)
+    for bad in ("last:0", "last:19", "some"):
+        with pytest.raises(ConfigError, match="unfreeze must be"):
+            unfrozen_count(bad, 18)
+
+
+def _run_config(folders: Path, tmp_path: Path, finetune: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{train: {folders / 'train'}, test: {folders / 'test'}}}\n"
+                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {folders / 'cache'}}}\n"
+                    "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
+                    f"output_dir: {tmp_path / 'out'}\nfinetune: {finetune}\n")
+    return path
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("{epochs: 1, unfrezee: last:2}", r"unknown key 'finetune\.unfrezee'"),
+    ("{epochs: one}", r"'finetune\.epochs' must be a positive integer"),
+    ("{train_bn: 1}", r"'finetune\.train_bn' must be true or false"),
+    ("{unfreeze: some}", r"'finetune': unfreeze must be head, all or last:N"),
+    ("{init: warm}", r"'finetune': init must be one of probe, random"),
+    ("[1, 2]", r"'finetune' must be a mapping"),
+])
+def test_run_config_finetune_section_is_validated_naming_file_and_key(folders, tmp_path, section, message):
+    from pipeline.run import run
+
+    path = _run_config(folders, tmp_path, section)
+    with pytest.raises(ConfigError, match=message) as info:
+        run(path, progress=False)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeypatch):
+    import json
+
+    from pipeline.run import run
+
+    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
+    path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")
+    run(path, progress=False)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["finetune"]
+    assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone"}
+    assert metrics["backbone"] == "efficientnet_lite0_ft_out" and isinstance(metrics["accuracy"], float)
+    assert registry.get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
