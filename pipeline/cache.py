@@ -67,7 +67,7 @@ def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (it survives a power cut, not only a killed process)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -83,7 +83,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _valid_record(shard: str, record: object) -> bool:
@@ -208,7 +208,7 @@ class FeatureStore:
                           attributes={"image_ids": image_ids})
         _fsync_tree(staging)
         os.rename(staging, self.arrays / array_name)
-        _fsync_dir(self.arrays)
+        fsync_dir(self.arrays)
         _write_json_atomic(self.records_dir / f"{shard}.json", {
             "array": array_name, "rows": rows, "dim": dim, "sha256": array_sha256(features),
             "image_ids": image_ids, "seconds": seconds})

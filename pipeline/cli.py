@@ -152,7 +152,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     raw = {"data": {"train": str(Path(args.data).absolute())}, "heads": [{"name": args.name, "type": args.type}],
            "features": {"backbones": backbones, "cache_dir": args.cache}}
     if args.source:
-        raw["heads"][0]["sources" if args.type == "pca_fusion" else "source"] = args.source
+        fusion = args.type == "pca_fusion"  # a single-source head takes one --source as a string
+        raw["heads"][0]["sources" if fusion else "source"] = args.source if fusion or len(args.source) > 1 else (
+            args.source[0])
     config = parse_config(raw, Path("command line"))
     (spec,) = head_specs(config)
     features = {**DEFAULTS, **config["features"], "layers": spec.sources}
@@ -345,6 +347,51 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     _add_training_compute_options(parser)
     parser.set_defaults(func=cmd_compare)
 
+BATCH_HELP = """The recurring job: scan the config's inputs, extract features only for images the cache lacks,
+apply each saved head to the images it has not predicted yet, write OUTPUT/<head>/run-<run_id>.csv and
+append one JSON line to the log. Safe to start from cron or a systemd timer: runs take a lock, and a run
+killed at any moment is finished by the next one without duplicate rows.
+
+exit codes:
+  0  done: every image predicted (or nothing was new)
+  1  failed while working; logged with status "failed", committed files are kept, the next run resumes
+  2  the config or a head file is unusable: nothing ran, nothing was logged
+  3  partial: some files were skipped (unreadable, not images; in the log line), all others predicted
+  4  another batch run holds the lock and --on-lock exit was given
+"""
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pipeline.batch import EXIT_LOCKED, LockBusy, run_batch
+
+    try:
+        entry = run_batch(args.config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)
+    except LockBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    for item in entry.get("skipped_files", [])[:10]:
+        print(f"skipped {item['path']}: {item['reason']}")
+    for name, head in entry["heads"].items():
+        print(f"{name}: {head['rows']} predictions" + (f" in {head['file']}" if head["file"] else ""))
+    print(f"run {entry['run_id']}: {entry['status']} | files seen: {entry['seen']} | new: {entry['new']} | "
+          f"predicted: {entry['predicted']} | skipped: {entry['skipped']} | failed: {entry['failed']} | "
+          f"feature rows computed: {entry['computed']} | {entry['seconds']:.1f} s")
+    if entry.get("error"):
+        print(f"error: {entry['error']}", file=sys.stderr)
+    return entry["exit_code"]
+
+
+def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser("batch", help="scheduled job: predict new images with saved heads, append the results",
+                           description=BATCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("config", help="YAML batch config (see configs/batch.yaml)")
+    batch.add_argument("--scheduler", metavar="ADDRESS",
+                       help="dask.distributed scheduler for the extraction (overrides features.scheduler)")
+    batch.add_argument("--on-lock", choices=["wait", "exit"], default="wait",
+                       help="when another batch run holds the lock: wait for it (default) or exit with code 4")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.set_defaults(func=cmd_batch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -428,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its images (default: runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
+    _add_batch_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline import backbones as registry
 from pipeline.bundle import BundleError, load_bundle
+from pipeline.data import Dataset
 from pipeline.extract import ExtractReport, FeatureSet, cache_key, extract
 
 
@@ -32,10 +34,17 @@ class Predictions:
             return np.zeros(0, dtype=int)
         return self.bundle["pipeline"].classes_[self.proba.argmax(1)]
 
+    def rows(self) -> Iterator[list[str]]:
+        """Per image: path, image id, predicted class, then one probability per class."""
+        classes = self.bundle["classes"]
+        for path, image_id, label, row in zip(self.features.paths, self.features.image_ids, self.predicted,
+                                              self.proba, strict=True):
+            yield [str(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
 
-def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = "cache",
-            device: str = "auto", scheduler: str | None = None, progress: bool = True) -> Predictions:
-    bundle = load_bundle(model)
+
+def feature_options(bundle: dict, model: str | os.PathLike) -> dict:
+    """The `extract` options that remake the head's training features (backbones, layers, precision,
+    weights), checked against this installation so that nothing is computed with the wrong ones."""
     sources = bundle["sources"]
     precisions = {s["precision"] for s in sources}
     if len(precisions) != 1:
@@ -49,9 +58,21 @@ def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | 
         if key != source["cache_key"]:
             raise BundleError(f"{model} was trained on features {source['cache_key']}, but this installation "
                               f"makes {key} (different weights, preprocessing or decoder): refit the head")
-    report = extract(data, list(dict.fromkeys(s["backbone"] for s in sources)),
-                     [f"{s['backbone']}:{s['layer']}" for s in sources], cache_dir, device, precision,
-                     scheduler=scheduler, weights=weights, progress=progress)
+    return {"backbones": list(dict.fromkeys(s["backbone"] for s in sources)),
+            "layers": [f"{s['backbone']}:{s['layer']}" for s in sources], "precision": precision, "weights": weights}
+
+
+def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = "cache",
+            device: str = "auto", scheduler: str | None = None, progress: bool = True) -> Predictions:
+    bundle = load_bundle(model)
+    return predict_with(bundle, data, cache_dir=cache_dir, device=device, scheduler=scheduler, progress=progress,
+                        **feature_options(bundle, model))
+
+
+def predict_with(bundle: dict, data: str | os.PathLike | Dataset, **extract_options) -> Predictions:
+    """Apply a loaded head; `extract_options` are `extract`'s keywords, including `feature_options(bundle)`."""
+    sources = bundle["sources"]
+    report = extract(data, **extract_options)
     blocks = [report.feature_sets[(s["backbone"], s["layer"])].features.compute() for s in sources]
     rows = blocks[0].shape[0]
     proba = bundle["pipeline"].predict_proba(np.hstack(blocks)) if rows else np.zeros((0, len(bundle["classes"])))
@@ -67,9 +88,7 @@ def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "predicted_class", *[f"p_{c}" for c in classes]])
-        for path, image_id, label, row in zip(result.features.paths, result.features.image_ids, result.predicted,
-                                              result.proba, strict=True):
-            writer.writerow([str(path), image_id, classes[label], *[f"{v:.6f}" for v in row]])
+        writer.writerows(result.rows())
     return out
 
 

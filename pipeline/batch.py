@@ -1,0 +1,373 @@
+"""`pipeline batch CONFIG`: the recurring job that predicts new images with saved heads.
+
+Each run scans the input folders and lists, extracts features only for images the cache lacks, applies
+every configured head to the images it has not predicted yet, and adds one CSV per head for the run
+(`OUTPUT/<head>/run-<run_id>.csv`). What was predicted is read back from those files, keyed by image id
+(content) and head identity (the SHA-256 of the head file), so a changed head predicts everything again.
+
+Safe under a scheduler: runs hold an exclusive lock (flock) on `OUTPUT/.batch.lock`; a run file is
+written under a hidden temporary name, fsynced and renamed into place, and only then is the run's line
+appended to the log. A run killed at any moment leaves complete files or none, and the cache keeps
+every finished shard, so the next run redoes only what is missing, without duplicate rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from pipeline.bundle import load_bundle
+from pipeline.cache import fsync_dir
+from pipeline.config import parse_config
+from pipeline.data import Dataset, hash_files, scan
+from pipeline.errors import ConfigError, PipelineError, first_line
+from pipeline.predict import feature_options, predict_with
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+LOCK_NAME = ".batch.lock"
+BATCH_KEYS = {"inputs": "a folder or text file of image paths, or a list of them",
+              "heads": "a list of saved head files (.joblib), or a mapping of name to file",
+              "features": "a mapping with cache_dir, device, batch_size, shard_size, scheduler",
+              "output_dir": "the folder that receives one predictions file per head and run",
+              "log": "the run log file (one JSON object per line)",
+              "chunk_size": "a positive integer: images whose features are in memory at once"}
+BATCH_FEATURES = ("cache_dir", "device", "batch_size", "shard_size", "scheduler")
+DEFAULT_CHUNK = 2048
+_HEAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class LockBusy(PipelineError):
+    """Another batch run holds the output folder's lock (and the caller chose not to wait)."""
+
+
+@dataclass
+class BatchConfig:
+    path: Path
+    inputs: list[Path]
+    heads: dict[str, Path]
+    features: dict
+    output_dir: Path
+    log: Path
+    chunk_size: int = DEFAULT_CHUNK
+
+
+@dataclass
+class Head:
+    name: str
+    path: Path
+    sha256: str  # the head's identity: a refitted or replaced file predicts every image again
+    bundle: dict
+    options: dict  # extract() options that remake its training features
+
+
+@dataclass
+class HeadRun:
+    rows: int = 0
+    file: Path | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+    computed: int = 0
+
+
+# --------------------------------------------------------------------------- config
+
+def _paths(value: object, key: str, path: Path) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{path}: '{key}' must be {BATCH_KEYS[key]}, got {value!r}")
+    return items
+
+
+def _near(config: Path, name: str) -> Path:
+    """Inputs and heads are taken from the config file's folder, like a run config's data paths."""
+    return Path(name) if Path(name).is_absolute() else config.parent / name
+
+
+def _head_files(value: object, path: Path) -> dict[str, Path]:
+    named = value if isinstance(value, dict) else {Path(p).name.removesuffix(".joblib"): p
+                                                   for p in _paths(value, "heads", path)}
+    if isinstance(value, list) and len(named) != len(value):
+        raise ConfigError(f"{path}: 'heads': two head files have the same name; give them names "
+                          "(heads: {name: file, ...})")
+    heads = {}
+    for name, file in named.items():
+        if not isinstance(file, str) or not _HEAD_NAME.fullmatch(str(name)):
+            raise ConfigError(f"{path}: 'heads.{name}': the name must be letters, digits, '_', '-' or '.' "
+                              f"(it names a folder) and the value a file path, got {file!r}")
+        if not _near(path, file).is_file():
+            raise ConfigError(f"{path}: 'heads.{name}': head file not found: {_near(path, file)}")
+        heads[str(name)] = _near(path, file)
+    return heads
+
+
+def load_batch_config(path: str | os.PathLike) -> BatchConfig:
+    """Validate a batch config in full (file and key named on error) before anything runs."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(BATCH_KEYS)}")
+    for key in raw:
+        if key not in BATCH_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r}; expected one of: {', '.join(BATCH_KEYS)}")
+    for key in ("inputs", "heads", "output_dir", "log"):
+        if key not in raw:
+            raise ConfigError(f"{path}: '{key}' is required: {BATCH_KEYS[key]}")
+    features = raw.get("features") or {}
+    unknown = [k for k in features if k not in BATCH_FEATURES] if isinstance(features, dict) else []
+    if unknown:
+        raise ConfigError(f"{path}: 'features.{unknown[0]}' does not apply to batch runs (the heads fix the "
+                          f"backbones, layers and precision); expected one of: {', '.join(BATCH_FEATURES)}")
+    features = parse_config({"features": features}, path)["features"]  # the run configs' type checks
+    inputs = []
+    for i, name in enumerate(_paths(raw["inputs"], "inputs", path)):
+        if not _near(path, name).exists():
+            raise ConfigError(f"{path}: 'inputs[{i}]': folder or file list not found: {_near(path, name)}")
+        inputs.append(_near(path, name))
+    for key in ("output_dir", "log"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise ConfigError(f"{path}: '{key}' must be {BATCH_KEYS[key]}, got {raw[key]!r}")
+    chunk = raw.get("chunk_size", DEFAULT_CHUNK)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ConfigError(f"{path}: 'chunk_size' must be {BATCH_KEYS['chunk_size']}, got {chunk!r}")
+    return BatchConfig(path, inputs, _head_files(raw["heads"], path), features, Path(raw["output_dir"]),
+                       Path(raw["log"]), chunk)
+
+
+def load_heads(config: BatchConfig) -> list[Head]:
+    """Every head loaded and its features checked against this installation, before the lock is taken."""
+    heads = []
+    for name, path in config.heads.items():
+        with open(path, "rb") as fh:
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        bundle = load_bundle(path)
+        heads.append(Head(name, path, sha, bundle, feature_options(bundle, path)))
+    return heads
+
+
+# --------------------------------------------------------------------------- lock, files, log
+
+@contextmanager
+def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
+    """Hold `folder/.batch.lock` for the run; the kernel releases it when the process dies, even by kill -9."""
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
+    except OSError as exc:
+        raise ConfigError(f"cannot create the batch lock {path}: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a batch run"
+            if on_lock == "exit":
+                raise LockBusy(f"another batch run ({holder}) holds {path}; exiting without doing anything "
+                               "(--on-lock wait queues behind it)") from None
+            print(f"waiting for the batch run that holds {path} ({holder})", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()} on {platform.node()} since {_now()}\n")
+        fh.flush()
+        yield
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _run_files(output_dir: Path) -> list[Path]:
+    return sorted(output_dir.glob("*/run-*.csv"))
+
+
+def _predicted(folder: Path, sha256: str) -> set[str]:
+    """Image ids this head (this exact file) has predicted in earlier runs."""
+    done: set[str] = set()
+    for path in sorted(folder.glob("run-*.csv")):
+        with open(path, newline="") as fh:
+            done.update(row["image_id"] for row in csv.DictReader(fh) if row["head_sha256"] == sha256)
+    return done
+
+
+def _append_log(log: Path, entry: dict) -> None:
+    """One JSON line, fsynced; a line cut short by an earlier kill is closed first, so this one parses."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a+b") as fh:
+        if fh.tell():
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(json.dumps(entry).encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_log(log: Path) -> list[dict]:
+    """The log's entries; a line a kill cut short is left out."""
+    entries = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def _recover(config: BatchConfig) -> None:
+    """Under the lock: drop temporary files of killed runs, and log runs whose files were committed but
+    whose own log line was never written (killed between the two), so the log accounts for every file."""
+    for tmp in config.output_dir.glob("*/.run-*.csv.tmp"):
+        tmp.unlink(missing_ok=True)
+    logged = {e.get("run_id") for e in read_log(config.log)}
+    unlogged: dict[str, list[Path]] = {}
+    for path in _run_files(config.output_dir):
+        run_id = path.stem.removeprefix("run-")
+        if run_id not in logged:
+            unlogged.setdefault(run_id, []).append(path)
+    for run_id, paths in unlogged.items():
+        rows = 0
+        for path in paths:
+            with open(path, newline="") as fh:
+                rows += sum(1 for _ in csv.DictReader(fh))
+        ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
+        _append_log(config.log, {"run_id": run_id, "status": "recovered", "started": None, "ended": ended,
+                                 "seen": None, "new": None, "skipped": None, "failed": None, "predicted": rows,
+                                 "seconds": None, "files": [str(p) for p in paths],
+                                 "note": "the run was killed after writing these files, before its log line"})
+
+
+# --------------------------------------------------------------------------- the run
+
+def scan_inputs(inputs: list[Path]) -> Dataset:
+    """Every visible file under each folder (recursively; hidden files and folders, such as uploads in
+    progress, are left alone) and every path of each list file, without labels."""
+    paths: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for source in inputs:
+        if source.is_dir():
+            paths += sorted(p for p in source.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        else:
+            listed = scan(source)
+            paths += listed.paths
+            skipped += listed.skipped
+    paths = list(dict.fromkeys(paths))
+    return Dataset(paths, np.full(len(paths), -1), [], skipped)
+
+
+def _predict_head(head: Head, pending: list[Path], config: BatchConfig, run_id: str, bar: tqdm) -> HeadRun:
+    """Stream one head's pending images chunk by chunk into `OUTPUT/<head>/run-<run_id>.csv`, committed
+    atomically once complete; memory holds one chunk's features at a time."""
+    result = HeadRun()
+    folder = config.output_dir / head.name
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"run-{run_id}.csv"
+    tmp = folder / f".{final.name}.tmp"
+    options = {k: v for k, v in config.features.items() if v is not None}
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
+                         *[f"p_{c}" for c in head.bundle["classes"]]])
+        for start in range(0, len(pending), config.chunk_size):
+            chunk = pending[start:start + config.chunk_size]
+            predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
+                                       progress=False, **options, **head.options)
+            for row in predictions.rows():
+                writer.writerow([run_id, head.name, head.sha256, *row])
+            result.rows += len(predictions.proba)
+            result.computed += predictions.report.computed
+            result.skipped.update(predictions.report.skipped)
+            bar.update(len(chunk))
+        fh.flush()
+        os.fsync(fh.fileno())
+    if result.rows:
+        os.replace(tmp, final)
+        fsync_dir(folder)
+        result.file = final
+    else:
+        tmp.unlink()
+    return result
+
+
+def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -> None:
+    dataset = scan_inputs(config.inputs)
+    skipped = dict(dataset.skipped)
+    ids = hash_files(dataset.paths)
+    skipped.update((str(p), "unreadable file") for p, i in zip(dataset.paths, ids, strict=True) if i is None)
+    first_path: dict[str, Path] = {}  # content id -> the first path with that content
+    for path, image_id in zip(dataset.paths, ids, strict=True):
+        if image_id is not None:
+            first_path.setdefault(image_id, path)
+    pending = {}
+    for head in heads:
+        done = _predicted(config.output_dir / head.name, head.sha256)
+        pending[head.name] = [p for i, p in first_path.items() if i not in done]
+    total = sum(map(len, pending.values()))
+    entry.update(seen=len(dataset.paths) + len(dataset.skipped), failed=total,
+                 new=len({path for paths in pending.values() for path in paths}))
+    with tqdm(total=total, unit="img", desc="batch", disable=None if progress else True) as bar:
+        for head in heads:
+            bar.set_description(head.name)
+            done = _predict_head(head, pending[head.name], config, entry["run_id"], bar)
+            entry["heads"][head.name].update(rows=done.rows, file=str(done.file) if done.file else None)
+            entry["predicted"] += done.rows
+            entry["computed"] += done.computed
+            entry["failed"] -= len(pending[head.name])
+            skipped.update(done.skipped)
+    entry["skipped"] = len(skipped)
+    entry["skipped_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
+
+
+def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",
+              progress: bool = True) -> dict:
+    """One batch run; returns its log entry (`exit_code` says how it went).
+
+    Config and head errors raise before anything is written; a run that fails once working is logged
+    with status "failed" (what it committed is kept) and, for a bug, re-raised."""
+    config = load_batch_config(config_path)
+    if scheduler:
+        config.features["scheduler"] = scheduler
+    heads = load_heads(config)
+    with batch_lock(config.output_dir, on_lock):
+        _recover(config)
+        started = time.perf_counter()
+        entry = {"run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
+                 "status": "running", "started": _now(), "ended": None, "seen": 0, "new": 0, "skipped": 0,
+                 "failed": 0, "predicted": 0, "computed": 0, "seconds": None, "exit_code": None,
+                 "heads": {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},
+                 "scheduler": config.features.get("scheduler"), "host": platform.node(), "pid": os.getpid()}
+        try:
+            _work(config, heads, entry, progress)
+            entry.update(status="partial" if entry["skipped"] else "ok",
+                         exit_code=EXIT_PARTIAL if entry["skipped"] else EXIT_OK)
+        except Exception as exc:
+            entry.update(status="failed", exit_code=EXIT_FAILED, error=first_line(exc))
+            if not isinstance(exc, PipelineError | OSError):
+                _finish(config, entry, started)
+                raise
+        _finish(config, entry, started)
+    return entry
+
+
+def _finish(config: BatchConfig, entry: dict, started: float) -> None:
+    entry.update(ended=_now(), seconds=round(time.perf_counter() - started, 3))
+    _append_log(config.log, entry)

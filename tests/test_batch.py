@@ -1,0 +1,257 @@
+"""`pipeline batch`: incremental runs, the lock, kill -9 and resume, the run log, a cluster losing a worker."""
+
+import csv
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.batch import LOCK_NAME, read_log, run_batch
+from pipeline.cache import FeatureStore
+from pipeline.cli import main
+from pipeline.extract import extract
+
+from .conftest import make_folder
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """Two heads fitted on tiny labelled images: logistic regression on the default layer and kNN on
+    stage6 (a second cache key, so the two heads' extractions are separate work)."""
+    root = tmp_path_factory.mktemp("batch_heads")
+    train = make_folder(root / "train", classes=3, per_class=6)
+    for name, options in (("lr", ["--type", "logistic_regression"]),
+                          ("knn", ["--type", "knn", "--source", "efficientnet_lite0:stage6"])):
+        assert main(["fit", "--data", str(train), *options, "--cache", str(root / "cache"),
+                     "--out", str(root / f"{name}.joblib"), "--quiet"]) == 0
+    return root
+
+
+def _config(tmp_path: Path, inputs, heads: dict, name="batch", **features) -> Path:
+    out = tmp_path / name
+    config = {"inputs": [str(p) for p in inputs], "heads": {k: str(v) for k, v in heads.items()},
+              "features": {"cache_dir": str(out / "cache"), **features},
+              "output_dir": str(out / "predictions"), "log": str(out / "runs.jsonl")}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((out / "predictions").glob("*/run-*.csv")):
+        with open(path, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def _by_image(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    keyed = {(r["head"], r["image_id"]): {k: v for k, v in r.items() if k not in ("run_id", "path")} for r in rows}
+    assert len(keyed) == len(rows), "duplicate prediction rows"
+    return keyed
+
+
+def test_unchanged_rerun_computes_nothing_and_appends_nothing(tmp_path, heads):
+    data = make_folder(tmp_path / "incoming", classes=2, per_class=4, start_seed=500)
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    first = run_batch(config, progress=False)
+    assert (first["exit_code"], first["seen"], first["new"], first["predicted"], first["computed"]) == (0, 8, 8, 8, 8)
+    rows = _rows(tmp_path / "batch")
+    assert len(rows) == 8 and {r["run_id"] for r in rows} == {first["run_id"]}
+    assert all(abs(sum(float(r[f"p_class{i}"]) for i in range(3)) - 1) < 1e-4 for r in rows)
+    files = {p: p.read_bytes() for p in (tmp_path / "batch" / "predictions").rglob("run-*.csv")}
+
+    again = run_batch(config, progress=False)
+    assert (again["exit_code"], again["seen"], again["new"], again["predicted"], again["computed"]) == (0, 8, 0, 0, 0)
+    assert {p: p.read_bytes() for p in (tmp_path / "batch" / "predictions").rglob("run-*.csv")} == files
+    log = read_log(tmp_path / "batch" / "runs.jsonl")
+    assert [e["run_id"] for e in log] == [first["run_id"], again["run_id"]]
+    required = {"run_id", "started", "ended", "seen", "new", "skipped", "failed", "predicted", "seconds"}
+    for entry in log:
+        assert required <= entry.keys()
+        assert entry["status"] == "ok" and entry["failed"] == 0 and entry["seconds"] >= 0
+
+
+def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp_path, heads):
+    data = make_folder(tmp_path / "incoming", classes=2, per_class=4, start_seed=600)
+    head = tmp_path / "model.joblib"
+    for suffix in ("", ".sha256"):
+        shutil.copy(heads / f"lr.joblib{suffix}", f"{head}{suffix}")
+    config = _config(tmp_path, [data], {"lr": head})
+    run_batch(config, progress=False)
+    added = make_folder(data / "day2", classes=1, per_class=3, start_seed=700)
+    (data / "day2" / "copy.jpg").write_bytes((data / "class0" / "img0.jpg").read_bytes())  # known content
+    (data / ".upload-in-progress.jpg").write_bytes(b"partial")  # hidden: not looked at
+    second = run_batch(config, progress=False)
+    assert (second["seen"], second["new"], second["predicted"], second["computed"]) == (12, 3, 3, 3)
+    new_rows = [r for r in _rows(tmp_path / "batch") if r["run_id"] == second["run_id"]]
+    assert sorted(r["path"] for r in new_rows) == sorted(str(p) for p in (added / "class0").iterdir())
+    assert len(_by_image(_rows(tmp_path / "batch"))) == 11
+
+    for suffix in ("", ".sha256"):  # the head file is replaced: every image is predicted again
+        shutil.copy(heads / f"knn.joblib{suffix}", f"{head}{suffix}")
+    third = run_batch(config, progress=False)
+    assert (third["new"], third["predicted"]) == (11, 11)
+    assert third["heads"]["lr"]["sha256"] != second["heads"]["lr"]["sha256"]
+
+
+def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, capsys):
+    data = make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=800)
+    (data / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    listing = tmp_path / "extra.txt"
+    listing.write_text(f"{data / 'class0' / 'img0.jpg'}\nmissing.jpg\n")
+    config = _config(tmp_path, [data, listing], {"lr": heads / "lr.joblib"})
+    assert main(["batch", str(config), "--quiet"]) == 3
+    out = capsys.readouterr().out
+    assert "skipped " + str(data / "class0" / "broken.jpg") in out and "file not found" in out
+    (entry,) = read_log(tmp_path / "batch" / "runs.jsonl")
+    assert (entry["status"], entry["seen"], entry["skipped"], entry["predicted"]) == ("partial", 5, 2, 3)
+    assert main(["batch", str(config), "--quiet"]) == 3  # still there, still reported; nothing predicted twice
+    assert len(_by_image(_rows(tmp_path / "batch"))) == 3
+
+
+def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, capsys):
+    data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=900)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"}, cache_dir=str(blocker / "cache"))
+    assert main(["batch", str(config), "--quiet"]) == 1
+    assert "cannot write the feature cache" in capsys.readouterr().err
+    (entry,) = read_log(tmp_path / "batch" / "runs.jsonl")
+    assert (entry["status"], entry["exit_code"], entry["failed"], entry["predicted"]) == ("failed", 1, 2, 0)
+    assert not _rows(tmp_path / "batch")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"ouput_dir": "x"}, "unknown key 'ouput_dir'"),
+    ({"log": None}, "'log' is required"),
+    ({"inputs": ["nowhere"]}, r"'inputs\[0\]': folder or file list not found"),
+    ({"features": {"backbones": ["resnet18"]}}, "'features.backbones' does not apply to batch runs"),
+    ({"features": {"batch_size": 0}}, "'features.batch_size' must be a positive integer"),
+    ({"heads": ["missing.joblib"]}, "'heads.missing': head file not found"),
+    ({"chunk_size": "big"}, "'chunk_size' must be a positive integer"),
+])
+def test_bad_batch_configs_are_refused_before_any_work(tmp_path, heads, capsys, change, message):
+    config = _config(tmp_path, [make_folder(tmp_path / "in", classes=1, per_class=1)], {"lr": heads / "lr.joblib"})
+    raw = json.loads(config.read_text())
+    raw.update(change)
+    config.write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
+    assert main(["batch", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(config) in err and re.search(message, err)
+    assert not (tmp_path / "batch").exists()
+
+
+def test_a_busy_lock_exits_with_code_4_or_waits(tmp_path, heads, capsys):
+    data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=950)
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    lock = tmp_path / "batch" / "predictions" / LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write("pid 1 on elsewhere since earlier\n")
+        holder.flush()
+        assert main(["batch", str(config), "--on-lock", "exit", "--quiet"]) == 4
+        assert "another batch run (pid 1 on elsewhere since earlier) holds" in capsys.readouterr().err
+        assert not (tmp_path / "batch" / "runs.jsonl").exists()
+        waiting = threading.Thread(target=run_batch, args=(config,), kwargs={"progress": False})
+        waiting.start()
+        time.sleep(1.5)
+        assert waiting.is_alive() and not (tmp_path / "batch" / "runs.jsonl").exists()
+    waiting.join(timeout=120)
+    assert not waiting.is_alive() and [e["predicted"] for e in read_log(tmp_path / "batch" / "runs.jsonl")] == [2]
+
+
+def _cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "batch", *map(str, args), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_leave_one_consistent_result(tmp_path, heads):
+    data = make_folder(tmp_path / "incoming", classes=3, per_class=8, start_seed=1000)
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    runs = [_cli(config), _cli(config)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sorted(e["predicted"] for e in read_log(tmp_path / "batch" / "runs.jsonl")) == [0, 24]
+    assert len(_by_image(_rows(tmp_path / "batch"))) == 24
+
+
+@pytest.mark.slow
+def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, heads):
+    data = make_folder(tmp_path / "incoming", classes=4, per_class=30, start_seed=2000)
+    both = {"lr": heads / "lr.joblib", "knn": heads / "knn.joblib"}
+    options = {"shard_size": 4, "batch_size": 4}
+    config = _config(tmp_path, [data], both, **options)
+    cache = tmp_path / "batch" / "cache"
+
+    first = _cli(config)  # killed during the first head's extraction
+    _wait_for(lambda: len(list(cache.glob("*/shards/*.json"))) >= 3, "the first shards")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert 0 < len(list(cache.glob("*/shards/*.json"))) < 30, "the kill did not land mid-extraction"
+    second = _cli(config)  # killed after committing the lr file, while the knn head extracts
+    _wait_for(lambda: list((tmp_path / "batch" / "predictions" / "lr").glob("run-*.csv")), "the lr file")
+    os.kill(second.pid, signal.SIGKILL)
+    second.wait()
+    assert not list((tmp_path / "batch" / "predictions" / "knn").glob("run-*.csv")), "the kill came too late"
+    third = _cli(config)
+    assert third.wait(timeout=300) == 0, third.communicate()[0]
+
+    clean = run_batch(_config(tmp_path, [data], both, name="clean", **options), progress=False)
+    assert clean["predicted"] == 240
+    assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
+    log = read_log(tmp_path / "batch" / "runs.jsonl")
+    assert [(e["status"], e["predicted"]) for e in log] == [("recovered", 120), ("ok", 120)]
+    for store in FeatureStore.all_in(cache):
+        assert store.verify() == []
+
+
+@pytest.mark.slow
+def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(tmp_path, heads):
+    from distributed import Client, LocalCluster
+
+    data = make_folder(tmp_path / "incoming", classes=3, per_class=32, start_seed=3000)
+    options = {"shard_size": 8, "batch_size": 8}
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"}, **options)
+    cache = tmp_path / "batch" / "cache"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = client.run(os.getpid)
+        run = _cli(config, "--scheduler", cluster.scheduler_address)
+        _wait_for(lambda: list(cache.glob("*/shards/*.json")), "the first shard")
+        busy = [worker for worker, tasks in client.processing().items() if tasks and worker in pids]
+        assert busy, "no worker was running a shard"
+        os.kill(pids[busy[0]], signal.SIGKILL)
+        out, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, out
+        assert pids[busy[0]] not in client.run(os.getpid).values()  # the nanny started a new worker
+
+    clean = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.joblib"}, name="clean", **options), progress=False)
+    assert clean["predicted"] == 96
+    assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
+    cluster_report = extract(data, cache_dir=cache, progress=False, **options)
+    clean_report = extract(data, cache_dir=tmp_path / "clean" / "cache", progress=False, **options)
+    assert cluster_report.computed == clean_report.computed == 0
+    (cluster_fs,), (clean_fs,) = cluster_report.feature_sets.values(), clean_report.feature_sets.values()
+    assert np.array_equal(cluster_fs.features.compute(), clean_fs.features.compute())
+    (store,) = FeatureStore.all_in(cache)
+    assert store.verify() == [] and len(store.index()) == 96
