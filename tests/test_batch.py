@@ -225,8 +225,18 @@ def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, hea
         assert store.verify() == []
 
 
+@pytest.fixture
+def restored_environ():
+    """distributed's LocalCluster writes OMP_NUM_THREADS=1 (and friends) into this process's environment for
+    its workers and leaves it there; later tests' subprocesses would inherit one-thread numerics."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.slow
-def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(tmp_path, heads):
+def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(tmp_path, heads, restored_environ):
     from distributed import Client, LocalCluster
 
     data = make_folder(tmp_path / "incoming", classes=3, per_class=32, start_seed=3000)
@@ -255,3 +265,22 @@ def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(
     assert np.array_equal(cluster_fs.features.compute(), clean_fs.features.compute())
     (store,) = FeatureStore.all_in(cache)
     assert store.verify() == [] and len(store.index()) == 96
+
+
+def test_the_example_batch_config_is_valid_once_its_folder_and_head_exist(tmp_path, heads):
+    """configs/batch.yaml, copied beside an inputs folder and a head file, loads as it stands."""
+    import yaml
+
+    from pipeline.batch import load_batch_config
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "batch.yaml"
+    raw = yaml.safe_load(example.read_text())
+    (tmp_path / "incoming").mkdir()
+    head = tmp_path / "runs/flowers/heads/logreg.joblib"
+    head.parent.mkdir(parents=True)
+    shutil.copy(heads / "lr.joblib", head)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/batch.yaml").write_text(example.read_text())
+    config = load_batch_config(tmp_path / "configs/batch.yaml")
+    assert config.heads == {"logreg": tmp_path / "configs/../runs/flowers/heads/logreg.joblib"}
+    assert config.output_dir == Path(raw["output_dir"]) and config.chunk_size == raw["chunk_size"]
