@@ -26,7 +26,7 @@ from pipeline.backbones import Preprocess
 from pipeline.data import scan
 from pipeline.errors import ConfigError
 from pipeline.extract import extract, resolve_device, resolve_precision
-from pipeline.finetune import LR, build_model
+from pipeline.finetune import LR, build_model, check_unfreeze
 from pipeline.heads import HeadSpec, fit_head
 from pipeline.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
@@ -190,16 +190,25 @@ def _warm_up(options: CompareOptions, data: _Data, network: nn.Module, spec: reg
           scratch_pre, settings, progress=False)
 
 
+def check_options(options: CompareOptions) -> None:
+    """Everything that can be refused before any work (a run config calls it before extracting)."""
+    if min(options.finetune_steps, options.scratch_steps, options.batch_size) < 1 or options.scratch_size < 16:
+        raise ConfigError("steps and batch size must be positive, and the scratch input at least 16 px")
+    if not options.seeds or not options.shots:
+        raise ConfigError("compare needs at least one seed and one shot count")
+    if options.probe_C <= 0:
+        raise ConfigError(f"probe_C must be positive, not {options.probe_C}")
+    check_unfreeze(options.unfreeze)
+    registry.resolve_weights(registry.get_spec(options.backbone))
+
+
 def compare(options: CompareOptions, progress: bool = True) -> dict:
     """Run every (k, seed) and write compare.json, compare.png and compare.html into `options.out`."""
     from tqdm.auto import tqdm
 
     from pipeline.report import compare_report
 
-    if min(options.finetune_steps, options.scratch_steps, options.batch_size) < 1 or options.scratch_size < 16:
-        raise ConfigError("steps and batch size must be positive, and the scratch input at least 16 px")
-    if not options.seeds or not options.shots:
-        raise ConfigError("compare needs at least one seed and one shot count")
+    check_options(options)
     options.device = resolve_device(options.device)
     options.precision = resolve_precision(options.precision, options.device)
     spec = registry.get_spec(options.backbone)

@@ -33,7 +33,8 @@ TOP_LEVEL_KEYS = {"data": "a folder path, or a mapping of split name to folder p
                   "heads": "a list of heads, each {name: NAME, type: TYPE, ...}",
                   "output_dir": "a folder for the run's models, metrics and report",
                   "memory_budget_mb": "a positive integer: past it, heads are fitted out of core",
-                  "finetune": "a mapping of fine-tuning settings (stage 3)"}
+                  "finetune": "a mapping of fine-tuning settings (stage 3)",
+                  "compare": "a mapping of transfer-vs-scratch settings"}
 DEFAULTS: dict[str, Any] = {"cache_dir": "cache", "device": "auto", "precision": "auto", "batch_size": 32,
                             "shard_size": 256, "scheduler": None, "weights": None}
 
@@ -74,10 +75,11 @@ def parse_config(raw: object, path: Path) -> dict:
         value = raw.get(key)
         if key in raw and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)):
             raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}, got {value!r}")
-    _check_finetune(raw.get("finetune"), path)
+    _check_section(raw, "finetune", FINETUNE_KEYS, path)
+    _check_section(raw, "compare", COMPARE_KEYS, path)
     return {"data": _data_sources(raw.get("data"), path), "features": features, "heads": raw.get("heads"),
             "output_dir": raw.get("output_dir"), "memory_budget_mb": raw.get("memory_budget_mb", 4096),
-            "finetune": raw.get("finetune"), "path": path}
+            "finetune": raw.get("finetune"), "compare": raw.get("compare"), "path": path}
 
 
 def _data_sources(data: Any, path: Path) -> dict[str, Path]:
@@ -204,17 +206,30 @@ FINETUNE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def _check_finetune(section: Any, path: Path) -> None:
+# compare: key -> (accepted types, what is expected); values are checked by pipeline.compare.check_options.
+COMPARE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "backbone": FINETUNE_KEYS["backbone"], "unfreeze": FINETUNE_KEYS["unfreeze"],
+    "shots": ((list,), "a list of labelled images per class: positive integers or all"),
+    "seeds": ((list,), "a list of integer seeds"),
+    "finetune_steps": ((int,), "a positive integer"), "scratch_steps": ((int,), "a positive integer"),
+    "scratch_size": ((int,), "an input size in pixels (at least 16)"),
+    "probe_C": _NUMBER, "batch_size": ((int,), "a positive integer"),
+}
+
+
+def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...], str]], path: Path) -> None:
+    """Keys and value types of an optional stage section; bool is never taken for a number."""
+    section = raw.get(name)
     if section is None:
         return
     if not isinstance(section, dict):
-        raise ConfigError(f"{path}: 'finetune' must be {TOP_LEVEL_KEYS['finetune']}")
+        raise ConfigError(f"{path}: '{name}' must be {TOP_LEVEL_KEYS[name]}")
     for key, value in section.items():
-        if key not in FINETUNE_KEYS:
-            raise ConfigError(f"{path}: unknown key 'finetune.{key}'; expected one of: {', '.join(FINETUNE_KEYS)}")
-        types, expected = FINETUNE_KEYS[key]
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown key '{name}.{key}'; expected one of: {', '.join(keys)}")
+        types, expected = keys[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ConfigError(f"{path}: 'finetune.{key}' must be {expected}, got {value!r}")
+            raise ConfigError(f"{path}: '{name}.{key}' must be {expected}, got {value!r}")
 
 
 def finetune_options(config: dict, output_dir: Path, features: dict):
@@ -238,4 +253,34 @@ def finetune_options(config: dict, output_dir: Path, features: dict):
         check_options(options)
     except PipelineError as exc:
         raise ConfigError(f"{config['path']}: 'finetune': {exc}") from None
+    return options
+
+
+def compare_options(config: dict, output_dir: Path, features: dict):
+    """The run config's compare: section as CompareOptions (None without one), checked before any work.
+    It trains on data.train and scores on data.test; cache, device and precision come from features:."""
+    from pipeline.compare import CompareOptions, check_options
+
+    section = config.get("compare")
+    if section is None:
+        return None
+    where = f"{config['path']}: 'compare"  # closed by each message
+    if "train" not in config["data"] or "test" not in config["data"]:
+        raise ConfigError(f"{where}' needs data.train and data.test (labelled folders)")
+    section = dict(section)
+    shots = section.pop("shots", [1, 5, 10, "all"])
+    if not all(s == "all" or (isinstance(s, int) and not isinstance(s, bool) and s > 0) for s in shots):
+        raise ConfigError(f"{where}.shots' must be {COMPARE_KEYS['shots'][1]}, got {shots!r}")
+    seeds = section.pop("seeds", [0, 1, 2])
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{where}.seeds' must be {COMPARE_KEYS['seeds'][1]}, got {seeds!r}")
+    backbone = section.pop("backbone", None) or (features.get("backbones") or ["efficientnet_lite0"])[0]
+    options = CompareOptions(config["data"]["train"], config["data"]["test"],
+                             [None if s == "all" else s for s in shots], seeds, backbone, **section,
+                             cache_dir=features["cache_dir"], out=output_dir / "compare", device=features["device"],
+                             precision=features["precision"])
+    try:
+        check_options(options)
+    except PipelineError as exc:
+        raise ConfigError(f"{where}': {exc}") from None
     return options

@@ -205,14 +205,19 @@ def _backbones_root(options: FinetuneOptions) -> Path:
     return Path(options.backbones_dir) if options.backbones_dir else registry.backbone_dirs()[0]
 
 
+def check_unfreeze(unfreeze: str) -> None:
+    """The syntax only; whether N fits the backbone is checked once the network is loaded."""
+    if not re.fullmatch(r"head|all|last:[1-9][0-9]*", unfreeze):
+        raise ConfigError(f"unfreeze must be head, all or last:N (N >= 1), not {unfreeze!r}")
+
+
 def check_options(options: FinetuneOptions) -> str:
     """Everything that can be refused before any work; returns the new backbone's id."""
     if options.init not in INITS:
         raise ConfigError(f"init must be one of {', '.join(INITS)}, not {options.init!r}")
     if not 0 <= options.val_fraction < 1 or options.lr_decay <= 0:
         raise ConfigError("val-fraction must be in [0, 1) and lr-decay > 0")
-    if not re.fullmatch(r"head|all|last:[1-9][0-9]*", options.unfreeze):
-        raise ConfigError(f"unfreeze must be head, all or last:N (N >= 1), not {options.unfreeze!r}")
+    check_unfreeze(options.unfreeze)
     options.train.check()
     spec = registry.get_spec(options.backbone)
     registry.resolve_weights(spec)

@@ -103,11 +103,13 @@ def _params(best_params: dict) -> str:
     return ", ".join(f"{key.split('__')[-1]}={value}" for key, value in best_params.items())
 
 
-def _figure_html(path: Path, caption: str) -> str:
+def _figure_html(path: Path, caption: str, href: str | None = None) -> str:
+    """The PNG inlined (the page stays self-contained) and linked; `href` when it is not beside the page."""
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><a href="{path.name}"><img alt="{html.escape(caption)}" '
+    href = html.escape(href or path.name)
+    return (f'<figure><a href="{href}"><img alt="{html.escape(caption)}" '
             f'src="data:image/png;base64,{data}"></a><figcaption>{html.escape(caption)} '
-            f'(<a href="{path.name}">{path.name}</a>)</figcaption></figure>')
+            f'(<a href="{href}">{href}</a>)</figcaption></figure>')
 
 
 def _ranking_section(metrics: dict) -> str:
@@ -156,7 +158,7 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
 <h2>Heads</h2>
 <table class="heads"><tr><th>head</th><th>type</th><th>features</th><th>test accuracy</th><th>macro-F1</th>
 <th>CV accuracy</th><th>fit time (s)</th><th>chosen by CV</th></tr>{head_rows}</table>
-{_ranking_section(metrics)}<h2>Best head: {html.escape(best)}</h2>
+{_ranking_section(metrics)}{_compare_section(out, metrics)}<h2>Best head: {html.escape(best)}</h2>
 {"".join(_figure_html(p, c) for p, c in figures)}
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>{class_rows}</table>
@@ -257,6 +259,34 @@ def compare_summary(runs: list[dict]) -> dict[tuple[str, str], dict]:
             for key, rs in groups.items()}
 
 
+def compare_rows(runs: list[dict]) -> list[dict]:
+    """compare_summary as JSON-ready rows: method, shots, and the means over seeds."""
+    return [{"method": method, "shots": shots, **stats} for (method, shots), stats in compare_summary(runs).items()]
+
+
+def _compare_table(rows: list[dict]) -> str:
+    cells = "".join(
+        f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['shots'])}</td><td>{r['images']:.0f}</td>"
+        f"<td>{r['accuracy']:.1%} ± {r['std']:.1%}</td><td>{r['seconds']:.2f}</td></tr>" for r in rows)
+    return ("<table><tr><th>method</th><th>labels per class</th><th>training images</th>"
+            f"<th>test accuracy (mean ± std)</th><th>seconds</th></tr>{cells}</table>")
+
+
+_COMPARE_NOTE = ("Fine-tuning starts from the probe (LP-FT), so its time includes the probe's; the frozen "
+                 "features were extracted once beforehand, in {:.1f} s, not counted in the times.")
+
+
+def _compare_section(out: Path, metrics: dict) -> str:
+    if "compare" not in metrics:
+        return ""
+    figure = out / "compare" / "compare.png"
+    return ("<h2>Transfer vs. scratch</h2><p class=\"sub\">The config's compare: section: the linear probe, "
+            "fine-tuning and a small CNN from scratch trained on the same k-shot draws of the training split. "
+            + _COMPARE_NOTE.format(metrics["compare"]["extract_seconds"]) + "</p>"
+            + _compare_table(metrics["compare"]["summary"])
+            + _figure_html(figure, "Accuracy and time against labelled images per class.", "compare/compare.png"))
+
+
 def compare_figure(result: dict, path: Path) -> Path:
     """Accuracy against labelled images per class (mean and seed spread), and wall time per method."""
     summary = compare_summary(result["runs"])
@@ -295,22 +325,14 @@ def compare_figure(result: dict, path: Path) -> Path:
 
 def compare_report(out: Path, result: dict) -> Path:
     """compare.png and compare.html (table of means over seeds) in `out`; returns the HTML path."""
-    summary = compare_summary(result["runs"])
     figure = _figure_html(compare_figure(result, out / "compare.png"),
                           "Transfer against training from scratch on the same k-shot draws.")
-    rows = "".join(
-        f"<tr><td>{html.escape(method)}</td><td>{html.escape(k)}</td><td>{s['images']:.0f}</td>"
-        f"<td>{s['accuracy']:.1%} ± {s['std']:.1%}</td><td>{s['seconds']:.1f}</td></tr>"
-        for (method, k), s in summary.items())
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Transfer vs. scratch</title>
 <style>{_STYLE}</style></head><body>
 <h1>Transfer vs. scratch</h1>
 <p class="sub">{result['train_images']} training and {result['test_images']} test images, {len(result['classes'])}
-classes. Backbone {html.escape(result['options']['backbone'])}; its frozen features were extracted once in
-{result['extract_seconds']:.1f} s (not counted below). Fine-tuning starts from the probe (LP-FT), so its time
-includes the probe's.</p>
-<table><tr><th>method</th><th>labels per class</th><th>training images</th><th>test accuracy (mean ± std)</th>
-<th>seconds</th></tr>{rows}</table>
+classes. Backbone {html.escape(result['options']['backbone'])}. {_COMPARE_NOTE.format(result['extract_seconds'])}</p>
+{_compare_table(compare_rows(result["runs"]))}
 {figure}
 </body></html>"""
     path = out / "compare.html"

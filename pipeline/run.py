@@ -1,7 +1,9 @@
 """`pipeline run CONFIG`: extract (or reuse) features, fit and compare every head, save, report.
 
 Writes into `output_dir`: `metrics.json` (the contract other tools read), `heads/<name>.joblib`
-bundles with their checksums, `predictions.csv` for the test split, and the HTML report.
+bundles with their checksums, `predictions.csv` for the test split, and the HTML report; with a
+`finetune:` section the fine-tuned backbone, with a `compare:` section the transfer-vs-scratch
+comparison in `compare/`, both summarised in metrics.json and the report.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.bundle import save_bundle
-from pipeline.config import DEFAULTS, auto_candidates, finetune_options, head_specs, load_config
+from pipeline.compare import CompareOptions
+from pipeline.config import DEFAULTS, auto_candidates, compare_options, finetune_options, head_specs, load_config
 from pipeline.data import Dataset, scan
 from pipeline.errors import ConfigError
 from pipeline.extract import ExtractReport, FeatureSet, extract
@@ -130,7 +133,8 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     features["backbones"] = features.get("backbones") or ["efficientnet_lite0"]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
-    stage3 = finetune_options(config, out, features)  # checked before any extraction
+    stage3 = finetune_options(config, out, features)  # both checked before any extraction
+    comparison = compare_options(config, out, features)
 
     reports = {split: extract(splits[split], progress=progress, **features) for split in ("train", "test")}
     train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
@@ -180,6 +184,8 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         metrics["rank"] = as_json(ranking)
     if stage3 is not None:
         metrics["finetune"] = _finetune(stage3, progress)
+    if comparison is not None:
+        metrics["compare"] = _compare(comparison, progress)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
@@ -201,6 +207,17 @@ def _finetune(options: FinetuneOptions, progress: bool) -> dict:
           + ("" if probe is None else f" (linear probe alone {probe:.1%})"))
     return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "seconds": result["seconds"],
             "backbone": result["backbone"]}
+
+
+def _compare(options: CompareOptions, progress: bool) -> dict:
+    """The config's compare: section; metrics.json keeps the means over seeds, compare/ everything."""
+    from pipeline.compare import compare
+    from pipeline.report import compare_rows
+
+    result = compare(options, progress=progress)
+    print(f"compare: {Path(options.out) / 'compare.json'}")
+    return {"summary": compare_rows(result["runs"]), "extract_seconds": result["extract_seconds"],
+            "results": str(Path(options.out).name) + "/compare.json"}
 
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,

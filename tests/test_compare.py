@@ -53,3 +53,51 @@ def test_cli_refuses_bad_compare_and_finetune_options_in_one_line(tmp_path, caps
                  "--out", str(tmp_path / "o")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "--shots" in errors[0] and "unfreeze must be" in errors[1]
+
+
+def _run_config(tmp_path, compare_section: str):
+    make_folder(tmp_path / "train", classes=3, per_class=4)
+    make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{train: {tmp_path / 'train'}, test: {tmp_path / 'test'}}}\n"
+                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {tmp_path / 'cache'}, device: cpu}}\n"
+                    "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
+                    f"output_dir: {tmp_path / 'out'}\ncompare: {compare_section}\n")
+    return path
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("{shots: [1], sedes: [0]}", r"unknown key 'compare\.sedes'"),
+    ("{shots: [0, all]}", r"'compare\.shots' must be a list of labelled images per class"),
+    ("{seeds: one}", r"'compare\.seeds' must be a list of integer seeds"),
+    ("{unfreeze: some}", r"'compare': unfreeze must be head, all or last:N"),
+    ("{scratch_size: 8}", r"'compare': .*scratch input at least 16 px"),
+    ("{backbone: resnet9000}", r"'compare': .*resnet9000"),
+    ("[1, 5]", r"'compare' must be a mapping"),
+])
+def test_run_config_compare_section_is_checked_before_any_work(tmp_path, section, message):
+    from pipeline.run import run
+
+    path = _run_config(tmp_path, section)
+    with pytest.raises(ConfigError, match=message) as info:
+        run(path, progress=False)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_run_config_compare_section_adds_its_summary_to_metrics_and_report(tmp_path):
+    from pipeline.run import run
+
+    section = "{shots: [1, all], seeds: [0, 1], finetune_steps: 1, scratch_steps: 2, scratch_size: 32, batch_size: 4}"
+    metrics = run(_run_config(tmp_path, section), progress=False)
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["compare"] == metrics["compare"]
+    rows = {(r["method"], r["shots"]): r for r in metrics["compare"]["summary"]}
+    assert set(rows) == {(m, k) for m in ("linear probe", "fine-tuning", "from scratch") for k in ("1", "all")}
+    assert all(r["seeds"] == 2 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+    assert rows[("from scratch", "all")]["images"] == 12
+    detail = json.loads((out / metrics["compare"]["results"]).read_text())
+    assert len(detail["runs"]) == 3 * 2 * 2
+    report = (out / "report.html").read_text()
+    assert "Transfer vs. scratch" in report and 'href="compare/compare.png"' in report
+    assert (out / "compare" / "compare.png").is_file()
