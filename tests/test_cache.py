@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -201,3 +202,16 @@ def test_adding_a_layer_computes_it_without_rewriting_the_complete_one(tiny_fold
     report = extract(tiny_folder, cache_dir=cache_dir, progress=False, layers=["head", "stage5"])
     assert report.computed == 12 and head.records() == before
     assert report.feature_sets[("efficientnet_lite0", "stage5")].features.shape == (12, 112)
+
+
+def test_workers_started_with_dask_malloc_trim_get_glibc_thresholds_back():
+    """The nanny's MALLOC_TRIM_THRESHOLD_ halves the forward pass's speed; a worker undoes it, a plain
+    process is left alone."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are glibc's")
+    code = "from pipeline.extract import undo_worker_malloc_trim; print(undo_worker_malloc_trim())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    worker = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_TRIM_THRESHOLD_": "65536"},
+                            capture_output=True, text=True, check=True)
+    assert (plain.stdout.strip(), worker.stdout.strip()) == ("False", "True")
