@@ -120,8 +120,8 @@ def load_batch_config(path: str | os.PathLike) -> BatchConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
     if not isinstance(raw, dict):
@@ -154,11 +154,15 @@ def load_batch_config(path: str | os.PathLike) -> BatchConfig:
 
 
 def load_heads(config: BatchConfig) -> list[Head]:
-    """Every head loaded and its features checked against this installation, before the lock is taken."""
+    """Every head loaded and its features checked against this installation. Called under the lock, so a
+    run that waited for another one applies the head files as they are when it starts."""
     heads = []
     for name, path in config.heads.items():
-        with open(path, "rb") as fh:
-            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        try:
+            with open(path, "rb") as fh:
+                sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise ConfigError(f"{config.path}: 'heads.{name}': cannot read {path}: {exc.strerror or exc}") from None
         bundle = load_bundle(path)
         heads.append(Head(name, path, sha, bundle, feature_options(bundle, path)))
     return heads
@@ -204,7 +208,7 @@ def _predicted(folder: Path, sha256: str) -> set[str]:
     done: set[str] = set()
     for path in sorted(folder.glob("run-*.csv")):
         with open(path, newline="") as fh:
-            done.update(row["image_id"] for row in csv.DictReader(fh) if row["head_sha256"] == sha256)
+            done.update(row["image_id"] for row in csv.DictReader(fh) if row.get("head_sha256") == sha256)
     return done
 
 
@@ -267,16 +271,19 @@ def scan_inputs(inputs: list[Path]) -> Dataset:
             paths += sorted(p for p in source.rglob("*") if p.is_file()
                             and not any(part.startswith(".") for part in p.relative_to(source).parts))
         else:
-            listed = scan(source)
+            listed = scan(source, allow_empty_list=True)
             paths += listed.paths
             skipped += listed.skipped
     paths = list(dict.fromkeys(paths))
     return Dataset(paths, np.full(len(paths), -1), [], skipped)
 
 
-def _predict_head(head: Head, pending: list[Path], config: BatchConfig, run_id: str, bar: tqdm) -> HeadRun:
+def _predict_head(head: Head, pending: list[Path], done: set[str], config: BatchConfig, run_id: str,
+                  bar: tqdm) -> HeadRun:
     """Stream one head's pending images chunk by chunk into `OUTPUT/<head>/run-<run_id>.csv`, committed
-    atomically once complete; memory holds one chunk's features at a time."""
+    atomically once complete; memory holds one chunk's features at a time. Rows are checked against
+    `done` (grown as they are written) by the id extraction computed, so a file rewritten during the
+    run with content already predicted does not give a second row."""
     result = HeadRun()
     folder = config.output_dir / head.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -292,8 +299,10 @@ def _predict_head(head: Head, pending: list[Path], config: BatchConfig, run_id: 
             predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
                                        progress=False, **options, **head.options)
             for row in predictions.rows():
-                writer.writerow([run_id, head.name, head.sha256, *row])
-            result.rows += len(predictions.proba)
+                if row[1] not in done:  # row: path, image id, ...
+                    done.add(row[1])
+                    writer.writerow([run_id, head.name, head.sha256, *row])
+                    result.rows += 1
             result.computed += predictions.report.computed
             result.skipped.update(predictions.report.skipped)
             bar.update(len(chunk))
@@ -309,30 +318,34 @@ def _predict_head(head: Head, pending: list[Path], config: BatchConfig, run_id: 
 
 
 def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -> None:
+    """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone."""
     dataset = scan_inputs(config.inputs)
     skipped = dict(dataset.skipped)
+    entry["seen"] = len(dataset.paths) + len(dataset.skipped)
     ids = hash_files(dataset.paths)
     skipped.update((str(p), "unreadable file") for p, i in zip(dataset.paths, ids, strict=True) if i is None)
+    _note_skipped(entry, skipped)
     first_path: dict[str, Path] = {}  # content id -> the first path with that content
     for path, image_id in zip(dataset.paths, ids, strict=True):
         if image_id is not None:
             first_path.setdefault(image_id, path)
-    pending = {}
-    for head in heads:
-        done = _predicted(config.output_dir / head.name, head.sha256)
-        pending[head.name] = [p for i, p in first_path.items() if i not in done]
-    total = sum(map(len, pending.values()))
-    entry.update(seen=len(dataset.paths) + len(dataset.skipped), failed=total,
-                 new=len({path for paths in pending.values() for path in paths}))
-    with tqdm(total=total, unit="img", desc="batch", disable=None if progress else True) as bar:
-        for head in heads:
+    done = {head.name: _predicted(config.output_dir / head.name, head.sha256) for head in heads}
+    pending = {head.name: [p for i, p in first_path.items() if i not in done[head.name]] for head in heads}
+    entry["new"] = entry["failed"] = len({path for paths in pending.values() for path in paths})
+    with tqdm(total=sum(map(len, pending.values())), unit="img", desc="batch",
+              disable=None if progress else True) as bar:
+        for i, head in enumerate(heads):
             bar.set_description(head.name)
-            done = _predict_head(head, pending[head.name], config, entry["run_id"], bar)
-            entry["heads"][head.name].update(rows=done.rows, file=str(done.file) if done.file else None)
-            entry["predicted"] += done.rows
-            entry["computed"] += done.computed
-            entry["failed"] -= len(pending[head.name])
-            skipped.update(done.skipped)
+            result = _predict_head(head, pending[head.name], done[head.name], config, entry["run_id"], bar)
+            entry["heads"][head.name].update(rows=result.rows, file=str(result.file) if result.file else None)
+            entry["predicted"] += result.rows
+            entry["computed"] += result.computed
+            entry["failed"] = len({path for later in heads[i + 1:] for path in pending[later.name]})
+            skipped.update(result.skipped)
+            _note_skipped(entry, skipped)
+
+
+def _note_skipped(entry: dict, skipped: dict[str, str]) -> None:
     entry["skipped"] = len(skipped)
     entry["skipped_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
 
@@ -346,9 +359,13 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
     config = load_batch_config(config_path)
     if scheduler:
         config.features["scheduler"] = scheduler
-    heads = load_heads(config)
     with batch_lock(config.output_dir, on_lock):
-        _recover(config)
+        heads = load_heads(config)
+        _check_log(config.log)
+        try:
+            _recover(config)
+        except OSError as exc:
+            raise ConfigError(f"cannot tidy up after earlier runs in {config.output_dir}: {exc}") from None
         started = time.perf_counter()
         entry = {"run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
                  "status": "running", "started": _now(), "ended": None, "seen": 0, "new": 0, "skipped": 0,
@@ -366,6 +383,16 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
                 raise
         _finish(config, entry, started)
     return entry
+
+
+def _check_log(log: Path) -> None:
+    """A log that cannot be written is found before the work, not after it."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run log {log}: {exc.strerror or exc}") from None
 
 
 def _finish(config: BatchConfig, entry: dict, started: float) -> None:

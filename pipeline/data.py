@@ -42,11 +42,11 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def scan(source: str | os.PathLike) -> Dataset:
+def scan(source: str | os.PathLike, allow_empty_list: bool = False) -> Dataset:
     """An image folder (`DIR/<class>/<image>`), a flat folder of images, or a text file listing paths."""
     source = Path(source)
     if source.is_file():
-        return _scan_list(source)
+        return _scan_list(source, allow_empty_list)
     if not source.is_dir():
         raise DataError(f"data folder or file list not found: {source}")
     class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and _visible(p))
@@ -66,8 +66,9 @@ def scan(source: str | os.PathLike) -> Dataset:
     return Dataset(paths, np.asarray(labels), [d.name for d in class_dirs], skipped)
 
 
-def _scan_list(list_file: Path) -> Dataset:
-    """One path per line; relative paths are taken from the list's own folder; '#' starts a comment."""
+def _scan_list(list_file: Path, allow_empty: bool = False) -> Dataset:
+    """One path per line; relative paths are taken from the list's own folder; '#' starts a comment.
+    `allow_empty` for a queue that a scheduled job reads: an emptied list means nothing new."""
     base = list_file.parent
     try:
         lines = list_file.read_text().splitlines()
@@ -80,7 +81,7 @@ def _scan_list(list_file: Path) -> Dataset:
             continue
         path = Path(line) if Path(line).is_absolute() else base / line
         (paths.append(path) if path.is_file() else skipped.append((str(path), "file not found")))
-    if not paths and not skipped:
+    if not paths and not skipped and not allow_empty:
         raise DataError(f"no paths listed in {list_file}")
     return Dataset(paths, np.full(len(paths), -1), [], skipped)
 

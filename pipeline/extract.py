@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pipeline import backbones as registry
 from pipeline.cache import CacheKey, FeatureStore
 from pipeline.data import Dataset, decode, hash_files, scan
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError, first_line
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -206,7 +206,7 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
         # Dask's local in-process scheduler, one shard at a time: torch already uses every core.
         tasks = [dask.delayed(run_shard, pure=False)(job, bar.update) for job in jobs]
         return list(dask.compute(*tasks, scheduler="sync"))
-    from distributed import Client, as_completed
+    from distributed import Client, KilledWorker, as_completed
 
     try:
         client = Client(scheduler, timeout="10s", set_as_default=False)
@@ -216,7 +216,11 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
         futures = client.compute([dask.delayed(run_shard, pure=False)(job) for job in jobs])
         results = []
         for future in as_completed(futures, loop=client.loop):
-            result = future.result()
+            try:
+                result = future.result()
+            except KilledWorker as exc:  # the cluster already retried it on other workers
+                raise CacheError(f"Dask gave up on a shard after its workers died ({first_line(exc)}); "
+                                 "finished shards are kept, rerun to compute the rest") from None
             bar.update(result.computed + len(result.failed))
             results.append(result)
         return results

@@ -124,12 +124,41 @@ def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, cap
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=900)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"}, cache_dir=str(blocker / "cache"))
+    (data / "class0" / "broken.jpg").write_bytes(b"not an image")
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib", "knn": heads / "knn.joblib"},
+                     cache_dir=str(blocker / "cache"))
     assert main(["batch", str(config), "--quiet"]) == 1
     assert "cannot write the feature cache" in capsys.readouterr().err
     (entry,) = read_log(tmp_path / "batch" / "runs.jsonl")
-    assert (entry["status"], entry["exit_code"], entry["failed"], entry["predicted"]) == ("failed", 1, 2, 0)
+    assert (entry["status"], entry["exit_code"], entry["predicted"]) == ("failed", 1, 0)
+    assert (entry["seen"], entry["new"], entry["failed"]) == (3, 3, 3)  # images, whatever the number of heads
     assert not _rows(tmp_path / "batch")
+
+
+def test_an_emptied_list_file_means_nothing_new(tmp_path, heads):
+    queue = tmp_path / "queue.txt"
+    queue.write_text("# paths are appended here by the upload service\n")
+    config = _config(tmp_path, [queue], {"lr": heads / "lr.joblib"})
+    entry = run_batch(config, progress=False)
+    assert (entry["status"], entry["exit_code"], entry["seen"], entry["predicted"]) == ("ok", 0, 0, 0)
+
+
+def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp_path, heads, monkeypatch):
+    """Ids come from hashing before the work and again in extraction; a file that changed between the two
+    to content already predicted is written once only."""
+    import pipeline.batch
+
+    data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=960)
+    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    assert run_batch(config, progress=False)["predicted"] == 2
+    copy = data / "class0" / "copy.jpg"
+    shutil.copy(data / "class0" / "img0.jpg", copy)
+    real = pipeline.batch.hash_files
+    monkeypatch.setattr(pipeline.batch, "hash_files",  # what hashing saw before the file was overwritten
+                        lambda paths: ["0" * 16 if p == copy else i for p, i in zip(paths, real(paths), strict=True)])
+    entry = run_batch(config, progress=False)
+    assert (entry["new"], entry["predicted"]) == (1, 0)
+    assert len(_by_image(_rows(tmp_path / "batch"))) == 2
 
 
 @pytest.mark.parametrize("change,message", [
