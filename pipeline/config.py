@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +60,8 @@ def parse_config(raw: object, path: Path) -> dict:
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{path}: unknown key {key!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
+    _check_section(raw, "features", FEATURES_KEYS, path, _bad_feature)
     features = raw.get("features") or {}
-    if not isinstance(features, dict):
-        raise ConfigError(f"{path}: 'features' must be {TOP_LEVEL_KEYS['features']}")
-    for key, value in features.items():
-        if key not in FEATURES_KEYS:
-            raise ConfigError(f"{path}: unknown key 'features.{key}'; expected one of: {', '.join(FEATURES_KEYS)}")
-        types, expected = FEATURES_KEYS[key]
-        bad_list = isinstance(value, list) and not all(isinstance(v, str) for v in value)
-        bad_count = isinstance(value, int) and value < 1
-        bad_auto = key == "backbones" and isinstance(value, str) and value != "auto"
-        if not isinstance(value, types) or isinstance(value, bool) or bad_list or bad_count or bad_auto:
-            raise ConfigError(f"{path}: 'features.{key}' must be {expected}, got {value!r}")
     for key, kind in (("heads", list), ("output_dir", str), ("memory_budget_mb", int)):
         value = raw.get(key)
         if key in raw and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)):
@@ -217,8 +208,18 @@ COMPARE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...], str]], path: Path) -> None:
-    """Keys and value types of an optional stage section; bool is never taken for a number."""
+def _bad_feature(key: str, value: Any) -> bool:
+    """What the features: types alone let through: lists of non-strings, counts below one, a word
+    other than auto for backbones."""
+    bad_list = isinstance(value, list) and not all(isinstance(v, str) for v in value)
+    bad_count = isinstance(value, int) and value < 1
+    return bad_list or bad_count or (key == "backbones" and isinstance(value, str) and value != "auto")
+
+
+def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...], str]], path: Path,
+                   bad: Callable[[str, Any], bool] | None = None) -> None:
+    """Keys and value types of an optional section; bool is never taken for a number; `bad` adds
+    the section's own value rules."""
     section = raw.get(name)
     if section is None:
         return
@@ -228,7 +229,8 @@ def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...],
         if key not in keys:
             raise ConfigError(f"{path}: unknown key '{name}.{key}'; expected one of: {', '.join(keys)}")
         types, expected = keys[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+                or (bad is not None and bad(key, value))):
             raise ConfigError(f"{path}: '{name}.{key}' must be {expected}, got {value!r}")
 
 

@@ -52,3 +52,13 @@ def tiny_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+def stage_run_config(path: Path, data: Path, cache: Path, out: Path, section: str) -> Path:
+    """A run config over `data/train` and `data/test` with one logistic-regression head, plus one
+    stage section (for example `finetune: {epochs: 1}`)."""
+    path.write_text(f"data: {{train: {data / 'train'}, test: {data / 'test'}}}\n"
+                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {cache}, device: cpu}}\n"
+                    "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
+                    f"output_dir: {out}\n{section}\n")
+    return path

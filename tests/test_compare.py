@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.compare import CompareOptions, compare, kshot_rows, parse_shots
 from pipeline.errors import ConfigError
 
-from .conftest import make_folder
+from .conftest import make_folder, stage_run_config
 
 
 def test_kshot_draws_are_stratified_seeded_and_nested_in_the_classes():
@@ -58,12 +58,8 @@ def test_cli_refuses_bad_compare_and_finetune_options_in_one_line(tmp_path, caps
 def _run_config(tmp_path, compare_section: str):
     make_folder(tmp_path / "train", classes=3, per_class=4)
     make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
-    path = tmp_path / "run.yaml"
-    path.write_text(f"data: {{train: {tmp_path / 'train'}, test: {tmp_path / 'test'}}}\n"
-                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {tmp_path / 'cache'}, device: cpu}}\n"
-                    "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
-                    f"output_dir: {tmp_path / 'out'}\ncompare: {compare_section}\n")
-    return path
+    return stage_run_config(tmp_path / "run.yaml", tmp_path, tmp_path / "cache", tmp_path / "out",
+                            f"compare: {compare_section}")
 
 
 @pytest.mark.parametrize(("section", "message"), [

@@ -15,7 +15,7 @@ from pipeline.finetune import FinetuneOptions, blocks, finetune, linear_from_pro
 from pipeline.heads import HeadSpec, fit_head
 from pipeline.training import TrainSettings, train
 
-from .conftest import make_folder
+from .conftest import make_folder, stage_run_config
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +158,8 @@ def test_unfreeze_choices_and_blocks_of_lite0():
 
 
 def _run_config(folders: Path, tmp_path: Path, finetune: str) -> Path:
-    path = tmp_path / "run.yaml"
-    path.write_text(f"data: {{train: {folders / 'train'}, test: {folders / 'test'}}}\n"
-                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {folders / 'cache'}}}\n"
-                    "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
-                    f"output_dir: {tmp_path / 'out'}\nfinetune: {finetune}\n")
-    return path
+    return stage_run_config(tmp_path / "run.yaml", folders, folders / "cache", tmp_path / "out",
+                            f"finetune: {finetune}")
 
 
 @pytest.mark.parametrize(("section", "message"), [
