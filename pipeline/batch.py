@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,12 @@ def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
         yield
 
 
+def _new_run_id() -> str:
+    """UTC time to the microsecond, then a random tag: run files sort in the order the runs (serialised
+    by the lock) started, which is how the latest prediction of an image is found."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-{uuid.uuid4().hex[:6]}"
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -204,12 +211,13 @@ def _run_files(output_dir: Path) -> list[Path]:
 
 
 def _predicted(folder: Path, sha256: str) -> set[str]:
-    """Image ids this head (this exact file) has predicted in earlier runs."""
-    done: set[str] = set()
+    """Image ids whose latest prediction under this head name came from this exact file. Run files sort
+    by time, so a head refitted and then put back predicts again what the other version predicted."""
+    latest: dict[str, str | None] = {}
     for path in sorted(folder.glob("run-*.csv")):
         with open(path, newline="") as fh:
-            done.update(row["image_id"] for row in csv.DictReader(fh) if row.get("head_sha256") == sha256)
-    return done
+            latest.update((row["image_id"], row.get("head_sha256")) for row in csv.DictReader(fh))
+    return {image_id for image_id, sha in latest.items() if sha == sha256}
 
 
 def _append_log(log: Path, entry: dict) -> None:
@@ -367,7 +375,7 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
         except OSError as exc:
             raise ConfigError(f"cannot tidy up after earlier runs in {config.output_dir}: {exc}") from None
         started = time.perf_counter()
-        entry = {"run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
+        entry = {"run_id": _new_run_id(),
                  "status": "running", "started": _now(), "ended": None, "seen": 0, "new": 0, "skipped": 0,
                  "failed": 0, "predicted": 0, "computed": 0, "seconds": None, "exit_code": None,
                  "heads": {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},

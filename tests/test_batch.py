@@ -103,6 +103,10 @@ def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp
     third = run_batch(config, progress=False)
     assert (third["new"], third["predicted"]) == (11, 11)
     assert third["heads"]["lr"]["sha256"] != second["heads"]["lr"]["sha256"]
+    for suffix in ("", ".sha256"):  # put back: the latest rows came from the other file, so again
+        shutil.copy(heads / f"lr.joblib{suffix}", f"{head}{suffix}")
+    assert run_batch(config, progress=False)["predicted"] == 11
+    assert run_batch(config, progress=False)["predicted"] == 0
 
 
 def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, capsys):
