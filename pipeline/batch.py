@@ -100,6 +100,8 @@ def _near(config: Path, name: str) -> Path:
 
 
 def _head_files(value: object, path: Path) -> dict[str, Path]:
+    if value == {}:
+        raise ConfigError(f"{path}: 'heads' must be {BATCH_KEYS['heads']}, got {{}}")
     named = value if isinstance(value, dict) else {Path(p).name.removesuffix(".joblib"): p
                                                    for p in _paths(value, "heads", path)}
     if isinstance(value, list) and len(named) != len(value):

@@ -172,6 +172,7 @@ def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp
     ({"features": {"backbones": ["resnet18"]}}, "'features.backbones' does not apply to batch runs"),
     ({"features": {"batch_size": 0}}, "'features.batch_size' must be a positive integer"),
     ({"heads": ["missing.joblib"]}, "'heads.missing': head file not found"),
+    ({"heads": {}}, "'heads' must be"),
     ({"chunk_size": "big"}, "'chunk_size' must be a positive integer"),
 ])
 def test_bad_batch_configs_are_refused_before_any_work(tmp_path, heads, capsys, change, message):
