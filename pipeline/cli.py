@@ -415,9 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     backbones = sub.add_parser("backbones", help="list registered backbones, their layers and weights")
     backbones.set_defaults(func=cmd_backbones)
 
-    run = sub.add_parser("run", help="run every stage a YAML config names (extract, heads, report)",
+    run = sub.add_parser("run", help="run every stage a YAML config names (extract, heads, finetune, compare)",
                          description="Extract (or reuse) features, fit and compare the config's heads, save them, "
-                                     "and write metrics.json, predictions.csv and report.html to output_dir.")
+                                     "then fine-tune (a finetune: section) and compare transfer with training from "
+                                     "scratch (a compare: section); write metrics.json, predictions.csv and "
+                                     "report.html to output_dir. The whole config is checked before any work.")
     run.add_argument("config", help="YAML run config (see configs/demo.yaml)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
