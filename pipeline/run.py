@@ -124,7 +124,10 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         raise ConfigError(f"{config_path}: 'output_dir': cannot create {out}: {exc.strerror or exc}") from None
     features = {**DEFAULTS, **config["features"]}
     ranking = None
-    if features.get("backbones") == "auto":
+    if features.get("backbones") == "auto":  # the stage sections are checked before ranking extracts
+        stand_in = {**features, "backbones": auto_candidates(features)[:1]}
+        finetune_options(config, out, stand_in)
+        compare_options(config, out, stand_in)
         ranking = _rank_candidates(splits["train"], features, progress)
         config = {**config, "features": {**config["features"], "backbones": [ranking[0].candidate.split(":")[0]]}}
         specs = head_specs(config)

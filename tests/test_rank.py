@@ -158,3 +158,13 @@ def test_auto_config_errors(tmp_path, features: str, heads: str, message: str) -
     path.write_text(f"features: {features}\nheads: {heads}\noutput_dir: out\n")
     with pytest.raises(PipelineError, match=message):
         head_specs(load_config(path))
+
+
+def test_auto_backbones_check_the_stage_sections_before_ranking_extracts(tmp_path) -> None:
+    from pipeline.run import run
+
+    path = _auto_config(tmp_path, "heads: [{name: lr, type: logistic_regression, C: 1.0}]\n")
+    path.write_text(path.read_text() + "compare: {unfreeze: some}\n")
+    with pytest.raises(PipelineError, match="'compare': unfreeze must be"):
+        run(path, progress=False)
+    assert not (tmp_path / "cache").exists()
