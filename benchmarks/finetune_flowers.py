@@ -44,6 +44,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     m = result.metrics
     summary = {k: m[k] for k in ("accuracy", "macro_f1", "probe_accuracy", "seconds", "train_seconds", "best_epoch",
+                                 "start_val_accuracy",
                                  "stopped_early", "trainable_parameters", "images")}
     summary["settings"] = vars(args)
     summary["history"] = m["history"]

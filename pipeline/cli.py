@@ -244,6 +244,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     result = finetune(options, progress=not args.quiet, on_epoch=report)
     m = result.metrics
+    if m["best_epoch"] == 0:
+        print(f"no epoch beat the starting weights on the validation split ({m['start_val_accuracy']:.1%}): "
+              "the saved backbone keeps them (with LP-FT: the parent network and the probe as its head)")
     if m.get("probe_accuracy") is not None:
         print(f"linear probe alone (the LP-FT starting point): test accuracy {m['probe_accuracy']:.1%}")
     if "accuracy" in m:

@@ -133,6 +133,15 @@ class TrainResult:
     stopped_early: bool = False
     seconds: float = 0.0
     resumed_from: int = 0  # epochs already done when this process started
+    start_val_accuracy: float | None = None  # of the starting weights (epoch 0), with a validation split
+
+
+def _val_accuracy(model: nn.Module, val_set: Images, pre: Preprocess, settings: TrainSettings) -> float:
+    return float((predict_logits(model, val_set, pre, settings).argmax(1) == val_set.labels).mean())
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
@@ -175,20 +184,24 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         result = TrainResult(state["history"], state["best_epoch"], state["stopped_early"], state["seconds"],
-                             len(state["history"]))
+                             len(state["history"]), state.get("start_val_accuracy"))
         best_val, best_state = state["best_val"], state["best_state"]
+    elif val_set is not None and len(val_set.labels):
+        # Epoch 0, the starting weights (with LP-FT: the linear probe), competes for the best epoch, so a
+        # run that only overfits its few images ends where it started instead of below it.
+        result.start_val_accuracy = _val_accuracy(model, val_set, pre, settings)
+        best_val, best_state = result.start_val_accuracy, _copy_state(model)
     started = time.perf_counter() - result.seconds
     epoch = len(result.history)
     while epoch < settings.epochs and not result.stopped_early:
         epoch += 1
         record = _epoch(model, optimizer, scheduler, loss_fn, augment, train_set, pre, settings, epoch, progress)
         if val_set is not None and len(val_set.labels):
-            predicted = predict_logits(model, val_set, pre, settings).argmax(1)
-            record["val_accuracy"] = float((predicted == val_set.labels).mean())
+            record["val_accuracy"] = _val_accuracy(model, val_set, pre, settings)
         score = record.get("val_accuracy", float(epoch))  # no validation split: the last epoch is the best
         if score > best_val:
             best_val, result.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = _copy_state(model)
         result.stopped_early = val_set is not None and epoch - result.best_epoch >= settings.patience
         result.history.append(record)
         result.seconds = time.perf_counter() - started
@@ -197,7 +210,7 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "history": result.history, "best_epoch": result.best_epoch, "best_val": best_val,
                 "best_state": best_state, "stopped_early": result.stopped_early, "seconds": result.seconds,
-                "fingerprint": fingerprint})
+                "start_val_accuracy": result.start_val_accuracy, "fingerprint": fingerprint})
         if on_epoch:
             on_epoch(epoch, record)
     if best_state is not None:

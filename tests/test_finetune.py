@@ -119,7 +119,7 @@ def test_resume_after_an_interruption_continues_at_the_next_epoch_and_matches(fo
 
 
 def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(folders, tmp_path, monkeypatch):
-    result = finetune(_options(folders, tmp_path, name="flowers_ft"), progress=False)
+    result = finetune(_options(folders, tmp_path, name="flowers_ft", val_fraction=0), progress=False)
     monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
     assert "flowers_ft" in registry.list_backbones()
     spec = registry.get_spec("flowers_ft")
@@ -192,3 +192,14 @@ def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeyp
     assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone"}
     assert metrics["backbone"] == "efficientnet_lite0_ft_out" and isinstance(metrics["accuracy"], float)
     assert registry.get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
+
+
+def test_starting_weights_are_kept_when_no_epoch_beats_them_on_validation(folders, tmp_path):
+    """Epoch 0 (the probe-initialised network) competes for the best epoch: on these few random images
+    training only overfits, so the run ends where it started, not below it."""
+    result = finetune(_options(folders, tmp_path, train={"epochs": 2}), progress=False)
+    m = result.metrics
+    assert m["best_epoch"] == 0 and all(r["val_accuracy"] <= m["start_val_accuracy"] for r in m["history"])
+    saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
+    parent = registry.load_backbone("efficientnet_lite0").network.state_dict()
+    assert all(torch.equal(v, parent[k]) for k, v in saved.items())
