@@ -67,7 +67,7 @@ def parse_config(raw: object, path: Path) -> dict:
         if key in raw and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)):
             raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}, got {value!r}")
     _check_section(raw, "finetune", FINETUNE_KEYS, path)
-    _check_section(raw, "compare", COMPARE_KEYS, path)
+    _check_section(raw, "compare", COMPARE_KEYS, path, _bad_compare)
     return {"data": _data_sources(raw.get("data"), path), "features": features, "heads": raw.get("heads"),
             "output_dir": raw.get("output_dir"), "memory_budget_mb": raw.get("memory_budget_mb", 4096),
             "finetune": raw.get("finetune"), "compare": raw.get("compare"), "path": path}
@@ -216,6 +216,16 @@ def _bad_feature(key: str, value: Any) -> bool:
     return bad_list or bad_count or (key == "backbones" and isinstance(value, str) and value != "auto")
 
 
+def _bad_compare(key: str, value: Any) -> bool:
+    """The items of compare.shots (positive integers or all) and compare.seeds (integers)."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if key == "shots":
+        return not all(v == "all" or (integer(v) and v > 0) for v in value)
+    return key == "seeds" and not all(integer(v) for v in value)
+
+
 def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...], str]], path: Path,
                    bad: Callable[[str, Any], bool] | None = None) -> None:
     """Keys and value types of an optional section; bool is never taken for a number; `bad` adds
@@ -269,16 +279,11 @@ def compare_options(config: dict, output_dir: Path, features: dict):
     where = f"{config['path']}: 'compare"  # closed by each message
     if "train" not in config["data"] or "test" not in config["data"]:
         raise ConfigError(f"{where}' needs data.train and data.test (labelled folders)")
-    section = dict(section)
-    shots = section.pop("shots", [1, 5, 10, "all"])
-    if not all(s == "all" or (isinstance(s, int) and not isinstance(s, bool) and s > 0) for s in shots):
-        raise ConfigError(f"{where}.shots' must be {COMPARE_KEYS['shots'][1]}, got {shots!r}")
-    seeds = section.pop("seeds", [0, 1, 2])
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{where}.seeds' must be {COMPARE_KEYS['seeds'][1]}, got {seeds!r}")
+    section = dict(section)  # its keys and items were checked with the config
+    if "shots" in section:
+        section["shots"] = [None if s == "all" else s for s in section["shots"]]
     backbone = section.pop("backbone", None) or (features.get("backbones") or ["efficientnet_lite0"])[0]
-    options = CompareOptions(config["data"]["train"], config["data"]["test"],
-                             [None if s == "all" else s for s in shots], seeds, backbone, **section,
+    options = CompareOptions(config["data"]["train"], config["data"]["test"], backbone=backbone, **section,
                              cache_dir=features["cache_dir"], out=output_dir / "compare", device=features["device"],
                              precision=features["precision"])
     try:

@@ -178,6 +178,7 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     augment = augmentation(pre.crop)
     result, best_val, best_state = TrainResult(), -1.0, None
+    validate = val_set is not None and len(val_set.labels) > 0
     if resume and checkpoint is not None:
         state = _load_checkpoint(checkpoint, fingerprint)
         model.load_state_dict(state["model"])
@@ -186,7 +187,7 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
         result = TrainResult(state["history"], state["best_epoch"], state["stopped_early"], state["seconds"],
                              len(state["history"]), state.get("start_val_accuracy"))
         best_val, best_state = state["best_val"], state["best_state"]
-    elif val_set is not None and len(val_set.labels):
+    elif validate:
         # Epoch 0, the starting weights (with LP-FT: the linear probe), competes for the best epoch, so a
         # run that only overfits its few images ends where it started instead of below it.
         result.start_val_accuracy = _val_accuracy(model, val_set, pre, settings)
@@ -196,7 +197,7 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
     while epoch < settings.epochs and not result.stopped_early:
         epoch += 1
         record = _epoch(model, optimizer, scheduler, loss_fn, augment, train_set, pre, settings, epoch, progress)
-        if val_set is not None and len(val_set.labels):
+        if validate:
             record["val_accuracy"] = _val_accuracy(model, val_set, pre, settings)
         score = record.get("val_accuracy", float(epoch))  # no validation split: the last epoch is the best
         if score > best_val:
