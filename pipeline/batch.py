@@ -34,7 +34,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from pipeline.bundle import load_bundle
-from pipeline.cache import fsync_dir
+from pipeline.cache import fsync_dir, write_json_atomic
 from pipeline.config import parse_config
 from pipeline.data import Dataset, hash_files, scan
 from pipeline.errors import ConfigError, PipelineError, first_line
@@ -327,8 +327,9 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
     return result
 
 
-def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -> None:
-    """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone."""
+def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -> dict[str, str]:
+    """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone;
+    returns every skipped file with its reason."""
     dataset = scan_inputs(config.inputs)
     skipped = dict(dataset.skipped)
     entry["seen"] = len(dataset.paths) + len(dataset.skipped)
@@ -353,11 +354,35 @@ def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -
             entry["failed"] = len({path for later in heads[i + 1:] for path in pending[later.name]})
             skipped.update(result.skipped)
             _note_skipped(entry, skipped)
+    return skipped
 
 
 def _note_skipped(entry: dict, skipped: dict[str, str]) -> None:
     entry["skipped"] = len(skipped)
     entry["skipped_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
+
+
+def _file_state(path: str) -> list[int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _record_skips(output_dir: Path, skipped: dict[str, str]) -> int:
+    """Keep this run's skips in OUTPUT/skipped.json and return how many no earlier run reported. A file
+    that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once,
+    and again only if it changes (size or mtime) or fails for another reason."""
+    record = output_dir / "skipped.json"
+    try:
+        known = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        known = {}  # unreadable or cut short: report everything again, which errs on the loud side
+    current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
+    if current or known:
+        write_json_atomic(record, current)
+    return sum(known.get(path) != state for path, state in current.items())
 
 
 def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",
@@ -379,13 +404,14 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
         started = time.perf_counter()
         entry = {"run_id": _new_run_id(),
                  "status": "running", "started": _now(), "ended": None, "seen": 0, "new": 0, "skipped": 0,
+                 "new_skipped": 0,
                  "failed": 0, "predicted": 0, "computed": 0, "seconds": None, "exit_code": None,
                  "heads": {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},
                  "scheduler": config.features.get("scheduler"), "host": platform.node(), "pid": os.getpid()}
         try:
-            _work(config, heads, entry, progress)
-            entry.update(status="partial" if entry["skipped"] else "ok",
-                         exit_code=EXIT_PARTIAL if entry["skipped"] else EXIT_OK)
+            entry["new_skipped"] = _record_skips(config.output_dir, _work(config, heads, entry, progress))
+            entry.update(status="partial" if entry["new_skipped"] else "ok",
+                         exit_code=EXIT_PARTIAL if entry["new_skipped"] else EXIT_OK)
         except Exception as exc:
             entry.update(status="failed", exit_code=EXIT_FAILED, error=first_line(exc))
             if not isinstance(exc, PipelineError | OSError):

@@ -76,7 +76,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as fh:
         json.dump(payload, fh, indent=1)
@@ -139,7 +139,7 @@ class FeatureStore:
             if not (store.arrays / "zarr.json").exists():
                 zarr.open_group(store=str(store.arrays), mode="a")
             if not (store.root / "meta.json").exists():
-                _write_json_atomic(store.root / "meta.json", {**asdict(key), "key": key.dirname,
+                write_json_atomic(store.root / "meta.json", {**asdict(key), "key": key.dirname,
                                                               "format": FORMAT_VERSION, **(provenance or {})})
         except OSError as exc:
             raise CacheError(f"cannot write the feature cache in {cache_dir}: {exc.strerror or exc}") from None
@@ -209,7 +209,7 @@ class FeatureStore:
         _fsync_tree(staging)
         os.rename(staging, self.arrays / array_name)
         fsync_dir(self.arrays)
-        _write_json_atomic(self.records_dir / f"{shard}.json", {
+        write_json_atomic(self.records_dir / f"{shard}.json", {
             "array": array_name, "rows": rows, "dim": dim, "sha256": array_sha256(features),
             "image_ids": image_ids, "seconds": seconds})
 

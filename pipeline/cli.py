@@ -359,7 +359,8 @@ exit codes:
   0  done: every image predicted (or nothing was new)
   1  failed while working; logged with status "failed", committed files are kept, the next run resumes
   2  the config or a head file is unusable: nothing ran, nothing was logged
-  3  partial: some files were skipped (unreadable, not images; in the log line), all others predicted
+  3  partial: files were skipped that no earlier run reported (unreadable, not images; in the log line),
+     all others predicted; a file that stays broken is reported once (OUTPUT/skipped.json remembers it)
   4  another batch run holds the lock and --on-lock exit was given
 """
 
@@ -377,8 +378,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for name, head in entry["heads"].items():
         print(f"{name}: {head['rows']} predictions" + (f" in {head['file']}" if head["file"] else ""))
     print(f"run {entry['run_id']}: {entry['status']} | files seen: {entry['seen']} | new: {entry['new']} | "
-          f"predicted: {entry['predicted']} | skipped: {entry['skipped']} | failed: {entry['failed']} | "
-          f"feature rows computed: {entry['computed']} | {entry['seconds']:.1f} s")
+          f"predicted: {entry['predicted']} | skipped: {entry['skipped']} ({entry['new_skipped']} new) | "
+          f"failed: {entry['failed']} | feature rows computed: {entry['computed']} | {entry['seconds']:.1f} s")
     if entry.get("error"):
         print(f"error: {entry['error']}", file=sys.stderr)
     return entry["exit_code"]

@@ -120,8 +120,14 @@ def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, ca
     assert "skipped " + str(data / "class0" / "broken.jpg") in out and "file not found" in out
     (entry,) = read_log(tmp_path / "batch" / "runs.jsonl")
     assert (entry["status"], entry["seen"], entry["skipped"], entry["predicted"]) == ("partial", 5, 2, 3)
-    assert main(["batch", str(config), "--quiet"]) == 3  # still there, still reported; nothing predicted twice
+    # Still there: counted and listed again, but already reported, so the scheduled job stays green.
+    assert main(["batch", str(config), "--quiet"]) == 0
+    second = read_log(tmp_path / "batch" / "runs.jsonl")[-1]
+    assert (second["status"], second["skipped"], second["new_skipped"], second["predicted"]) == ("ok", 2, 0, 0)
     assert len(_by_image(_rows(tmp_path / "batch"))) == 3
+    (data / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 broken differently")  # changed: reported again
+    assert main(["batch", str(config), "--quiet"]) == 3
+    assert read_log(tmp_path / "batch" / "runs.jsonl")[-1]["new_skipped"] == 1
 
 
 def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, capsys):
