@@ -258,15 +258,27 @@ def _recover(config: BatchConfig) -> None:
         if run_id not in logged:
             unlogged.setdefault(run_id, []).append(path)
     for run_id, paths in unlogged.items():
-        rows = 0
+        heads = {}
         for path in paths:
             with open(path, newline="") as fh:
-                rows += sum(1 for _ in csv.DictReader(fh))
+                rows = list(csv.DictReader(fh))
+            heads[path.parent.name] = {"file": str(path), "sha256": rows[0].get("head_sha256") if rows else None,
+                                       "rows": len(rows)}
         ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
-        _append_log(config.log, {"run_id": run_id, "status": "recovered", "started": None, "ended": ended,
-                                 "seen": None, "new": None, "skipped": None, "failed": None, "predicted": rows,
-                                 "seconds": None, "files": [str(p) for p in paths],
+        _append_log(config.log, {**_log_entry(run_id, heads, "recovered"), "ended": ended,
+                                 "predicted": sum(h["rows"] for h in heads.values()),
                                  "note": "the run was killed after writing these files, before its log line"})
+
+
+def _log_entry(run_id: str, heads: dict[str, dict], status: str) -> dict:
+    """Every key a log line has, so a reader of the log finds the same fields on every line; what a
+    recovered run cannot know (it was killed before it could say) stays None."""
+    known = status != "recovered"
+    return {"run_id": run_id, "status": status, "started": _now() if known else None, "ended": None,
+            **dict.fromkeys(("seen", "new", "skipped", "new_skipped", "failed", "computed"), 0 if known else None),
+            "predicted": 0, "seconds": None, "exit_code": None, "heads": heads,
+            "skipped_files": [], "scheduler": None, "host": platform.node() if known else None,
+            "pid": os.getpid() if known else None}
 
 
 # --------------------------------------------------------------------------- the run
@@ -402,12 +414,9 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
         except OSError as exc:
             raise ConfigError(f"cannot tidy up after earlier runs in {config.output_dir}: {exc}") from None
         started = time.perf_counter()
-        entry = {"run_id": _new_run_id(),
-                 "status": "running", "started": _now(), "ended": None, "seen": 0, "new": 0, "skipped": 0,
-                 "new_skipped": 0,
-                 "failed": 0, "predicted": 0, "computed": 0, "seconds": None, "exit_code": None,
-                 "heads": {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},
-                 "scheduler": config.features.get("scheduler"), "host": platform.node(), "pid": os.getpid()}
+        entry = _log_entry(_new_run_id(), {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},
+                           "running")
+        entry["scheduler"] = config.features.get("scheduler")
         try:
             entry["new_skipped"] = _record_skips(config.output_dir, _work(config, heads, entry, progress))
             entry.update(status="partial" if entry["new_skipped"] else "ok",

@@ -261,6 +261,7 @@ def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, hea
     assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
     log = read_log(tmp_path / "batch" / "runs.jsonl")
     assert [(e["status"], e["predicted"]) for e in log] == [("recovered", 120), ("ok", 120)]
+    assert log[0].keys() - {"note"} == log[1].keys() and list(log[0]["heads"]) == ["lr"] and log[0]["exit_code"] is None
     for store in FeatureStore.all_in(cache):
         assert store.verify() == []
 
