@@ -270,28 +270,28 @@ def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.finetune import INITS, LR
+    from pipeline.finetune import EPOCHS, INITS, LR, FinetuneOptions
 
     parser = sub.add_parser(
         "finetune", help="fine-tune a backbone on a labelled folder and register it as a new backbone",
         description="Stage 3: unfreeze the last blocks of a backbone (or all, or none) and train it with a new "
                     "linear layer, started from the stage-2 linear probe on cached features (LP-FT). AdamW with "
                     "warm-up and cosine decay, discriminative learning rates, train-only augmentation, BatchNorm "
-                    "frozen, early stopping on a validation split, a checkpoint each epoch (--resume). The result "
-                    "is saved as a new backbone that extract, rank and the heads use by its name.")
+                    "frozen, optional early stopping on a validation split, a checkpoint each epoch (--resume). "
+                    "The result is saved as a new backbone that extract, rank and the heads use by its name.")
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")
     add("--test", metavar="DIR", help="labelled test folder: reports test accuracy of the probe and the fine-tuned net")
     add("--backbone", default="efficientnet_lite0", metavar="NAME",
         help="backbone to start from (default: %(default)s)")
-    add("--unfreeze", default="last:3", metavar="head|last:N|all",
+    add("--unfreeze", default=FinetuneOptions.unfreeze, metavar="head|last:N|all",
         help="what trains besides the new linear layer: nothing, the N blocks nearest the head, or every block "
              "(default: %(default)s; efficientnet_lite0 has 18 blocks)")
     add("--lr", type=float, default=LR, help="learning rate of the new layer (default: %(default)s)")
-    add("--lr-decay", type=float, default=0.5,
+    add("--lr-decay", type=float, default=FinetuneOptions.lr_decay,
         help="each earlier block learns at this factor times the next block's rate (default: %(default)s)")
     add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
-    add("--epochs", type=int, default=10, help="most epochs to train (default: %(default)s)")
+    add("--epochs", type=int, default=EPOCHS, help="most epochs to train (default: %(default)s)")
     add("--warmup", type=float, default=1.0, help="epochs of linear warm-up before cosine decay (default: %(default)s)")
     add("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: %(default)s)")
     add("--init", choices=INITS, default="probe",
@@ -299,8 +299,9 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
              "random: PyTorch's default initialisation (default: %(default)s)")
     add("--probe-c", type=float, metavar="C", help="the probe's C (default: chosen by 5-fold CV)")
     add("--train-bn", action="store_true", help="let BatchNorm layers of unfrozen blocks learn and update statistics")
-    add("--val-fraction", type=float, default=0.2,
-        help="stratified share of the training folder held out for early stopping; 0 for none (default: %(default)s)")
+    add("--val-fraction", type=float, default=FinetuneOptions.val_fraction,
+        help="stratified share of the training folder held out to pick the best epoch and stop early; 0 for "
+             "none: train every epoch, keep the last (default: %(default)s)")
     add("--patience", type=int, default=3, help="epochs without a better validation accuracy before stopping")
     add("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the split, shuffling and augmentation (default: %(default)s)")

@@ -247,7 +247,7 @@ def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...],
 def finetune_options(config: dict, output_dir: Path, features: dict):
     """The run config's finetune: section as FinetuneOptions (None without one), checked before any work.
     Data comes from data.train/test, the cache, device and precision from features:."""
-    from pipeline.finetune import LR, FinetuneOptions, check_options
+    from pipeline.finetune import EPOCHS, LR, FinetuneOptions, check_options
     from pipeline.training import TrainSettings
 
     section = config.get("finetune")
@@ -260,7 +260,8 @@ def finetune_options(config: dict, output_dir: Path, features: dict):
     options = FinetuneOptions(config["data"]["train"], config["data"].get("test"), **{
         "backbone": backbone, "name": f"{backbone}_ft_{output_dir.name}", **section,
         "out": output_dir / "finetune", "cache_dir": features["cache_dir"]},
-        train=TrainSettings(**{"lr": LR, **train}, device=features["device"], precision=features["precision"]))
+        train=TrainSettings(**{"lr": LR, "epochs": EPOCHS, **train}, device=features["device"],
+                            precision=features["precision"]))
     try:
         check_options(options)
     except PipelineError as exc:
