@@ -99,6 +99,61 @@ def per_class_figure(precision: np.ndarray, recall: np.ndarray, classes: list[st
     return _save(fig, path)
 
 
+def finetune_figure(metrics: dict, path: Path) -> Path:
+    """Training loss (and validation accuracy, with a validation split) per epoch, and the test accuracy
+    of the linear probe the run started from against the fine-tuned network's."""
+    history = metrics["history"]
+    epochs = [h["epoch"] for h in history]
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]},
+                                      layout="constrained")
+    curve.plot(epochs, [h["loss"] for h in history], "o-", color="#4c72b0", label="training loss")
+    curve.set_xlabel("epoch")
+    curve.set_ylabel("training loss (label-smoothed cross-entropy)")
+    curve.set_xticks([0, *epochs])
+    curve.grid(alpha=0.3)
+    curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: epoch {metrics['best_epoch']}")
+    legend_axis = curve
+    if metrics.get("start_val_accuracy") is not None:
+        legend_axis = curve.twinx()
+        legend_axis.plot([0, *epochs], [metrics["start_val_accuracy"], *[h.get("val_accuracy") for h in history]],
+                         "s--", color="#dd8452", label="validation accuracy (epoch 0: the starting weights)")
+        legend_axis.set_ylabel("validation accuracy")
+        legend_axis.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
+    handles = [h for ax in {curve, legend_axis} for h in ax.get_legend_handles_labels()[0]]
+    legend_axis.legend(handles=handles, loc="best", fontsize=8)
+    curve.set_title(f"training: {metrics['backbone']}")
+    scores = [("linear probe alone", metrics.get("probe_accuracy")), ("fine-tuned", metrics.get("accuracy"))]
+    scores = [(name, value) for name, value in scores if value is not None]
+    if scores:
+        values = [value for _, value in scores]
+        bars.bar([name for name, _ in scores], values, color=["#8c8c8c", "#55a868"][-len(scores):], width=0.5)
+        for i, value in enumerate(values):
+            bars.text(i, value, f"{value:.1%}", ha="center", va="bottom")
+        bars.set_ylim(max(0.0, min(values) - 0.1), 1.0)  # zoomed: the values are written on the bars
+        bars.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
+        bars.set_title("test accuracy (axis does not start at 0)")
+    else:
+        bars.axis("off")
+        bars.text(0.5, 0.5, "no test split given", ha="center", va="center")
+    return _save(fig, path)
+
+
+def _finetune_section(out: Path, metrics: dict) -> str:
+    ft = metrics.get("finetune")
+    if ft is None:
+        return ""
+    probe = "-" if ft.get("probe_accuracy") is None else f"{ft['probe_accuracy']:.1%}"
+    figure = out / "finetune" / "finetune.png"
+    return ("<h2>Fine-tuning</h2><p class=\"sub\">The config's finetune: section; the result is registered as "
+            f"backbone <code>{html.escape(ft['backbone'])}</code> (use it in features.backbones).</p>"
+            "<table><tr><th>backbone</th><th>test accuracy</th><th>macro-F1</th><th>linear probe alone</th>"
+            f"<th>epoch kept</th><th>seconds</th></tr><tr><td>{html.escape(ft['backbone'])}</td>"
+            f"<td>{ft['accuracy']:.1%}</td><td>{ft['macro_f1']:.3f}</td><td>{probe}</td>"
+            f"<td>{ft.get('best_epoch', '-')}</td><td>{ft['seconds']:.1f}</td></tr></table>"
+            + (_figure_html(figure, "Fine-tuning: loss per epoch and test accuracy against the probe.",
+                            "finetune/finetune.png") if figure.is_file() else ""))
+
+
 def _params(best_params: dict) -> str:
     return ", ".join(f"{key.split('__')[-1]}={value}" for key, value in best_params.items())
 
@@ -158,7 +213,8 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
 <h2>Heads</h2>
 <table class="heads"><tr><th>head</th><th>type</th><th>features</th><th>test accuracy</th><th>macro-F1</th>
 <th>CV accuracy</th><th>fit time (s)</th><th>chosen by CV</th></tr>{head_rows}</table>
-{_ranking_section(metrics)}{_compare_section(out, metrics)}<h2>Best head: {html.escape(best)}</h2>
+{_ranking_section(metrics)}{_finetune_section(out, metrics)}{_compare_section(out, metrics)}
+<h2>Best head: {html.escape(best)}</h2>
 {"".join(_figure_html(p, c) for p, c in figures)}
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>{class_rows}</table>

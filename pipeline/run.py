@@ -209,7 +209,7 @@ def _finetune(options: FinetuneOptions, progress: bool) -> dict:
     print(f"finetune: backbone {result['backbone']} saved; test accuracy {result['accuracy']:.1%}"
           + ("" if probe is None else f" (linear probe alone {probe:.1%})"))
     return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "seconds": result["seconds"],
-            "backbone": result["backbone"]}
+            "backbone": result["backbone"], "probe_accuracy": probe, "best_epoch": result["best_epoch"]}
 
 
 def _compare(options: CompareOptions, progress: bool) -> dict:

@@ -189,9 +189,12 @@ def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeyp
     path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")
     run(path, progress=False)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["finetune"]
-    assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone"}
+    assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone", "probe_accuracy", "best_epoch"}
     assert metrics["backbone"] == "efficientnet_lite0_ft_out" and isinstance(metrics["accuracy"], float)
     assert registry.get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Fine-tuning</h2>" in page and 'href="finetune/finetune.png"' in page
+    assert (tmp_path / "out" / "finetune" / "finetune.png").stat().st_size > 10_000
 
 
 def test_starting_weights_are_kept_when_no_epoch_beats_them_on_validation(folders, tmp_path):
