@@ -14,34 +14,36 @@ every finished shard, so the next run redoes only what is missing, without dupli
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
-import json
 import os
-import platform
 import re
-import sys
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from pipeline.batch_state import (
+    append_log,
+    batch_lock,
+    check_log,
+    log_entry,
+    new_run_id,
+    now,
+    predicted_ids,
+    record_skips,
+    recover,
+)
 from pipeline.bundle import load_bundle
-from pipeline.cache import fsync_dir, write_json_atomic
+from pipeline.cache import fsync_dir
 from pipeline.config import parse_config
 from pipeline.data import Dataset, hash_files, scan
 from pipeline.errors import ConfigError, PipelineError, first_line
 from pipeline.predict import feature_options, predict_with
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
-LOCK_NAME = ".batch.lock"
 BATCH_KEYS = {"inputs": "a folder or text file of image paths, or a list of them",
               "heads": "a list of saved head files (.joblib), or a mapping of name to file",
               "features": "a mapping with cache_dir, device, batch_size, shard_size, scheduler",
@@ -51,10 +53,6 @@ BATCH_KEYS = {"inputs": "a folder or text file of image paths, or a list of them
 BATCH_FEATURES = ("cache_dir", "device", "batch_size", "shard_size", "scheduler")
 DEFAULT_CHUNK = 2048
 _HEAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-class LockBusy(PipelineError):
-    """Another batch run holds the output folder's lock (and the caller chose not to wait)."""
 
 
 @dataclass
@@ -171,116 +169,6 @@ def load_heads(config: BatchConfig) -> list[Head]:
     return heads
 
 
-# --------------------------------------------------------------------------- lock, files, log
-
-@contextmanager
-def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
-    """Hold `folder/.batch.lock` for the run; the kernel releases it when the process dies, even by kill -9."""
-    path = folder / LOCK_NAME
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
-    except OSError as exc:
-        raise ConfigError(f"cannot create the batch lock {path}: {exc.strerror or exc}") from None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "a batch run"
-            if on_lock == "exit":
-                raise LockBusy(f"another batch run ({holder}) holds {path}; exiting without doing anything "
-                               "(--on-lock wait queues behind it)") from None
-            print(f"waiting for the batch run that holds {path} ({holder})", file=sys.stderr)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.truncate(0)
-        fh.write(f"pid {os.getpid()} on {platform.node()} since {_now()}\n")
-        fh.flush()
-        yield
-
-
-def _new_run_id() -> str:
-    """UTC time to the microsecond, then a random tag: run files sort in the order the runs (serialised
-    by the lock) started, which is how the latest prediction of an image is found."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-{uuid.uuid4().hex[:6]}"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _run_files(output_dir: Path) -> list[Path]:
-    return sorted(output_dir.glob("*/run-*.csv"))
-
-
-def _predicted(folder: Path, sha256: str) -> set[str]:
-    """Image ids whose latest prediction under this head name came from this exact file. Run files sort
-    by time, so a head refitted and then put back predicts again what the other version predicted."""
-    latest: dict[str, str | None] = {}
-    for path in sorted(folder.glob("run-*.csv")):
-        with open(path, newline="") as fh:
-            latest.update((row["image_id"], row.get("head_sha256")) for row in csv.DictReader(fh))
-    return {image_id for image_id, sha in latest.items() if sha == sha256}
-
-
-def _append_log(log: Path, entry: dict) -> None:
-    """One JSON line, fsynced; a line cut short by an earlier kill is closed first, so this one parses."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a+b") as fh:
-        if fh.tell():
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-        fh.write(json.dumps(entry).encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read_log(log: Path) -> list[dict]:
-    """The log's entries; a line a kill cut short is left out."""
-    entries = []
-    for line in log.read_text().splitlines() if log.is_file() else []:
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return entries
-
-
-def _recover(config: BatchConfig) -> None:
-    """Under the lock: drop temporary files of killed runs, and log runs whose files were committed but
-    whose own log line was never written (killed between the two), so the log accounts for every file."""
-    for tmp in config.output_dir.glob("*/.run-*.csv.tmp"):
-        tmp.unlink(missing_ok=True)
-    logged = {e.get("run_id") for e in read_log(config.log)}
-    unlogged: dict[str, list[Path]] = {}
-    for path in _run_files(config.output_dir):
-        run_id = path.stem.removeprefix("run-")
-        if run_id not in logged:
-            unlogged.setdefault(run_id, []).append(path)
-    for run_id, paths in unlogged.items():
-        heads = {}
-        for path in paths:
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            heads[path.parent.name] = {"file": str(path), "sha256": rows[0].get("head_sha256") if rows else None,
-                                       "rows": len(rows)}
-        ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
-        _append_log(config.log, {**_log_entry(run_id, heads, "recovered"), "ended": ended,
-                                 "predicted": sum(h["rows"] for h in heads.values()),
-                                 "note": "the run was killed after writing these files, before its log line"})
-
-
-def _log_entry(run_id: str, heads: dict[str, dict], status: str) -> dict:
-    """Every key a log line has, so a reader of the log finds the same fields on every line; what a
-    recovered run cannot know (it was killed before it could say) stays None."""
-    known = status != "recovered"
-    return {"run_id": run_id, "status": status, "started": _now() if known else None, "ended": None,
-            **dict.fromkeys(("seen", "new", "skipped", "new_skipped", "failed", "computed"), 0 if known else None),
-            "predicted": 0, "seconds": None, "exit_code": None, "heads": heads,
-            "skipped_files": [], "scheduler": None, "host": platform.node() if known else None,
-            "pid": os.getpid() if known else None}
-
-
 # --------------------------------------------------------------------------- the run
 
 def scan_inputs(inputs: list[Path]) -> Dataset:
@@ -352,7 +240,7 @@ def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -
     for path, image_id in zip(dataset.paths, ids, strict=True):
         if image_id is not None:
             first_path.setdefault(image_id, path)
-    done = {head.name: _predicted(config.output_dir / head.name, head.sha256) for head in heads}
+    done = {head.name: predicted_ids(config.output_dir / head.name, head.sha256) for head in heads}
     pending = {head.name: [p for i, p in first_path.items() if i not in done[head.name]] for head in heads}
     entry["new"] = entry["failed"] = len({path for paths in pending.values() for path in paths})
     with tqdm(total=sum(map(len, pending.values())), unit="img", desc="batch",
@@ -374,29 +262,6 @@ def _note_skipped(entry: dict, skipped: dict[str, str]) -> None:
     entry["skipped_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
 
 
-def _file_state(path: str) -> list[int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _record_skips(output_dir: Path, skipped: dict[str, str]) -> int:
-    """Keep this run's skips in OUTPUT/skipped.json and return how many no earlier run reported. A file
-    that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once,
-    and again only if it changes (size or mtime) or fails for another reason."""
-    record = output_dir / "skipped.json"
-    try:
-        known = json.loads(record.read_text()) if record.is_file() else {}
-    except (OSError, ValueError):
-        known = {}  # unreadable or cut short: report everything again, which errs on the loud side
-    current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
-    if current or known:
-        write_json_atomic(record, current)
-    return sum(known.get(path) != state for path, state in current.items())
-
-
 def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",
               progress: bool = True) -> dict:
     """One batch run; returns its log entry (`exit_code` says how it went).
@@ -408,17 +273,17 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
         config.features["scheduler"] = scheduler
     with batch_lock(config.output_dir, on_lock):
         heads = load_heads(config)
-        _check_log(config.log)
+        check_log(config.log)
         try:
-            _recover(config)
+            recover(config.output_dir, config.log)
         except OSError as exc:
             raise ConfigError(f"cannot tidy up after earlier runs in {config.output_dir}: {exc}") from None
         started = time.perf_counter()
-        entry = _log_entry(_new_run_id(), {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},
+        entry = log_entry(new_run_id(), {h.name: {"file": None, "sha256": h.sha256, "rows": 0} for h in heads},
                            "running")
         entry["scheduler"] = config.features.get("scheduler")
         try:
-            entry["new_skipped"] = _record_skips(config.output_dir, _work(config, heads, entry, progress))
+            entry["new_skipped"] = record_skips(config.output_dir, _work(config, heads, entry, progress))
             entry.update(status="partial" if entry["new_skipped"] else "ok",
                          exit_code=EXIT_PARTIAL if entry["new_skipped"] else EXIT_OK)
         except Exception as exc:
@@ -430,16 +295,6 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
     return entry
 
 
-def _check_log(log: Path) -> None:
-    """A log that cannot be written is found before the work, not after it."""
-    try:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run log {log}: {exc.strerror or exc}") from None
-
-
 def _finish(config: BatchConfig, entry: dict, started: float) -> None:
-    entry.update(ended=_now(), seconds=round(time.perf_counter() - started, 3))
-    _append_log(config.log, entry)
+    entry.update(ended=now(), seconds=round(time.perf_counter() - started, 3))
+    append_log(config.log, entry)

@@ -367,7 +367,8 @@ exit codes:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from pipeline.batch import EXIT_LOCKED, LockBusy, run_batch
+    from pipeline.batch import EXIT_LOCKED, run_batch
+    from pipeline.batch_state import LockBusy
 
     try:
         entry = run_batch(args.config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)

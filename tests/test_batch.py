@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.batch import LOCK_NAME, read_log, run_batch
+from pipeline.batch import run_batch
+from pipeline.batch_state import LOCK_NAME, read_log
 from pipeline.cache import FeatureStore
 from pipeline.cli import main
 from pipeline.extract import extract

@@ -1,0 +1,168 @@
+"""What batch runs keep on disk besides their predictions: the lock that serialises them, the run log,
+the record of skipped files, and the repair of runs killed between writing their files and their log line.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.cache import write_json_atomic
+from pipeline.errors import ConfigError, PipelineError
+
+LOCK_NAME = ".batch.lock"
+
+
+class LockBusy(PipelineError):
+    """Another batch run holds the output folder's lock (and the caller chose not to wait)."""
+
+
+@contextmanager
+def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
+    """Hold `folder/.batch.lock` for the run; the kernel releases it when the process dies, even by kill -9."""
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
+    except OSError as exc:
+        raise ConfigError(f"cannot create the batch lock {path}: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a batch run"
+            if on_lock == "exit":
+                raise LockBusy(f"another batch run ({holder}) holds {path}; exiting without doing anything "
+                               "(--on-lock wait queues behind it)") from None
+            print(f"waiting for the batch run that holds {path} ({holder})", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
+        fh.flush()
+        yield
+
+
+def new_run_id() -> str:
+    """UTC time to the microsecond, then a random tag: run files sort in the order the runs (serialised
+    by the lock) started, which is how the latest prediction of an image is found."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-{uuid.uuid4().hex[:6]}"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run_files(output_dir: Path) -> list[Path]:
+    return sorted(output_dir.glob("*/run-*.csv"))
+
+
+def predicted_ids(folder: Path, sha256: str) -> set[str]:
+    """Image ids whose latest prediction under this head name came from this exact file. Run files sort
+    by time, so a head refitted and then put back predicts again what the other version predicted."""
+    latest: dict[str, str | None] = {}
+    for path in sorted(folder.glob("run-*.csv")):
+        with open(path, newline="") as fh:
+            latest.update((row["image_id"], row.get("head_sha256")) for row in csv.DictReader(fh))
+    return {image_id for image_id, sha in latest.items() if sha == sha256}
+
+
+def append_log(log: Path, entry: dict) -> None:
+    """One JSON line, fsynced; a line cut short by an earlier kill is closed first, so this one parses."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a+b") as fh:
+        if fh.tell():
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(json.dumps(entry).encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_log(log: Path) -> list[dict]:
+    """The log's entries; a line a kill cut short is left out."""
+    entries = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def recover(output_dir: Path, log: Path) -> None:
+    """Under the lock: drop temporary files of killed runs, and log runs whose files were committed but
+    whose own log line was never written (killed between the two), so the log accounts for every file."""
+    for tmp in output_dir.glob("*/.run-*.csv.tmp"):
+        tmp.unlink(missing_ok=True)
+    logged = {e.get("run_id") for e in read_log(log)}
+    unlogged: dict[str, list[Path]] = {}
+    for path in run_files(output_dir):
+        run_id = path.stem.removeprefix("run-")
+        if run_id not in logged:
+            unlogged.setdefault(run_id, []).append(path)
+    for run_id, paths in unlogged.items():
+        heads = {}
+        for path in paths:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            heads[path.parent.name] = {"file": str(path), "sha256": rows[0].get("head_sha256") if rows else None,
+                                       "rows": len(rows)}
+        ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
+        append_log(log, {**log_entry(run_id, heads, "recovered"), "ended": ended,
+                         "predicted": sum(h["rows"] for h in heads.values()),
+                         "note": "the run was killed after writing these files, before its log line"})
+
+
+def log_entry(run_id: str, heads: dict[str, dict], status: str) -> dict:
+    """Every key a log line has, so a reader of the log finds the same fields on every line; what a
+    recovered run cannot know (it was killed before it could say) stays None."""
+    known = status != "recovered"
+    return {"run_id": run_id, "status": status, "started": now() if known else None, "ended": None,
+            **dict.fromkeys(("seen", "new", "skipped", "new_skipped", "failed", "computed"), 0 if known else None),
+            "predicted": 0, "seconds": None, "exit_code": None, "heads": heads,
+            "skipped_files": [], "scheduler": None, "host": platform.node() if known else None,
+            "pid": os.getpid() if known else None}
+
+
+def _file_state(path: str) -> list[int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def record_skips(output_dir: Path, skipped: dict[str, str]) -> int:
+    """Keep this run's skips in OUTPUT/skipped.json and return how many no earlier run reported. A file
+    that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once,
+    and again only if it changes (size or mtime) or fails for another reason."""
+    record = output_dir / "skipped.json"
+    try:
+        known = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        known = {}  # unreadable or cut short: report everything again, which errs on the loud side
+    current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
+    if current or known:
+        write_json_atomic(record, current)
+    return sum(known.get(path) != state for path, state in current.items())
+
+
+def check_log(log: Path) -> None:
+    """A log that cannot be written is found before the work, not after it."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run log {log}: {exc.strerror or exc}") from None
