@@ -54,7 +54,7 @@ def resampled(name: str, head_type: str, sources: list[str], sets: dict, count: 
         fitted = fit_head(HeadSpec(name, head_type, sources, dict(HEAD_OPTIONS[head_type])), X[train], y[train], dims)
         scores.append(float(accuracy_score(y[test], fitted.pipeline.predict(X[test]))))
     return {"head": name, "splits": count, "mean": round(float(np.mean(scores)), 4),
-            "std": round(float(np.std(scores)), 4), "min": min(scores), "max": max(scores)}
+            "std": round(float(np.std(scores)), 4), "min": round(min(scores), 4), "max": round(max(scores), 4)}
 
 
 def evaluate(name: str, head_type: str, options: dict, sources: list[str], sets: dict) -> dict:
@@ -108,7 +108,7 @@ def main() -> None:
         evaluate_out_of_core("out-of-core logreg (SGD)", "logistic_regression", ["efficientnet_lite0"], all_three),
         evaluate_out_of_core("out-of-core fusion 0+1+2", "pca_fusion",
                              ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], all_three),
-        evaluate("pca fusion +stage7", "pca_fusion", {}, with_stage7, all_three),
+        evaluate("pca fusion + stage7 of each", "pca_fusion", {}, with_stage7, all_three),
     ]
     again = features(data, lites, args.cache, ("head", "stage7"))
     assert again["train_report"].computed + again["test_report"].computed == 0, "the heads needed a forward pass"
@@ -117,17 +117,17 @@ def main() -> None:
         result["resampled"] = [
             resampled("logreg (C by CV)", "logistic_regression", lites[:1], all_three, args.resamples),
             resampled("pca fusion lite0+1+2", "pca_fusion", lites, all_three, args.resamples),
-            resampled("pca fusion +stage7", "pca_fusion", with_stage7, all_three, args.resamples)]
+            resampled("pca fusion + stage7 of each", "pca_fusion", with_stage7, all_three, args.resamples)]
     for head in heads:
         head["fraction_of_extraction"] = round(head["seconds"] / extraction, 3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"Lite0 extraction of train+test (960 images, fresh cache): {extraction:.1f} s")
     for head in heads:
-        print(f"{head['head']:<24} test accuracy {head['accuracy']:.2%}  {head['seconds']:6.2f} s "
+        print(f"{head['head']:<28} test accuracy {head['accuracy']:.2%}  {head['seconds']:6.2f} s "
               f"({head['fraction_of_extraction']:.1%} of extraction)  {head['best_params']}")
     for row in result.get("resampled", []):
-        print(f"{row['head']:<24} over {row['splits']} re-drawn splits: mean {row['mean']:.2%} "
+        print(f"{row['head']:<28} over {row['splits']} re-drawn splits: mean {row['mean']:.2%} "
               f"(sd {row['std']:.2%}, {row['min']:.2%} to {row['max']:.2%})")
 
 

@@ -15,11 +15,11 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from pipeline.data import scan
 
 
-def pooled(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Every image of root/train and root/test with its label, train first."""
-    train, test = scan(root / "train"), scan(root / "test")
-    assert train.class_names == test.class_names, "train and test name different classes"
-    return [*train.paths, *test.paths], np.concatenate([train.labels, test.labels]), train.class_names
+def pooled(root: Path, parts: tuple[str, ...] = ("train", "test")) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Every image of root/train and root/test (or of the parts named) with its label, in that order."""
+    sets = [scan(root / part) for part in parts]
+    assert all(s.class_names == sets[0].class_names for s in sets), f"{parts} name different classes"
+    return [p for s in sets for p in s.paths], np.concatenate([s.labels for s in sets]), sets[0].class_names
 
 
 def resampled_indices(labels: np.ndarray, test_size: int, count: int, seed: int = 1) -> list[tuple]:

@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from pipeline.batch_state import (
+    SKIP_RECORD,
     append_log,
     batch_lock,
     check_log,
@@ -110,6 +111,9 @@ def _head_files(value: object, path: Path) -> dict[str, Path]:
         if not isinstance(file, str) or not _HEAD_NAME.fullmatch(str(name)):
             raise ConfigError(f"{path}: 'heads.{name}': the name must be letters, digits, '_', '-' or '.' "
                               f"(it names a folder) and the value a file path, got {file!r}")
+        if name == SKIP_RECORD:
+            raise ConfigError(f"{path}: 'heads.{name}': the name is taken by the output folder's record of "
+                              "skipped files; choose another")
         if not _near(path, file).is_file():
             raise ConfigError(f"{path}: 'heads.{name}': head file not found: {_near(path, file)}")
         heads[str(name)] = _near(path, file)
@@ -227,10 +231,11 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
     return result
 
 
-def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -> dict[str, str]:
+def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -> tuple[dict[str, str], set[str]]:
     """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone;
-    returns every skipped file with its reason."""
+    returns every skipped file with its reason, and every path looked at."""
     dataset = scan_inputs(config.inputs)
+    scanned = {str(p) for p in dataset.paths} | {path for path, _ in dataset.skipped}
     skipped = dict(dataset.skipped)
     entry["seen"] = len(dataset.paths) + len(dataset.skipped)
     ids = hash_files(dataset.paths)
@@ -254,12 +259,12 @@ def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -
             entry["failed"] = len({path for later in heads[i + 1:] for path in pending[later.name]})
             skipped.update(result.skipped)
             _note_skipped(entry, skipped)
-    return skipped
+    return skipped, scanned
 
 
-def _note_skipped(entry: dict, skipped: dict[str, str]) -> None:
-    entry["skipped"] = len(skipped)
-    entry["skipped_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
+def _note_skipped(entry: dict, skipped: dict[str, str], key: str = "skipped") -> None:
+    entry[key] = len(skipped)
+    entry[f"{key}_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
 
 
 def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",
@@ -283,7 +288,9 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
                            "running")
         entry["scheduler"] = config.features.get("scheduler")
         try:
-            entry["new_skipped"] = record_skips(config.output_dir, _work(config, heads, entry, progress))
+            skipped, scanned = _work(config, heads, entry, progress)
+            new = record_skips(config.output_dir, skipped, scanned)
+            _note_skipped(entry, {path: skipped[path] for path in new}, key="new_skipped")
             entry.update(status="partial" if entry["new_skipped"] else "ok",
                          exit_code=EXIT_PARTIAL if entry["new_skipped"] else EXIT_OK)
         except Exception as exc:

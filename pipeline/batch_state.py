@@ -21,6 +21,7 @@ from pipeline.cache import write_json_atomic
 from pipeline.errors import ConfigError, PipelineError
 
 LOCK_NAME = ".batch.lock"
+SKIP_RECORD = "skipped.json"
 
 
 class LockBusy(PipelineError):
@@ -103,7 +104,7 @@ def read_log(log: Path) -> list[dict]:
 def recover(output_dir: Path, log: Path) -> None:
     """Under the lock: drop temporary files of killed runs, and log runs whose files were committed but
     whose own log line was never written (killed between the two), so the log accounts for every file."""
-    for tmp in output_dir.glob("*/.run-*.csv.tmp"):
+    for tmp in [*output_dir.glob("*/.run-*.csv.tmp"), *output_dir.glob(f".{SKIP_RECORD}.*.tmp")]:
         tmp.unlink(missing_ok=True)
     logged = {e.get("run_id") for e in read_log(log)}
     unlogged: dict[str, list[Path]] = {}
@@ -126,13 +127,15 @@ def recover(output_dir: Path, log: Path) -> None:
 
 def log_entry(run_id: str, heads: dict[str, dict], status: str) -> dict:
     """Every key a log line has, so a reader of the log finds the same fields on every line; what a
-    recovered run cannot know (it was killed before it could say) stays None."""
+    recovered run cannot know (it was killed before it could say) stays None, and so do the new skips of
+    a run that failed before it could compare them with the record."""
     known = status != "recovered"
     return {"run_id": run_id, "status": status, "started": now() if known else None, "ended": None,
-            **dict.fromkeys(("seen", "new", "skipped", "new_skipped", "failed", "computed"), 0 if known else None),
-            "predicted": 0, "seconds": None, "exit_code": None, "heads": heads,
-            "skipped_files": [], "scheduler": None, "host": platform.node() if known else None,
-            "pid": os.getpid() if known else None}
+            **dict.fromkeys(("seen", "new", "skipped", "failed", "computed"), 0 if known else None),
+            "new_skipped": None, "predicted": 0, "seconds": None, "exit_code": None, "heads": heads,
+            "skipped_files": [] if known else None, "new_skipped_files": None, "scheduler": None,
+            "host": platform.node() if known else None, "pid": os.getpid() if known else None,
+            "error": None, "note": None}
 
 
 def _file_state(path: str) -> list[int] | None:
@@ -143,19 +146,29 @@ def _file_state(path: str) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def record_skips(output_dir: Path, skipped: dict[str, str]) -> int:
-    """Keep this run's skips in OUTPUT/skipped.json and return how many no earlier run reported. A file
-    that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once,
-    and again only if it changes (size or mtime) or fails for another reason."""
-    record = output_dir / "skipped.json"
+def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -> list[str]:
+    """Merge this run's skips into OUTPUT/skipped.json and return those no earlier run reported. A file
+    that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once, and
+    again only if it changes (size or mtime) or fails for another reason. Entries of files this run did
+    not look at (another config sharing the folder) stay; those it read fine, or that are gone, leave."""
+    record = output_dir / SKIP_RECORD
     try:
         known = json.loads(record.read_text()) if record.is_file() else {}
     except (OSError, ValueError):
         known = {}  # unreadable or cut short: report everything again, which errs on the loud side
+    if not isinstance(known, dict):
+        known = {}
     current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
+    new = [path for path, state in current.items() if known.get(os.path.abspath(path)) != state]
+    looked_at = {os.path.abspath(path) for path in scanned}
+    kept = {path: state for path, state in known.items() if path not in looked_at and os.path.exists(path)}
     if current or known:
-        write_json_atomic(record, current)
-    return sum(known.get(path) != state for path, state in current.items())
+        try:
+            write_json_atomic(record, kept | {os.path.abspath(path): state for path, state in current.items()})
+        except OSError as exc:  # the predictions are committed: say so, and report every skip as new
+            print(f"warning: cannot write {record}: {exc.strerror or exc}", file=sys.stderr)
+            return list(current)
+    return new
 
 
 def check_log(log: Path) -> None:

@@ -251,16 +251,26 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except LockBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    for item in entry.get("skipped_files", [])[:10]:
-        print(f"skipped {item['path']}: {item['reason']}")
+    _print_batch_skips(entry)
     for name, head in entry["heads"].items():
         print(f"{name}: {head['rows']} predictions" + (f" in {head['file']}" if head["file"] else ""))
+    fresh = "" if entry["new_skipped"] is None else f" ({entry['new_skipped']} new)"
     print(f"run {entry['run_id']}: {entry['status']} | files seen: {entry['seen']} | new: {entry['new']} | "
-          f"predicted: {entry['predicted']} | skipped: {entry['skipped']} ({entry['new_skipped']} new) | "
+          f"predicted: {entry['predicted']} | skipped: {entry['skipped']}{fresh} | "
           f"failed: {entry['failed']} | feature rows computed: {entry['computed']} | {entry['seconds']:.1f} s")
     if entry.get("error"):
         print(f"error: {entry['error']}", file=sys.stderr)
     return entry["exit_code"]
+
+
+def _print_batch_skips(entry: dict) -> None:
+    """New skips first: those already reported by earlier runs are counted, not listed again."""
+    listed = entry["skipped_files"] if entry["new_skipped"] is None else entry["new_skipped_files"]
+    for item in listed[:10]:
+        print(f"skipped {item['path']}: {item['reason']}")
+    if entry["new_skipped"] is not None and entry["skipped"] > entry["new_skipped"]:
+        print(f"{entry['skipped'] - entry['new_skipped']} files skipped as in earlier runs (see skipped.json "
+              "in the output folder)")
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:

@@ -34,7 +34,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"fine-tuned (best epoch {m['best_epoch']}): test accuracy {m['accuracy']:.1%}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"saved backbone {result.backbone!r} in {result.folder} ({m['seconds']:.0f} s); "
-          f"metrics: {Path(args.out) / 'finetune.json'}")
+          f"metrics: {Path(args.out) / 'finetune.json'}; figure: {Path(args.out) / 'finetune.png'}")
     print(f"use it like any backbone: pipeline extract --backbone {result.backbone} --data DIR")
     return 0
 
@@ -72,7 +72,9 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     add("--lr-decay", type=float, default=FinetuneOptions.lr_decay,
         help="each earlier block learns at this factor times the next block's rate (default: %(default)s)")
     add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
-    add("--epochs", type=int, default=EPOCHS, help="most epochs to train (default: %(default)s)")
+    add("--epochs", type=int, default=EPOCHS,
+        help="epochs to train: exactly these without a validation split, at most these with one "
+             "(default: %(default)s)")
     add("--warmup", type=float, default=1.0, help="epochs of linear warm-up before cosine decay (default: %(default)s)")
     add("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: %(default)s)")
     add("--init", choices=INITS, default="probe",
@@ -83,11 +85,13 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     add("--val-fraction", type=float, default=FinetuneOptions.val_fraction,
         help="stratified share of the training folder held out to pick the best epoch and stop early; 0 for "
              "none: train every epoch, keep the last (default: %(default)s)")
-    add("--patience", type=int, default=3, help="epochs without a better validation accuracy before stopping")
+    add("--patience", type=int, default=3,
+        help="with --val-fraction > 0: epochs without a better validation accuracy before stopping "
+             "(default: %(default)s)")
     add("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the split, shuffling and augmentation (default: %(default)s)")
     add("--out", default="runs/finetune", metavar="DIR",
-        help="checkpoint.pt and finetune.json go here (default: %(default)s)")
+        help="checkpoint.pt, finetune.json and finetune.png go here (default: %(default)s)")
     add("--name", metavar="NEW_ID", help="id of the saved backbone (default: BACKBONE_ft_<name of --out>)")
     add("--backbones-dir", metavar="DIR",
         help="where the backbone is saved (default: the first folder of $PIPELINE_BACKBONES, else backbones/)")

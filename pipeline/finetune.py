@@ -29,7 +29,6 @@ from pipeline.data import Dataset, scan
 from pipeline.errors import ConfigError
 from pipeline.extract import extract, resolve_device, resolve_precision
 from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
-from pipeline.report import finetune_figure
 from pipeline.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 INITS = ("probe", "random")
@@ -362,6 +361,8 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                                     {"classes": p.classes, "finetune": summary})
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     (out / "finetune.json").write_text(json.dumps(metrics, indent=1, default=str))
+    from pipeline.report import finetune_figure  # matplotlib loads only for a fine-tuning run; drawn after
+    # the backbone and its metrics are saved, so a plotting failure loses nothing computed
     finetune_figure(metrics, out / "finetune.png")
     return FinetuneResult(p.name, folder, metrics)
 

@@ -119,7 +119,7 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
                          "s--", color="#dd8452", label="validation accuracy (epoch 0: the starting weights)")
         legend_axis.set_ylabel("validation accuracy")
         legend_axis.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
-    handles = [h for ax in {curve, legend_axis} for h in ax.get_legend_handles_labels()[0]]
+    handles = [h for ax in dict.fromkeys((curve, legend_axis)) for h in ax.get_legend_handles_labels()[0]]
     legend_axis.legend(handles=handles, loc="best", fontsize=8)
     curve.set_title(f"training: {metrics['backbone']}")
     scores = [("linear probe alone", metrics.get("probe_accuracy")), ("fine-tuned", metrics.get("accuracy"))]

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -129,6 +130,39 @@ def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, ca
     (data / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 broken differently")  # changed: reported again
     assert main(["batch", str(config), "--quiet"]) == 3
     assert read_log(tmp_path / "batch" / "runs.jsonl")[-1]["new_skipped"] == 1
+
+
+def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_skips(tmp_path, heads, capsys):
+    first = make_folder(tmp_path / "first", classes=1, per_class=1, start_seed=850)
+    second = make_folder(tmp_path / "second", classes=1, per_class=1, start_seed=860)
+    for i in range(25):
+        (first / "class0" / f"bad{i:02d}.jpg").write_bytes(b"not an image %d" % i)
+    (second / "class0" / "bad.jpg").write_bytes(b"not an image either")
+    config_a = _config(tmp_path, [first], {"lr": heads / "lr.joblib"}, name="a")
+    config_b = _config(tmp_path, [second], {"lr": heads / "lr.joblib"}, name="b")
+    shared = json.loads(config_a.read_text())["output_dir"]
+    config_b.write_text(json.dumps({**json.loads(config_b.read_text()), "output_dir": shared}))
+    record = Path(shared) / "skipped.json"
+
+    assert [run_batch(c, progress=False)["new_skipped"] for c in (config_a, config_b)] == [25, 1]
+    # Each config's run keeps the other's skips: neither reports them again.
+    assert [run_batch(c, progress=False)["exit_code"] for c in (config_a, config_b, config_a)] == [0, 0, 0]
+    assert len(json.loads(record.read_text())) == 26
+
+    (first / "class0" / "bad24.jpg").write_bytes(b"broken differently")  # past the first 20 listed
+    capsys.readouterr()
+    assert main(["batch", str(config_a), "--quiet"]) == 3
+    entry = read_log(tmp_path / "a" / "runs.jsonl")[-1]
+    assert entry["new_skipped_files"] == [{"path": str(first / "class0" / "bad24.jpg"), "reason": ANY}]
+    out = capsys.readouterr().out
+    assert f"skipped {first / 'class0' / 'bad24.jpg'}" in out and "24 files skipped as in earlier runs" in out
+
+    (first / "class0" / "bad00.jpg").unlink()  # gone: it leaves the record
+    run_batch(config_a, progress=False)
+    assert str(first / "class0" / "bad00.jpg") not in json.loads(record.read_text())
+    for corrupt in ("[]", "null", "{not json"):  # an unusable record: every skip is reported again
+        record.write_text(corrupt)
+        assert run_batch(config_b, progress=False)["new_skipped"] == 1
 
 
 def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, capsys):
@@ -262,7 +296,7 @@ def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, hea
     assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
     log = read_log(tmp_path / "batch" / "runs.jsonl")
     assert [(e["status"], e["predicted"]) for e in log] == [("recovered", 120), ("ok", 120)]
-    assert log[0].keys() - {"note"} == log[1].keys() and list(log[0]["heads"]) == ["lr"] and log[0]["exit_code"] is None
+    assert log[0].keys() == log[1].keys() and list(log[0]["heads"]) == ["lr"] and log[0]["exit_code"] is None
     for store in FeatureStore.all_in(cache):
         assert store.verify() == []
 
