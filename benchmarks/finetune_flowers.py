@@ -44,8 +44,10 @@ def main() -> None:
     parser.add_argument("--train-cv", type=int, default=0, metavar="K",
                         help="only K-fold cross-validation inside the training folder (no test images)")
     parser.add_argument("--cache", default=str(ROOT / "cache"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "finetune_flowers.json"))
+    parser.add_argument("--out", help="default runs/bench/finetune_flowers.json (with --train-cv: "
+                        "finetune_flowers_train_cv.json)")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "runs" / "bench" / f"finetune_flowers{'_train_cv' if args.train_cv else ''}.json")
     summary = train_cv(args) if args.train_cv else run_once(args, FLOWERS)
     summary["settings"] = vars(args)
     if args.resamples:

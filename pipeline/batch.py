@@ -264,7 +264,7 @@ def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -
 
 def _note_skipped(entry: dict, skipped: dict[str, str], key: str = "skipped") -> None:
     entry[key] = len(skipped)
-    entry[f"{key}_files"] = [{"path": p, "reason": r} for p, r in list(skipped.items())[:20]]
+    entry[f"{key}_files"] = [{"path": os.path.abspath(p), "reason": r} for p, r in list(skipped.items())[:20]]
 
 
 def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",

@@ -146,25 +146,32 @@ def _file_state(path: str) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def _deleted(state: object, path: str) -> bool:
+    """A file that existed when it was skipped and is gone now. A listed path that never existed
+    ("file not found", no file state) stays: another config may list it and would report it again."""
+    return isinstance(state, dict) and state.get("file") is not None and not os.path.exists(path)
+
+
 def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -> list[str]:
     """Merge this run's skips into OUTPUT/skipped.json and return those no earlier run reported. A file
     that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once, and
     again only if it changes (size or mtime) or fails for another reason. Entries of files this run did
-    not look at (another config sharing the folder) stay; those it read fine, or that are gone, leave."""
+    not look at (another config sharing the folder) stay, unless the file was deleted since; those it
+    read fine leave."""
     record = output_dir / SKIP_RECORD
     try:
         known = json.loads(record.read_text()) if record.is_file() else {}
     except (OSError, ValueError):
         known = {}  # unreadable or cut short: report everything again, which errs on the loud side
-    if not isinstance(known, dict):
-        known = {}
+    known = {os.path.abspath(path): state for path, state in known.items()} if isinstance(known, dict) else {}
     current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
     new = [path for path, state in current.items() if known.get(os.path.abspath(path)) != state]
     looked_at = {os.path.abspath(path) for path in scanned}
-    kept = {path: state for path, state in known.items() if path not in looked_at and os.path.exists(path)}
-    if current or known:
+    kept = {path: state for path, state in known.items() if path not in looked_at and not _deleted(state, path)}
+    merged = kept | {os.path.abspath(path): state for path, state in current.items()}
+    if merged != known:
         try:
-            write_json_atomic(record, kept | {os.path.abspath(path): state for path, state in current.items()})
+            write_json_atomic(record, merged)
         except OSError as exc:  # the predictions are committed: say so, and report every skip as new
             print(f"warning: cannot write {record}: {exc.strerror or exc}", file=sys.stderr)
             return list(current)

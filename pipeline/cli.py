@@ -236,8 +236,9 @@ exit codes:
   0  done: every image predicted (or nothing was new)
   1  failed while working; logged with status "failed", committed files are kept, the next run resumes
   2  the config or a head file is unusable: nothing ran, nothing was logged
-  3  partial: files were skipped that no earlier run reported (unreadable, not images; in the log line),
-     all others predicted; a file that stays broken is reported once (OUTPUT/skipped.json remembers it)
+  3  partial: files were skipped that no earlier run reported (unreadable, not images; the first 20 are
+     in the log line, all in OUTPUT/skipped.json), all others predicted; a file that stays broken is
+     reported once (OUTPUT/skipped.json remembers it)
   4  another batch run holds the lock and --on-lock exit was given
 """
 
@@ -265,9 +266,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _print_batch_skips(entry: dict) -> None:
     """New skips first: those already reported by earlier runs are counted, not listed again."""
-    listed = entry["skipped_files"] if entry["new_skipped"] is None else entry["new_skipped_files"]
+    listed, count = ((entry["skipped_files"], entry["skipped"]) if entry["new_skipped"] is None
+                     else (entry["new_skipped_files"], entry["new_skipped"]))
     for item in listed[:10]:
         print(f"skipped {item['path']}: {item['reason']}")
+    if count > 10:
+        print(f"... and {count - 10} more (the log line lists the first 20)")
     if entry["new_skipped"] is not None and entry["skipped"] > entry["new_skipped"]:
         print(f"{entry['skipped'] - entry['new_skipped']} files skipped as in earlier runs (see skipped.json "
               "in the output folder)")

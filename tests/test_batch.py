@@ -138,16 +138,18 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     for i in range(25):
         (first / "class0" / f"bad{i:02d}.jpg").write_bytes(b"not an image %d" % i)
     (second / "class0" / "bad.jpg").write_bytes(b"not an image either")
+    listing = tmp_path / "queue.txt"
+    listing.write_text(f"{tmp_path / 'never-uploaded.jpg'}\n")  # a listed path that does not exist
     config_a = _config(tmp_path, [first], {"lr": heads / "lr.joblib"}, name="a")
-    config_b = _config(tmp_path, [second], {"lr": heads / "lr.joblib"}, name="b")
+    config_b = _config(tmp_path, [second, listing], {"lr": heads / "lr.joblib"}, name="b")
     shared = json.loads(config_a.read_text())["output_dir"]
     config_b.write_text(json.dumps({**json.loads(config_b.read_text()), "output_dir": shared}))
     record = Path(shared) / "skipped.json"
 
-    assert [run_batch(c, progress=False)["new_skipped"] for c in (config_a, config_b)] == [25, 1]
+    assert [run_batch(c, progress=False)["new_skipped"] for c in (config_a, config_b)] == [25, 2]
     # Each config's run keeps the other's skips: neither reports them again.
-    assert [run_batch(c, progress=False)["exit_code"] for c in (config_a, config_b, config_a)] == [0, 0, 0]
-    assert len(json.loads(record.read_text())) == 26
+    assert [run_batch(c, progress=False)["exit_code"] for c in (config_a, config_b, config_a, config_b)] == [0] * 4
+    assert len(json.loads(record.read_text())) == 27
 
     (first / "class0" / "bad24.jpg").write_bytes(b"broken differently")  # past the first 20 listed
     capsys.readouterr()
@@ -162,7 +164,7 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     assert str(first / "class0" / "bad00.jpg") not in json.loads(record.read_text())
     for corrupt in ("[]", "null", "{not json"):  # an unusable record: every skip is reported again
         record.write_text(corrupt)
-        assert run_batch(config_b, progress=False)["new_skipped"] == 1
+        assert run_batch(config_b, progress=False)["new_skipped"] == 2
 
 
 def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, capsys):
