@@ -241,10 +241,12 @@ def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -
     ids = hash_files(dataset.paths)
     skipped.update((str(p), "unreadable file") for p, i in zip(dataset.paths, ids, strict=True) if i is None)
     _note_skipped(entry, skipped)
-    first_path: dict[str, Path] = {}  # content id -> the first path with that content
+    copies: dict[str, list[Path]] = {}  # content id -> every path with that content, the first predicts
     for path, image_id in zip(dataset.paths, ids, strict=True):
         if image_id is not None:
-            first_path.setdefault(image_id, path)
+            copies.setdefault(image_id, []).append(path)
+    first_path = {image_id: paths[0] for image_id, paths in copies.items()}
+    later_copies = {str(paths[0]): paths[1:] for paths in copies.values() if len(paths) > 1}
     done = {head.name: predicted_ids(config.output_dir / head.name, head.sha256) for head in heads}
     pending = {head.name: [p for i, p in first_path.items() if i not in done[head.name]] for head in heads}
     entry["new"] = entry["failed"] = len({path for paths in pending.values() for path in paths})
@@ -258,8 +260,16 @@ def _work(config: BatchConfig, heads: list[Head], entry: dict, progress: bool) -
             entry["computed"] += result.computed
             entry["failed"] = len({path for later in heads[i + 1:] for path in pending[later.name]})
             skipped.update(result.skipped)
+            skipped.update(_skipped_copies(result.skipped, later_copies))
             _note_skipped(entry, skipped)
     return skipped, scanned
+
+
+def _skipped_copies(skipped: dict[str, str], later_copies: dict[str, list[Path]]) -> dict[str, str]:
+    """Only the first path of each content is predicted; when it fails, its copies (several identical
+    truncated uploads, say) are skipped too, each named, instead of vanishing from the report."""
+    return {str(copy): f"{reason} (same bytes as {path})" for path, reason in skipped.items()
+            for copy in later_copies.get(path, [])}
 
 
 def _note_skipped(entry: dict, skipped: dict[str, str], key: str = "skipped") -> None:

@@ -138,6 +138,7 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     for i in range(25):
         (first / "class0" / f"bad{i:02d}.jpg").write_bytes(b"not an image %d" % i)
     (second / "class0" / "bad.jpg").write_bytes(b"not an image either")
+    (second / "class0" / "bad-copy.jpg").write_bytes(b"not an image either")  # same bytes: skipped too
     listing = tmp_path / "queue.txt"
     listing.write_text(f"{tmp_path / 'never-uploaded.jpg'}\n")  # a listed path that does not exist
     config_a = _config(tmp_path, [first], {"lr": heads / "lr.joblib"}, name="a")
@@ -146,10 +147,12 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     config_b.write_text(json.dumps({**json.loads(config_b.read_text()), "output_dir": shared}))
     record = Path(shared) / "skipped.json"
 
-    assert [run_batch(c, progress=False)["new_skipped"] for c in (config_a, config_b)] == [25, 2]
+    assert [run_batch(c, progress=False)["new_skipped"] for c in (config_a, config_b)] == [25, 3]
     # Each config's run keeps the other's skips: neither reports them again.
     assert [run_batch(c, progress=False)["exit_code"] for c in (config_a, config_b, config_a, config_b)] == [0] * 4
-    assert len(json.loads(record.read_text())) == 27
+    assert len(json.loads(record.read_text())) == 28
+    copy_reason = json.loads(record.read_text())[str(second / "class0" / "bad.jpg")]["reason"]
+    assert copy_reason.endswith(f"(same bytes as {second / 'class0' / 'bad-copy.jpg'})")  # it sorts first
 
     (first / "class0" / "bad24.jpg").write_bytes(b"broken differently")  # past the first 20 listed
     capsys.readouterr()
@@ -164,7 +167,7 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     assert str(first / "class0" / "bad00.jpg") not in json.loads(record.read_text())
     for corrupt in ("[]", "null", "{not json"):  # an unusable record: every skip is reported again
         record.write_text(corrupt)
-        assert run_batch(config_b, progress=False)["new_skipped"] == 2
+        assert run_batch(config_b, progress=False)["new_skipped"] == 3
 
 
 def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, capsys):
