@@ -75,29 +75,29 @@ def run_once(args: argparse.Namespace, data: Path) -> dict:
 def resampled(args: argparse.Namespace) -> dict:
     """The same run on re-drawn splits: how much of the official split's figure is the split."""
     paths, labels, classes = pooled(FLOWERS)
-    runs = []
-    for i, split in enumerate(resampled_indices(labels, test_size=240, count=args.resamples)):
-        with tempfile.TemporaryDirectory(prefix="resplit-") as folder:
-            run = run_once(args, write_split(paths, labels, classes, split, Path(folder)))
-        runs.append({k: run[k] for k in ("accuracy", "probe_accuracy", "seconds", "best_epoch")})
-        print(f"resample {i}: LP-FT {run['accuracy']:.2%}  probe {run['probe_accuracy']:.2%}", flush=True)
-    return {"splits": runs, **{f"mean_{k}": round(float(np.mean([r[k] for r in runs])), 4)
-                               for k in ("accuracy", "probe_accuracy", "seconds")}}
+    splits = resampled_indices(labels, test_size=240, count=args.resamples)
+    return _over_splits(args, paths, labels, classes, splits, "resample", key="splits")
 
 
 def train_cv(args: argparse.Namespace) -> dict:
     """K folds of the official training folder, each scored on its held-out fold."""
-    train = FLOWERS / "train"
     paths, labels, classes = pooled(FLOWERS, parts=("train",))
     folds = StratifiedKFold(args.train_cv, shuffle=True, random_state=args.seed).split(labels, labels)
+    return {**_over_splits(args, paths, labels, classes, folds, "fold", key="train_cv"), "data": str(FLOWERS / "train")}
+
+
+def _over_splits(args: argparse.Namespace, paths: list[Path], labels: np.ndarray, classes: list[str], splits,
+                 name: str, key: str) -> dict:
+    """One run per (train, test) index split, each on a folder of symlinks: the runs under `key`, and
+    their means."""
     runs = []
-    for i, split in enumerate(folds):
-        with tempfile.TemporaryDirectory(prefix="train-cv-") as folder:
+    for i, split in enumerate(splits):
+        with tempfile.TemporaryDirectory(prefix=f"{name}-") as folder:
             run = run_once(args, write_split(paths, labels, classes, split, Path(folder)))
         runs.append({k: run[k] for k in ("accuracy", "probe_accuracy", "seconds", "best_epoch")})
-        print(f"fold {i}: LP-FT {run['accuracy']:.2%}  probe {run['probe_accuracy']:.2%}", flush=True)
-    return {"train_cv": runs, "data": str(train), **{f"mean_{k}": round(float(np.mean([r[k] for r in runs])), 4)
-                                                      for k in ("accuracy", "probe_accuracy", "seconds")}}
+        print(f"{name} {i}: LP-FT {run['accuracy']:.2%}  probe {run['probe_accuracy']:.2%}", flush=True)
+    return {key: runs, **{f"mean_{k}": round(float(np.mean([r[k] for r in runs])), 4)
+                          for k in ("accuracy", "probe_accuracy", "seconds")}}
 
 
 if __name__ == "__main__":
