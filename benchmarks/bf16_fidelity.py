@@ -17,8 +17,8 @@ import numpy as np
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.extract import extract
-from pipeline.heads import logistic_regression
+from pipeline.features.extract import extract
+from pipeline.heads.fit import logistic_regression
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.compare import CompareOptions, compare, parse_shots
-from pipeline.report import compare_summary
+from pipeline.reporting.report import compare_summary
+from pipeline.tuning.compare import CompareOptions, compare, parse_shots
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"

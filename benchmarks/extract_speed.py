@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from pipeline import backbones as registry
-from pipeline.data import decode, scan
-from pipeline.extract import extract, forward, resolve_device, resolve_precision
+from pipeline.features.extract import extract, forward, resolve_device, resolve_precision
+from pipeline.images.data import decode, scan
+from pipeline.models import registry as registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

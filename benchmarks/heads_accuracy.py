@@ -26,9 +26,9 @@ import numpy as np
 from resplit import resampled_indices
 from sklearn.metrics import accuracy_score
 
-from pipeline.extract import extract
-from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
-from pipeline.outofcore import fit_incremental, predict_proba_blocks
+from pipeline.features.extract import extract
+from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.heads.outofcore import fit_incremental, predict_proba_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.backbones import get_spec
-from pipeline.rank import as_json, rank, spearman, table
-from pipeline.report import write_rank_report
+from pipeline.heads.rank import as_json, rank, spearman, table
+from pipeline.models.registry import get_spec
+from pipeline.reporting.report import write_rank_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]

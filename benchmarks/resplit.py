@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedShuffleSplit
 
-from pipeline.data import scan
+from pipeline.images.data import scan
 
 
 def pooled(root: Path, parts: tuple[str, ...] = ("train", "test")) -> tuple[list[Path], np.ndarray, list[str]]:

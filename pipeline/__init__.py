@@ -4,9 +4,9 @@ Stage 1 (this package's foundation): `extract` embeds image folders into a shard
 `FeatureExtractor` does the same as a scikit-learn transformer over file paths.
 """
 
-from pipeline.errors import BackboneError, CacheError, ConfigError, DataError, PipelineError
-from pipeline.extract import ExtractReport, FeatureSet, extract
-from pipeline.transformer import FeatureExtractor
+from pipeline.core.errors import BackboneError, CacheError, ConfigError, DataError, PipelineError
+from pipeline.features.extract import ExtractReport, FeatureSet, extract
+from pipeline.features.transformer import FeatureExtractor
 
 __version__ = "0.1.0"
 __all__ = ["BackboneError", "CacheError", "ConfigError", "DataError", "ExtractReport", "FeatureExtractor",

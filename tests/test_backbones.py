@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import backbones as registry
-from pipeline.errors import BackboneError
-from pipeline.extract import forward
+from pipeline.core.errors import BackboneError
+from pipeline.features.extract import forward
+from pipeline.models import registry as registry
 
 from .conftest import FLOWERS, needs_flowers
 
@@ -61,7 +61,7 @@ def test_weights_option_loads_a_local_state_dict_and_refuses_a_wrong_one(tmp_pat
 
 
 def _flower_batch(split: str, cls: str, pre: registry.Preprocess, limit: int = 20) -> np.ndarray:
-    from pipeline.data import decode
+    from pipeline.images.data import decode
 
     return np.stack([decode(p, pre) for p in sorted((FLOWERS / split / cls).glob("*"))[:limit]])
 

@@ -17,11 +17,11 @@ from unittest.mock import ANY
 import numpy as np
 import pytest
 
-from pipeline.batch import run_batch
-from pipeline.batch_state import LOCK_NAME, read_log
-from pipeline.cache import FeatureStore
-from pipeline.cli import main
-from pipeline.extract import extract
+from pipeline.app.batch import run_batch
+from pipeline.app.batch_state import LOCK_NAME, read_log
+from pipeline.cli.main import main
+from pipeline.features.cache import FeatureStore
+from pipeline.features.extract import extract
 
 from .conftest import make_folder
 
@@ -196,7 +196,7 @@ def test_an_emptied_list_file_means_nothing_new(tmp_path, heads):
 def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp_path, heads, monkeypatch):
     """Ids come from hashing before the work and again in extraction; a file that changed between the two
     to content already predicted is written once only."""
-    import pipeline.batch
+    import pipeline.app.batch
 
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=960)
     config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
@@ -204,7 +204,7 @@ def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp
     copy = data / "class0" / "copy.jpg"
     shutil.copy(data / "class0" / "img0.jpg", copy)
     real = pipeline.batch.hash_files
-    monkeypatch.setattr(pipeline.batch, "hash_files",  # what hashing saw before the file was overwritten
+    monkeypatch.setattr(pipeline.app.batch, "hash_files",  # what hashing saw before the file was overwritten
                         lambda paths: ["0" * 16 if p == copy else i for p, i in zip(paths, real(paths), strict=True)])
     entry = run_batch(config, progress=False)
     assert (entry["new"], entry["predicted"]) == (1, 0)
@@ -352,7 +352,7 @@ def test_the_example_batch_config_is_valid_once_its_folder_and_head_exist(tmp_pa
     """configs/batch.yaml, copied beside an inputs folder and a head file, loads as it stands."""
     import yaml
 
-    from pipeline.batch import load_batch_config
+    from pipeline.app.batch import load_batch_config
 
     example = Path(__file__).resolve().parents[1] / "configs" / "batch.yaml"
     raw = yaml.safe_load(example.read_text())

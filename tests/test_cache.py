@@ -13,8 +13,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureStore
-from pipeline.extract import ShardJob, extract, run_shard
+from pipeline.features.cache import FeatureStore
+from pipeline.features.extract import ShardJob, extract, run_shard
 
 from .conftest import make_folder
 
@@ -167,7 +167,7 @@ def test_local_scheduler_and_two_process_cluster_give_identical_features(tmp_pat
 
 
 def test_unreachable_scheduler_is_a_clear_error(tiny_folder, cache_dir):
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
         extract(tiny_folder, cache_dir=cache_dir, progress=False, scheduler="tcp://127.0.0.1:1")
@@ -209,7 +209,7 @@ def test_workers_started_with_dask_malloc_trim_get_glibc_thresholds_back():
     process is left alone."""
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt thresholds are glibc's")
-    code = "from pipeline.extract import undo_worker_malloc_trim; print(undo_worker_malloc_trim())"
+    code = "from pipeline.features.extract import undo_worker_malloc_trim; print(undo_worker_malloc_trim())"
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     worker = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_TRIM_THRESHOLD_": "65536"},

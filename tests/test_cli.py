@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 
 def test_extract_prints_a_summary_and_writes_the_skip_list(tiny_folder, cache_dir, capsys):

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.compare import CompareOptions, compare, kshot_rows, parse_shots
-from pipeline.errors import ConfigError
+from pipeline.cli.main import main
+from pipeline.core.errors import ConfigError
+from pipeline.tuning.compare import CompareOptions, compare, kshot_rows, parse_shots
 
 from .conftest import make_folder, stage_run_config
 
@@ -72,7 +72,7 @@ def _run_config(tmp_path, compare_section: str):
     ("[1, 5]", r"'compare' must be a mapping"),
 ])
 def test_run_config_compare_section_is_checked_before_any_work(tmp_path, section, message):
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     path = _run_config(tmp_path, section)
     with pytest.raises(ConfigError, match=message) as info:
@@ -82,7 +82,7 @@ def test_run_config_compare_section_is_checked_before_any_work(tmp_path, section
 
 
 def test_run_config_compare_section_adds_its_summary_to_metrics_and_report(tmp_path):
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     section = "{shots: [1, all], seeds: [0, 1], finetune_steps: 1, scratch_steps: 2, scratch_size: 32, batch_size: 4}"
     metrics = run(_run_config(tmp_path, section), progress=False)

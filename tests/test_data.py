@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.backbones import Preprocess
-from pipeline.data import decode, scan
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
+from pipeline.images.data import decode, scan
+from pipeline.models.registry import Preprocess
 
 from .conftest import make_folder, make_image
 
@@ -112,7 +112,7 @@ def test_missing_folder_is_one_clear_error(tmp_path):
 
 
 def test_a_file_that_changed_since_it_was_hashed_is_skipped(tmp_path):
-    from pipeline.data import hash_file
+    from pipeline.images.data import hash_file
 
     path = _save(tmp_path / "a.png", make_image(5, 40))
     assert isinstance(decode(path, PRE, hash_file(path)), np.ndarray)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 
 @pytest.mark.slow
@@ -18,4 +18,4 @@ def test_demo_runs_end_to_end_on_bundled_digits(tmp_path, capsys):
 def test_the_packaged_demo_config_is_the_one_in_configs():
     from .conftest import ROOT
 
-    assert (ROOT / "configs" / "demo.yaml").read_text() == (ROOT / "pipeline" / "demo.yaml").read_text()
+    assert (ROOT / "configs" / "demo.yaml").read_text() == (ROOT / "pipeline" / "app" / "demo.yaml").read_text()

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import backbones as registry
-from pipeline.errors import BackboneError, ConfigError
-from pipeline.extract import extract
-from pipeline.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
-from pipeline.heads import HeadSpec, fit_head
-from pipeline.training import TrainSettings, train
+from pipeline.core.errors import BackboneError, ConfigError
+from pipeline.features.extract import extract
+from pipeline.heads.fit import HeadSpec, fit_head
+from pipeline.models import registry as registry
+from pipeline.tuning.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
+from pipeline.tuning.training import TrainSettings, train
 
 from .conftest import make_folder, stage_run_config
 
@@ -171,7 +171,7 @@ def _run_config(folders: Path, tmp_path: Path, finetune: str) -> Path:
     ("[1, 2]", r"'finetune' must be a mapping"),
 ])
 def test_run_config_finetune_section_is_validated_naming_file_and_key(folders, tmp_path, section, message):
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     path = _run_config(folders, tmp_path, section)
     with pytest.raises(ConfigError, match=message) as info:
@@ -183,7 +183,7 @@ def test_run_config_finetune_section_is_validated_naming_file_and_key(folders, t
 def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeypatch):
     import json
 
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
     path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")

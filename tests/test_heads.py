@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from pipeline.bundle import BundleError, load_bundle, save_bundle
-from pipeline.cli import main
-from pipeline.extract import extract
-from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.cli.main import main
+from pipeline.features.extract import extract
+from pipeline.heads.bundle import BundleError, load_bundle, save_bundle
+from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
 
 from .conftest import make_folder
 
@@ -103,7 +103,7 @@ def test_cross_validation_folds_run_on_a_dask_cluster(cached):
 def test_out_of_core_heads_learn_block_by_block(cached, head_type):
     import dask.array as da
 
-    from pipeline.outofcore import fit_incremental, predict_proba_blocks
+    from pipeline.heads.outofcore import fit_incremental, predict_proba_blocks
 
     _root, _data, head, stage6, labels = cached
     order = np.random.default_rng(1).permutation(len(labels))  # blocks must not be single-class
@@ -120,8 +120,8 @@ def test_out_of_core_heads_learn_block_by_block(cached, head_type):
 def test_heads_that_need_all_rows_in_memory_refuse_the_out_of_core_path(cached):
     import dask.array as da
 
-    from pipeline.errors import ConfigError
-    from pipeline.outofcore import fit_incremental
+    from pipeline.core.errors import ConfigError
+    from pipeline.heads.outofcore import fit_incremental
 
     _root, _data, head, _stage6, labels = cached
     with pytest.raises(ConfigError, match="needs all features in memory"):

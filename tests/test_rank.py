@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from pipeline.cli import main
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.rank import EPSILON, candidates, hscore, logme, rank, spearman
+from pipeline.cli.main import main
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.heads.rank import EPSILON, candidates, hscore, logme, rank, spearman
 from tests.conftest import make_folder
 
 
@@ -78,7 +78,7 @@ def test_linear_labels_score_higher_than_shuffled() -> None:
 
 
 def test_spearman_orders_rows() -> None:
-    from pipeline.rank import RankRow
+    from pipeline.heads.rank import RankRow
 
     rows = [RankRow(str(i), logme=float(i), hscore=float(-i), probe_accuracy=i / 10, dim=1,
                     images_per_second=None, cache_bytes=0, score_seconds=0, probe_seconds=0) for i in range(4)]
@@ -107,7 +107,7 @@ def test_rank_reads_only_the_cache_the_second_time(tmp_path, monkeypatch, capsys
     def no_forward(*args, **kwargs):
         raise AssertionError("rank ran the network although every feature was cached")
 
-    monkeypatch.setattr(sys.modules["pipeline.extract"], "forward", no_forward)
+    monkeypatch.setattr(sys.modules["pipeline.features.extract"], "forward", no_forward)
     out = tmp_path / "rank.json"
     assert main(["rank", "--data", str(data), "--cache", str(cache), "--layer", "head", "--layer", "stage5",
                  "--fusion", "efficientnet_lite0+efficientnet_lite0:stage5", "--out", str(out),
@@ -135,7 +135,7 @@ def _auto_config(tmp_path, heads: str):
 
 
 def test_run_with_auto_backbones_uses_the_best_ranked(tmp_path) -> None:
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     metrics = run(_auto_config(tmp_path, "heads: [{name: lr, type: logistic_regression, C: 1.0}]\n"), progress=False)
     ranked = metrics["rank"]
@@ -152,7 +152,7 @@ def test_run_with_auto_backbones_uses_the_best_ranked(tmp_path) -> None:
     ("{backbones: auto, candidates: [nope]}", "[{name: lr, type: logistic_regression}]", "unknown backbone 'nope'"),
 ])
 def test_auto_config_errors(tmp_path, features: str, heads: str, message: str) -> None:
-    from pipeline.config import head_specs, load_config
+    from pipeline.app.config import head_specs, load_config
 
     path = tmp_path / "bad.yaml"
     path.write_text(f"features: {features}\nheads: {heads}\noutput_dir: out\n")
@@ -161,7 +161,7 @@ def test_auto_config_errors(tmp_path, features: str, heads: str, message: str) -
 
 
 def test_auto_backbones_check_the_stage_sections_before_ranking_extracts(tmp_path) -> None:
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     path = _auto_config(tmp_path, "heads: [{name: lr, type: logistic_regression, C: 1.0}]\n")
     path.write_text(path.read_text() + "compare: {unfreeze: some}\n")

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.errors import ConfigError
-from pipeline.run import run
+from pipeline.app.run import run
+from pipeline.cli.main import main
+from pipeline.core.errors import ConfigError
 
 from .conftest import FLOWERS, make_folder, needs_flowers
 

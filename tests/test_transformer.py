@@ -5,8 +5,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
 from pipeline import FeatureExtractor
-from pipeline.errors import BackboneError, DataError
-from pipeline.extract import extract
+from pipeline.core.errors import BackboneError, DataError
+from pipeline.features.extract import extract
 
 
 def test_extractor_in_a_sklearn_pipeline_uses_the_cache(tiny_folder, cache_dir):

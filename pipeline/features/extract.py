@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import backbones as registry
-from pipeline.cache import CacheKey, FeatureStore
-from pipeline.data import Dataset, decode, hash_files, scan
-from pipeline.errors import CacheError, ConfigError, first_line
+from pipeline.core.errors import CacheError, ConfigError, first_line
+from pipeline.features.cache import CacheKey, FeatureStore
+from pipeline.images.data import Dataset, decode, hash_files, scan
+from pipeline.models import registry as registry
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 PRECISIONS = ("auto", "bf16", "fp32")

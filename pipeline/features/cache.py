@@ -31,8 +31,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.data import DECODER
-from pipeline.errors import CacheError
+from pipeline.core.errors import CacheError
+from pipeline.images.data import DECODER
 
 FORMAT_VERSION = 1
 _STAGING = ".staging"

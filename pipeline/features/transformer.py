@@ -12,10 +12,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline import backbones as registry
-from pipeline.data import Dataset
-from pipeline.errors import DataError
-from pipeline.extract import DEFAULT_BACKBONE, extract, resolve_device, resolve_precision
+from pipeline.core.errors import DataError
+from pipeline.features.extract import DEFAULT_BACKBONE, extract, resolve_device, resolve_precision
+from pipeline.images.data import Dataset
+from pipeline.models import registry as registry
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):

@@ -24,9 +24,9 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from pipeline.backbones import Preprocess
-from pipeline.data import decode
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
+from pipeline.images.data import decode
+from pipeline.models.registry import Preprocess
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from pipeline.batch_state import (
+from pipeline.app.batch_state import (
     SKIP_RECORD,
     append_log,
     batch_lock,
@@ -37,12 +37,12 @@ from pipeline.batch_state import (
     record_skips,
     recover,
 )
-from pipeline.bundle import load_bundle
-from pipeline.cache import fsync_dir
-from pipeline.config import parse_config
-from pipeline.data import Dataset, hash_files, scan
-from pipeline.errors import ConfigError, PipelineError, first_line
-from pipeline.predict import feature_options, predict_with
+from pipeline.app.config import parse_config
+from pipeline.core.errors import ConfigError, PipelineError, first_line
+from pipeline.features.cache import fsync_dir
+from pipeline.heads.bundle import load_bundle
+from pipeline.heads.predict import feature_options, predict_with
+from pipeline.images.data import Dataset, hash_files, scan
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 BATCH_KEYS = {"inputs": "a folder or text file of image paths, or a list of them",

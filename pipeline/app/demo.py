@@ -51,8 +51,8 @@ def demo_config(out_dir: Path, cache_dir: str) -> dict:
 
 def run_demo(cache_dir: str = "cache", out_dir: str = "runs/demo", progress: bool = True) -> dict:
     """Write the digits, then run the demo config on them: extract, fit four heads, report."""
-    from pipeline.config import parse_config
-    from pipeline.run import run
+    from pipeline.app.config import parse_config
+    from pipeline.app.run import run
 
     started = time.perf_counter()
     out = Path(out_dir)

@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
 
 EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
 
 
 def _add_extract_options(parser: argparse.ArgumentParser) -> None:
-    from pipeline.extract import DEVICES, PRECISIONS
+    from pipeline.features.extract import DEVICES, PRECISIONS
 
     add = parser.add_argument
     add("--data", metavar="PATH",
@@ -38,8 +38,8 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from pipeline.config import extract_settings
-    from pipeline.extract import extract
+    from pipeline.app.config import extract_settings
+    from pipeline.features.extract import extract
 
     sources, settings = extract_settings(args)
     skipped: list[tuple[str, str]] = []
@@ -84,7 +84,7 @@ def _human_bytes(size: float) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from pipeline.cache import FeatureStore, clean_staging
+    from pipeline.features.cache import FeatureStore, clean_staging
 
     stores = FeatureStore.all_in(args.cache)
     if args.action == "ls":
@@ -116,7 +116,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(_args: argparse.Namespace) -> int:
-    from pipeline import backbones as registry
+    from pipeline.models import registry as registry
 
     for name in registry.list_backbones():
         spec = registry.get_spec(name)
@@ -133,7 +133,7 @@ def cmd_backbones(_args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.run import run
+    from pipeline.app.run import run
 
     run(args.config, progress=not args.quiet)
     return 0
@@ -141,11 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """One head on one labelled folder; its cross-validated accuracy is the only score there is."""
-    from pipeline.bundle import save_bundle
-    from pipeline.config import DEFAULTS, head_specs, parse_config
-    from pipeline.extract import extract
-    from pipeline.heads import fit_head
-    from pipeline.run import feature_set, matrix, source_meta
+    from pipeline.app.config import DEFAULTS, head_specs, parse_config
+    from pipeline.app.run import feature_set, matrix, source_meta
+    from pipeline.features.extract import extract
+    from pipeline.heads.bundle import save_bundle
+    from pipeline.heads.fit import fit_head
 
     backbones = args.backbone or list(dict.fromkeys(s.split(":")[0] for s in args.source or [])) or [
         "efficientnet_lite0"]
@@ -176,7 +176,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import predict, write_predictions
+    from pipeline.heads.predict import predict, write_predictions
 
     result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet)
     out = write_predictions(result, args.out)
@@ -187,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.predict import evaluate, predict
+    from pipeline.heads.predict import evaluate, predict
 
     scores = evaluate(predict(args.model, args.data, args.cache, args.device, args.scheduler,
                               progress=not args.quiet))
@@ -199,9 +199,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_rank(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.config import extract_settings
-    from pipeline.rank import as_json, rank, spearman, table
-    from pipeline.report import write_rank_report
+    from pipeline.app.config import extract_settings
+    from pipeline.heads.rank import as_json, rank, spearman, table
+    from pipeline.reporting.report import write_rank_report
 
     sources, settings = extract_settings(args)
     data = sources.get("train") or next(iter(sources.values()))
@@ -221,7 +221,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.app.demo import run_demo
 
     run_demo(cache_dir=args.cache, out_dir=args.out, progress=not args.quiet)
     return 0
@@ -244,8 +244,8 @@ exit codes:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from pipeline.batch import EXIT_LOCKED, run_batch
-    from pipeline.batch_state import LockBusy
+    from pipeline.app.batch import EXIT_LOCKED, run_batch
+    from pipeline.app.batch_state import LockBusy
 
     try:
         entry = run_batch(args.config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)
@@ -290,7 +290,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli_training import add_compare_parser, add_finetune_parser
+    from pipeline.cli.training import add_compare_parser, add_finetune_parser
 
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Transfer learning for image classification: pretrained CNN features, "
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    from pipeline.heads import HEAD_OPTIONS
+    from pipeline.heads.fit import HEAD_OPTIONS
 
     fit = sub.add_parser("fit", help="fit one head on a labelled folder and save it",
                          description="Fit one head on cached features of a labelled folder (extracting what is "

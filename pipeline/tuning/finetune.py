@@ -24,12 +24,12 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
-from pipeline import backbones as registry
-from pipeline.data import Dataset, scan
-from pipeline.errors import ConfigError
-from pipeline.extract import extract, resolve_device, resolve_precision
-from pipeline.heads import HEAD_OPTIONS, HeadSpec, fit_head
-from pipeline.training import Images, TrainSettings, decode_images, predict_logits, square, train
+from pipeline.core.errors import ConfigError
+from pipeline.features.extract import extract, resolve_device, resolve_precision
+from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.images.data import Dataset, scan
+from pipeline.models import registry as registry
+from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 INITS = ("probe", "random")
 LR = 1e-3  # the new layer's learning rate by default; earlier blocks get it times lr_decay per block
@@ -362,7 +362,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                                     {"classes": p.classes, "finetune": summary})
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     (out / "finetune.json").write_text(json.dumps(metrics, indent=1, default=str))
-    from pipeline.report import finetune_figure  # matplotlib loads only for a fine-tuning run; drawn after
+    from pipeline.reporting.report import finetune_figure  # matplotlib loads only for a fine-tuning run; drawn after
     # the backbone and its metrics are saved, so a plotting failure loses nothing computed
     finetune_figure(metrics, out / "finetune.png")
     return FinetuneResult(p.name, folder, metrics)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from pipeline import backbones as registry
-from pipeline.bundle import BundleError, load_bundle
-from pipeline.data import Dataset
-from pipeline.extract import ExtractReport, FeatureSet, cache_key, extract
+from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
+from pipeline.heads.bundle import BundleError, load_bundle
+from pipeline.images.data import Dataset
+from pipeline.models import registry as registry
 
 
 @dataclass

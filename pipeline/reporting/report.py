@@ -15,7 +15,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
-from pipeline.extract import FeatureSet  # noqa: E402
+from pipeline.features.extract import FeatureSet  # noqa: E402
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -233,7 +233,7 @@ def _rank_group(row) -> str:
 def rank_figure(rows: list, path: Path) -> Path:
     """Each training-free score against the probe accuracy: one point per candidate, coloured by
     backbone and labelled by layer (fusions are stars), with the rank correlation in the title."""
-    from pipeline.rank import spearman
+    from pipeline.heads.rank import spearman
 
     probed = [r for r in rows if r.probe_accuracy is not None]
     groups = sorted({_rank_group(r) for r in probed}, key=lambda g: (g == "fusion", g))
@@ -279,7 +279,7 @@ def rank_table(rows: list[dict]) -> str:
 
 def write_rank_report(out: Path, rows: list) -> Path:
     """rank.html (table, and the score plot when probes ran) plus rank_scores.png in `out`."""
-    from pipeline.rank import as_json, spearman
+    from pipeline.heads.rank import as_json, spearman
 
     out.mkdir(parents=True, exist_ok=True)
     rhos = {label: spearman(rows, score) for score, label in (("logme", "LogME"), ("hscore", "H-score"))}

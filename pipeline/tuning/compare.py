@@ -21,14 +21,14 @@ import torch
 from sklearn.metrics import accuracy_score
 from torch import nn
 
-from pipeline import backbones as registry
-from pipeline.backbones import Preprocess
-from pipeline.data import scan
-from pipeline.errors import ConfigError
-from pipeline.extract import extract, resolve_device, resolve_precision
-from pipeline.finetune import build_model, check_unfreeze
-from pipeline.heads import HeadSpec, fit_head
-from pipeline.training import Images, TrainSettings, decode_images, predict_logits, square, train
+from pipeline.core.errors import ConfigError
+from pipeline.features.extract import extract, resolve_device, resolve_precision
+from pipeline.heads.fit import HeadSpec, fit_head
+from pipeline.images.data import scan
+from pipeline.models import registry as registry
+from pipeline.models.registry import Preprocess
+from pipeline.tuning.finetune import build_model, check_unfreeze
+from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 METHODS = ("linear probe", "fine-tuning", "from scratch")
 FINETUNE_LR = 3e-4  # the comparison's few fixed steps were measured at this rate (README, Transfer vs. scratch)
@@ -207,7 +207,7 @@ def compare(options: CompareOptions, progress: bool = True) -> dict:
     """Run every (k, seed) and write compare.json, compare.png and compare.html into `options.out`."""
     from tqdm.auto import tqdm
 
-    from pipeline.report import compare_report
+    from pipeline.reporting.report import compare_report
 
     check_options(options)
     options.device = resolve_device(options.device)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import joblib
 
-from pipeline import backbones as registry
-from pipeline.errors import BackboneError, PipelineError, first_line
+from pipeline.core.errors import BackboneError, PipelineError, first_line
+from pipeline.models import registry as registry
 
 FORMAT = 1
 

@@ -18,8 +18,8 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.errors import ConfigError
-from pipeline.heads import FittedHead, HeadSpec
+from pipeline.core.errors import ConfigError
+from pipeline.heads.fit import FittedHead, HeadSpec
 
 EPOCHS = 20  # SGD passes over the blocks; fewer left the log-loss visibly unconverged
 

@@ -22,7 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from pipeline.errors import ConfigError, first_line
+from pipeline.core.errors import ConfigError, first_line
 
 # type -> {option: default}; `source`/`sources` name the features (BACKBONE or BACKBONE:LAYER).
 HEAD_OPTIONS: dict[str, dict] = {

@@ -26,11 +26,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.cache import FeatureStore
-from pipeline.data import Dataset
-from pipeline.errors import ConfigError, DataError
-from pipeline.extract import extract, layers_for
-from pipeline.heads import logistic_regression
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.features.cache import FeatureStore
+from pipeline.features.extract import extract, layers_for
+from pipeline.heads.fit import logistic_regression
+from pipeline.images.data import Dataset
 
 # As in the authors' implementation: keeps alpha finite for a class no linear map predicts, and beta
 # finite when there are fewer images than dimensions and the labels are fitted exactly.

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from pipeline.bundle import save_bundle
-from pipeline.compare import CompareOptions
-from pipeline.config import DEFAULTS, auto_candidates, compare_options, finetune_options, head_specs, load_config
-from pipeline.data import Dataset, scan
-from pipeline.errors import ConfigError
-from pipeline.extract import ExtractReport, FeatureSet, extract
-from pipeline.finetune import FinetuneOptions
-from pipeline.heads import FittedHead, HeadSpec, fit_head
-from pipeline.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
-from pipeline.rank import RankRow, as_json, rank, table
+from pipeline.app.config import DEFAULTS, auto_candidates, compare_options, finetune_options, head_specs, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.features.extract import ExtractReport, FeatureSet, extract
+from pipeline.heads.bundle import save_bundle
+from pipeline.heads.fit import FittedHead, HeadSpec, fit_head
+from pipeline.heads.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
+from pipeline.heads.rank import RankRow, as_json, rank, table
+from pipeline.images.data import Dataset, scan
+from pipeline.tuning.compare import CompareOptions
+from pipeline.tuning.finetune import FinetuneOptions
 
 
 @dataclass
@@ -192,7 +192,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
-    from pipeline.report import write_report
+    from pipeline.reporting.report import write_report
 
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
     print(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
@@ -202,7 +202,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
 
 def _finetune(options: FinetuneOptions, progress: bool) -> dict:
     """Stage 3 from the config's finetune: section; the new backbone's id goes into metrics.json."""
-    from pipeline.finetune import finetune
+    from pipeline.tuning.finetune import finetune
 
     result = finetune(options, progress=progress).metrics
     probe = result["probe_accuracy"]
@@ -214,8 +214,8 @@ def _finetune(options: FinetuneOptions, progress: bool) -> dict:
 
 def _compare(options: CompareOptions, progress: bool) -> dict:
     """The config's compare: section; metrics.json keeps the means over seeds, compare/ everything."""
-    from pipeline.compare import compare
-    from pipeline.report import compare_rows
+    from pipeline.reporting.report import compare_rows
+    from pipeline.tuning.compare import compare
 
     result = compare(options, progress=progress)
     print(f"compare: {Path(options.out) / 'compare.json'}")

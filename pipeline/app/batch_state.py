@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.cache import write_json_atomic
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.features.cache import write_json_atomic
 
 LOCK_NAME = ".batch.lock"
 SKIP_RECORD = "skipped.json"

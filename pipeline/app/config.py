@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError, PipelineError, first_line
+from pipeline.core.errors import ConfigError, PipelineError, first_line
 
 # key -> (accepted types, what the message says is expected)
 FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -110,7 +110,7 @@ def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[st
 def auto_candidates(features: dict) -> list[str]:
     """What `backbones: auto` chooses from: the config's candidates, else every backbone whose weights
     are on disk (each checked to be registered before any work)."""
-    from pipeline.backbones import get_spec, list_backbones
+    from pipeline.models.registry import get_spec, list_backbones
 
     if features.get("candidates"):
         for name in features["candidates"]:
@@ -128,8 +128,8 @@ def auto_candidates(features: dict) -> list[str]:
 
 def head_specs(config: dict) -> list:
     """The `heads:` list as HeadSpecs, every key checked against its type's options."""
-    from pipeline.backbones import get_spec
-    from pipeline.heads import HEAD_OPTIONS, OPTION_CHECKS, HeadSpec
+    from pipeline.heads.fit import HEAD_OPTIONS, OPTION_CHECKS, HeadSpec
+    from pipeline.models.registry import get_spec
 
     path = config["path"]
     auto = config["features"].get("backbones") == "auto"
@@ -247,8 +247,8 @@ def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...],
 def finetune_options(config: dict, output_dir: Path, features: dict):
     """The run config's finetune: section as FinetuneOptions (None without one), checked before any work.
     Data comes from data.train/test, the cache, device and precision from features:."""
-    from pipeline.finetune import EPOCHS, LR, FinetuneOptions, check_options
-    from pipeline.training import TrainSettings
+    from pipeline.tuning.finetune import EPOCHS, LR, FinetuneOptions, check_options
+    from pipeline.tuning.training import TrainSettings
 
     section = config.get("finetune")
     if section is None:
@@ -272,7 +272,7 @@ def finetune_options(config: dict, output_dir: Path, features: dict):
 def compare_options(config: dict, output_dir: Path, features: dict):
     """The run config's compare: section as CompareOptions (None without one), checked before any work.
     It trains on data.train and scores on data.test; cache, device and precision come from features:."""
-    from pipeline.compare import CompareOptions, check_options
+    from pipeline.tuning.compare import CompareOptions, check_options
 
     section = config.get("compare")
     if section is None:

@@ -1,0 +1,1 @@
+"""Workflows a user runs: configs, `run`, `fit`, scheduled `batch` jobs and the demo."""

@@ -1,0 +1,1 @@
+"""The `pipeline` command: parses arguments, calls the app layer, prints. Nothing else."""

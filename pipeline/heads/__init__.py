@@ -1,0 +1,1 @@
+"""Stage 2: classical heads on cached features: fitting, out-of-core fitting, saved bundles, prediction, ranking."""

@@ -1,0 +1,1 @@
+"""Models: the backbone registry (register, create, list by name), the networks, and their tap points."""
