@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.reporting.report import compare_summary
-from pipeline.tuning.compare import CompareOptions, compare, parse_shots
+from pipeline.app.stage3 import run_compare
+from pipeline.tuning.compare import CompareOptions, compare_summary, parse_shots
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / "cache"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "compare"))
     args = parser.parse_args()
-    result = compare(CompareOptions(FLOWERS / "train", FLOWERS / "test", parse_shots(args.shots),
+    result = run_compare(CompareOptions(FLOWERS / "train", FLOWERS / "test", parse_shots(args.shots),
                                     [int(s) for s in args.seeds.split(",")], finetune_steps=args.finetune_steps,
                                     scratch_steps=args.scratch_steps, cache_dir=args.cache, out=args.out))
     for (method, shots), s in compare_summary(result["runs"]).items():

@@ -203,7 +203,7 @@ def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp
     assert run_batch(config, progress=False)["predicted"] == 2
     copy = data / "class0" / "copy.jpg"
     shutil.copy(data / "class0" / "img0.jpg", copy)
-    real = pipeline.batch.hash_files
+    real = pipeline.app.batch.hash_files
     monkeypatch.setattr(pipeline.app.batch, "hash_files",  # what hashing saw before the file was overwritten
                         lambda paths: ["0" * 16 if p == copy else i for p, i in zip(paths, real(paths), strict=True)])
     entry = run_batch(config, progress=False)

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.app.stage3 import run_compare
 from pipeline.cli.main import main
 from pipeline.core.errors import ConfigError
-from pipeline.tuning.compare import CompareOptions, compare, kshot_rows, parse_shots
+from pipeline.tuning.compare import CompareOptions, kshot_rows, parse_shots
 
 from .conftest import make_folder, stage_run_config
 
@@ -32,7 +33,7 @@ def test_compare_writes_json_figure_and_report_for_every_method_and_shot(tmp_pat
     make_folder(tmp_path / "train", classes=3, per_class=4)
     make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
     out = tmp_path / "out"
-    result = compare(CompareOptions(tmp_path / "train", tmp_path / "test", shots=[1, None], seeds=[0], batch_size=4,
+    result = run_compare(CompareOptions(tmp_path / "train", tmp_path / "test", shots=[1, None], seeds=[0], batch_size=4,
                                     finetune_steps=2, scratch_steps=3, scratch_size=32, cache_dir=tmp_path / "cache",
                                     out=out, device="cpu"), progress=False)
     saved = json.loads((out / "compare.json").read_text())

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import re
 import shutil
 
@@ -105,14 +106,15 @@ def test_run_on_a_small_real_set(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_past_the_memory_budget_fits_out_of_core(tmp_path, capsys):
+def test_run_past_the_memory_budget_fits_out_of_core(tmp_path, caplog):
     train = make_folder(tmp_path / "train", classes=3, per_class=70)  # 210 x (1280 + 192) floats: 1.2 MB
     test = make_folder(tmp_path / "test", classes=3, per_class=3, start_seed=1000)
     heads = ("heads:\n  - {name: sgd, type: logistic_regression, C: [1.0]}\n"
              "  - {name: fusion, type: pca_fusion, sources: [efficientnet_lite0, 'efficientnet_lite0:stage6'],"
              " components: 8}\n")
-    metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n"), progress=False)
-    assert capsys.readouterr().out.count("fitting out of core") == 2
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n"), progress=False)
+    assert caplog.text.count("fitting out of core") == 2
     assert metrics["heads"]["sgd"]["best_params"]["out_of_core"] and metrics["heads"]["sgd"]["accuracy"] >= 0.8
 
 

@@ -14,9 +14,7 @@ every finished shard, so the next run redoes only what is missing, without dupli
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,9 @@ from pipeline.app.batch_state import (
 )
 from pipeline.app.config import parse_config
 from pipeline.core.errors import ConfigError, PipelineError, first_line
-from pipeline.features.cache import fsync_dir
+from pipeline.core.hashing import file_sha256
+from pipeline.core.io import fsync_dir
+from pipeline.core.names import is_safe_name
 from pipeline.heads.bundle import load_bundle
 from pipeline.heads.predict import feature_options, predict_with
 from pipeline.images.data import Dataset, hash_files, scan
@@ -53,7 +53,6 @@ BATCH_KEYS = {"inputs": "a folder or text file of image paths, or a list of them
               "chunk_size": "a positive integer: images whose features are in memory at once"}
 BATCH_FEATURES = ("cache_dir", "device", "batch_size", "shard_size", "scheduler")
 DEFAULT_CHUNK = 2048
-_HEAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -108,7 +107,7 @@ def _head_files(value: object, path: Path) -> dict[str, Path]:
                           "(heads: {name: file, ...})")
     heads = {}
     for name, file in named.items():
-        if not isinstance(file, str) or not _HEAD_NAME.fullmatch(str(name)):
+        if not isinstance(file, str) or not is_safe_name(name):
             raise ConfigError(f"{path}: 'heads.{name}': the name must be letters, digits, '_', '-' or '.' "
                               f"(it names a folder) and the value a file path, got {file!r}")
         if name == SKIP_RECORD:
@@ -164,8 +163,7 @@ def load_heads(config: BatchConfig) -> list[Head]:
     heads = []
     for name, path in config.heads.items():
         try:
-            with open(path, "rb") as fh:
-                sha = hashlib.file_digest(fh, "sha256").hexdigest()
+            sha = file_sha256(path)
         except OSError as exc:
             raise ConfigError(f"{config.path}: 'heads.{name}': cannot read {path}: {exc.strerror or exc}") from None
         bundle = load_bundle(path)

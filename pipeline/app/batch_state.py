@@ -7,9 +7,9 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import logging
 import os
 import platform
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.features.cache import write_json_atomic
+from pipeline.core.io import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".batch.lock"
 SKIP_RECORD = "skipped.json"
@@ -45,7 +47,7 @@ def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
             if on_lock == "exit":
                 raise LockBusy(f"another batch run ({holder}) holds {path}; exiting without doing anything "
                                "(--on-lock wait queues behind it)") from None
-            print(f"waiting for the batch run that holds {path} ({holder})", file=sys.stderr)
+            logger.warning(f"waiting for the batch run that holds {path} ({holder})")
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.truncate(0)
         fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
@@ -173,7 +175,7 @@ def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -
         try:
             write_json_atomic(record, merged)
         except OSError as exc:  # the predictions are committed: say so, and report every skip as new
-            print(f"warning: cannot write {record}: {exc.strerror or exc}", file=sys.stderr)
+            logger.warning(f"warning: cannot write {record}: {exc.strerror or exc}")
             return list(current)
     return new
 

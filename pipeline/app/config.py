@@ -7,7 +7,6 @@ Command-line options override the config's values.
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import ConfigError, PipelineError, first_line
+from pipeline.core.names import DEFAULT_BACKBONE, SAFE_NAME_RULE, is_safe_name
 
 # key -> (accepted types, what the message says is expected)
 FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -134,7 +134,7 @@ def head_specs(config: dict) -> list:
     path = config["path"]
     auto = config["features"].get("backbones") == "auto"
     backbones = auto_candidates(config["features"]) if auto else (
-        config["features"].get("backbones") or ["efficientnet_lite0"])
+        config["features"].get("backbones") or [DEFAULT_BACKBONE])
     specs, names = [], set()
     for i, raw in enumerate(config["heads"] or []):
         where = f"{path}: 'heads[{i}]'"
@@ -143,9 +143,8 @@ def head_specs(config: dict) -> list:
         if raw["type"] not in HEAD_OPTIONS:
             raise ConfigError(f"{where}.type: unknown head type {raw['type']!r}; expected one of: "
                               f"{', '.join(HEAD_OPTIONS)}")
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", raw["name"]):
-            raise ConfigError(f"{where}.name: {raw['name']!r} must be letters, digits, '_', '-' or '.' "
-                              "(it names the saved file)")
+        if not is_safe_name(raw["name"]):
+            raise ConfigError(f"{where}.name: {raw['name']!r} must be {SAFE_NAME_RULE} (it names the saved file)")
         if raw["name"] in names:
             raise ConfigError(f"{where}.name: {raw['name']!r} is used twice")
         names.add(raw["name"])
@@ -256,7 +255,7 @@ def finetune_options(config: dict, output_dir: Path, features: dict):
     section = dict(section)
     train = {k: section.pop(k) for k in ("epochs", "lr", "weight_decay", "warmup", "label_smoothing", "batch_size",
                                           "patience", "seed") if k in section}
-    backbone = section.pop("backbone", None) or (features.get("backbones") or ["efficientnet_lite0"])[0]
+    backbone = section.pop("backbone", None) or (features.get("backbones") or [DEFAULT_BACKBONE])[0]
     options = FinetuneOptions(config["data"]["train"], config["data"].get("test"), **{
         "backbone": backbone, "name": f"{backbone}_ft_{output_dir.name}", **section,
         "out": output_dir / "finetune", "cache_dir": features["cache_dir"]},
@@ -283,7 +282,7 @@ def compare_options(config: dict, output_dir: Path, features: dict):
     section = dict(section)  # its keys and items were checked with the config
     if "shots" in section:
         section["shots"] = [None if s == "all" else s for s in section["shots"]]
-    backbone = section.pop("backbone", None) or (features.get("backbones") or ["efficientnet_lite0"])[0]
+    backbone = section.pop("backbone", None) or (features.get("backbones") or [DEFAULT_BACKBONE])[0]
     options = CompareOptions(config["data"]["train"], config["data"]["test"], backbone=backbone, **section,
                              cache_dir=features["cache_dir"], out=output_dir / "compare", device=features["device"],
                              precision=features["precision"])

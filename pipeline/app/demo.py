@@ -7,11 +7,14 @@ fits, compares and reports four heads on the cached features.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 
 def write_digits(root: Path, test_fraction: float = 0.25, size: int = 64) -> dict[str, Path]:
@@ -57,8 +60,8 @@ def run_demo(cache_dir: str = "cache", out_dir: str = "runs/demo", progress: boo
     started = time.perf_counter()
     out = Path(out_dir)
     write_digits(out / "digits")
-    print(f"demo data: scikit-learn's digits as PNG files in {out / 'digits'}")
+    logger.info(f"demo data: scikit-learn's digits as PNG files in {out / 'digits'}")
     config = parse_config(demo_config(out, cache_dir), Path("configs/demo.yaml"))
     metrics = run("configs/demo.yaml", progress=progress, config=config)
-    print(f"demo took {time.perf_counter() - started:.0f} s; rerun it and every feature row comes from the cache")
+    logger.info(f"demo took {time.perf_counter() - started:.0f} s; rerun it and every feature row comes from the cache")
     return metrics

@@ -9,7 +9,7 @@ comparison in `compare/`, both summarised in metrics.json and the report.
 from __future__ import annotations
 
 import csv
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +17,21 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.app.config import DEFAULTS, auto_candidates, compare_options, finetune_options, head_specs, load_config
+from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
-from pipeline.heads.bundle import save_bundle
-from pipeline.heads.fit import FittedHead, HeadSpec, fit_head
+from pipeline.features.sources import feature_set, matrix, source_meta
+from pipeline.heads.bundle import head_bundle, save_bundle
+from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.heads.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
 from pipeline.heads.rank import RankRow, as_json, rank, table
-from pipeline.images.data import Dataset, scan
-from pipeline.tuning.compare import CompareOptions
+from pipeline.images.data import Dataset, require_labelled, scan, test_labels
+from pipeline.tuning.compare import CompareOptions, compare_rows
 from pipeline.tuning.finetune import FinetuneOptions
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,34 +43,14 @@ class HeadResult:
     proba: np.ndarray
 
 
-def feature_set(sets: dict[tuple[str, str], FeatureSet], source: str) -> FeatureSet:
-    """The feature set of a head source written BACKBONE:LAYER."""
-    backbone, layer = source.split(":")
-    return sets[(backbone, layer)]
-
-
-def matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple[np.ndarray, list[int]]:
-    blocks = [feature_set(sets, s).features.compute() for s in sources]
-    return np.hstack(blocks), [b.shape[1] for b in blocks]
-
-
-def _test_labels(train: FeatureSet, test: FeatureSet) -> np.ndarray:
-    """Test labels re-indexed to the training class order (the test folder may hold fewer classes)."""
-    return np.asarray([train.class_names.index(test.class_names[i]) for i in test.labels], dtype=int)
-
-
 def _labelled_splits(config: dict, where: str | Path) -> dict[str, Dataset]:
     """Scan both splits before any work: each must be a labelled folder, test classes known to train."""
     splits = {}
     for split in ("train", "test"):
         if split not in config["data"]:
             raise ConfigError(f"{where}: 'data' needs both train: and test: folders for a run")
-        splits[split] = scan(config["data"][split])
-        if not splits[split].class_names:
-            raise ConfigError(f"{where}: 'data.{split}' must be a labelled folder (DIR/<class>/<image>)")
-    unknown = sorted(set(splits["test"].class_names) - set(splits["train"].class_names))
-    if unknown:
-        raise ConfigError(f"{where}: 'data.test' has classes that 'data.train' lacks: {', '.join(unknown)}")
+        splits[split] = require_labelled(scan(config["data"][split]), f"{where}: 'data.{split}'")
+    test_labels(splits["train"].class_names, splits["test"], f"{where}: 'data.test'")
     return splits
 
 
@@ -84,26 +70,13 @@ def _sum_reports(reports: list[ExtractReport]) -> dict:
             "seconds": round(sum(r.seconds for r in reports), 3)}
 
 
-def source_meta(sets: dict[tuple[str, str], FeatureSet], spec: HeadSpec, cache_dir: Path,
-                weights: str | None = None) -> list[dict]:
-    """What a saved head needs to make its features again; `weights` is a custom weights file, if any."""
-    out = []
-    for source in spec.sources:
-        fs = feature_set(sets, source)
-        meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
-        out.append({"backbone": fs.backbone, "layer": fs.layer, "cache_key": fs.cache_key,
-                    "precision": meta["precision"], "weights_sha256": meta["weights_sha256"],
-                    "weights": str(Path(weights).absolute()) if weights else None})
-    return out
-
-
 def _rank_candidates(train: Dataset, features: dict, progress: bool) -> list[RankRow]:
     """`backbones: auto`: LogME of every candidate's default layer on the training split (no probes:
     the point is to skip training a model per candidate); best first."""
     options = {k: v for k, v in features.items() if k not in ("backbones", "candidates", "layers", "weights")}
     rows = rank(train, auto_candidates(features), probe=False, progress=progress, **options)
-    print(table(rows))
-    print(f"backbones: auto chose {rows[0].candidate.split(':')[0]} (highest LogME on the training split)")
+    logger.info(table(rows))
+    logger.info(f"backbones: auto chose {rows[0].candidate.split(':')[0]} (highest LogME on the training split)")
     return rows
 
 
@@ -133,7 +106,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         specs = head_specs(config)
         features["backbones"] = config["features"]["backbones"]
     features.pop("candidates", None)
-    features["backbones"] = features.get("backbones") or ["efficientnet_lite0"]
+    features["backbones"] = features.get("backbones") or [DEFAULT_BACKBONE]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
     stage3 = finetune_options(config, out, features)  # both checked before any extraction
@@ -144,7 +117,7 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     first, test_first = feature_set(train_sets, specs[0].sources[0]), feature_set(test_sets, specs[0].sources[0])
     _check_rows(first, test_first)
     y_train = first.labels
-    y_test = _test_labels(first, test_first)
+    y_test = test_labels(first.class_names, test_first, "'data.test'")
     classes = first.class_names
 
     results: dict[str, HeadResult] = {}
@@ -153,8 +126,8 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         train_sources = [feature_set(train_sets, s).features for s in spec.sources]
         test_sources = [feature_set(test_sets, s).features for s in spec.sources]
         if matrix_bytes(train_sources) > budget:
-            print(f"{spec.name}: training features exceed memory_budget_mb={config['memory_budget_mb']}; "
-                  "fitting out of core, block by block")
+            logger.info(f"{spec.name}: training features exceed memory_budget_mb={config['memory_budget_mb']}; "
+                        "fitting out of core, block by block")
             fitted = fit_incremental(spec, train_sources, y_train)
             proba = predict_proba_blocks(fitted.pipeline, test_sources)
         else:
@@ -165,13 +138,11 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         result = HeadResult(fitted, float(accuracy_score(y_test, predicted)),
                             float(f1_score(y_test, predicted, average="macro")), predicted, proba)
         results[spec.name] = result
-        save_bundle(out / "heads" / f"{spec.name}.joblib", {
-            "pipeline": fitted.pipeline, "classes": classes, "head": vars(spec),
-            "sources": source_meta(train_sets, spec, cache_dir, features["weights"]),
-            "metrics": {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "cv_accuracy": fitted.cv_accuracy,
-                        "best_params": fitted.best_params, "fit_seconds": fitted.fit_seconds}})
-        print(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
-              f"macro-F1 {result.macro_f1:.3f}, fit {fitted.fit_seconds:.1f} s")
+        sources = source_meta(train_sets, spec.sources, cache_dir, features["weights"])
+        save_bundle(out / "heads" / f"{spec.name}.joblib",
+                    head_bundle(fitted, classes, sources, accuracy=result.accuracy, macro_f1=result.macro_f1))
+        logger.info(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
+                    f"macro-F1 {result.macro_f1:.3f}, fit {fitted.fit_seconds:.1f} s")
 
     best = max(results, key=lambda name: (results[name].accuracy, results[name].macro_f1))
     metrics = {
@@ -189,36 +160,31 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         metrics["finetune"] = _finetune(stage3, progress)
     if comparison is not None:
         metrics["compare"] = _compare(comparison, progress)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
+    write_json_atomic(out / "metrics.json", metrics, default=str, allow_nan=False)
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
     from pipeline.reporting.report import write_report
 
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
-    print(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
-    print(f"report: {report}")
+    logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
+    logger.info(f"report: {report}")
     return metrics
 
 
 def _finetune(options: FinetuneOptions, progress: bool) -> dict:
     """Stage 3 from the config's finetune: section; the new backbone's id goes into metrics.json."""
-    from pipeline.tuning.finetune import finetune
-
-    result = finetune(options, progress=progress).metrics
+    result = run_finetune(options, progress=progress).metrics
     probe = result["probe_accuracy"]
-    print(f"finetune: backbone {result['backbone']} saved; test accuracy {result['accuracy']:.1%}"
-          + ("" if probe is None else f" (linear probe alone {probe:.1%})"))
+    logger.info(f"finetune: backbone {result['backbone']} saved; test accuracy {result['accuracy']:.1%}"
+                + ("" if probe is None else f" (linear probe alone {probe:.1%})"))
     return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "seconds": result["seconds"],
             "backbone": result["backbone"], "probe_accuracy": probe, "best_epoch": result["best_epoch"]}
 
 
 def _compare(options: CompareOptions, progress: bool) -> dict:
     """The config's compare: section; metrics.json keeps the means over seeds, compare/ everything."""
-    from pipeline.reporting.report import compare_rows
-    from pipeline.tuning.compare import compare
-
-    result = compare(options, progress=progress)
-    print(f"compare: {Path(options.out) / 'compare.json'}")
+    result = run_compare(options, progress=progress)
+    logger.info(f"compare: {Path(options.out) / 'compare.json'}")
     return {"summary": compare_rows(result["runs"]), "extract_seconds": result["extract_seconds"],
             "results": str(Path(options.out).name) + "/compare.json"}
 

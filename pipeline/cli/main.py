@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.names import DEFAULT_BACKBONE
 
 EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
 
@@ -21,7 +25,7 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
         help="image folder (DIR/<class>/<image>), flat folder, or a text file listing one image path per line")
     add("--config", metavar="FILE", help="YAML config with data: and features: sections (see configs/)")
     add("--backbone", metavar="NAME", action="append",
-        help="registered backbone, repeatable (default: efficientnet_lite0; list: pipeline backbones)")
+        help=f"registered backbone, repeatable (default: {DEFAULT_BACKBONE}; list: pipeline backbones)")
     add("--layer", metavar="LAYER", action="append",
         help="tap point, NAME or BACKBONE:NAME, repeatable (default: each backbone's last feature block)")
     add("--cache", metavar="DIR", help="feature cache folder (default: cache)")
@@ -140,38 +144,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """One head on one labelled folder; its cross-validated accuracy is the only score there is."""
-    from pipeline.app.config import DEFAULTS, head_specs, parse_config
-    from pipeline.app.run import feature_set, matrix, source_meta
-    from pipeline.features.extract import extract
-    from pipeline.heads.bundle import save_bundle
-    from pipeline.heads.fit import fit_head
+    from pipeline.app.fit import fit
 
-    backbones = args.backbone or list(dict.fromkeys(s.split(":")[0] for s in args.source or [])) or [
-        "efficientnet_lite0"]
-    raw = {"data": {"train": str(Path(args.data).absolute())}, "heads": [{"name": args.name, "type": args.type}],
-           "features": {"backbones": backbones, "cache_dir": args.cache}}
-    if args.source:
-        fusion = args.type == "pca_fusion"  # a single-source head takes one --source as a string
-        raw["heads"][0]["sources" if fusion else "source"] = args.source if fusion or len(args.source) > 1 else (
-            args.source[0])
-    config = parse_config(raw, Path("command line"))
-    (spec,) = head_specs(config)
-    features = {**DEFAULTS, **config["features"], "layers": spec.sources}
-    report = extract(config["data"]["train"], progress=not args.quiet, **features)
-    X, dims = matrix(report.feature_sets, spec.sources)
-    first = feature_set(report.feature_sets, spec.sources[0])
-    if not first.class_names:
-        raise ConfigError(f"--data {args.data} must be a labelled folder (DIR/<class>/<image>)")
-    fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names)
-    metrics = {"cv_accuracy": fitted.cv_accuracy, "best_params": fitted.best_params,
-               "fit_seconds": fitted.fit_seconds}
-    path = save_bundle(args.out, {"pipeline": fitted.pipeline, "classes": first.class_names, "head": vars(spec),
-                                  "sources": source_meta(report.feature_sets, spec, Path(args.cache)),
-                                  "metrics": metrics})
-    score = "no cross-validation (one setting)" if fitted.cv_accuracy is None else (
-        f"cross-validated accuracy {fitted.cv_accuracy:.1%}")
-    print(f"{spec.name}: {score} ({fitted.fit_seconds:.1f} s); saved {path} and {path.name}.sha256")
+    result = fit(args.data, args.type, args.out, args.name, args.backbone, args.source, args.cache,
+                 progress=not args.quiet)
+    cv = result.fitted.cv_accuracy
+    score = "no cross-validation (one setting)" if cv is None else f"cross-validated accuracy {cv:.1%}"
+    print(f"{result.fitted.spec.name}: {score} ({result.fitted.fit_seconds:.1f} s); "
+          f"saved {result.path} and {result.path.name}.sha256")
     return 0
 
 
@@ -206,7 +186,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     sources, settings = extract_settings(args)
     data = sources.get("train") or next(iter(sources.values()))
     backbones, layers = settings.pop("backbones", None), settings.pop("layers", None)
-    rows = rank(data, backbones or ["efficientnet_lite0"], layers, args.fusion, progress=not args.quiet,
+    rows = rank(data, backbones or [DEFAULT_BACKBONE], layers, args.fusion, progress=not args.quiet,
                 probe=not args.no_probe, **settings)
     print(table(rows))
     for score, label in (("logme", "LogME"), ("hscore", "H-score")):
@@ -379,10 +359,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Console(logging.Handler):
+    """The library's log as the command's output: information on stdout, warnings on stderr, the message
+    alone. The streams are looked up per record, so a redirected sys.stdout is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+@contextmanager
+def _console_log() -> Iterator[None]:
+    logger = logging.getLogger("pipeline")
+    handler, level = _Console(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _console_log():
+            return args.func(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

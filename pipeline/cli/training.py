@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.names import DEFAULT_BACKBONE
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from pipeline.tuning.finetune import FinetuneOptions, finetune
+    from pipeline.app.stage3 import run_finetune
+    from pipeline.tuning.finetune import FinetuneOptions
     from pipeline.tuning.training import TrainSettings
 
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
@@ -23,7 +25,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         val = f", validation accuracy {record['val_accuracy']:.1%}" if "val_accuracy" in record else ""
         print(f"epoch {epoch}/{settings.epochs}: loss {record['loss']:.4f}{val} ({record['seconds']:.1f} s)")
 
-    result = finetune(options, progress=not args.quiet, on_epoch=report)
+    result = run_finetune(options, progress=not args.quiet, on_epoch=report)
     m = result.metrics
     if m["best_epoch"] == 0:
         print(f"no epoch beat the starting weights on the validation split ({m['start_val_accuracy']:.1%}): "
@@ -63,7 +65,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")
     add("--test", metavar="DIR", help="labelled test folder: reports test accuracy of the probe and the fine-tuned net")
-    add("--backbone", default="efficientnet_lite0", metavar="NAME",
+    add("--backbone", default=DEFAULT_BACKBONE, metavar="NAME",
         help="backbone to start from (default: %(default)s)")
     add("--unfreeze", default=FinetuneOptions.unfreeze, metavar="head|last:N|all",
         help="what trains besides the new linear layer: nothing, the N blocks nearest the head, or every block "
@@ -101,7 +103,8 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.tuning.compare import CompareOptions, compare, parse_shots
+    from pipeline.app.stage3 import run_compare
+    from pipeline.tuning.compare import CompareOptions, parse_shots
 
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -110,7 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     options = CompareOptions(args.data, args.test, parse_shots(args.shots), seeds, args.backbone, args.unfreeze,
                              args.finetune_steps, args.scratch_steps, args.scratch_size, cache_dir=args.cache,
                              out=args.out, device=args.device, precision=args.precision)
-    compare(options, progress=not args.quiet)
+    run_compare(options, progress=not args.quiet)
     print(f"results: {Path(args.out) / 'compare.json'}; figure: {Path(args.out) / 'compare.png'}; "
           f"report: {Path(args.out) / 'compare.html'}")
     return 0
@@ -127,7 +130,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     add("--test", required=True, metavar="DIR", help="labelled test folder")
     add("--shots", default="1,5,10,all", help="labelled images per class, comma-separated (default: %(default)s)")
     add("--seeds", default="0,1,2", help="seeds of the k-shot draws (default: %(default)s)")
-    add("--backbone", default="efficientnet_lite0", metavar="NAME", help="backbone for the probe and fine-tuning")
+    add("--backbone", default=DEFAULT_BACKBONE, metavar="NAME", help="backbone for the probe and fine-tuning")
     add("--unfreeze", default="last:3", metavar="head|last:N|all", help="fine-tuning's blocks (default: %(default)s)")
     add("--finetune-steps", type=int, default=60, metavar="N", help="optimizer steps of each fine-tuning run")
     add("--scratch-steps", type=int, default=300, metavar="N", help="optimizer steps of each from-scratch run")

@@ -1,1 +1,1 @@
-"""The bottom layer: the error hierarchy, durable file writes, file hashing and shared names. Imports nothing else of the package."""
+"""The bottom layer: errors, durable file writes, file hashing, shared names. Imports nothing else of the package."""

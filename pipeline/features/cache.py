@@ -15,7 +15,6 @@ killed at any moment leaves whole shards only, and a task that runs twice just l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,8 @@ import numpy as np
 import zarr
 
 from pipeline.core.errors import CacheError
+from pipeline.core.hashing import bytes_sha256
+from pipeline.core.io import fsync_dir, write_json_atomic
 from pipeline.images.data import DECODER
 
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ class CacheKey:
     @property
     def digest(self) -> str:
         text = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return bytes_sha256(text.encode())[:16]
 
     @property
     def dirname(self) -> str:
@@ -64,26 +65,7 @@ class CacheKey:
 
 
 def array_sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable (it survives a power cut, not only a killed process)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    return bytes_sha256(np.ascontiguousarray(array, dtype="<f4").tobytes())
 
 
 def _valid_record(shard: str, record: object) -> bool:

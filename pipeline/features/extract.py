@@ -9,7 +9,6 @@ dask.distributed cluster each worker loads it once, not once per task.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import platform
 import threading
@@ -26,11 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.core.errors import CacheError, ConfigError, first_line
+from pipeline.core.hashing import bytes_sha256
+from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.images.data import Dataset, decode, hash_files, scan
 from pipeline.models import registry as registry
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -301,7 +301,7 @@ def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str,
     shards = []
     for start in range(0, len(ids), shard_size):
         chunk_ids = ids[start:start + shard_size]
-        shard = hashlib.sha256("".join(chunk_ids).encode()).hexdigest()[:16]
+        shard = bytes_sha256("".join(chunk_ids).encode())[:16]
         shards.append((shard, chunk_ids, [str(p.absolute()) for p in paths[start:start + shard_size]]))
     return shards
 

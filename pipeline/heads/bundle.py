@@ -8,25 +8,24 @@ anything, and refuses a head whose backbone is not registered or whose weights h
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 
 from pipeline.core.errors import BackboneError, PipelineError, first_line
+from pipeline.core.hashing import file_sha256
 from pipeline.models import registry as registry
+
+if TYPE_CHECKING:
+    from pipeline.heads.fit import FittedHead
 
 FORMAT = 1
 
 
 class BundleError(PipelineError):
     """A saved head is missing, altered, or needs a backbone this installation does not have."""
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _versions() -> dict:
@@ -36,6 +35,14 @@ def _versions() -> dict:
     return {"scikit-learn": sklearn.__version__, "joblib": joblib.__version__, "torch": torch.__version__}
 
 
+def head_bundle(fitted: FittedHead, classes: list[str], sources: list[dict], **scores: float) -> dict:
+    """What a saved head holds: its Pipeline, classes, spec and sources (`source_meta`); `scores`
+    (test accuracy and macro-F1, where there is a test split) join its cross-validation metrics."""
+    return {"pipeline": fitted.pipeline, "classes": classes, "head": vars(fitted.spec), "sources": sources,
+            "metrics": {**scores, "cv_accuracy": fitted.cv_accuracy, "best_params": fitted.best_params,
+                        "fit_seconds": fitted.fit_seconds}}
+
+
 def save_bundle(path: str | os.PathLike, bundle: dict) -> Path:
     """Write `path` and `path.sha256` (in `sha256sum` format, so `sha256sum -c` checks it too)."""
     path = Path(path)
@@ -43,7 +50,7 @@ def save_bundle(path: str | os.PathLike, bundle: dict) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     joblib.dump({**bundle, "format": FORMAT, "versions": _versions()}, tmp)
     os.replace(tmp, path)
-    path.with_name(path.name + ".sha256").write_text(f"{_sha256(path)}  {path.name}\n")
+    path.with_name(path.name + ".sha256").write_text(f"{file_sha256(path)}  {path.name}\n")
     return path
 
 
@@ -55,7 +62,7 @@ def load_bundle(path: str | os.PathLike) -> dict:
     if not checksum.is_file():
         raise BundleError(f"{checksum.name} is missing beside {path}: refusing to load an unverified model file")
     expected = checksum.read_text().split()[0] if checksum.read_text().split() else ""
-    if _sha256(path) != expected:
+    if file_sha256(path) != expected:
         raise BundleError(f"{path} does not match its checksum in {checksum.name}: the file was altered or "
                           "truncated; refusing to load it")
     try:

@@ -16,6 +16,7 @@ cross-validated accuracy of a linear probe (same protocol for every candidate) a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract, layers_for
 from pipeline.heads.fit import logistic_regression
 from pipeline.images.data import Dataset
+
+logger = logging.getLogger(__name__)
 
 # As in the authors' implementation: keeps alpha finite for a class no linear map predicts, and beta
 # finite when there are fewer images than dimensions and the labels are fitted exactly.
@@ -210,7 +213,7 @@ def rank(data: str | os.PathLike | Dataset, backbones: list[str], layers: list[s
     sources = list(dict.fromkeys(s for c in chosen for s in c.sources))
     report = extract(data, list(dict.fromkeys(s.split(":")[0] for s in sources)), sources, cache_dir,
                      progress=progress, **extract_options)
-    print(f"features: {report.summary()}")
+    logger.info(f"features: {report.summary()}")
     sets = {f"{b}:{layer}": fs for (b, layer), fs in report.feature_sets.items()}
     first = sets[sources[0]]
     if not first.class_names:

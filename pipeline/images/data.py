@@ -6,7 +6,6 @@ cached row. Decoding never raises for a bad file: it returns the reason, and the
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.core.errors import DataError, first_line
+from pipeline.core.errors import ConfigError, DataError, first_line
+from pipeline.core.hashing import bytes_sha256, stream_sha256
 from pipeline.models.registry import Preprocess
 
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
@@ -86,14 +86,30 @@ def _scan_list(list_file: Path, allow_empty: bool = False) -> Dataset:
     return Dataset(paths, np.full(len(paths), -1), [], skipped)
 
 
+def require_labelled(dataset: Dataset, what: str) -> Dataset:
+    """`dataset` itself, or a ConfigError naming `what` when it is not a labelled folder."""
+    if not dataset.class_names:
+        raise ConfigError(f"{what} must be a labelled folder (DIR/<class>/<image>)")
+    return dataset
+
+
+def test_labels(train_classes: list[str], test: Dataset, what: str) -> np.ndarray:
+    """The test split's labels in the training split's class order (the test folder may hold fewer
+    classes); a ConfigError, opening with `what`, names test classes that training lacks."""
+    unknown = sorted(set(test.class_names) - set(train_classes))
+    if unknown:
+        raise ConfigError(f"{what} has classes the training folder lacks: {', '.join(unknown)}")
+    return np.asarray([train_classes.index(test.class_names[i]) for i in test.labels], dtype=int)
+
+
 def content_id(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:ID_LENGTH]
+    return bytes_sha256(data)[:ID_LENGTH]
 
 
 def hash_file(path: Path) -> str:
     """The same id as `content_id` of the file's bytes, streamed."""
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()[:ID_LENGTH]
+        return stream_sha256(fh)[:ID_LENGTH]
 
 
 def hash_files(paths: list[Path], workers: int = 4) -> list[str | None]:

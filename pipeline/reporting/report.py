@@ -16,6 +16,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
 from pipeline.features.extract import FeatureSet  # noqa: E402
+from pipeline.tuning.compare import compare_rows, compare_summary  # noqa: E402
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -301,23 +302,6 @@ standardised logistic regression (C=0.1) scored by 5-fold stratified cross-valid
     path = out / "rank.html"
     path.write_text(page)
     return path
-
-
-def compare_summary(runs: list[dict]) -> dict[tuple[str, str], dict]:
-    """(method, shots) -> mean/std accuracy, mean seconds and images over the seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["method"], str(run["shots"])), []).append(run)
-    return {key: {"accuracy": float(np.mean([r["accuracy"] for r in rs])),
-                  "std": float(np.std([r["accuracy"] for r in rs])),
-                  "seconds": float(np.mean([r["seconds"] for r in rs])),
-                  "images": float(np.mean([r["images"] for r in rs])), "seeds": len(rs)}
-            for key, rs in groups.items()}
-
-
-def compare_rows(runs: list[dict]) -> list[dict]:
-    """compare_summary as JSON-ready rows: method, shots, and the means over seeds."""
-    return [{"method": method, "shots": shots, **stats} for (method, shots), stats in compare_summary(runs).items()]
 
 
 def _compare_table(rows: list[dict]) -> str:

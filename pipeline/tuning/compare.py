@@ -10,7 +10,7 @@ runs (that time is reported separately, and a second comparison reads them from 
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,9 +22,12 @@ from sklearn.metrics import accuracy_score
 from torch import nn
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import HeadSpec, fit_head
-from pipeline.images.data import scan
+from pipeline.images.data import require_labelled, scan
+from pipeline.images.data import test_labels as labels_in
 from pipeline.models import registry as registry
 from pipeline.models.registry import Preprocess
 from pipeline.tuning.finetune import build_model, check_unfreeze
@@ -33,6 +36,8 @@ from pipeline.tuning.training import Images, TrainSettings, decode_images, predi
 METHODS = ("linear probe", "fine-tuning", "from scratch")
 FINETUNE_LR = 3e-4  # the comparison's few fixed steps were measured at this rate (README, Transfer vs. scratch)
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class CompareOptions:
@@ -40,7 +45,7 @@ class CompareOptions:
     test: str | Path
     shots: list[int | None] = field(default_factory=lambda: [1, 5, 10, None])  # None: every image
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    backbone: str = "efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     unfreeze: str = "last:3"
     finetune_steps: int = 60
     scratch_steps: int = 300
@@ -110,14 +115,10 @@ def _aligned(images: Images, paths: list[Path]) -> Images:
 
 
 def _load(options: CompareOptions, spec: registry.BackboneSpec, scratch_pre: Preprocess, progress: bool) -> _Data:
-    train_ds, test_ds = scan(options.data), scan(options.test)
-    if not train_ds.class_names or not test_ds.class_names:
-        raise ConfigError("compare needs labelled folders (DIR/<class>/<image>) for --data and --test")
+    train_ds = require_labelled(scan(options.data), f"--data {options.data}")
+    test_ds = require_labelled(scan(options.test), f"--test {options.test}")
     classes = train_ds.class_names
-    unknown = sorted(set(test_ds.class_names) - set(classes))
-    if unknown:
-        raise ConfigError(f"--test has classes the training folder lacks: {', '.join(unknown)}")
-    test_labels = np.asarray([classes.index(test_ds.class_names[i]) for i in test_ds.labels])
+    test_labels = labels_in(classes, test_ds, "--test")
     started = time.perf_counter()
     layer = spec.default_layer
     feats = [extract(ds, options.backbone, [layer], options.cache_dir, options.device, options.precision,
@@ -204,10 +205,9 @@ def check_options(options: CompareOptions) -> None:
 
 
 def compare(options: CompareOptions, progress: bool = True) -> dict:
-    """Run every (k, seed) and write compare.json, compare.png and compare.html into `options.out`."""
+    """Run every (k, seed), write compare.json into `options.out` and return what it holds (the app
+    layer draws compare.png and compare.html from it)."""
     from tqdm.auto import tqdm
-
-    from pipeline.reporting.report import compare_report
 
     check_options(options)
     options.device = resolve_device(options.device)
@@ -226,13 +226,30 @@ def compare(options: CompareOptions, progress: bool = True) -> dict:
         runs += [{"shots": "all" if k is None else k, "seed": seed, "images": len(rows), "method": method, **r}
                  for method, r in results.items()]
         if progress:
-            print(f"k={'all' if k is None else k} seed={seed}: " + ", ".join(
+            logger.info(f"k={'all' if k is None else k} seed={seed}: " + ", ".join(
                 f"{m} {r['accuracy']:.1%} ({r['seconds']:.0f} s)" for m, r in results.items()))
     result = {"runs": runs, "classes": data.classes, "train_images": len(data.ft_train.labels),
               "test_images": len(data.ft_test.labels), "extract_seconds": round(data.extract_seconds, 3),
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
-    compare_report(out, result)
+    write_json_atomic(out / "compare.json", result)
     return result
+
+
+def compare_summary(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(method, shots) -> mean/std accuracy, mean seconds and images over the seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], str(run["shots"])), []).append(run)
+    return {key: {"accuracy": float(np.mean([r["accuracy"] for r in rs])),
+                  "std": float(np.std([r["accuracy"] for r in rs])),
+                  "seconds": float(np.mean([r["seconds"] for r in rs])),
+                  "images": float(np.mean([r["images"] for r in rs])), "seeds": len(rs)}
+            for key, rs in groups.items()}
+
+
+def compare_rows(runs: list[dict]) -> list[dict]:
+    """compare_summary as JSON-ready rows: method, shots, and the means over seeds."""
+    return [{"method": method, "shots": shots, **stats} for (method, shots), stats in compare_summary(runs).items()]
+

@@ -12,7 +12,6 @@ the one after it. BatchNorm layers stay in eval mode with frozen affine paramete
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -25,9 +24,11 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.names import DEFAULT_BACKBONE, SAFE_NAME_RULE, is_safe_name
 from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
-from pipeline.images.data import Dataset, scan
+from pipeline.images.data import Dataset, require_labelled, scan, test_labels
 from pipeline.models import registry as registry
 from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
@@ -46,7 +47,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 class FinetuneOptions:
     data: str | Path
     test: str | Path | None = None
-    backbone: str = "efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     unfreeze: str = "last:6"  # head | last:N | all
     lr_decay: float = 0.8
     init: str = "probe"
@@ -228,8 +229,8 @@ def check_options(options: FinetuneOptions) -> str:
     spec = registry.get_spec(options.backbone)
     registry.resolve_weights(spec)
     name = options.name or f"{options.backbone}_ft_{Path(options.out).name}"
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise ConfigError(f"--name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+    if not is_safe_name(name):
+        raise ConfigError(f"--name {name!r} must be {SAFE_NAME_RULE} (it names a folder)")
     root = _backbones_root(options)
     exists = name in registry.list_backbones() or (root / name / registry.MANIFEST).exists()
     if exists and not options.resume:
@@ -237,22 +238,12 @@ def check_options(options: FinetuneOptions) -> str:
     return name
 
 
-def _labelled(path: str | Path, what: str) -> Dataset:
-    dataset = scan(path)
-    if not dataset.class_names:
-        raise ConfigError(f"{what} {path} must be a labelled folder (DIR/<class>/<image>)")
-    return dataset
-
-
 def _test_images(options: FinetuneOptions, classes: list[str], pre: registry.Preprocess,
                  progress: bool) -> tuple[Images, Dataset] | None:
     if options.test is None:
         return None
-    test = _labelled(options.test, "--test")
-    unknown = sorted(set(test.class_names) - set(classes))
-    if unknown:
-        raise ConfigError(f"--test has classes the training folder lacks: {', '.join(unknown)}")
-    labels = np.asarray([classes.index(test.class_names[i]) for i in test.labels])
+    test = require_labelled(scan(options.test), f"--test {options.test}")
+    labels = test_labels(classes, test, "--test")
     images, _ = decode_images(test.paths, labels, pre, "decode test", progress)
     return images, Dataset(images.paths, images.labels, classes, [])
 
@@ -300,7 +291,7 @@ def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
     torch.manual_seed(settings.seed)
     parent = registry.get_spec(options.backbone)
     loaded = registry.load_backbone(options.backbone)
-    dataset = _labelled(options.data, "--data")
+    dataset = require_labelled(scan(options.data), f"--data {options.data}")
     classes = dataset.class_names
     train_all, skipped = decode_images(dataset.paths, dataset.labels, square(parent.preprocess), "decode train",
                                        progress)
@@ -361,10 +352,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     folder = registry.save_backbone(_backbones_root(options), p.name, p.parent, state,
                                     {"classes": p.classes, "finetune": summary})
     metrics["seconds"] = round(time.perf_counter() - started, 3)
-    (out / "finetune.json").write_text(json.dumps(metrics, indent=1, default=str))
-    from pipeline.reporting.report import finetune_figure  # matplotlib loads only for a fine-tuning run; drawn after
-    # the backbone and its metrics are saved, so a plotting failure loses nothing computed
-    finetune_figure(metrics, out / "finetune.png")
+    write_json_atomic(out / "finetune.json", metrics, default=str)
     return FinetuneResult(p.name, folder, metrics)
 
 

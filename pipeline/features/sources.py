@@ -1,0 +1,35 @@
+"""Head sources (`BACKBONE:LAYER`) over the feature sets an extraction returns: their matrices, and what
+a saved head records to make its features again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.features.extract import FeatureSet
+
+
+def feature_set(sets: dict[tuple[str, str], FeatureSet], source: str) -> FeatureSet:
+    """The feature set of a head source written BACKBONE:LAYER."""
+    backbone, layer = source.split(":")
+    return sets[(backbone, layer)]
+
+
+def matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple[np.ndarray, list[int]]:
+    blocks = [feature_set(sets, s).features.compute() for s in sources]
+    return np.hstack(blocks), [b.shape[1] for b in blocks]
+
+
+def source_meta(sets: dict[tuple[str, str], FeatureSet], sources: list[str], cache_dir: Path,
+                weights: str | None = None) -> list[dict]:
+    """What a saved head needs to make its features again; `weights` is a custom weights file, if any."""
+    out = []
+    for source in sources:
+        fs = feature_set(sets, source)
+        meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
+        out.append({"backbone": fs.backbone, "layer": fs.layer, "cache_key": fs.cache_key,
+                    "precision": meta["precision"], "weights_sha256": meta["weights_sha256"],
+                    "weights": str(Path(weights).absolute()) if weights else None})
+    return out
