@@ -127,7 +127,7 @@ def cmd_backbones(_args: argparse.Namespace) -> int:
         try:
             weights = str(spec.locate_weights())
         except PipelineError:
-            weights = "weights not on disk (pass --weights PATH; see README)"
+            weights = "weights not on disk (pass --weights PATH; see docs/guide/extract.md)"
         layers = ", ".join(f"{k}:{v.dim}" + ("*" if k == spec.default_layer else "")
                            for k, v in spec.layers.items())
         pre = spec.preprocess

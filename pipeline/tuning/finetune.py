@@ -36,8 +36,8 @@ INITS = ("probe", "random")
 LR = 1e-3  # the new layer's learning rate by default; earlier blocks get it times lr_decay per block
 # The default recipe (last:6, lr 1e-3, lr-decay 0.8, 10 epochs, no validation split) was chosen by 3-fold
 # cross-validation inside flowers12's training folder among five candidates (99.17% against 98.61% for
-# the earlier lr 3e-4 / 6 epochs) and then beat the earlier recipe on re-drawn splits too (README,
-# Fine-tuning). A validation split is opt-in: LP-FT's validation accuracy dips for the first epochs
+# the earlier lr 3e-4 / 6 epochs) and then beat the earlier recipe on re-drawn splits too (CHANGELOG.md,
+# 2026-11-27). A validation split is opt-in: LP-FT's validation accuracy dips for the first epochs
 # before it climbs past the probe's, so early stopping on a small split stopped it in the dip.
 EPOCHS = 10
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
