@@ -24,16 +24,17 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask
-import dask.array as da
 import numpy as np
-import zarr
 
 from pipeline.core.errors import CacheError
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.io import fsync_dir, write_json_atomic
 from pipeline.images.data import DECODER
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 FORMAT_VERSION = 1
 _STAGING = ".staging"
@@ -94,6 +95,8 @@ def _tree_size(root: Path) -> int:
 def _load_array(path: Path, record: dict) -> np.ndarray:
     """Read one shard and prove it is the one the record describes."""
     try:
+        import zarr
+
         data = zarr.open_array(store=str(path), mode="r")[:]
     except Exception as exc:  # zarr/numcodecs raise many types for damaged files
         raise CacheError(f"shard {path} is unreadable ({type(exc).__name__}: {exc}); "
@@ -119,6 +122,8 @@ class FeatureStore:
         try:
             store.records_dir.mkdir(parents=True, exist_ok=True)
             if not (store.arrays / "zarr.json").exists():
+                import zarr
+
                 zarr.open_group(store=str(store.arrays), mode="a")
             if not (store.root / "meta.json").exists():
                 write_json_atomic(store.root / "meta.json", {**asdict(key), "key": key.dirname,
@@ -180,6 +185,8 @@ class FeatureStore:
 
         `seconds` is what computing these rows cost (decode and forward pass): `pipeline rank` reports
         each candidate's extraction speed from it without running the network again."""
+        import zarr
+
         features = np.ascontiguousarray(features, dtype=np.float32)
         rows, dim = features.shape
         if rows != len(image_ids):
@@ -197,6 +204,9 @@ class FeatureStore:
 
     def read(self, image_ids: list[str]) -> da.Array:
         """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read."""
+        import dask
+        import dask.array as da
+
         records = self.records()
         index = self._index_of(records)
         missing = [i for i in image_ids if i not in index]

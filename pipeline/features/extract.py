@@ -3,25 +3,26 @@
 Only images whose content id is missing from the cache are computed. Each shard task decodes in a
 thread pool while the network runs batches under `inference_mode`, channels-last and (where the
 hardware has it) bf16 autocast. The network is loaded once per process and kept, so on a
-dask.distributed cluster each worker loads it once, not once per task.
+dask.distributed cluster each worker loads it once, not once per task. torch is imported only when a
+shard is computed (or a CUDA driver is present to ask): a rerun over cached images starts in a second.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask
-import dask.array as da
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pipeline.core.errors import CacheError, ConfigError, first_line
@@ -31,20 +32,37 @@ from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.images.data import Dataset, decode, hash_files, scan
 from pipeline.models import registry as registry
 
+if TYPE_CHECKING:
+    import dask.array as da
+
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 # --------------------------------------------------------------------------- device and precision
 
+def _nvidia_driver_present() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def cuda_available() -> bool:
+    """`torch.cuda.is_available()`, without importing torch (a second or two) on a machine with no
+    NVIDIA driver, where the answer can only be no."""
+    if "torch" not in sys.modules and not _nvidia_driver_present():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str, local: bool = True) -> str:
     """`local=False` when a cluster will run the work: its workers, not this machine, need the GPU."""
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if device == "cuda" and local and not torch.cuda.is_available():
+    if device == "cuda" and local and not cuda_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device auto or cpu")
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if cuda_available() else "cpu"
     return device
 
 
@@ -65,7 +83,11 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     if device == "cuda":  # with no local GPU (a cluster's GPU workers), assume bf16 as every GPU since Ampere
-        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
+        if not cuda_available():
+            return "bf16"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
@@ -121,6 +143,8 @@ def undo_worker_malloc_trim() -> bool:
 
 def _network(job: ShardJob) -> tuple[registry.TappedNetwork, registry.Preprocess]:
     """The tapped network for this job, loaded once per process and reused by later tasks."""
+    import torch
+
     key = (job.backbone, job.weights, job.weights_sha256, job.layers, job.device)
     with _NETWORKS_LOCK:
         if not _NETWORKS:
@@ -141,6 +165,8 @@ def _network(job: ShardJob) -> tuple[registry.TappedNetwork, registry.Preprocess
 def forward(network: registry.TappedNetwork, pre: registry.Preprocess, images: np.ndarray,
             device: str, precision: str) -> dict[str, np.ndarray]:
     """A uint8 NHWC batch -> pooled float32 features per layer."""
+    import torch
+
     batch = torch.from_numpy(images)
     if device == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
@@ -202,6 +228,8 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
 def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[ShardResult]:
     if not jobs:
         return []
+    import dask
+
     if scheduler is None:
         # Dask's local in-process scheduler, one shard at a time: torch already uses every core.
         tasks = [dask.delayed(run_shard, pure=False)(job, bar.update) for job in jobs]
@@ -290,10 +318,10 @@ def _provenance(device: str) -> dict:
     """Written into meta.json beside the key: what made the numbers, for a person reading the cache."""
     import cv2
     import PIL
-    import torchvision
 
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "opencv": cv2.__version__}
+    version = importlib.metadata.version  # torch's own version, without importing it
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device, "torch": version("torch"),
+            "torchvision": version("torchvision"), "pillow": PIL.__version__, "opencv": cv2.__version__}
 
 
 def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str, list[str], list[str]]]:

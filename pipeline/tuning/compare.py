@@ -34,7 +34,7 @@ from pipeline.tuning.finetune import build_model, check_unfreeze
 from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 METHODS = ("linear probe", "fine-tuning", "from scratch")
-FINETUNE_LR = 3e-4  # the comparison's few fixed steps were measured at this rate (benchmarks/RESULTS.md, transfer vs. scratch)
+FINETUNE_LR = 3e-4  # the rate the comparison's few fixed steps were measured at (benchmarks/RESULTS.md)
 
 logger = logging.getLogger(__name__)
 
