@@ -11,7 +11,8 @@ import torch
 from pipeline.core.errors import BackboneError, ConfigError
 from pipeline.features.extract import extract
 from pipeline.heads.fit import HeadSpec, fit_head
-from pipeline.models import registry as registry
+from pipeline.models.registry import BACKBONES_ENV, get_spec, list_backbones
+from pipeline.models.weights import load_backbone
 from pipeline.tuning.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
 from pipeline.tuning.training import TrainSettings, train
 
@@ -120,11 +121,11 @@ def test_resume_after_an_interruption_continues_at_the_next_epoch_and_matches(fo
 
 def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(folders, tmp_path, monkeypatch):
     result = finetune(_options(folders, tmp_path, name="flowers_ft", val_fraction=0), progress=False)
-    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
-    assert "flowers_ft" in registry.list_backbones()
-    spec = registry.get_spec("flowers_ft")
-    assert spec.parent == "efficientnet_lite0" and spec.preprocess == registry.get_spec("efficientnet_lite0").preprocess
-    loaded = registry.load_backbone("flowers_ft")
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
+    assert "flowers_ft" in list_backbones()
+    spec = get_spec("flowers_ft")
+    assert spec.parent == "efficientnet_lite0" and spec.preprocess == get_spec("efficientnet_lite0").preprocess
+    loaded = load_backbone("flowers_ft")
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in loaded.network.state_dict().items())
     cache = tmp_path / "cache"
@@ -142,12 +143,12 @@ def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(fo
     weights = result.folder / "weights.pth"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(BackboneError, match="do not match the SHA-256 in its manifest") as info:
-        registry.load_backbone("flowers_ft")
+        load_backbone("flowers_ft")
     assert "\n" not in str(info.value)
 
 
 def test_unfreeze_choices_and_blocks_of_lite0():
-    loaded = registry.load_backbone("efficientnet_lite0")
+    loaded = load_backbone("efficientnet_lite0")
     units = blocks(loaded.network, "_head_act")
     assert len(units) == 18  # stem, 16 MBConv blocks, head convolution (each with its BatchNorm)
     assert [type(m).__name__ for m in units[-1]] == ["SameConv2d", "BatchNorm2d"]
@@ -185,13 +186,13 @@ def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeyp
 
     from pipeline.app.run import run
 
-    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
     path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")
     run(path, progress=False)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["finetune"]
     assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone", "probe_accuracy", "best_epoch"}
     assert metrics["backbone"] == "efficientnet_lite0_ft_out" and isinstance(metrics["accuracy"], float)
-    assert registry.get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
+    assert get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<h2>Fine-tuning</h2>" in page and 'href="finetune/finetune.png"' in page
     assert (tmp_path / "out" / "finetune" / "finetune.png").stat().st_size > 10_000
@@ -204,5 +205,5 @@ def test_starting_weights_are_kept_when_no_epoch_beats_them_on_validation(folder
     m = result.metrics
     assert m["best_epoch"] == 0 and all(r["val_accuracy"] <= m["start_val_accuracy"] for r in m["history"])
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
-    parent = registry.load_backbone("efficientnet_lite0").network.state_dict()
+    parent = load_backbone("efficientnet_lite0").network.state_dict()
     assert all(torch.equal(v, parent[k]) for k, v in saved.items())

@@ -15,7 +15,7 @@ from pathlib import Path
 import joblib
 
 from pipeline.core.errors import BackboneError, PipelineError, first_line
-from pipeline.models import registry as registry
+from pipeline.models.registry import get_spec
 
 FORMAT = 1
 
@@ -67,7 +67,7 @@ def load_bundle(path: str | os.PathLike) -> dict:
         raise BundleError(f"{path} is not a model bundle written by this version of the pipeline")
     for source in bundle["sources"]:
         try:
-            spec = registry.get_spec(source["backbone"])
+            spec = get_spec(source["backbone"])
         except BackboneError as exc:
             raise BundleError(f"{path} needs backbone {source['backbone']!r}, which is not registered here "
                               f"({exc})") from None

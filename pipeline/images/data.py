@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.core.errors import DataError, first_line
-from pipeline.models.registry import Preprocess
+from pipeline.images.preprocess import Preprocess
 
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
 _CV2_RESAMPLE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
