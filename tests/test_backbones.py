@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -7,23 +11,70 @@ import torch
 from pipeline.core.errors import BackboneError
 from pipeline.features.extract import forward
 from pipeline.images.preprocess import Preprocess
-from pipeline.models.registry import get_spec, list_backbones
+from pipeline.models import registry
+from pipeline.models.registry import BACKBONES_ENV, PLUGINS_ENV, get_spec, list_backbones, register
 from pipeline.models.taps import TappedNetwork, tapped
-from pipeline.models.weights import load_backbone
+from pipeline.models.weights import file_sha256, load_backbone
 
-from .conftest import FLOWERS, needs_flowers
+from .conftest import FLOWERS, TINY, TINY_WIDE, needs_flowers
+from .tinynet import PLUGIN as TINY_PLUGIN
+
+BUILTIN = ["convnext_tiny", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+           "mobilenet_v3_large", "resnet18", "resnet50", "vgg16"]
 
 
 def test_registry_lists_bundled_and_torchvision_backbones():
     names = list_backbones()
-    for name in ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50", "vgg16",
-                 "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"]:
+    for name in [*BUILTIN, TINY, TINY_WIDE]:  # the tiny ones come from the plugin conftest names
         assert name in names
     with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
         get_spec("nope")
 
 
-@pytest.mark.parametrize("name", list_backbones())
+def test_importing_and_listing_the_registry_imports_no_torch_and_builds_nothing(tmp_path):
+    code = ("import sys\nimport pipeline.models.registry as r, pipeline.models.zoo\n"
+            "print(*r.list_backbones(), 'torch' in sys.modules, 'torchvision' in sys.modules)")
+    env = {**{k: v for k, v in os.environ.items() if k != PLUGINS_ENV}, BACKBONES_ENV: str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [*BUILTIN, "False", "False"]
+
+
+def test_a_registered_factory_runs_on_first_use_only_and_can_be_replaced(monkeypatch):
+    list_backbones()  # the built-ins are in before the registry is copied
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # leave no test entries behind
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    calls = []
+
+    def factory():
+        calls.append("built")
+        return replace(get_spec(TINY), name="lazy_probe")
+    register("lazy_probe", factory)
+    assert "lazy_probe" in list_backbones() and calls == []
+    spec = get_spec("lazy_probe")
+    assert get_spec("lazy_probe") is spec and calls == ["built"] and spec.layers == get_spec(TINY).layers
+    loaded = load_backbone("lazy_probe")  # the spec's own network and weights file, like any backbone
+    assert loaded.weights_sha256 == file_sha256(get_spec(TINY).locate_weights())
+    register("lazy_probe", lambda: replace(get_spec(TINY_WIDE), name="lazy_probe"))
+    assert get_spec("lazy_probe").layers == get_spec(TINY_WIDE).layers and calls == ["built"]
+    register("misnamed", lambda: get_spec(TINY))
+    with pytest.raises(BackboneError, match="registered as 'misnamed' built a backbone named 'tiny_test'"):
+        get_spec("misnamed")
+
+
+@pytest.mark.parametrize(("entry", "why"), [("tests.no_such_module", "ModuleNotFoundError"),
+                                            ("tests.tinynet:no_such_function", "AttributeError")])
+def test_a_plugin_that_cannot_load_is_a_one_line_error(monkeypatch, capsys, entry, why):
+    from pipeline.cli.main import main
+
+    monkeypatch.setenv(PLUGINS_ENV, f"{entry}, {TINY_PLUGIN}")
+    with pytest.raises(BackboneError, match=f"cannot load backbone plugin '{entry}' named in {PLUGINS_ENV}: {why}"):
+        list_backbones()
+    assert main(["backbones"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load backbone plugin") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", list(dict.fromkeys([*list_backbones(), TINY, TINY_WIDE])))
 def test_every_layer_has_the_declared_dimension(name):
     spec = get_spec(name)
     network = spec.build().eval()
