@@ -1,1 +1,3 @@
-"""The bottom layer: the error hierarchy, durable file writes, file hashing and shared names. Imports nothing else of the package."""
+"""The bottom layer: the error hierarchy, durable file writes, file hashing and shared names.
+
+Imports nothing else of the package."""
