@@ -23,18 +23,19 @@ from torchvision import datasets, transforms
 
 from pipeline.features.extract import extract, forward, resolve_device, resolve_precision
 from pipeline.images.data import decode, scan
-from pipeline.models import registry as registry
+from pipeline.models.taps import tapped
+from pipeline.models.weights import LoadedBackbone, load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tutorial_loop(data: Path, loaded: registry.LoadedBackbone, device: str, batch_size: int) -> float:
+def tutorial_loop(data: Path, loaded: LoadedBackbone, device: str, batch_size: int) -> float:
     pre = loaded.spec.preprocess
     transform = transforms.Compose([
         transforms.Resize(pre.resize, interpolation=transforms.InterpolationMode(pre.interpolation)),
         transforms.CenterCrop(pre.crop), transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
     loader = DataLoader(datasets.ImageFolder(str(data), transform), batch_size=batch_size, num_workers=2)
-    network = registry.tapped(loaded, [loaded.spec.default_layer]).to(device)
+    network = tapped(loaded, [loaded.spec.default_layer]).to(device)
     started, count = time.perf_counter(), 0
     with torch.no_grad():
         for images, _labels in loader:
@@ -43,11 +44,11 @@ def tutorial_loop(data: Path, loaded: registry.LoadedBackbone, device: str, batc
     return count / (time.perf_counter() - started)
 
 
-def model_alone(paths: list[Path], loaded: registry.LoadedBackbone, device: str, precision: str,
+def model_alone(paths: list[Path], loaded: LoadedBackbone, device: str, precision: str,
                 batch_size: int) -> float:
     pre = loaded.spec.preprocess
     images = np.stack([decode(p, pre) for p in paths])
-    network = registry.tapped(loaded, [loaded.spec.default_layer]).to(device, memory_format=torch.channels_last)
+    network = tapped(loaded, [loaded.spec.default_layer]).to(device, memory_format=torch.channels_last)
     forward(network, pre, images[:batch_size], device, precision)  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
@@ -77,7 +78,7 @@ def main() -> None:
     data = Path(args.data)
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
-    loaded = registry.load_backbone(args.backbone)
+    loaded = load_backbone(args.backbone)
     paths = scan(data).paths
 
     # Timings on a shared 2-core machine wander by several percent from run to run, so the two fast

@@ -1,12 +1,25 @@
-"""Shared fixtures: small generated image folders, and the real flowers12 photos where present."""
+"""Shared fixtures: the tiny test backbones, small generated image folders, and the real flowers12
+photos where present.
+
+Every test process (and every subprocess and Dask worker it starts) knows the tiny backbones of
+tests/tinynet.py: `tiny_backbones` writes their weights once per session and names them in the
+environment. Tests of plumbing use `TINY`; the real EfficientNet-Lite0 is kept where real features
+matter (real photos, the reference architecture, bundled weights, the demo).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from pipeline.models.registry import PLUGINS_ENV
+
+from . import tinynet
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
@@ -14,6 +27,24 @@ FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 needs_flowers = pytest.mark.skipif(
     not (FLOWERS / "train").is_dir(),
     reason=f"real photos not found at {FLOWERS} (the shared flowers12 set is not part of the project)")
+
+
+TINY = tinynet.NAME
+TINY_WIDE = tinynet.WIDE
+TINY_DIMS = {name: layer.dim for name, layer in tinynet.layers(TINY).items()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Write the tiny backbones' weights and register them here and in every process started from here
+    (PIPELINE_PLUGINS; PYTHONPATH so that `tests.tinynet` imports whatever the subprocess's folder)."""
+    folder = tmp_path_factory.mktemp("tinynet")
+    tinynet.write_weights(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(tinynet.WEIGHTS_ENV, str(folder))
+        patch.setenv(PLUGINS_ENV, ",".join(filter(None, [os.environ.get(PLUGINS_ENV), tinynet.PLUGIN])))
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        yield TINY
 
 
 _TINTS = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (220, 200, 30), (160, 40, 200)]
@@ -54,11 +85,11 @@ def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def stage_run_config(path: Path, data: Path, cache: Path, out: Path, section: str) -> Path:
+def stage_run_config(path: Path, data: Path, cache: Path, out: Path, section: str, backbone: str = TINY) -> Path:
     """A run config over `data/train` and `data/test` with one logistic-regression head, plus one
     stage section (for example `finetune: {epochs: 1}`)."""
     path.write_text(f"data: {{train: {data / 'train'}, test: {data / 'test'}}}\n"
-                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {cache}, device: cpu}}\n"
+                    f"features: {{backbones: [{backbone}], cache_dir: {cache}, device: cpu}}\n"
                     "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
                     f"output_dir: {out}\n{section}\n")
     return path

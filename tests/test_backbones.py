@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -6,25 +10,75 @@ import torch
 
 from pipeline.core.errors import BackboneError
 from pipeline.features.extract import forward
-from pipeline.models import registry as registry
+from pipeline.images.preprocess import Preprocess
+from pipeline.models import registry
+from pipeline.models.registry import BACKBONES_ENV, PLUGINS_ENV, get_spec, list_backbones, register
+from pipeline.models.taps import TappedNetwork, tapped
+from pipeline.models.weights import file_sha256, load_backbone
 
-from .conftest import FLOWERS, needs_flowers
+from .conftest import FLOWERS, TINY, TINY_WIDE, needs_flowers
+from .tinynet import PLUGIN as TINY_PLUGIN
+
+BUILTIN = ["convnext_tiny", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+           "mobilenet_v3_large", "resnet18", "resnet50", "vgg16"]
 
 
 def test_registry_lists_bundled_and_torchvision_backbones():
-    names = registry.list_backbones()
-    for name in ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50", "vgg16",
-                 "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"]:
+    names = list_backbones()
+    for name in [*BUILTIN, TINY, TINY_WIDE]:  # the tiny ones come from the plugin conftest names
         assert name in names
     with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
-        registry.get_spec("nope")
+        get_spec("nope")
 
 
-@pytest.mark.parametrize("name", registry.list_backbones())
+def test_importing_and_listing_the_registry_imports_no_torch_and_builds_nothing(tmp_path):
+    code = ("import sys\nimport pipeline.models.registry as r, pipeline.models.zoo\n"
+            "print(*r.list_backbones(), 'torch' in sys.modules, 'torchvision' in sys.modules)")
+    env = {**{k: v for k, v in os.environ.items() if k != PLUGINS_ENV}, BACKBONES_ENV: str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [*BUILTIN, "False", "False"]
+
+
+def test_a_registered_factory_runs_on_first_use_only_and_can_be_replaced(monkeypatch):
+    list_backbones()  # the built-ins are in before the registry is copied
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # leave no test entries behind
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    calls = []
+
+    def factory():
+        calls.append("built")
+        return replace(get_spec(TINY), name="lazy_probe")
+    register("lazy_probe", factory)
+    assert "lazy_probe" in list_backbones() and calls == []
+    spec = get_spec("lazy_probe")
+    assert get_spec("lazy_probe") is spec and calls == ["built"] and spec.layers == get_spec(TINY).layers
+    loaded = load_backbone("lazy_probe")  # the spec's own network and weights file, like any backbone
+    assert loaded.weights_sha256 == file_sha256(get_spec(TINY).locate_weights())
+    register("lazy_probe", lambda: replace(get_spec(TINY_WIDE), name="lazy_probe"))
+    assert get_spec("lazy_probe").layers == get_spec(TINY_WIDE).layers and calls == ["built"]
+    register("misnamed", lambda: get_spec(TINY))
+    with pytest.raises(BackboneError, match="registered as 'misnamed' built a backbone named 'tiny_test'"):
+        get_spec("misnamed")
+
+
+@pytest.mark.parametrize(("entry", "why"), [("tests.no_such_module", "ModuleNotFoundError"),
+                                            ("tests.tinynet:no_such_function", "AttributeError")])
+def test_a_plugin_that_cannot_load_is_a_one_line_error(monkeypatch, capsys, entry, why):
+    from pipeline.cli.main import main
+
+    monkeypatch.setenv(PLUGINS_ENV, f"{entry}, {TINY_PLUGIN}")
+    with pytest.raises(BackboneError, match=f"cannot load backbone plugin '{entry}' named in {PLUGINS_ENV}: {why}"):
+        list_backbones()
+    assert main(["backbones"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load backbone plugin") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", list(dict.fromkeys([*list_backbones(), TINY, TINY_WIDE])))
 def test_every_layer_has_the_declared_dimension(name):
-    spec = registry.get_spec(name)
+    spec = get_spec(name)
     network = spec.build().eval()
-    tapped = registry.TappedNetwork(network, {k: v.module for k, v in spec.layers.items()})
+    tapped = TappedNetwork(network, {k: v.module for k, v in spec.layers.items()})
     with torch.inference_mode():
         out = tapped(torch.rand(1, 3, 64, 64))
     assert {k: v.shape[1] for k, v in out.items()} == {k: v.dim for k, v in spec.layers.items()}
@@ -33,11 +87,11 @@ def test_every_layer_has_the_declared_dimension(name):
 
 def test_unknown_layer_names_the_choices():
     with pytest.raises(BackboneError, match="no layer 'layer9'.*stage1"):
-        registry.get_spec("efficientnet_lite0").layer("layer9")
+        get_spec("efficientnet_lite0").layer("layer9")
 
 
 def test_bundled_weights_load_with_checksum():
-    loaded = registry.load_backbone("efficientnet_lite0")
+    loaded = load_backbone("efficientnet_lite0")
     assert loaded.weights_path.is_file() and len(loaded.weights_sha256) == 64
     assert not any(p.requires_grad for p in loaded.network.parameters())
 
@@ -45,22 +99,22 @@ def test_bundled_weights_load_with_checksum():
 def test_missing_torchvision_weights_say_where_to_put_them(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(BackboneError, match=r"resnet18-f37072fd\.pth.*--weights PATH"):
-        registry.load_backbone("resnet18")
+        load_backbone("resnet18")
 
 
 def test_weights_option_loads_a_local_state_dict_and_refuses_a_wrong_one(tmp_path):
-    state = registry.get_spec("resnet18").build().state_dict()
+    state = get_spec("resnet18").build().state_dict()
     torch.save(state, tmp_path / "r18.pth")
-    loaded = registry.load_backbone("resnet18", tmp_path / "r18.pth")
+    loaded = load_backbone("resnet18", tmp_path / "r18.pth")
     assert torch.equal(loaded.network.fc.weight, state["fc.weight"])
     with pytest.raises(BackboneError, match="do not fit backbone 'resnet18'"):
-        registry.load_backbone("resnet18", registry.get_spec("efficientnet_lite0").locate_weights())
+        load_backbone("resnet18", get_spec("efficientnet_lite0").locate_weights())
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="cannot read weights"):
-        registry.load_backbone("resnet18", tmp_path / "junk.pth")
+        load_backbone("resnet18", tmp_path / "junk.pth")
 
 
-def _flower_batch(split: str, cls: str, pre: registry.Preprocess, limit: int = 20) -> np.ndarray:
+def _flower_batch(split: str, cls: str, pre: Preprocess, limit: int = 20) -> np.ndarray:
     from pipeline.images.data import decode
 
     return np.stack([decode(p, pre) for p in sorted((FLOWERS / split / cls).glob("*"))[:limit]])
@@ -68,7 +122,7 @@ def _flower_batch(split: str, cls: str, pre: registry.Preprocess, limit: int = 2
 
 @needs_flowers
 def test_bundled_lite0_recognises_real_daisies():
-    loaded = registry.load_backbone("efficientnet_lite0")
+    loaded = load_backbone("efficientnet_lite0")
     images = _flower_batch("test", "daisy", loaded.spec.preprocess)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     pre = loaded.spec.preprocess
@@ -81,8 +135,8 @@ def test_bundled_lite0_recognises_real_daisies():
 @needs_flowers
 @pytest.mark.slow
 def test_bf16_features_stay_close_to_fp32_on_real_photos():
-    loaded = registry.load_backbone("efficientnet_lite0")
-    network = registry.tapped(loaded, ["head", "stage5"])
+    loaded = load_backbone("efficientnet_lite0")
+    network = tapped(loaded, ["head", "stage5"])
     images = np.concatenate([_flower_batch("test", c, loaded.spec.preprocess, 6)
                              for c in ["daisy", "iris", "sunflower", "bluebell"]])
     fp32 = forward(network, loaded.spec.preprocess, images, "cpu", "fp32")
@@ -94,7 +148,7 @@ def test_bf16_features_stay_close_to_fp32_on_real_photos():
 
 
 def test_lite_architecture_matches_reference_shapes():
-    spec = registry.get_spec("efficientnet_lite2")
+    spec = get_spec("efficientnet_lite2")
     assert spec.preprocess.crop == 260 and spec.layers["stage7"].dim == 352
     assert Path(spec.locate_weights()).name.startswith("efficientnet-lite2")
 
@@ -102,8 +156,8 @@ def test_lite_architecture_matches_reference_shapes():
 def test_one_network_serves_concurrent_threads():
     from concurrent.futures import ThreadPoolExecutor
 
-    spec = registry.get_spec("resnet18")
-    network = registry.TappedNetwork(spec.build().eval(), {"layer4": "layer4"})
+    spec = get_spec("resnet18")
+    network = TappedNetwork(spec.build().eval(), {"layer4": "layer4"})
     inputs = [torch.rand(2, 3, 64, 64) for _ in range(8)]
     with torch.inference_mode():
         alone = [network(x)["layer4"] for x in inputs]

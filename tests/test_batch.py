@@ -23,17 +23,17 @@ from pipeline.cli.main import main
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
 
-from .conftest import make_folder
+from .conftest import TINY, make_folder
 
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
-    """Two heads fitted on tiny labelled images: logistic regression on the default layer and kNN on
-    stage6 (a second cache key, so the two heads' extractions are separate work)."""
+    """Two heads fitted on tiny labelled images with the tiny backbone: logistic regression on its default
+    layer and kNN on stage1 (a second cache key, so the two heads' extractions are separate work)."""
     root = tmp_path_factory.mktemp("batch_heads")
     train = make_folder(root / "train", classes=3, per_class=6)
-    for name, options in (("lr", ["--type", "logistic_regression"]),
-                          ("knn", ["--type", "knn", "--source", "efficientnet_lite0:stage6"])):
+    for name, options in (("lr", ["--type", "logistic_regression", "--backbone", TINY]),
+                          ("knn", ["--type", "knn", "--source", f"{TINY}:stage1"])):
         assert main(["fit", "--data", str(train), *options, "--cache", str(root / "cache"),
                      "--out", str(root / f"{name}.joblib"), "--quiet"]) == 0
     return root
@@ -246,7 +246,15 @@ def test_a_busy_lock_exits_with_code_4_or_waits(tmp_path, heads, capsys):
         assert not (tmp_path / "batch" / "runs.jsonl").exists()
         waiting = threading.Thread(target=run_batch, args=(config,), kwargs={"progress": False})
         waiting.start()
-        time.sleep(1.5)
+        err = ""
+
+        def queued() -> bool:  # the run says it waits just before it blocks on the lock
+            nonlocal err
+            err += capsys.readouterr().err
+            assert waiting.is_alive(), "the second run ended instead of waiting for the lock"
+            return "waiting for the batch run that holds" in err
+        _wait_for(queued, "the second run to queue for the lock", timeout=60)
+        assert "pid 1 on elsewhere since earlier" in err
         assert waiting.is_alive() and not (tmp_path / "batch" / "runs.jsonl").exists()
     waiting.join(timeout=120)
     assert not waiting.is_alive() and [e["predicted"] for e in read_log(tmp_path / "batch" / "runs.jsonl")] == [2]
@@ -279,7 +287,7 @@ def test_two_concurrent_runs_leave_one_consistent_result(tmp_path, heads):
 def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=4, per_class=30, start_seed=2000)
     both = {"lr": heads / "lr.joblib", "knn": heads / "knn.joblib"}
-    options = {"shard_size": 4, "batch_size": 4}
+    options = {"shard_size": 2, "batch_size": 2}  # 60 shards per head: the tiny backbone leaves the kills time
     config = _config(tmp_path, [data], both, **options)
     cache = tmp_path / "batch" / "cache"
 
@@ -287,7 +295,7 @@ def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, hea
     _wait_for(lambda: len(list(cache.glob("*/shards/*.json"))) >= 3, "the first shards")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    assert 0 < len(list(cache.glob("*/shards/*.json"))) < 30, "the kill did not land mid-extraction"
+    assert 0 < len(list(cache.glob("*/shards/*.json"))) < 60, "the kill did not land mid-extraction"
     second = _cli(config)  # killed after committing the lr file, while the knn head extracts
     _wait_for(lambda: list((tmp_path / "batch" / "predictions" / "lr").glob("run-*.csv")), "the lr file")
     os.kill(second.pid, signal.SIGKILL)
@@ -321,7 +329,7 @@ def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(
     from distributed import Client, LocalCluster
 
     data = make_folder(tmp_path / "incoming", classes=3, per_class=32, start_seed=3000)
-    options = {"shard_size": 8, "batch_size": 8}
+    options = {"shard_size": 2, "batch_size": 2}  # 48 shards: some still to run when the first is done
     config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"}, **options)
     cache = tmp_path / "batch" / "cache"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
@@ -339,8 +347,8 @@ def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(
     clean = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.joblib"}, name="clean", **options), progress=False)
     assert clean["predicted"] == 96
     assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
-    cluster_report = extract(data, cache_dir=cache, progress=False, **options)
-    clean_report = extract(data, cache_dir=tmp_path / "clean" / "cache", progress=False, **options)
+    cluster_report = extract(data, TINY, cache_dir=cache, progress=False, **options)
+    clean_report = extract(data, TINY, cache_dir=tmp_path / "clean" / "cache", progress=False, **options)
     assert cluster_report.computed == clean_report.computed == 0
     (cluster_fs,), (clean_fs,) = cluster_report.feature_sets.values(), clean_report.feature_sets.values()
     assert np.array_equal(cluster_fs.features.compute(), clean_fs.features.compute())

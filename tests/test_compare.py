@@ -1,8 +1,9 @@
-"""Transfer vs. scratch on tiny generated images (a few steps each)."""
+"""Transfer vs. scratch with the tiny test backbone on tiny generated images (a few steps each)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from pipeline.cli.main import main
 from pipeline.core.errors import ConfigError
 from pipeline.tuning.compare import CompareOptions, kshot_rows, parse_shots
 
-from .conftest import make_folder, stage_run_config
+from .conftest import TINY, make_folder, stage_run_config
 
 
 def test_kshot_draws_are_stratified_seeded_and_nested_in_the_classes():
@@ -33,14 +34,17 @@ def test_compare_writes_json_figure_and_report_for_every_method_and_shot(tmp_pat
     make_folder(tmp_path / "train", classes=3, per_class=4)
     make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
     out = tmp_path / "out"
+    started = time.perf_counter()
     result = run_compare(CompareOptions(tmp_path / "train", tmp_path / "test", shots=[1, None], seeds=[0], batch_size=4,
-                                    finetune_steps=2, scratch_steps=3, scratch_size=32, cache_dir=tmp_path / "cache",
-                                    out=out, device="cpu"), progress=False)
+                                    backbone=TINY, finetune_steps=2, scratch_steps=3, scratch_size=32,
+                                    cache_dir=tmp_path / "cache", out=out, device="cpu"), progress=False)
+    elapsed = time.perf_counter() - started
     saved = json.loads((out / "compare.json").read_text())
     assert saved == result
     cells = {(r["method"], r["shots"]): r for r in saved["runs"]}
     assert set(cells) == {(m, k) for m in ("linear probe", "fine-tuning", "from scratch") for k in (1, "all")}
-    assert all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in saved["runs"])
+    assert all(0 <= r["accuracy"] <= 1 and 0 < r["seconds"] < elapsed for r in saved["runs"])
+    assert sum(r["seconds"] for r in saved["runs"]) < elapsed
     assert cells[("fine-tuning", 1)]["images"] == 3 and cells[("from scratch", "all")]["images"] == 12
     assert (out / "compare.png").stat().st_size > 10_000
     assert "Transfer vs. scratch" in (out / "compare.html").read_text()

@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipeline.core.errors import DataError
 from pipeline.images.data import decode, scan
-from pipeline.models.registry import Preprocess
+from pipeline.images.preprocess import Preprocess
 
 from .conftest import make_folder, make_image
 

@@ -1,4 +1,4 @@
-"""Stage 3: fine-tuning on tiny generated images (48 px, one or two epochs, batch 4)."""
+"""Stage 3: fine-tuning the tiny test backbone on tiny generated images (one or two epochs, batch 4)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 from pipeline.core.errors import BackboneError, ConfigError
 from pipeline.features.extract import extract
 from pipeline.heads.fit import HeadSpec, fit_head
-from pipeline.models import registry as registry
+from pipeline.models.registry import BACKBONES_ENV, get_spec, list_backbones
+from pipeline.models.weights import load_backbone
 from pipeline.tuning.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
 from pipeline.tuning.training import TrainSettings, train
 
-from .conftest import make_folder, stage_run_config
+from .conftest import TINY, make_folder, stage_run_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def folders(tmp_path_factory) -> Path:
 
 def _options(folders: Path, tmp_path: Path, **kwargs) -> FinetuneOptions:
     settings = {"epochs": 1, "batch_size": 4, "device": "cpu", **kwargs.pop("train", {})}
-    defaults = {"test": folders / "test", "unfreeze": "last:2", "val_fraction": 0.25, "probe_C": 1.0,
+    defaults = {"backbone": TINY, "test": folders / "test", "unfreeze": "last:2", "val_fraction": 0.25, "probe_C": 1.0,
                 "out": tmp_path / "out", "name": "tiny_ft", "backbones_dir": tmp_path / "backbones",
                 "cache_dir": folders / "cache"}
     return FinetuneOptions(folders / "train", **{**defaults, **kwargs}, train=TrainSettings(**settings))
@@ -70,8 +71,8 @@ def test_lpft_head_starts_with_the_probes_weights_and_reproduces_its_predictions
     weight, bias = linear_from_probe(p.probe, 3)
     assert torch.equal(p.model.classifier.weight, weight) and torch.equal(p.model.classifier.bias, bias)
     # on the cached features the probe was fitted on, the folded layer gives the probe's logits
-    fs = extract(folders / "test", "efficientnet_lite0", ["head"], folders / "cache", "cpu", "bf16",
-                 progress=False).feature_sets[("efficientnet_lite0", "head")]
+    fs = extract(folders / "test", TINY, ["head"], folders / "cache", "cpu", "bf16",
+                 progress=False).feature_sets[(TINY, "head")]
     X = fs.features.compute()
     with torch.no_grad():
         logits = p.model.classifier(torch.from_numpy(X)).numpy()
@@ -120,20 +121,20 @@ def test_resume_after_an_interruption_continues_at_the_next_epoch_and_matches(fo
 
 def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(folders, tmp_path, monkeypatch):
     result = finetune(_options(folders, tmp_path, name="flowers_ft", val_fraction=0), progress=False)
-    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
-    assert "flowers_ft" in registry.list_backbones()
-    spec = registry.get_spec("flowers_ft")
-    assert spec.parent == "efficientnet_lite0" and spec.preprocess == registry.get_spec("efficientnet_lite0").preprocess
-    loaded = registry.load_backbone("flowers_ft")
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
+    assert "flowers_ft" in list_backbones()
+    spec = get_spec("flowers_ft")
+    assert spec.parent == TINY and spec.preprocess == get_spec(TINY).preprocess
+    loaded = load_backbone("flowers_ft")
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in loaded.network.state_dict().items())
     cache = tmp_path / "cache"
     sets = {name: extract(folders / "train", name, None, cache, "cpu", "bf16", progress=False)
-            .feature_sets[(name, "head")] for name in ("efficientnet_lite0", "flowers_ft")}
-    assert sets["flowers_ft"].cache_key != sets["efficientnet_lite0"].cache_key
+            .feature_sets[(name, "head")] for name in (TINY, "flowers_ft")}
+    assert sets["flowers_ft"].cache_key != sets[TINY].cache_key
     assert sets["flowers_ft"].cache_key.startswith("flowers_ft-head-bf16-")
     X = sets["flowers_ft"].features.compute()
-    assert not np.allclose(X, sets["efficientnet_lite0"].features.compute())
+    assert not np.allclose(X, sets[TINY].features.compute())
     head = fit_head(HeadSpec("lr", "logistic_regression", ["flowers_ft:head"], {"C": 1.0}), X,
                     sets["flowers_ft"].labels, [X.shape[1]])
     assert head.pipeline.score(X, sets["flowers_ft"].labels) > 0.5
@@ -142,12 +143,12 @@ def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(fo
     weights = result.folder / "weights.pth"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(BackboneError, match="do not match the SHA-256 in its manifest") as info:
-        registry.load_backbone("flowers_ft")
+        load_backbone("flowers_ft")
     assert "\n" not in str(info.value)
 
 
 def test_unfreeze_choices_and_blocks_of_lite0():
-    loaded = registry.load_backbone("efficientnet_lite0")
+    loaded = load_backbone("efficientnet_lite0")
     units = blocks(loaded.network, "_head_act")
     assert len(units) == 18  # stem, 16 MBConv blocks, head convolution (each with its BatchNorm)
     assert [type(m).__name__ for m in units[-1]] == ["SameConv2d", "BatchNorm2d"]
@@ -185,13 +186,13 @@ def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeyp
 
     from pipeline.app.run import run
 
-    monkeypatch.setenv(registry.BACKBONES_ENV, str(tmp_path / "backbones"))
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
     path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")
     run(path, progress=False)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["finetune"]
     assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone", "probe_accuracy", "best_epoch"}
-    assert metrics["backbone"] == "efficientnet_lite0_ft_out" and isinstance(metrics["accuracy"], float)
-    assert registry.get_spec("efficientnet_lite0_ft_out").parent == "efficientnet_lite0"
+    assert metrics["backbone"] == f"{TINY}_ft_out" and isinstance(metrics["accuracy"], float)
+    assert get_spec(f"{TINY}_ft_out").parent == TINY
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<h2>Fine-tuning</h2>" in page and 'href="finetune/finetune.png"' in page
     assert (tmp_path / "out" / "finetune" / "finetune.png").stat().st_size > 10_000
@@ -204,5 +205,5 @@ def test_starting_weights_are_kept_when_no_epoch_beats_them_on_validation(folder
     m = result.metrics
     assert m["best_epoch"] == 0 and all(r["val_accuracy"] <= m["start_val_accuracy"] for r in m["history"])
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
-    parent = registry.load_backbone("efficientnet_lite0").network.state_dict()
+    parent = load_backbone(TINY).network.state_dict()
     assert all(torch.equal(v, parent[k]) for k, v in saved.items())

@@ -1,5 +1,7 @@
 """Stage 2 heads on cached features, their bundles, and predict/evaluate on new images."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -8,54 +10,56 @@ from pipeline.features.extract import extract
 from pipeline.heads.bundle import BundleError, load_bundle, save_bundle
 from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
 
-from .conftest import make_folder
+from .conftest import TINY, make_folder
 
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     data = make_folder(root / "train", classes=3, per_class=6)
-    report = extract(data, layers=["head", "stage6"], cache_dir=root / "cache", progress=False)
-    head = report.feature_sets[("efficientnet_lite0", "head")]
-    stage6 = report.feature_sets[("efficientnet_lite0", "stage6")]
-    return root, data, head.features.compute(), stage6.features.compute(), head.labels
+    report = extract(data, TINY, layers=["head", "stage1"], cache_dir=root / "cache", progress=False)
+    head = report.feature_sets[(TINY, "head")]
+    stage1 = report.feature_sets[(TINY, "stage1")]
+    return root, data, head.features.compute(), stage1.features.compute(), head.labels
 
 
 @pytest.mark.parametrize("head_type", list(HEAD_OPTIONS))
 def test_every_head_fits_and_predicts_on_cached_features(cached, head_type):
-    _root, _data, head, stage6, labels = cached
+    _root, _data, head, stage1, labels = cached
     options = dict(HEAD_OPTIONS[head_type])
     if head_type == "pca_fusion":
         options["components"] = 4
-        X, dims = np.hstack([head, stage6]), [head.shape[1], stage6.shape[1]]
+        X, dims = np.hstack([head, stage1]), [head.shape[1], stage1.shape[1]]
     else:
         X, dims = head, [head.shape[1]]
-    fitted = fit_head(HeadSpec("h", head_type, ["efficientnet_lite0:head"], options), X, labels, dims)
+    started = time.perf_counter()
+    fitted = fit_head(HeadSpec("h", head_type, [f"{TINY}:head"], options), X, labels, dims)
+    elapsed = time.perf_counter() - started
     proba = fitted.pipeline.predict_proba(X)
     assert proba.shape == (len(labels), 3) and np.allclose(proba.sum(1), 1)
     assert (fitted.pipeline.predict(X) == labels).mean() >= 0.8  # training images of three distinct patterns
-    assert 0 <= fitted.cv_accuracy <= 1 and fitted.fit_seconds > 0
+    assert 0 <= fitted.cv_accuracy <= 1 and 0 < fitted.fit_seconds <= elapsed
 
 
 def test_concat_then_pca_and_feature_selection(cached):
-    _root, _data, head, stage6, labels = cached
+    _root, _data, head, stage1, labels = cached
     options = {**HEAD_OPTIONS["pca_fusion"], "order": "concat_then_pca", "components": 6, "select_k": 4,
                "variance_threshold": 0.0}
-    fitted = fit_head(HeadSpec("f", "pca_fusion", ["a", "b"], options), np.hstack([head, stage6]), labels,
-                      [head.shape[1], stage6.shape[1]])
+    fitted = fit_head(HeadSpec("f", "pca_fusion", ["a", "b"], options), np.hstack([head, stage1]), labels,
+                      [head.shape[1], stage1.shape[1]])
     assert fitted.pipeline.named_steps["select"].k == 4
-    assert fitted.pipeline[:-1].transform(np.hstack([head, stage6])).shape == (len(labels), 4)
+    assert fitted.pipeline[:-1].transform(np.hstack([head, stage1])).shape == (len(labels), 4)
 
 
 def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(cached, capsys):
-    root, data, head, _stage6, _labels = cached
+    root, data, head, _stage1, _labels = cached
     model = root / "lr.joblib"
-    assert main(["fit", "--data", str(data), "--type", "logistic_regression", "--out", str(model),
+    assert main(["fit", "--data", str(data), "--backbone", TINY, "--type", "logistic_regression", "--out", str(model),
                  "--cache", str(root / "cache"), "--quiet"]) == 0
     assert "cross-validated accuracy" in capsys.readouterr().out
     bundle = load_bundle(model)
     assert bundle["classes"] == ["class0", "class1", "class2"]
-    assert bundle["sources"][0]["backbone"] == "efficientnet_lite0" and "scikit-learn" in bundle["versions"]
+    assert bundle["sources"][0]["backbone"] == TINY and "scikit-learn" in bundle["versions"]
     expected = bundle["pipeline"].predict_proba(head)  # head: the cached features, in the folder's order
 
     out = root / "preds.csv"
@@ -91,8 +95,8 @@ def test_a_bundle_needing_an_unknown_backbone_is_refused(tmp_path):
 def test_cross_validation_folds_run_on_a_dask_cluster(cached):
     from distributed import LocalCluster
 
-    _root, _data, head, _stage6, labels = cached
-    spec = HeadSpec("h", "logistic_regression", ["efficientnet_lite0:head"], dict(HEAD_OPTIONS["logistic_regression"]))
+    _root, _data, head, _stage1, labels = cached
+    spec = HeadSpec("h", "logistic_regression", [f"{TINY}:head"], dict(HEAD_OPTIONS["logistic_regression"]))
     local = fit_head(spec, head, labels, [head.shape[1]])
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = fit_head(spec, head, labels, [head.shape[1]], scheduler=cluster.scheduler_address)
@@ -105,9 +109,9 @@ def test_out_of_core_heads_learn_block_by_block(cached, head_type):
 
     from pipeline.heads.outofcore import fit_incremental, predict_proba_blocks
 
-    _root, _data, head, stage6, labels = cached
+    _root, _data, head, stage1, labels = cached
     order = np.random.default_rng(1).permutation(len(labels))  # blocks must not be single-class
-    sources = [da.from_array(head[order], chunks=5), da.from_array(stage6[order], chunks=5)]
+    sources = [da.from_array(head[order], chunks=5), da.from_array(stage1[order], chunks=5)]
     options = {**HEAD_OPTIONS[head_type], "components": 3} if head_type == "pca_fusion" else HEAD_OPTIONS[head_type]
     used = sources if head_type == "pca_fusion" else sources[:1]
     fitted = fit_incremental(HeadSpec("o", head_type, ["a", "b"][: len(used)], dict(options)), used, labels[order],
@@ -123,6 +127,6 @@ def test_heads_that_need_all_rows_in_memory_refuse_the_out_of_core_path(cached):
     from pipeline.core.errors import ConfigError
     from pipeline.heads.outofcore import fit_incremental
 
-    _root, _data, head, _stage6, labels = cached
+    _root, _data, head, _stage1, labels = cached
     with pytest.raises(ConfigError, match="needs all features in memory"):
         fit_incremental(HeadSpec("k", "knn", ["a"], dict(HEAD_OPTIONS["knn"])), [da.from_array(head)], labels)

@@ -10,7 +10,7 @@ from scipy.stats import multivariate_normal
 from pipeline.cli.main import main
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.heads.rank import EPSILON, candidates, hscore, logme, rank, spearman
-from tests.conftest import make_folder
+from tests.conftest import TINY, TINY_WIDE, make_folder
 
 
 def slow_logme(features: np.ndarray, labels: np.ndarray) -> float:
@@ -95,27 +95,34 @@ def test_candidates_and_bad_fusion() -> None:
 
 
 def test_rank_reads_only_the_cache_the_second_time(tmp_path, monkeypatch, capsys) -> None:
+    from pipeline.features.cache import FeatureStore
+
     data = make_folder(tmp_path / "data", classes=3, per_class=6)
     cache = tmp_path / "cache"
-    first = rank(data, ["efficientnet_lite0"], ["head", "stage5"], ["efficientnet_lite0+efficientnet_lite0:stage5"],
-                 cache_dir=cache, progress=False)
-    assert {r.candidate for r in first} == {"efficientnet_lite0:head", "efficientnet_lite0:stage5",
-                                            "efficientnet_lite0:head+efficientnet_lite0:stage5"}
-    assert all(r.images_per_second and r.images_per_second > 0 for r in first)
+    fusion = f"{TINY}+{TINY}:stage1"
+    first = rank(data, [TINY], ["head", "stage1"], [fusion], cache_dir=cache, progress=False)
+    assert sorted(r.candidate for r in first) == [f"{TINY}:head", f"{TINY}:head+{TINY}:stage1", f"{TINY}:stage1"]
     assert [r.logme for r in first] == sorted((r.logme for r in first), reverse=True)
+    # the speed is the one the cache's shard records give; a fusion of one backbone's layers costs one pass
+    recorded = {s.meta["layer"]: s.summary()["images_per_second"] for s in FeatureStore.all_in(cache)}
+    by_name = {r.candidate: r for r in first}
+    assert by_name[f"{TINY}:head"].images_per_second == pytest.approx(recorded["head"], rel=1e-12)
+    assert by_name[f"{TINY}:stage1"].images_per_second == pytest.approx(recorded["stage1"], rel=1e-12)
+    assert by_name[f"{TINY}:head+{TINY}:stage1"].images_per_second == by_name[f"{TINY}:head"].images_per_second
+    assert {r.candidate: r.dim for r in first}[f"{TINY}:head+{TINY}:stage1"] == sum(
+        by_name[f"{TINY}:{layer}"].dim for layer in ("head", "stage1"))
 
     def no_forward(*args, **kwargs):
         raise AssertionError("rank ran the network although every feature was cached")
 
     monkeypatch.setattr(sys.modules["pipeline.features.extract"], "forward", no_forward)
     out = tmp_path / "rank.json"
-    assert main(["rank", "--data", str(data), "--cache", str(cache), "--layer", "head", "--layer", "stage5",
-                 "--fusion", "efficientnet_lite0+efficientnet_lite0:stage5", "--out", str(out),
-                 "--report", str(tmp_path / "report"), "--quiet"]) == 0
+    assert main(["rank", "--data", str(data), "--backbone", TINY, "--cache", str(cache), "--layer", "head",
+                 "--layer", "stage1", "--fusion", fusion, "--out", str(out), "--report", str(tmp_path / "report"),
+                 "--quiet"]) == 0
     rows = json.loads(out.read_text())
-    assert {r["candidate"] for r in rows} == {r.candidate for r in first}
+    assert [r["candidate"] for r in rows] == [r.candidate for r in first]
     assert {"candidate", "logme", "hscore", "probe_accuracy"} <= set(rows[0])
-    by_name = {r.candidate: r for r in first}
     for row in rows:
         assert row["logme"] == pytest.approx(by_name[row["candidate"]].logme, rel=1e-9)
     printed = capsys.readouterr().out
@@ -129,7 +136,7 @@ def _auto_config(tmp_path, heads: str):
     test = make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=100)
     path = tmp_path / "auto.yaml"
     path.write_text(f"data: {{train: {train}, test: {test}}}\n"
-                    "features: {backbones: auto, candidates: [efficientnet_lite0, efficientnet_lite1], "
+                    f"features: {{backbones: auto, candidates: [{TINY}, {TINY_WIDE}], "
                     f"cache_dir: {tmp_path / 'cache'}}}\n{heads}output_dir: {tmp_path / 'out'}\n")
     return path
 
@@ -139,8 +146,8 @@ def test_run_with_auto_backbones_uses_the_best_ranked(tmp_path) -> None:
 
     metrics = run(_auto_config(tmp_path, "heads: [{name: lr, type: logistic_regression, C: 1.0}]\n"), progress=False)
     ranked = metrics["rank"]
-    assert [r["candidate"].split(":")[0] for r in ranked] != [] and len(ranked) == 2
-    assert ranked[0]["logme"] >= ranked[1]["logme"] and ranked[0]["probe_accuracy"] is None
+    assert sorted(r["candidate"] for r in ranked) == [f"{TINY}:head", f"{TINY_WIDE}:head"]
+    assert ranked[0]["logme"] > ranked[1]["logme"] and ranked[0]["probe_accuracy"] is None
     assert metrics["heads"]["lr"]["sources"] == [f"{ranked[0]['candidate']}"]
     assert "Backbone chosen by ranking" in (tmp_path / "out" / "report.html").read_text()
 

@@ -12,20 +12,20 @@ from pipeline.app.run import run
 from pipeline.cli.main import main
 from pipeline.core.errors import ConfigError
 
-from .conftest import FLOWERS, make_folder, needs_flowers
+from .conftest import FLOWERS, TINY, TINY_WIDE, make_folder, needs_flowers
 
-HEADS = """heads:
-  - {name: logreg, type: logistic_regression}
-  - {name: svm, type: svm, kernel: linear}
-  - {name: knn, type: knn}
-  - {name: fusion, type: pca_fusion, sources: [efficientnet_lite0, efficientnet_lite0:stage6], components: 8}
+HEADS = f"""heads:
+  - {{name: logreg, type: logistic_regression}}
+  - {{name: svm, type: svm, kernel: linear}}
+  - {{name: knn, type: knn}}
+  - {{name: fusion, type: pca_fusion, sources: [{TINY}, '{TINY}:stage1'], components: 8}}
 """
 
 
-def _config(tmp_path, train, test, heads=HEADS, extra=""):
+def _config(tmp_path, train, test, heads=HEADS, extra="", backbone=TINY):
     path = tmp_path / "run.yaml"
     path.write_text(f"data: {{train: {train}, test: {test}}}\n"
-                    f"features: {{backbones: [efficientnet_lite0], cache_dir: {tmp_path / 'cache'}}}\n"
+                    f"features: {{backbones: [{backbone}], cache_dir: {tmp_path / 'cache'}}}\n"
                     f"{heads}output_dir: {tmp_path / 'out'}\n{extra}")
     return path
 
@@ -68,7 +68,7 @@ def test_run_writes_the_metrics_contract_heads_predictions_and_report(tmp_path, 
     ("heads:\n  - {name: a, type: logistic_regression, Cs: [1]}\n", r"'heads\[0\]'.Cs: unknown option"),
     ("heads:\n  - {name: a, type: random_forest}\n", r"'heads\[0\]'.type: unknown head type 'random_forest'"),
     ("heads:\n  - {name: a, type: knn, source: resnet18}\n", "source 'resnet18' is not among features.backbones"),
-    ("heads:\n  - {name: a, type: knn, source: 'efficientnet_lite0:layer9'}\n", "no layer 'layer9'"),
+    (f"heads:\n  - {{name: a, type: knn, source: '{TINY}:layer9'}}\n", "no layer 'layer9'"),
     ("heads:\n  - {name: a, type: knn}\n  - {name: a, type: svm}\n", "'a' is used twice"),
     ("heads: []\n", "at least one head"),
     ("heads:\n  - {name: a, type: logistic_regression, C: '1'}\n", r"C must be a positive number.*got '1'"),
@@ -98,7 +98,7 @@ def test_run_on_a_small_real_set(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for photo in sorted((FLOWERS / split / cls).glob("*"))[:count]:
                 shutil.copy(photo, tmp_path / split / cls / photo.name)
-    config = _config(tmp_path, tmp_path / "train", tmp_path / "test",
+    config = _config(tmp_path, tmp_path / "train", tmp_path / "test", backbone="efficientnet_lite0",
                      heads="heads:\n  - {name: logreg, type: logistic_regression}\n  - {name: knn, type: knn}\n")
     run(config, progress=False)
     metrics = _check_contract(tmp_path / "out", ["logreg", "knn"], images=36)
@@ -107,13 +107,13 @@ def test_run_on_a_small_real_set(tmp_path):
 
 @pytest.mark.slow
 def test_run_past_the_memory_budget_fits_out_of_core(tmp_path, caplog):
-    train = make_folder(tmp_path / "train", classes=3, per_class=70)  # 210 x (1280 + 192) floats: 1.2 MB
+    train = make_folder(tmp_path / "train", classes=3, per_class=70)  # 210 x 2048 floats: 1.7 MB
     test = make_folder(tmp_path / "test", classes=3, per_class=3, start_seed=1000)
     heads = ("heads:\n  - {name: sgd, type: logistic_regression, C: [1.0]}\n"
-             "  - {name: fusion, type: pca_fusion, sources: [efficientnet_lite0, 'efficientnet_lite0:stage6'],"
-             " components: 8}\n")
+             f"  - {{name: fusion, type: pca_fusion, sources: [{TINY_WIDE}, '{TINY_WIDE}:stage1'], components: 8}}\n")
     with caplog.at_level(logging.INFO, logger="pipeline"):
-        metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n"), progress=False)
+        metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n", backbone=TINY_WIDE),
+                      progress=False)
     assert caplog.text.count("fitting out of core") == 2
     assert metrics["heads"]["sgd"]["best_params"]["out_of_core"] and metrics["heads"]["sgd"]["accuracy"] >= 0.8
 

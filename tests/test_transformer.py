@@ -8,19 +8,22 @@ from pipeline import FeatureExtractor
 from pipeline.core.errors import BackboneError, DataError
 from pipeline.features.extract import extract
 
+from .conftest import TINY, TINY_DIMS
+
 
 def test_extractor_in_a_sklearn_pipeline_uses_the_cache(tiny_folder, cache_dir):
     paths = sorted(str(p) for p in tiny_folder.rglob("*.jpg"))
     labels = [p.split("/")[-2] for p in paths]
-    model = make_pipeline(FeatureExtractor(cache_dir=str(cache_dir)), LogisticRegression(max_iter=500))
+    model = make_pipeline(FeatureExtractor(TINY, cache_dir=str(cache_dir)), LogisticRegression(max_iter=500))
     model.fit(paths, labels)
     assert model.score(paths, labels) == 1.0
-    report = extract(tiny_folder, cache_dir=cache_dir, progress=False)
+    report = extract(tiny_folder, TINY, cache_dir=cache_dir, progress=False)
     assert report.computed == 0 and report.reused == 12
     step = model[0]
-    assert step.n_features_out_ == 1280 and step.get_feature_names_out()[0] == "efficientnet_lite0_head_0"
+    dim = TINY_DIMS["head"]
+    assert step.n_features_out_ == dim and step.get_feature_names_out()[0] == f"{TINY}_head_0"
     direct = step.transform(paths[:3])
-    assert direct.shape == (3, 1280) and np.isfinite(direct).all()
+    assert direct.shape == (3, dim) and np.isfinite(direct).all()
 
 
 def test_extractor_follows_the_estimator_contract(tmp_path):
@@ -35,4 +38,5 @@ def test_extractor_refuses_files_it_cannot_embed(tmp_path, tiny_folder):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"")
     with pytest.raises(DataError, match="cannot embed 1 of 2 files"):
-        FeatureExtractor(cache_dir=str(tmp_path / "c")).fit().transform([str(next(tiny_folder.rglob("*.jpg"))), bad])
+        FeatureExtractor(TINY, cache_dir=str(tmp_path / "c")).fit().transform(
+            [str(next(tiny_folder.rglob("*.jpg"))), bad])

@@ -120,10 +120,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(_args: argparse.Namespace) -> int:
-    from pipeline.models import registry as registry
+    from pipeline.models.registry import get_spec, list_backbones
 
-    for name in registry.list_backbones():
-        spec = registry.get_spec(name)
+    for name in list_backbones():
+        spec = get_spec(name)
         try:
             weights = str(spec.locate_weights())
         except PipelineError:

@@ -30,7 +30,10 @@ from pipeline.core.hashing import bytes_sha256
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.images.data import Dataset, decode, hash_files, scan
-from pipeline.models import registry as registry
+from pipeline.images.preprocess import Preprocess
+from pipeline.models.registry import get_spec
+from pipeline.models.taps import TappedNetwork, tapped
+from pipeline.models.weights import file_sha256, load_backbone, resolve_weights
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -117,7 +120,7 @@ class ShardResult:
     failed: dict[str, str]  # image id -> why it was skipped
 
 
-_NETWORKS: dict[tuple, tuple[registry.TappedNetwork, registry.Preprocess]] = {}
+_NETWORKS: dict[tuple, tuple[TappedNetwork, Preprocess]] = {}
 _NETWORKS_LOCK = threading.Lock()
 
 
@@ -141,7 +144,7 @@ def undo_worker_malloc_trim() -> bool:
                 and libc.mallopt(_M_TRIM_THRESHOLD, _WORKER_TRIM_THRESHOLD))
 
 
-def _network(job: ShardJob) -> tuple[registry.TappedNetwork, registry.Preprocess]:
+def _network(job: ShardJob) -> tuple[TappedNetwork, Preprocess]:
     """The tapped network for this job, loaded once per process and reused by later tasks."""
     import torch
 
@@ -152,17 +155,17 @@ def _network(job: ShardJob) -> tuple[registry.TappedNetwork, registry.Preprocess
         if key not in _NETWORKS:
             if job.device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError(f"this run asked for CUDA, but the worker on {platform.node()} has no GPU")
-            loaded = registry.load_backbone(job.backbone, job.weights, job.weights_sha256)
+            loaded = load_backbone(job.backbone, job.weights, job.weights_sha256)
             if job.device == "cuda":  # "fp32" must mean fp32: no silent TF32 convolutions or matmuls
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
-            network = registry.tapped(loaded, list(job.layers))
+            network = tapped(loaded, list(job.layers))
             network.to(job.device, memory_format=torch.channels_last).eval()
             _NETWORKS[key] = (network, loaded.spec.preprocess)
         return _NETWORKS[key]
 
 
-def forward(network: registry.TappedNetwork, pre: registry.Preprocess, images: np.ndarray,
+def forward(network: TappedNetwork, pre: Preprocess, images: np.ndarray,
             device: str, precision: str) -> dict[str, np.ndarray]:
     """A uint8 NHWC batch -> pooled float32 features per layer."""
     import torch
@@ -291,7 +294,7 @@ class ExtractReport:
 
 def layers_for(backbone: str, layers: Iterable[str] | None) -> list[str]:
     """`--layer NAME` applies to every backbone, `--layer BACKBONE:NAME` to one; none means the default."""
-    spec = registry.get_spec(backbone)
+    spec = get_spec(backbone)
     chosen = []
     for entry in layers or []:
         owner, _, name = entry.rpartition(":")
@@ -309,7 +312,7 @@ def _check_layer_owners(backbones: list[str], layers: Iterable[str] | None) -> N
 
 
 def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str) -> CacheKey:
-    spec = registry.get_spec(backbone)
+    spec = get_spec(backbone)
     tap = spec.layers[layer]
     return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, tap.module)
 
@@ -351,7 +354,7 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     _check_layer_owners(backbones, layers)
     layer_plan = {name: layers_for(name, layers) for name in backbones}
     weights_path = Path(weights).absolute() if weights is not None else None
-    shas = {name: registry.file_sha256(registry.resolve_weights(registry.get_spec(name), weights_path))
+    shas = {name: file_sha256(resolve_weights(get_spec(name), weights_path))
             for name in backbones}
     device = resolve_device(device, local=scheduler is None)
     precision = resolve_precision(precision, device)

@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from pipeline.core.errors import DataError
 from pipeline.features.extract import DEFAULT_BACKBONE, extract, resolve_device, resolve_precision
 from pipeline.images.data import Dataset
-from pipeline.models import registry as registry
+from pipeline.models.registry import get_spec
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -35,7 +35,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def fit(self, X: object = None, y: object = None) -> FeatureExtractor:
         """Nothing is learned (the backbone is frozen); this validates the settings up front."""
-        spec = registry.get_spec(self.backbone)
+        spec = get_spec(self.backbone)
         self.backbone_ = self.backbone
         self.layer_ = spec.layer(self.layer)
         self.n_features_out_ = spec.layers[self.layer_].dim

@@ -16,7 +16,7 @@ import joblib
 
 from pipeline.core.errors import BackboneError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256
-from pipeline.models import registry as registry
+from pipeline.models.registry import get_spec
 
 if TYPE_CHECKING:
     from pipeline.heads.fit import FittedHead
@@ -74,7 +74,7 @@ def load_bundle(path: str | os.PathLike) -> dict:
         raise BundleError(f"{path} is not a model bundle written by this version of the pipeline")
     for source in bundle["sources"]:
         try:
-            spec = registry.get_spec(source["backbone"])
+            spec = get_spec(source["backbone"])
         except BackboneError as exc:
             raise BundleError(f"{path} needs backbone {source['backbone']!r}, which is not registered here "
                               f"({exc})") from None

@@ -18,7 +18,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
 from pipeline.heads.bundle import BundleError, load_bundle
 from pipeline.images.data import Dataset
-from pipeline.models import registry as registry
+from pipeline.models.registry import get_spec
+from pipeline.models.weights import file_sha256, resolve_weights
 
 
 @dataclass
@@ -52,8 +53,8 @@ def feature_options(bundle: dict, model: str | os.PathLike) -> dict:
     precision = precisions.pop()
     weights = sources[0].get("weights")
     for source in sources:  # the same features as in training, or nothing is computed at all
-        spec = registry.get_spec(source["backbone"])
-        sha = registry.file_sha256(registry.resolve_weights(spec, weights))
+        spec = get_spec(source["backbone"])
+        sha = file_sha256(resolve_weights(spec, weights))
         key = cache_key(source["backbone"], sha, source["layer"], precision).dirname
         if key != source["cache_key"]:
             raise BundleError(f"{model} was trained on features {source['cache_key']}, but this installation "

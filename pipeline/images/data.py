@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.core.errors import ConfigError, DataError, first_line
 from pipeline.core.hashing import bytes_sha256, stream_sha256
-from pipeline.models.registry import Preprocess
+from pipeline.images.preprocess import Preprocess
 
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
 _CV2_RESAMPLE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,

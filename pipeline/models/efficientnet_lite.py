@@ -106,28 +106,42 @@ class MBConvBlock(nn.Module):
         return x + inputs if self.residual else x
 
 
+def _stage_plan(variant: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand, input channels, output channels) of each stage of `variant`."""
+    spec = VARIANTS[variant]
+    plan = []
+    last = len(_STAGES) - 1
+    for i, (repeats, kernel, stride, expand, in_f, out_f) in enumerate(_STAGES):
+        in_ch = 32 if i == 0 else _round_filters(in_f, spec.width)
+        if 0 < i < last:  # the first and last stages keep their depth in the Lite variants
+            repeats = math.ceil(repeats * spec.depth)
+        plan.append((repeats, kernel, stride, expand, in_ch, _round_filters(out_f, spec.width)))
+    return plan
+
+
+def stage_layout(variant: str) -> tuple[list[int], list[int]]:
+    """(index of the last block of each stage, output channels of each stage), without building anything."""
+    ends, channels, count = [], [], 0
+    for repeats, *_, out_ch in _stage_plan(variant):
+        count += repeats
+        ends.append(count - 1)
+        channels.append(out_ch)
+    return ends, channels
+
+
 class EfficientNetLite(nn.Module):
     """The network; `stage_ends[i]` is the index of the last block of stage i+1 (for tapping)."""
 
     def __init__(self, variant: str, num_classes: int = 1000) -> None:
         super().__init__()
-        spec = VARIANTS[variant]
         self._conv_stem = SameConv2d(3, 32, 3, 2)
         self._bn0 = _bn(32)
         blocks: list[MBConvBlock] = []
-        self.stage_ends: list[int] = []
-        self.stage_channels: list[int] = []
-        last = len(_STAGES) - 1
-        for i, (repeats, kernel, stride, expand, in_f, out_f) in enumerate(_STAGES):
-            in_ch = 32 if i == 0 else _round_filters(in_f, spec.width)
-            out_ch = _round_filters(out_f, spec.width)
-            if 0 < i < last:  # the first and last stages keep their depth in the Lite variants
-                repeats = math.ceil(repeats * spec.depth)
+        for repeats, kernel, stride, expand, in_ch, out_ch in _stage_plan(variant):
             for r in range(repeats):
                 blocks.append(MBConvBlock(in_ch if r == 0 else out_ch, out_ch, kernel,
                                           stride if r == 0 else 1, expand))
-            self.stage_ends.append(len(blocks) - 1)
-            self.stage_channels.append(out_ch)
+        self.stage_ends, self.stage_channels = stage_layout(variant)
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(self.stage_channels[-1], HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)

@@ -28,8 +28,9 @@ from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import HeadSpec, fit_head
 from pipeline.images.data import require_labelled, scan
 from pipeline.images.data import test_labels as labels_in
-from pipeline.models import registry as registry
-from pipeline.models.registry import Preprocess
+from pipeline.images.preprocess import Preprocess
+from pipeline.models.registry import BackboneSpec, get_spec
+from pipeline.models.weights import load_backbone, resolve_weights
 from pipeline.tuning.finetune import build_model, check_unfreeze
 from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
@@ -114,7 +115,7 @@ def _aligned(images: Images, paths: list[Path]) -> Images:
     return images.subset(np.asarray([where[p] for p in paths]))
 
 
-def _load(options: CompareOptions, spec: registry.BackboneSpec, scratch_pre: Preprocess, progress: bool) -> _Data:
+def _load(options: CompareOptions, spec: BackboneSpec, scratch_pre: Preprocess, progress: bool) -> _Data:
     train_ds = require_labelled(scan(options.data), f"--data {options.data}")
     test_ds = require_labelled(scan(options.test), f"--test {options.test}")
     classes = train_ds.class_names
@@ -145,7 +146,7 @@ def _settings(options: CompareOptions, n: int, steps: int, lr: float, seed: int)
                          device=options.device, precision=options.precision)
 
 
-def _one(options: CompareOptions, data: _Data, network: nn.Module, spec: registry.BackboneSpec,
+def _one(options: CompareOptions, data: _Data, network: nn.Module, spec: BackboneSpec,
          scratch_pre: Preprocess, rows: np.ndarray, seed: int) -> dict[str, dict]:
     """The three methods on one k-shot draw: test accuracy and seconds of each."""
     out = {}
@@ -179,7 +180,7 @@ def _one(options: CompareOptions, data: _Data, network: nn.Module, spec: registr
     return out
 
 
-def _warm_up(options: CompareOptions, data: _Data, network: nn.Module, spec: registry.BackboneSpec,
+def _warm_up(options: CompareOptions, data: _Data, network: nn.Module, spec: BackboneSpec,
              scratch_pre: Preprocess) -> None:
     """One untimed step of each network, so one-time kernel set-up is not charged to the first run."""
     rows = kshot_rows(data.ft_train.labels, 1, 0)[:2]
@@ -201,7 +202,7 @@ def check_options(options: CompareOptions) -> None:
     if options.probe_C <= 0:
         raise ConfigError(f"probe_C must be positive, not {options.probe_C}")
     check_unfreeze(options.unfreeze)
-    registry.resolve_weights(registry.get_spec(options.backbone))
+    resolve_weights(get_spec(options.backbone))
 
 
 def compare(options: CompareOptions, progress: bool = True) -> dict:
@@ -212,8 +213,8 @@ def compare(options: CompareOptions, progress: bool = True) -> dict:
     check_options(options)
     options.device = resolve_device(options.device)
     options.precision = resolve_precision(options.precision, options.device)
-    spec = registry.get_spec(options.backbone)
-    network = registry.load_backbone(options.backbone).network
+    spec = get_spec(options.backbone)
+    network = load_backbone(options.backbone).network
     size = options.scratch_size
     scratch_pre = Preprocess(size * 8 // 7, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
     data = _load(options, spec, scratch_pre, progress)

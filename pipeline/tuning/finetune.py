@@ -29,7 +29,9 @@ from pipeline.core.names import DEFAULT_BACKBONE, SAFE_NAME_RULE, is_safe_name
 from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
 from pipeline.images.data import Dataset, require_labelled, scan, test_labels
-from pipeline.models import registry as registry
+from pipeline.images.preprocess import Preprocess
+from pipeline.models.registry import MANIFEST, BackboneSpec, backbone_dirs, get_spec, list_backbones
+from pipeline.models.weights import load_backbone, resolve_weights, save_backbone
 from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 INITS = ("probe", "random")
@@ -183,7 +185,7 @@ def linear_from_probe(pipeline, classes: int) -> tuple[torch.Tensor, torch.Tenso
 
 def fit_probe(dataset: Dataset, backbone: str, options: FinetuneOptions, progress: bool = True):
     """The stage-2 logistic regression on the backbone's cached default-layer features of `dataset`."""
-    layer = registry.get_spec(backbone).default_layer
+    layer = get_spec(backbone).default_layer
     report = extract(dataset, backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
                      progress=progress)
     fs = report.feature_sets[(backbone, layer)]
@@ -209,7 +211,7 @@ def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
 
 
 def _backbones_root(options: FinetuneOptions) -> Path:
-    return Path(options.backbones_dir) if options.backbones_dir else registry.backbone_dirs()[0]
+    return Path(options.backbones_dir) if options.backbones_dir else backbone_dirs()[0]
 
 
 def check_unfreeze(unfreeze: str) -> None:
@@ -226,19 +228,19 @@ def check_options(options: FinetuneOptions) -> str:
         raise ConfigError("val-fraction must be in [0, 1) and lr-decay > 0")
     check_unfreeze(options.unfreeze)
     options.train.check()
-    spec = registry.get_spec(options.backbone)
-    registry.resolve_weights(spec)
+    spec = get_spec(options.backbone)
+    resolve_weights(spec)
     name = options.name or f"{options.backbone}_ft_{Path(options.out).name}"
     if not is_safe_name(name):
         raise ConfigError(f"--name {name!r} must be {SAFE_NAME_RULE} (it names a folder)")
     root = _backbones_root(options)
-    exists = name in registry.list_backbones() or (root / name / registry.MANIFEST).exists()
+    exists = name in list_backbones() or (root / name / MANIFEST).exists()
     if exists and not options.resume:
         raise ConfigError(f"backbone {name!r} already exists (registered, or in {root}): choose another --name")
     return name
 
 
-def _test_images(options: FinetuneOptions, classes: list[str], pre: registry.Preprocess,
+def _test_images(options: FinetuneOptions, classes: list[str], pre: Preprocess,
                  progress: bool) -> tuple[Images, Dataset] | None:
     if options.test is None:
         return None
@@ -248,7 +250,7 @@ def _test_images(options: FinetuneOptions, classes: list[str], pre: registry.Pre
     return images, Dataset(images.paths, images.labels, classes, [])
 
 
-def build_model(network: nn.Module, spec: registry.BackboneSpec, classes: int, probe, unfreeze: str, lr: float,
+def build_model(network: nn.Module, spec: BackboneSpec, classes: int, probe, unfreeze: str, lr: float,
                 lr_decay: float, train_bn: bool = False) -> tuple[FineTuneNet, list[dict], int]:
     """The network cut at its default layer with a new linear layer (the probe's, folded, when given),
     all but the chosen blocks frozen; returns it with its AdamW groups and its number of blocks."""
@@ -269,7 +271,7 @@ class Prepared:
     AdamW groups, and the decoded splits."""
 
     name: str
-    parent: registry.BackboneSpec
+    parent: BackboneSpec
     model: FineTuneNet | None
     groups: list[dict]
     blocks: int
@@ -289,8 +291,8 @@ def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
     settings.device = resolve_device(settings.device)
     settings.precision = resolve_precision(settings.precision, settings.device)
     torch.manual_seed(settings.seed)
-    parent = registry.get_spec(options.backbone)
-    loaded = registry.load_backbone(options.backbone)
+    parent = get_spec(options.backbone)
+    loaded = load_backbone(options.backbone)
     dataset = require_labelled(scan(options.data), f"--data {options.data}")
     classes = dataset.class_names
     train_all, skipped = decode_images(dataset.paths, dataset.labels, square(parent.preprocess), "decode train",
@@ -349,7 +351,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
              "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
     summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch")}
-    folder = registry.save_backbone(_backbones_root(options), p.name, p.parent, state,
+    folder = save_backbone(_backbones_root(options), p.name, p.parent, state,
                                     {"classes": p.classes, "finetune": summary})
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out / "finetune.json", metrics, default=str)
@@ -358,7 +360,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
 
 def _probe_test_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool) -> float:
     """The linear probe alone on the test split (cached features): what fine-tuning has to beat."""
-    layer = registry.get_spec(options.backbone).default_layer
+    layer = get_spec(options.backbone).default_layer
     fs = extract(test, options.backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
                  progress=progress).feature_sets[(options.backbone, layer)]
     return float(accuracy_score(fs.labels, probe.predict(fs.features.compute())))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline.core.errors import ConfigError
 from pipeline.images.data import decode
-from pipeline.models.registry import Preprocess
+from pipeline.images.preprocess import Preprocess
 
 
 @dataclass
