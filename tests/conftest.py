@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
+# PIPELINE_FLOWERS points elsewhere (benchmarks/gpu/check.sh: a copy inside the tree on a GPU machine)
+FLOWERS = Path(os.environ.get("PIPELINE_FLOWERS") or ROOT.parent / "shared" / "data" / "flowers12")
 
 needs_flowers = pytest.mark.skipif(
     not (FLOWERS / "train").is_dir(),
