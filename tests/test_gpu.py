@@ -284,6 +284,15 @@ def test_cuda_decode_matches_the_cpu_decoder(tmp_path):
 
 
 @cuda
+def test_cuda_decoding_never_overwrites_memory_the_stream_still_reads():
+    """torchvision's CUDA decoder can write into blocks freed on the caller's stream while queued
+    kernels still read them (see gpu.decode_batch); the GPU path decodes on a stream of its own."""
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (384, 512, 3), dtype=np.uint8))
+    datas = [torch.frombuffer(bytearray(_jpeg(image, quality=q)), dtype=torch.uint8) for q in (80, 85, 90, 95)]
+    assert gpu.overwrites_queued_memory(lambda d: gpu.decode_batch(d, "cuda"), datas, 3 * 384 * 512) == 0
+
+
+@cuda
 @needs_flowers
 def test_cuda_features_match_cpu_fp32_features(tmp_path):
     """fp32 on the GPU (GPU decoding, GPU preprocessing, cuDNN) against fp32 on the CPU: cosine >= 0.999."""

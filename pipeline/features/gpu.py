@@ -312,15 +312,9 @@ def normalise(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
-def decode_batch(datas: Sequence[torch.Tensor], device: str | torch.device) -> list[torch.Tensor | None]:
-    """`torchvision.io.decode_jpeg` over a batch of encoded files, as (3, H, W) uint8 RGB on `device`.
-
-    If the batch as a whole fails (one bad file, or memory), each file is decoded alone; None marks
-    the files that still fail (the caller gives them to the CPU decoder, which names the problem)."""
+def _decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if not datas:
-        return []
     try:
         return list(decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device))
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError too
@@ -335,6 +329,58 @@ def decode_batch(datas: Sequence[torch.Tensor], device: str | torch.device) -> l
             log.debug("JPEG decode failed on %s (%s); the CPU decoder takes it", device, exc)
             out.append(None)
     return out
+
+
+_DECODE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def decode_batch(datas: Sequence[torch.Tensor], device: str | torch.device) -> list[torch.Tensor | None]:
+    """`torchvision.io.decode_jpeg` over a batch of encoded files, as (3, H, W) uint8 RGB on `device`.
+
+    If the batch as a whole fails (one bad file, or memory), each file is decoded alone; None marks
+    the files that still fail (the caller gives them to the CPU decoder, which names the problem).
+
+    On CUDA the decoder runs with a stream of its own current. torchvision's CUDA decoder (and
+    nvJPEG's hardware engine on H100s) writes its outputs without waiting for the work queued on the
+    stream that allocated them (pytorch/vision PR 9606, meta-pytorch/torchcodec PR 1634): given the
+    caller's stream, it can be handed memory just freed there that queued kernels still read, and
+    overwrite it. PyTorch's caching allocator keeps one pool per stream, so outputs allocated on a
+    stream that only the decoder uses can only reuse the decoder's own earlier outputs, and
+    `record_stream` keeps those from being reused while the caller's stream still reads them."""
+    if not datas:
+        return []
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _decode_jpegs(datas, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DECODE_STREAMS:
+        _DECODE_STREAMS[index] = torch.cuda.Stream(device=index)
+    side, caller = _DECODE_STREAMS[index], torch.cuda.current_stream(index)
+    with torch.cuda.stream(side):
+        images = _decode_jpegs(datas, device)
+    caller.wait_stream(side)
+    for image in images:
+        if image is not None:
+            image.record_stream(caller)
+    return images
+
+
+def overwrites_queued_memory(decode: Callable[[list[torch.Tensor]], list], datas: list[torch.Tensor],
+                             nbytes: int, trials: int = 5) -> int:
+    """How many of `trials` decodes overwrote memory that work queued on the current CUDA stream was
+    still reading: the hazard `decode_batch` guards against (`nbytes`: one decoded image's size, so
+    the allocator has the freed blocks at hand). A diagnostic for the GPU check and its test."""
+    corrupted = 0
+    for _ in range(trials):
+        victims = [torch.ones(nbytes, dtype=torch.uint8, device="cuda") for _ in datas]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # keeps the stream busy: the sums below are still queued
+        sums = [victim.sum(dtype=torch.int64) for victim in victims]
+        del victims  # freed on the stream, with reads queued: the allocator may hand the blocks out again
+        decode(datas)
+        torch.cuda.synchronize()
+        corrupted += any(int(total) != nbytes for total in sums)
+    return corrupted
 
 
 # --------------------------------------------------------------------------- memory
@@ -471,7 +517,6 @@ def _runner(job: _extract.ShardJob, network: TappedNetwork, pre: Preprocess) -> 
         if key not in _RUNNERS:
             runner = _Runner(network, pre, job.device, job.precision, OomRetry(job.batch_size))
             if job.device == "cuda":
-                torch.backends.cudnn.benchmark = True  # a few fixed input shapes: let cuDNN pick per shape
                 runner.retry.size = batch_from_memory(torch.cuda.mem_get_info()[0], _per_image_bytes(runner),
                                                       floor=job.batch_size)
                 log.info("GPU batch size %d (from free memory; --batch-size %d)", runner.batch_size,
