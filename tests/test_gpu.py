@@ -207,6 +207,44 @@ def test_oom_retry_gives_up_at_one_image_and_passes_other_errors():
     assert retry.size == 4
 
 
+def _tiny_runner(compiled=None) -> gpu._Runner:
+    from torch import nn
+
+    from pipeline.models.registry import TappedNetwork
+
+    network = TappedNetwork(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), {"conv": "0"})
+    return gpu._Runner(network, SMALL, "cpu", "fp32", gpu.OomRetry(4, on_shrink=lambda: None), compiled, "default")
+
+
+def test_a_failing_compiled_network_falls_back_to_eager_mode(caplog):
+    def broken(x):
+        raise RuntimeError("inductor: no C++ compiler")
+    runner = _tiny_runner(compiled=broken)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    out = runner(images)
+    assert runner.compiled is None and "running the network eagerly" in caplog.text
+    assert [chunk["conv"].shape for chunk in out] == [(4, 4), (2, 4)]
+    assert torch.allclose(torch.cat([c["conv"] for c in out]), runner._eager(gpu.normalise(images, SMALL))["conv"],
+                          atol=1e-5)
+
+
+def test_compiled_batches_are_padded_to_one_shape():
+    shapes = []
+
+    def compiled(x):
+        shapes.append(tuple(x.shape))
+        return {"conv": x.mean((2, 3))}
+    out = _tiny_runner(compiled=compiled)(torch.zeros((6, 3, 32, 32), dtype=torch.uint8))
+    assert shapes == [(4, 3, 32, 32), (4, 3, 32, 32)] and [c["conv"].shape[0] for c in out] == [4, 2]
+
+
+@pytest.mark.parametrize("value,mode", [("", None), ("0", None), ("1", "default"),
+                                        ("reduce-overhead", "reduce-overhead")])
+def test_compile_mode_from_the_environment(monkeypatch, value, mode):
+    monkeypatch.setenv(gpu.COMPILE_ENV, value)
+    assert gpu.compile_mode() == mode
+
+
 # --------------------------------------------------------------------------- the whole path, on the CPU
 
 def make_mixed_folder(root: Path, photos: list[Path]) -> dict[str, str]:
