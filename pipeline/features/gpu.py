@@ -19,8 +19,8 @@
   come back into pinned buffers without waiting, so copies overlap the next batch's compute;
 - `PIPELINE_GPU_COMPILE=1` (or a `torch.compile` mode such as `reduce-overhead` for CUDA graphs) runs
   the network through `torch.compile`, falling back to eager mode on any compile error;
-  `PIPELINE_GPU_DECODE=0` decodes every file on the CPU (the GPU still resizes nothing then: the CPU
-  path's arrays go up as they are).
+  `PIPELINE_GPU_DECODE=0` sends every file to the CPU path's decoding and resizing (the network still
+  runs on the GPU).
 
 Every function here also runs on CPU tensors (`device="cpu"`), which is how it is tested without a GPU.
 """
