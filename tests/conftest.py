@@ -22,7 +22,8 @@ from pipeline.models.registry import PLUGINS_ENV
 from . import tinynet
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
+# PIPELINE_FLOWERS points elsewhere (benchmarks/gpu/check.sh: a copy inside the tree on a GPU machine)
+FLOWERS = Path(os.environ.get("PIPELINE_FLOWERS") or ROOT.parent / "shared" / "data" / "flowers12")
 
 needs_flowers = pytest.mark.skipif(
     not (FLOWERS / "train").is_dir(),

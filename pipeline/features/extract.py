@@ -194,6 +194,10 @@ def _decode_threads(device: str) -> int:
 
 def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -> ShardResult:
     """Decode (in threads) and embed one shard, then commit it to every layer's store that lacks it."""
+    if job.device == "cuda":  # batched GPU JPEG decoding and preprocessing: features/gpu.py
+        from pipeline.features import gpu
+
+        return gpu.run_shard(job, on_progress)
     network, pre = _network(job)
     started = time.perf_counter()  # after loading: the records keep the steady-state cost per image
     good_ids: list[str] = []
