@@ -145,16 +145,16 @@ class RunConfig(ConfigFile):
         default_factory=FeaturesSection, accepts="a mapping of feature-extraction settings",
         about="what is extracted and how")
     heads: list[AnyHead] | None = option(None, accepts="a list of heads, each {name: NAME, type: TYPE, ...}",
-                                         about="the heads a run fits on the cached features (see Heads)")
+                                         about="the heads a run fits on the cached features (one table per type below)")
     output_dir: str | None = option(None, accepts="a folder for the run's models, metrics and report",
                                     about="where a run writes (required by pipeline run; relative to the "
                                           "folder you run from)")
     memory_budget_mb: PositiveInt = option(4096, accepts="a positive integer",
                                            about="past it, a head's training features are fitted out of core")
     finetune: FinetuneSection | None = option(None, accepts="a mapping of fine-tuning settings (stage 3)",
-                                              about="fine-tune a backbone after the heads (see finetune)")
+                                              about="fine-tune a backbone after the heads (keys below)")
     compare: CompareSection | None = option(None, accepts="a mapping of transfer-vs-scratch settings",
-                                            about="compare transfer with training from scratch (see compare)")
+                                            about="compare transfer with training from scratch (keys below)")
 
 
 def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Any]]:

@@ -213,6 +213,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.app.schema import write_reference
+
+    for path in write_reference(Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 BATCH_HELP = """The recurring job: scan the config's inputs, extract features only for images the cache lacks,
 apply each saved head to the images it has not predicted yet, write OUTPUT/<head>/run-<run_id>.csv and
 append one JSON line to the log. Safe to start from cron or a systemd timer: runs take a lock, and a run
@@ -364,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
     _add_batch_parser(sub)
+
+    schema = sub.add_parser("schema", description="Write the config reference (config.md) and the JSON Schemas "
+                                                   "of the run and batch configs, generated from their models.")
+    schema.add_argument("--out", default="docs/reference", metavar="DIR", help="(default: %(default)s)")
+    schema.set_defaults(func=cmd_schema)  # for maintainers: no help=, so it is not listed
     return parser
 
 
