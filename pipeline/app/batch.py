@@ -110,7 +110,8 @@ class BatchConfig(ConfigFile):
 
 
 def load_batch_config(path: str | os.PathLike) -> BatchConfig:
-    """Validate a batch config in full (file, line and key named on error) before anything runs."""
+    """Validate a batch config in full (file, line and key named on error) before anything runs: its
+    types (`BatchConfig`), then that every input and head file is there."""
     config = BatchConfig.load(path)
     raw = config.raw
     for i, source in enumerate(config.inputs):
