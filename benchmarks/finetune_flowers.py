@@ -24,8 +24,8 @@ import numpy as np
 from resplit import pooled, resampled_indices, write_split
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.tuning.finetune import EPOCHS, LR, FinetuneOptions, finetune
-from pipeline.tuning.training import TrainSettings
+from pipeline.tuning.finetune import finetune
+from pipeline.tuning.options import EPOCHS, LR, FinetuneOptions, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"

@@ -27,8 +27,9 @@ from resplit import resampled_indices
 from sklearn.metrics import accuracy_score
 
 from pipeline.features.extract import extract
-from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.heads.fit import fit_head
 from pipeline.heads.outofcore import fit_incremental, predict_proba_blocks
+from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

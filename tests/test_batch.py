@@ -67,17 +67,17 @@ def test_unchanged_rerun_computes_nothing_and_appends_nothing(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=2, per_class=4, start_seed=500)
     config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
     first = run_batch(config, progress=False)
-    assert (first["exit_code"], first["seen"], first["new"], first["predicted"], first["computed"]) == (0, 8, 8, 8, 8)
+    assert (first.exit_code, first.seen, first.new, first.predicted, first.computed) == (0, 8, 8, 8, 8)
     rows = _rows(tmp_path / "batch")
-    assert len(rows) == 8 and {r["run_id"] for r in rows} == {first["run_id"]}
+    assert len(rows) == 8 and {r["run_id"] for r in rows} == {first.run_id}
     assert all(abs(sum(float(r[f"p_class{i}"]) for i in range(3)) - 1) < 1e-4 for r in rows)
     files = {p: p.read_bytes() for p in (tmp_path / "batch" / "predictions").rglob("run-*.csv")}
 
     again = run_batch(config, progress=False)
-    assert (again["exit_code"], again["seen"], again["new"], again["predicted"], again["computed"]) == (0, 8, 0, 0, 0)
+    assert (again.exit_code, again.seen, again.new, again.predicted, again.computed) == (0, 8, 0, 0, 0)
     assert {p: p.read_bytes() for p in (tmp_path / "batch" / "predictions").rglob("run-*.csv")} == files
     log = read_log(tmp_path / "batch" / "runs.jsonl")
-    assert [e["run_id"] for e in log] == [first["run_id"], again["run_id"]]
+    assert [e["run_id"] for e in log] == [first.run_id, again.run_id]
     required = {"run_id", "started", "ended", "seen", "new", "skipped", "failed", "predicted", "seconds"}
     for entry in log:
         assert required <= entry.keys()
@@ -95,20 +95,20 @@ def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp
     (data / "day2" / "copy.jpg").write_bytes((data / "class0" / "img0.jpg").read_bytes())  # known content
     (data / ".upload-in-progress.jpg").write_bytes(b"partial")  # hidden: not looked at
     second = run_batch(config, progress=False)
-    assert (second["seen"], second["new"], second["predicted"], second["computed"]) == (12, 3, 3, 3)
-    new_rows = [r for r in _rows(tmp_path / "batch") if r["run_id"] == second["run_id"]]
+    assert (second.seen, second.new, second.predicted, second.computed) == (12, 3, 3, 3)
+    new_rows = [r for r in _rows(tmp_path / "batch") if r["run_id"] == second.run_id]
     assert sorted(r["path"] for r in new_rows) == sorted(str(p) for p in (added / "class0").iterdir())
     assert len(_by_image(_rows(tmp_path / "batch"))) == 11
 
     for suffix in ("", ".sha256"):  # the head file is replaced: every image is predicted again
         shutil.copy(heads / f"knn.joblib{suffix}", f"{head}{suffix}")
     third = run_batch(config, progress=False)
-    assert (third["new"], third["predicted"]) == (11, 11)
-    assert third["heads"]["lr"]["sha256"] != second["heads"]["lr"]["sha256"]
+    assert (third.new, third.predicted) == (11, 11)
+    assert third.heads["lr"].sha256 != second.heads["lr"].sha256
     for suffix in ("", ".sha256"):  # put back: the latest rows came from the other file, so again
         shutil.copy(heads / f"lr.joblib{suffix}", f"{head}{suffix}")
-    assert run_batch(config, progress=False)["predicted"] == 11
-    assert run_batch(config, progress=False)["predicted"] == 0
+    assert run_batch(config, progress=False).predicted == 11
+    assert run_batch(config, progress=False).predicted == 0
 
 
 def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, capsys):
@@ -147,9 +147,9 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     config_b.write_text(json.dumps({**json.loads(config_b.read_text()), "output_dir": shared}))
     record = Path(shared) / "skipped.json"
 
-    assert [run_batch(c, progress=False)["new_skipped"] for c in (config_a, config_b)] == [25, 3]
+    assert [run_batch(c, progress=False).new_skipped for c in (config_a, config_b)] == [25, 3]
     # Each config's run keeps the other's skips: neither reports them again.
-    assert [run_batch(c, progress=False)["exit_code"] for c in (config_a, config_b, config_a, config_b)] == [0] * 4
+    assert [run_batch(c, progress=False).exit_code for c in (config_a, config_b, config_a, config_b)] == [0] * 4
     assert len(json.loads(record.read_text())) == 28
     copy_reason = json.loads(record.read_text())[str(second / "class0" / "bad.jpg")]["reason"]
     assert copy_reason.endswith(f"(same bytes as {second / 'class0' / 'bad-copy.jpg'})")  # it sorts first
@@ -167,7 +167,7 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     assert str(first / "class0" / "bad00.jpg") not in json.loads(record.read_text())
     for corrupt in ("[]", "null", "{not json"):  # an unusable record: every skip is reported again
         record.write_text(corrupt)
-        assert run_batch(config_b, progress=False)["new_skipped"] == 3
+        assert run_batch(config_b, progress=False).new_skipped == 3
 
 
 def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, capsys):
@@ -190,7 +190,7 @@ def test_an_emptied_list_file_means_nothing_new(tmp_path, heads):
     queue.write_text("# paths are appended here by the upload service\n")
     config = _config(tmp_path, [queue], {"lr": heads / "lr.joblib"})
     entry = run_batch(config, progress=False)
-    assert (entry["status"], entry["exit_code"], entry["seen"], entry["predicted"]) == ("ok", 0, 0, 0)
+    assert (entry.status, entry.exit_code, entry.seen, entry.predicted) == ("ok", 0, 0, 0)
 
 
 def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp_path, heads, monkeypatch):
@@ -200,14 +200,14 @@ def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp
 
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=960)
     config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
-    assert run_batch(config, progress=False)["predicted"] == 2
+    assert run_batch(config, progress=False).predicted == 2
     copy = data / "class0" / "copy.jpg"
     shutil.copy(data / "class0" / "img0.jpg", copy)
     real = pipeline.app.batch.hash_files
     monkeypatch.setattr(pipeline.app.batch, "hash_files",  # what hashing saw before the file was overwritten
                         lambda paths: ["0" * 16 if p == copy else i for p, i in zip(paths, real(paths), strict=True)])
     entry = run_batch(config, progress=False)
-    assert (entry["new"], entry["predicted"]) == (1, 0)
+    assert (entry.new, entry.predicted) == (1, 0)
     assert len(_by_image(_rows(tmp_path / "batch"))) == 2
 
 
@@ -302,7 +302,7 @@ def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, hea
     assert third.wait(timeout=300) == 0, third.communicate()[0]
 
     clean = run_batch(_config(tmp_path, [data], both, name="clean", **options), progress=False)
-    assert clean["predicted"] == 240
+    assert clean.predicted == 240
     assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
     log = read_log(tmp_path / "batch" / "runs.jsonl")
     assert [(e["status"], e["predicted"]) for e in log] == [("recovered", 120), ("ok", 120)]
@@ -342,7 +342,7 @@ def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(
         assert pids[busy[0]] not in client.run(os.getpid).values()  # the nanny started a new worker
 
     clean = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.joblib"}, name="clean", **options), progress=False)
-    assert clean["predicted"] == 96
+    assert clean.predicted == 96
     assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
     cluster_report = extract(data, TINY, cache_dir=cache, progress=False, **options)
     clean_report = extract(data, TINY, cache_dir=tmp_path / "clean" / "cache", progress=False, **options)

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.core.errors import BackboneError, ConfigError
 from pipeline.features.extract import extract
-from pipeline.heads.fit import HeadSpec, fit_head
+from pipeline.heads.fit import fit_head
+from pipeline.heads.spec import HeadSpec
 from pipeline.models.registry import BACKBONES_ENV, get_spec, list_backbones
 from pipeline.models.weights import load_backbone
 from pipeline.tuning.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
@@ -168,7 +169,7 @@ def _run_config(folders: Path, tmp_path: Path, finetune: str) -> Path:
     ("{epochs: one}", r"'finetune\.epochs' must be a positive integer"),
     ("{train_bn: 1}", r"'finetune\.train_bn' must be true or false"),
     ("{unfreeze: some}", r"'finetune': unfreeze must be head, all or last:N"),
-    ("{init: warm}", r"'finetune': init must be one of probe, random"),
+    ("{init: warm}", r"'finetune\.init' must be probe or random, got 'warm'"),
     ("[1, 2]", r"'finetune' must be a mapping"),
 ])
 def test_run_config_finetune_section_is_validated_naming_file_and_key(folders, tmp_path, section, message):

@@ -7,8 +7,10 @@ import pytest
 
 from pipeline.cli.main import main
 from pipeline.features.extract import extract
-from pipeline.heads.bundle import BundleError, load_bundle, save_bundle
-from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.features.sources import SourceMeta
+from pipeline.heads.bundle import BundleError, HeadBundle, HeadMetrics, load_bundle, save_bundle
+from pipeline.heads.fit import fit_head
+from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 
 from .conftest import TINY, make_folder
 
@@ -58,9 +60,9 @@ def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(ca
                  "--cache", str(root / "cache"), "--quiet"]) == 0
     assert "cross-validated accuracy" in capsys.readouterr().out
     bundle = load_bundle(model)
-    assert bundle["classes"] == ["class0", "class1", "class2"]
-    assert bundle["sources"][0]["backbone"] == TINY and "scikit-learn" in bundle["versions"]
-    expected = bundle["pipeline"].predict_proba(head)  # head: the cached features, in the folder's order
+    assert bundle.classes == ["class0", "class1", "class2"]
+    assert bundle.sources[0].backbone == TINY and "scikit-learn" in bundle.versions
+    expected = bundle.pipeline.predict_proba(head)  # head: the cached features, in the folder's order
 
     out = root / "preds.csv"
     assert main(["predict", "--model", str(model), "--data", str(data), "--out", str(out),
@@ -85,8 +87,10 @@ def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(ca
 
 
 def test_a_bundle_needing_an_unknown_backbone_is_refused(tmp_path):
-    path = save_bundle(tmp_path / "x.joblib", {"pipeline": None, "classes": [], "sources": [
-        {"backbone": "resnet9000", "layer": "head", "cache_key": "k", "precision": "fp32", "weights_sha256": ""}]})
+    source = SourceMeta(backbone="resnet9000", layer="head", cache_key="k", precision="fp32", weights_sha256="")
+    path = save_bundle(tmp_path / "x.joblib", HeadBundle(
+        pipeline=None, classes=[], head=HeadSpec("h", "knn", ["resnet9000:head"]), sources=[source],
+        metrics=HeadMetrics(cv_accuracy=None, best_params={}, fit_seconds=0.0)))
     with pytest.raises(BundleError, match="needs backbone 'resnet9000'"):
         load_bundle(path)
 

@@ -159,12 +159,12 @@ def test_run_with_auto_backbones_uses_the_best_ranked(tmp_path) -> None:
     ("{backbones: auto, candidates: [nope]}", "[{name: lr, type: logistic_regression}]", "unknown backbone 'nope'"),
 ])
 def test_auto_config_errors(tmp_path, features: str, heads: str, message: str) -> None:
-    from pipeline.app.config import head_specs, load_config
+    from pipeline.app.config import RunConfig, head_specs
 
     path = tmp_path / "bad.yaml"
     path.write_text(f"features: {features}\nheads: {heads}\noutput_dir: out\n")
     with pytest.raises(PipelineError, match=message):
-        head_specs(load_config(path))
+        head_specs(RunConfig.load(path))
 
 
 def test_auto_backbones_check_the_stage_sections_before_ranking_extracts(tmp_path) -> None:

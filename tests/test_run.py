@@ -65,16 +65,18 @@ def test_run_writes_the_metrics_contract_heads_predictions_and_report(tmp_path, 
 
 
 @pytest.mark.parametrize("heads,message", [
-    ("heads:\n  - {name: a, type: logistic_regression, Cs: [1]}\n", r"'heads\[0\]'.Cs: unknown option"),
-    ("heads:\n  - {name: a, type: random_forest}\n", r"'heads\[0\]'.type: unknown head type 'random_forest'"),
+    ("heads:\n  - {name: a, type: logistic_regression, Cs: [1]}\n", r"unknown key 'heads\[0\]\.Cs'"),
+    ("heads:\n  - {name: a, type: random_forest}\n", r"'heads\[0\]\.type': unknown type 'random_forest'"),
     ("heads:\n  - {name: a, type: knn, source: resnet18}\n", "source 'resnet18' is not among features.backbones"),
     (f"heads:\n  - {{name: a, type: knn, source: '{TINY}:layer9'}}\n", "no layer 'layer9'"),
     ("heads:\n  - {name: a, type: knn}\n  - {name: a, type: svm}\n", "'a' is used twice"),
     ("heads: []\n", "at least one head"),
-    ("heads:\n  - {name: a, type: logistic_regression, C: '1'}\n", r"C must be a positive number.*got '1'"),
-    ("heads:\n  - {name: a, type: svm, kernel: poly}\n", "kernel must be linear or rbf"),
-    ("heads:\n  - {name: a, type: pca_fusion, components: 0}\n", "components must be a positive integer"),
-    ("heads:\n  - {name: a, type: pca_fusion, order: random}\n", "order must be pca_then_concat"),
+    ("heads:\n  - {name: a, type: logistic_regression, C: '1'}\n",
+     r"'heads\[0\]\.C' must be a positive number.*got '1'"),
+    ("heads:\n  - {name: a, type: svm, kernel: poly}\n", r"'heads\[0\]\.kernel' must be linear or rbf"),
+    ("heads:\n  - {name: a, type: pca_fusion, components: 0}\n",
+     r"'heads\[0\]\.components' must be a positive integer"),
+    ("heads:\n  - {name: a, type: pca_fusion, order: random}\n", r"'heads\[0\]\.order' must be pca_then_concat"),
     ("heads:\n  - {name: ../a, type: knn}\n", "it names the saved file"),
 ])
 def test_bad_run_configs_are_refused_before_any_work(tmp_path, heads, message):
@@ -87,7 +89,7 @@ def test_bad_run_configs_are_refused_before_any_work(tmp_path, heads, message):
 def test_run_config_with_an_unknown_top_level_key_names_it(tmp_path, capsys):
     train = make_folder(tmp_path / "train", classes=2, per_class=2)
     assert main(["run", str(_config(tmp_path, train, train, extra="ouptut: x\n"))]) == 2
-    assert re.search(r"run.yaml: unknown key 'ouptut'", capsys.readouterr().err)
+    assert re.search(r"run.yaml:9:1: unknown key 'ouptut'", capsys.readouterr().err)
 
 
 @needs_flowers

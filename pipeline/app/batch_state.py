@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import write_json_atomic
@@ -79,7 +82,66 @@ def predicted_ids(folder: Path, sha256: str) -> set[str]:
     return {image_id for image_id, sha in latest.items() if sha == sha256}
 
 
-def append_log(log: Path, entry: dict) -> None:
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class HeadLog(_Record):
+    file: str | None  # the run's predictions file of this head; None when it predicted nothing
+    sha256: str | None  # of the head file; None for a recovered run whose file has no rows
+    rows: int
+
+
+class SkippedFile(_Record):
+    path: str  # absolute
+    reason: str
+
+
+class BatchLogEntry(_Record):
+    """One line of the batch log. Every line has every key, so a reader of the log finds the same fields
+    on every line; what a recovered run cannot know (it was killed before it could say) stays None, and
+    so do the new skips of a run that failed before it could compare them with the record."""
+
+    run_id: str
+    status: Literal["running", "ok", "partial", "failed", "recovered"]
+    started: str | None
+    ended: str | None
+    seen: int | None  # files looked at, skipped ones included
+    new: int | None  # images (by content) some head had not predicted yet
+    skipped: int | None
+    failed: int | None  # new images left unpredicted by a failure
+    computed: int | None  # feature rows computed (not found in the cache)
+    new_skipped: int | None  # skips no earlier run reported (they set the partial exit code)
+    predicted: int
+    seconds: float | None
+    exit_code: int | None
+    heads: dict[str, HeadLog]
+    skipped_files: list[SkippedFile] | None  # the first 20
+    new_skipped_files: list[SkippedFile] | None  # the first 20
+    scheduler: str | None
+    host: str | None
+    pid: int | None
+    error: str | None
+    note: str | None
+
+    @classmethod
+    def begin(cls, run_id: str, heads: dict[str, HeadLog]) -> BatchLogEntry:
+        """The entry of a run starting now, in this process; filled in as the run goes."""
+        return cls(run_id=run_id, status="running", started=now(), ended=None, seen=0, new=0, skipped=0, failed=0,
+                   computed=0, new_skipped=None, predicted=0, seconds=None, exit_code=None, heads=heads,
+                   skipped_files=[], new_skipped_files=None, scheduler=None, host=platform.node(), pid=os.getpid(),
+                   error=None, note=None)
+
+    @classmethod
+    def recovered(cls, run_id: str, heads: dict[str, HeadLog], ended: str, note: str) -> BatchLogEntry:
+        """The entry of a run killed after writing its files, before its log line: what the files say."""
+        return cls(run_id=run_id, status="recovered", started=None, ended=ended, seen=None, new=None, skipped=None,
+                   failed=None, computed=None, new_skipped=None, predicted=sum(h.rows for h in heads.values()),
+                   seconds=None, exit_code=None, heads=heads, skipped_files=None, new_skipped_files=None,
+                   scheduler=None, host=None, pid=None, error=None, note=note)
+
+
+def append_log(log: Path, entry: BatchLogEntry) -> None:
     """One JSON line, fsynced; a line cut short by an earlier kill is closed first, so this one parses."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a+b") as fh:
@@ -87,13 +149,13 @@ def append_log(log: Path, entry: dict) -> None:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
                 fh.write(b"\n")
-        fh.write(json.dumps(entry).encode() + b"\n")
+        fh.write(json.dumps(entry.model_dump(mode="json")).encode() + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def read_log(log: Path) -> list[dict]:
-    """The log's entries; a line a kill cut short is left out."""
+    """The log's entries as written (`BatchLogEntry`, as JSON); a line a kill cut short is left out."""
     entries = []
     for line in log.read_text().splitlines() if log.is_file() else []:
         try:
@@ -119,25 +181,11 @@ def recover(output_dir: Path, log: Path) -> None:
         for path in paths:
             with open(path, newline="") as fh:
                 rows = list(csv.DictReader(fh))
-            heads[path.parent.name] = {"file": str(path), "sha256": rows[0].get("head_sha256") if rows else None,
-                                       "rows": len(rows)}
+            heads[path.parent.name] = HeadLog(file=str(path), sha256=rows[0].get("head_sha256") if rows else None,
+                                              rows=len(rows))
         ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
-        append_log(log, {**log_entry(run_id, heads, "recovered"), "ended": ended,
-                         "predicted": sum(h["rows"] for h in heads.values()),
-                         "note": "the run was killed after writing these files, before its log line"})
-
-
-def log_entry(run_id: str, heads: dict[str, dict], status: str) -> dict:
-    """Every key a log line has, so a reader of the log finds the same fields on every line; what a
-    recovered run cannot know (it was killed before it could say) stays None, and so do the new skips of
-    a run that failed before it could compare them with the record."""
-    known = status != "recovered"
-    return {"run_id": run_id, "status": status, "started": now() if known else None, "ended": None,
-            **dict.fromkeys(("seen", "new", "skipped", "failed", "computed"), 0 if known else None),
-            "new_skipped": None, "predicted": 0, "seconds": None, "exit_code": None, "heads": heads,
-            "skipped_files": [] if known else None, "new_skipped_files": None, "scheduler": None,
-            "host": platform.node() if known else None, "pid": os.getpid() if known else None,
-            "error": None, "note": None}
+        append_log(log, BatchLogEntry.recovered(
+            run_id, heads, ended, "the run was killed after writing these files, before its log line"))
 
 
 def _file_state(path: str) -> list[int] | None:

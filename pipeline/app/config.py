@@ -1,121 +1,187 @@
-"""YAML run configs: validated in full before any work starts.
+"""YAML run configs: typed models, validated in full before any work starts.
 
-Every error names the file, the key and what was expected, so a typo costs seconds, not a run.
+`RunConfig` is the contract of a run config: every section and key with its type, default and
+description (docs/reference/config.md is generated from these models; `pipeline schema` rewrites it).
+Defaults come from the layer that uses them: `features:` from `pipeline.features.settings`, the heads'
+options from `pipeline.heads.spec`, `finetune:` and `compare:` from `pipeline.tuning.options`.
+Every error names the file, the line and column, and the key, so a typo costs seconds, not a run:
+`run.yaml:7:5: 'features.batch_size' must be a positive integer, got 'many'`.
 Command-line options override the config's values.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 
-from pipeline.core.errors import ConfigError, PipelineError, first_line
-from pipeline.core.names import DEFAULT_BACKBONE, SAFE_NAME_RULE, is_safe_name
-
-# key -> (accepted types, what the message says is expected)
-FEATURES_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "backbones": ((list, str), "a list of backbone names, or auto (rank the candidates, use the best)"),
-    "candidates": ((list,), "a list of backbone names for backbones: auto to rank"),
-    "layers": ((list,), "a list of layer names (NAME or BACKBONE:NAME)"),
-    "cache_dir": ((str,), "a folder path"),
-    "device": ((str,), "auto, cpu or cuda"),
-    "precision": ((str,), "auto, bf16 or fp32"),
-    "batch_size": ((int,), "a positive integer"),
-    "shard_size": ((int,), "a positive integer"),
-    "scheduler": ((str, type(None)), "a dask.distributed scheduler address"),
-    "weights": ((str,), "a local state-dict path"),
-}
-TOP_LEVEL_KEYS = {"data": "a folder path, or a mapping of split name to folder path",
-                  "features": "a mapping of feature-extraction settings",
-                  "heads": "a list of heads, each {name: NAME, type: TYPE, ...}",
-                  "output_dir": "a folder for the run's models, metrics and report",
-                  "memory_budget_mb": "a positive integer: past it, heads are fitted out of core",
-                  "finetune": "a mapping of fine-tuning settings (stage 3)",
-                  "compare": "a mapping of transfer-vs-scratch settings"}
-DEFAULTS: dict[str, Any] = {"cache_dir": "cache", "device": "auto", "precision": "auto", "batch_size": 32,
-                            "shard_size": 256, "scheduler": None, "weights": None}
+from pipeline.core.configfile import ConfigFile, existing, near_config
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.names import DEFAULT_BACKBONE
+from pipeline.core.schema import Section, dataclass_default, one_of, option
+from pipeline.features.settings import ExtractSettings
+from pipeline.heads.spec import AnyHead, HeadSpec
+from pipeline.tuning.options import INITS, CompareOptions, FinetuneOptions, TrainSettings
 
 
-def load_config(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
-    return parse_config(raw, path)
+def _none_is_empty(value: Any) -> Any:
+    """An empty section (`features:` with every key commented out) is a section of defaults."""
+    return {} if value is None else value
 
 
-def parse_config(raw: object, path: Path) -> dict:
-    """Validate a config mapping; `path` names it in messages and anchors its relative data paths."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
-    for key in raw:
-        if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
-    _check_section(raw, "features", FEATURES_KEYS, path, _bad_feature)
-    features = raw.get("features") or {}
-    for key, kind in (("heads", list), ("output_dir", str), ("memory_budget_mb", int)):
-        value = raw.get(key)
-        if key in raw and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)):
-            raise ConfigError(f"{path}: '{key}' must be {TOP_LEVEL_KEYS[key]}, got {value!r}")
-    _check_section(raw, "finetune", FINETUNE_KEYS, path)
-    _check_section(raw, "compare", COMPARE_KEYS, path, _bad_compare)
-    return {"data": _data_sources(raw.get("data"), path), "features": features, "heads": raw.get("heads"),
-            "output_dir": raw.get("output_dir"), "memory_budget_mb": raw.get("memory_budget_mb", 4096),
-            "finetune": raw.get("finetune"), "compare": raw.get("compare"), "path": path}
+def _splits(value: Any) -> Any:
+    """`data: FOLDER` is one split named data."""
+    return {"data": value} if isinstance(value, str) else _none_is_empty(value)
 
 
-def _data_sources(data: Any, path: Path) -> dict[str, Path]:
-    """Relative data paths are taken from the config file's folder, so a config works from anywhere."""
-    if data is None:
-        return {}
-    if isinstance(data, str):
-        data = {"data": data}
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ConfigError(f"{path}: 'data' must be {TOP_LEVEL_KEYS['data']}")
-    sources = {}
-    for split, folder in data.items():
-        resolved = Path(folder) if Path(folder).is_absolute() else path.parent / folder
-        if not resolved.exists():
-            raise ConfigError(f"{path}: 'data.{split}': folder not found: {resolved}")
-        sources[split] = resolved
-    return sources
+DataFolder = Annotated[Path, Field(strict=False), AfterValidator(near_config), AfterValidator(existing("folder"))]
+DataSplits = Annotated[dict[str, DataFolder],
+                       BeforeValidator(_splits, json_schema_input_type=str | dict[str, str] | None)]
+
+
+class FeaturesSection(ExtractSettings):
+    """`features:` what is extracted and how (cache_dir relative to the folder you run from)."""
+
+    backbones: list[str] | Literal["auto"] | None = option(
+        None, accepts="a list of backbone names, or auto (rank the candidates, use the best)",
+        about=f"registered backbones to extract (default: [{DEFAULT_BACKBONE}]); auto ranks the candidates by "
+              "LogME on the training split and uses the best")
+    candidates: list[str] | None = option(
+        None, accepts="a list of backbone names for backbones: auto to rank",
+        about="what backbones: auto ranks (default: every registered backbone whose weights are on disk)")
+    layers: list[str] | None = option(
+        None, accepts="a list of layer names (NAME or BACKBONE:NAME)",
+        about="tap points (default: each backbone's last feature block); a run extracts its heads' sources")
+
+
+_FT_TRAIN: TrainSettings = dataclass_default(FinetuneOptions, "train")  # the training loop's fine-tuning defaults
+_NUMBER = "a number"
+
+
+class FinetuneSection(Section):
+    """`finetune:` stage 3 after the heads, on data.train (and data.test), with features:' cache, device and
+    precision; the options of `pipeline finetune`. Value ranges are checked with the section, before any work."""
+
+    backbone: str | None = option(None, accepts="a backbone name (default: the first of features.backbones)",
+                                  about="backbone to start from (default: the first of features.backbones)")
+    unfreeze: str = option(dataclass_default(FinetuneOptions, "unfreeze"), accepts="head, all or last:N",
+                           about="what trains besides the new linear layer: nothing, the N blocks nearest the head "
+                                 "(efficientnet_lite0 has 18), or every block")
+    lr: float = option(_FT_TRAIN.lr, accepts=_NUMBER, about="learning rate of the new layer")
+    lr_decay: float = option(dataclass_default(FinetuneOptions, "lr_decay"), accepts=_NUMBER,
+                             about="each earlier block learns at this factor times the next block's rate")
+    weight_decay: float = option(_FT_TRAIN.weight_decay, accepts=_NUMBER, about="AdamW weight decay")
+    epochs: PositiveInt = option(_FT_TRAIN.epochs, accepts="a positive integer",
+                                 about="epochs to train: exactly these without a validation split, at most these "
+                                       "with one")
+    warmup: float = option(_FT_TRAIN.warmup, accepts=_NUMBER, about="epochs of linear warm-up before cosine decay")
+    label_smoothing: float = option(_FT_TRAIN.label_smoothing, accepts=_NUMBER, about="label smoothing of the loss")
+    init: Literal[INITS] = option(
+        dataclass_default(FinetuneOptions, "init"), accepts=one_of(INITS),
+        about="probe: start the new layer from the logistic-regression probe on cached features (LP-FT); "
+              "random: PyTorch's default initialisation")
+    probe_C: float | None = option(dataclass_default(FinetuneOptions, "probe_C"), accepts="a number, or null",
+                                   about="the probe's C (default: chosen by 5-fold cross-validation)")
+    train_bn: bool = option(dataclass_default(FinetuneOptions, "train_bn"), accepts="true or false",
+                            about="let BatchNorm layers of unfrozen blocks learn and update statistics")
+    val_fraction: float = option(dataclass_default(FinetuneOptions, "val_fraction"), accepts=_NUMBER,
+                                 about="stratified share of the training folder held out to pick the best epoch "
+                                       "and stop early; 0 for none: train every epoch, keep the last")
+    patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
+                                   about="with a validation split: epochs without a better validation accuracy "
+                                         "before stopping")
+    batch_size: PositiveInt = option(_FT_TRAIN.batch_size, accepts="a positive integer", about="images per step")
+    seed: int = option(_FT_TRAIN.seed, accepts="an integer", about="seed of the split, shuffling and augmentation")
+    name: str | None = option(None, accepts="the id of the saved backbone",
+                              about="id of the saved backbone (default: BACKBONE_ft_<name of output_dir>)")
+    backbones_dir: str | None = option(
+        None, accepts="a folder path",
+        about="where the backbone is saved (default: the first folder of $PIPELINE_BACKBONES, else backbones/)")
+    resume: bool = option(dataclass_default(FinetuneOptions, "resume"), accepts="true or false",
+                          about="continue from the checkpoint in output_dir/finetune (same options needed)")
+
+
+Shots = list[PositiveInt | Literal["all"]]
+
+
+class CompareSection(Section):
+    """`compare:` transfer vs. training from scratch on data.train, scored on data.test, with features:'
+    cache, device and precision; the options of `pipeline compare`."""
+
+    backbone: str | None = option(None, accepts="a backbone name (default: the first of features.backbones)",
+                                  about="backbone for the probe and fine-tuning (default: the first of "
+                                        "features.backbones)")
+    unfreeze: str = option(dataclass_default(CompareOptions, "unfreeze"), accepts="head, all or last:N",
+                           about="fine-tuning's blocks")
+    shots: Shots = option(["all" if k is None else k for k in dataclass_default(CompareOptions, "shots")],
+                          accepts="a list of labelled images per class: positive integers or all",
+                          about="labelled images per class of each draw")
+    seeds: list[int] = option(dataclass_default(CompareOptions, "seeds"), accepts="a list of integer seeds",
+                              about="seeds of the k-shot draws")
+    finetune_steps: PositiveInt = option(dataclass_default(CompareOptions, "finetune_steps"),
+                                         accepts="a positive integer", about="optimizer steps of each fine-tuning run")
+    scratch_steps: PositiveInt = option(dataclass_default(CompareOptions, "scratch_steps"),
+                                        accepts="a positive integer", about="optimizer steps of each from-scratch run")
+    scratch_size: int = option(dataclass_default(CompareOptions, "scratch_size"),
+                               accepts="an input size in pixels (at least 16)",
+                               about="input size of the from-scratch CNN")
+    probe_C: float = option(dataclass_default(CompareOptions, "probe_C"), accepts=_NUMBER,
+                            about="the linear probe's C, fixed: with one image per class there is nothing to "
+                                  "cross-validate")
+    batch_size: PositiveInt = option(dataclass_default(CompareOptions, "batch_size"), accepts="a positive integer",
+                                     about="images per step")
+
+
+class RunConfig(ConfigFile):
+    """A run config (`pipeline run CONFIG`; `extract` and `rank` read its data: and features:)."""
+
+    data: DataSplits = option(
+        default_factory=dict, accepts="a folder path, or a mapping of split name to folder path",
+        about="image folders by split (a run needs labelled train: and test:); relative paths are taken from "
+              "the config file's folder")
+    features: Annotated[FeaturesSection, BeforeValidator(_none_is_empty)] = option(
+        default_factory=FeaturesSection, accepts="a mapping of feature-extraction settings",
+        about="what is extracted and how")
+    heads: list[AnyHead] | None = option(None, accepts="a list of heads, each {name: NAME, type: TYPE, ...}",
+                                         about="the heads a run fits on the cached features (one table per type below)")
+    output_dir: str | None = option(None, accepts="a folder for the run's models, metrics and report",
+                                    about="where a run writes (required by pipeline run; relative to the "
+                                          "folder you run from)")
+    memory_budget_mb: PositiveInt = option(4096, accepts="a positive integer",
+                                           about="past it, a head's training features are fitted out of core")
+    finetune: FinetuneSection | None = option(None, accepts="a mapping of fine-tuning settings (stage 3)",
+                                              about="fine-tune a backbone after the heads (keys below)")
+    compare: CompareSection | None = option(None, accepts="a mapping of transfer-vs-scratch settings",
+                                            about="compare transfer with training from scratch (keys below)")
 
 
 def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Any]]:
     """(data sources, keyword arguments for `extract`) from a config and command-line overrides."""
-    config = load_config(args.config) if args.config else {"data": {}, "features": {}}
-    features = {**DEFAULTS, **config["features"]}
-    if features.get("backbones") == "auto":  # extract (or rank) every candidate
-        features["backbones"] = auto_candidates(features)
-    features.pop("candidates", None)
+    config = RunConfig.load(args.config) if args.config else RunConfig()
+    features = config.features.model_dump(exclude={"candidates"})
+    if features["backbones"] == "auto":  # extract (or rank) every candidate
+        features["backbones"] = auto_candidates(config.features.candidates)
     overrides = {"backbones": args.backbone, "layers": args.layer, "cache_dir": args.cache,
                  "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
                  "shard_size": args.shard_size, "scheduler": args.scheduler, "weights": args.weights}
     features.update({k: v for k, v in overrides.items() if v is not None})
-    sources = {"data": Path(args.data)} if args.data else config["data"]
+    sources = {"data": Path(args.data)} if args.data else config.data
     if not sources:
         raise ConfigError("nothing to extract: pass --data DIR, or --config FILE with a data: section")
     return sources, features
 
 
-def auto_candidates(features: dict) -> list[str]:
+def auto_candidates(candidates: list[str] | None) -> list[str]:
     """What `backbones: auto` chooses from: the config's candidates, else every backbone whose weights
     are on disk (each checked to be registered before any work)."""
     from pipeline.models.registry import get_spec, list_backbones
 
-    if features.get("candidates"):
-        for name in features["candidates"]:
+    if candidates:
+        for name in candidates:
             get_spec(name)
-        return list(features["candidates"])
+        return list(candidates)
     available = []
     for name in list_backbones():
         try:
@@ -126,168 +192,86 @@ def auto_candidates(features: dict) -> list[str]:
     return available
 
 
-def head_specs(config: dict) -> list:
-    """The `heads:` list as HeadSpecs, every key checked against its type's options."""
-    from pipeline.heads.fit import HEAD_OPTIONS, OPTION_CHECKS, HeadSpec
+def head_specs(config: RunConfig) -> list[HeadSpec]:
+    """The `heads:` list as HeadSpecs, their sources resolved against features.backbones and the registry."""
     from pipeline.models.registry import get_spec
 
-    path = config["path"]
-    auto = config["features"].get("backbones") == "auto"
-    backbones = auto_candidates(config["features"]) if auto else (
-        config["features"].get("backbones") or [DEFAULT_BACKBONE])
-    specs, names = [], set()
-    for i, raw in enumerate(config["heads"] or []):
-        where = f"{path}: 'heads[{i}]'"
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or "type" not in raw:
-            raise ConfigError(f"{where} must be a mapping with at least name: and type:")
-        if raw["type"] not in HEAD_OPTIONS:
-            raise ConfigError(f"{where}.type: unknown head type {raw['type']!r}; expected one of: "
-                              f"{', '.join(HEAD_OPTIONS)}")
-        if not is_safe_name(raw["name"]):
-            raise ConfigError(f"{where}.name: {raw['name']!r} must be {SAFE_NAME_RULE} (it names the saved file)")
-        if raw["name"] in names:
-            raise ConfigError(f"{where}.name: {raw['name']!r} is used twice")
-        names.add(raw["name"])
-        options = dict(HEAD_OPTIONS[raw["type"]])
-        for key, value in raw.items():
-            if key in ("name", "type"):
-                continue
-            if key not in options:
-                raise ConfigError(f"{where}.{key}: unknown option for a {raw['type']} head; expected one of: "
-                                  f"{', '.join(options)}")
-            check, expected = OPTION_CHECKS[key]
-            if not check(value):
-                raise ConfigError(f"{where}.{key} must be {expected}, got {value!r}")
-            options[key] = value
-        if auto and (options.get("source") or options.get("sources")):
-            raise ConfigError(f"{where}: with features.backbones: auto a head takes the chosen backbone; "
-                              "remove its source/sources, or list the backbones")
-        sources = options.pop("sources", None) or options.pop("source", None) or (
-            backbones if raw["type"] == "pca_fusion" else backbones[:1])
-        sources = [sources] if isinstance(sources, str) else list(sources)
+    auto = config.features.backbones == "auto"
+    backbones = auto_candidates(config.features.candidates) if auto else (
+        config.features.backbones or [DEFAULT_BACKBONE])
+    specs: list[HeadSpec] = []
+    first_use: dict[str, int] = {}
+    for i, head in enumerate(config.heads or []):
+        where = f"'heads[{i}]'"
+        if head.name in first_use:
+            raise config.error(("heads", i, "name"), f"'heads[{i}].name': {head.name!r} is used twice (first by "
+                                                      f"heads[{first_use[head.name]}])")
+        first_use[head.name] = i
+        given = head.given_sources()
+        key = ("heads", i, "sources" if head.fuses else "source")
+        if auto and given:
+            raise config.error(key, f"{where}: with features.backbones: auto a head takes the chosen backbone; "
+                                    "remove its source/sources, or list the backbones")
         resolved = []
-        for source in sources:
-            backbone, _, layer = str(source).partition(":")
+        for j, source in enumerate(given or (backbones if head.fuses else backbones[:1])):
+            at = (*key, j) if given and head.fuses else key if given else ("heads", i)
+            backbone, _, layer = source.partition(":")
             if backbone not in backbones:
-                raise ConfigError(f"{where}: source {source!r} is not among features.backbones "
-                                  f"({', '.join(backbones)})")
+                raise config.error(at, f"{where}: source {source!r} is not among features.backbones "
+                                       f"({', '.join(backbones)})")
             try:
                 resolved.append(f"{backbone}:{get_spec(backbone).layer(layer or None)}")
             except PipelineError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        specs.append(HeadSpec(raw["name"], raw["type"], resolved, options))
+                raise config.error(at, f"{where}: {exc}") from None
+        specs.append(HeadSpec(head.name, head.type, resolved, head.options()))
     if not specs:
-        raise ConfigError(f"{path}: 'heads' must name at least one head")
+        raise config.error(("heads",), "'heads' must name at least one head")
     return specs
 
 
-# finetune: key -> (accepted types, what is expected); the values' ranges are checked by pipeline.finetune.
-_NUMBER = ((int, float), "a number")
-FINETUNE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "backbone": ((str,), "a backbone name (default: the first of features.backbones)"),
-    "unfreeze": ((str,), "head, all or last:N"),
-    "lr": _NUMBER, "lr_decay": _NUMBER, "weight_decay": _NUMBER, "warmup": _NUMBER, "label_smoothing": _NUMBER,
-    "val_fraction": _NUMBER, "probe_C": _NUMBER,
-    "epochs": ((int,), "a positive integer"), "patience": ((int,), "a positive integer"),
-    "batch_size": ((int,), "a positive integer"), "seed": ((int,), "an integer"),
-    "init": ((str,), "probe or random"), "train_bn": ((bool,), "true or false"),
-    "name": ((str,), "the id of the saved backbone"), "backbones_dir": ((str,), "a folder path"),
-    "resume": ((bool,), "true or false"),
-}
+def _backbone(section: FinetuneSection | CompareSection, features: dict) -> str:
+    return section.backbone or (features.get("backbones") or [DEFAULT_BACKBONE])[0]
 
 
-# compare: key -> (accepted types, what is expected); values are checked by pipeline.compare.check_options.
-COMPARE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "backbone": FINETUNE_KEYS["backbone"], "unfreeze": FINETUNE_KEYS["unfreeze"],
-    "shots": ((list,), "a list of labelled images per class: positive integers or all"),
-    "seeds": ((list,), "a list of integer seeds"),
-    "finetune_steps": ((int,), "a positive integer"), "scratch_steps": ((int,), "a positive integer"),
-    "scratch_size": ((int,), "an input size in pixels (at least 16)"),
-    "probe_C": _NUMBER, "batch_size": ((int,), "a positive integer"),
-}
-
-
-def _bad_feature(key: str, value: Any) -> bool:
-    """What the features: types alone let through: lists of non-strings, counts below one, a word
-    other than auto for backbones."""
-    bad_list = isinstance(value, list) and not all(isinstance(v, str) for v in value)
-    bad_count = isinstance(value, int) and value < 1
-    return bad_list or bad_count or (key == "backbones" and isinstance(value, str) and value != "auto")
-
-
-def _bad_compare(key: str, value: Any) -> bool:
-    """The items of compare.shots (positive integers or all) and compare.seeds (integers)."""
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if key == "shots":
-        return not all(v == "all" or (integer(v) and v > 0) for v in value)
-    return key == "seeds" and not all(integer(v) for v in value)
-
-
-def _check_section(raw: dict, name: str, keys: dict[str, tuple[tuple[type, ...], str]], path: Path,
-                   bad: Callable[[str, Any], bool] | None = None) -> None:
-    """Keys and value types of an optional section; bool is never taken for a number; `bad` adds
-    the section's own value rules."""
-    section = raw.get(name)
-    if section is None:
-        return
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: '{name}' must be {TOP_LEVEL_KEYS[name]}")
-    for key, value in section.items():
-        if key not in keys:
-            raise ConfigError(f"{path}: unknown key '{name}.{key}'; expected one of: {', '.join(keys)}")
-        types, expected = keys[key]
-        if (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-                or (bad is not None and bad(key, value))):
-            raise ConfigError(f"{path}: '{name}.{key}' must be {expected}, got {value!r}")
-
-
-def finetune_options(config: dict, output_dir: Path, features: dict):
+def finetune_options(config: RunConfig, output_dir: Path, features: dict) -> FinetuneOptions | None:
     """The run config's finetune: section as FinetuneOptions (None without one), checked before any work.
-    Data comes from data.train/test, the cache, device and precision from features:."""
-    from pipeline.tuning.finetune import EPOCHS, LR, FinetuneOptions, check_options
-    from pipeline.tuning.training import TrainSettings
+    Data comes from data.train/test, the cache, device and precision from `features` (extract's keywords)."""
+    from pipeline.tuning.finetune import check_options
 
-    section = config.get("finetune")
+    section = config.finetune
     if section is None:
         return None
-    section = dict(section)
-    train = {k: section.pop(k) for k in ("epochs", "lr", "weight_decay", "warmup", "label_smoothing", "batch_size",
-                                          "patience", "seed") if k in section}
-    backbone = section.pop("backbone", None) or (features.get("backbones") or [DEFAULT_BACKBONE])[0]
-    options = FinetuneOptions(config["data"]["train"], config["data"].get("test"), **{
-        "backbone": backbone, "name": f"{backbone}_ft_{output_dir.name}", **section,
-        "out": output_dir / "finetune", "cache_dir": features["cache_dir"]},
-        train=TrainSettings(**{"lr": LR, "epochs": EPOCHS, **train}, device=features["device"],
-                            precision=features["precision"]))
+    values = section.model_dump(exclude={"backbone", "name"})
+    train = {key: values.pop(key) for key in list(values) if key in TrainSettings.__dataclass_fields__}
+    backbone = _backbone(section, features)
+    options = FinetuneOptions(config.data["train"], config.data.get("test"), backbone=backbone,
+                              name=section.name or f"{backbone}_ft_{output_dir.name}", **values,
+                              out=output_dir / "finetune", cache_dir=features["cache_dir"],
+                              train=TrainSettings(**train, device=features["device"], precision=features["precision"]))
     try:
         check_options(options)
     except PipelineError as exc:
-        raise ConfigError(f"{config['path']}: 'finetune': {exc}") from None
+        raise config.error(("finetune",), f"'finetune': {exc}") from None
     return options
 
 
-def compare_options(config: dict, output_dir: Path, features: dict):
+def compare_options(config: RunConfig, output_dir: Path, features: dict) -> CompareOptions | None:
     """The run config's compare: section as CompareOptions (None without one), checked before any work.
-    It trains on data.train and scores on data.test; cache, device and precision come from features:."""
-    from pipeline.tuning.compare import CompareOptions, check_options
+    It trains on data.train and scores on data.test; cache, device and precision come from `features`."""
+    from pipeline.tuning.compare import check_options
 
-    section = config.get("compare")
+    section = config.compare
     if section is None:
         return None
-    where = f"{config['path']}: 'compare"  # closed by each message
-    if "train" not in config["data"] or "test" not in config["data"]:
-        raise ConfigError(f"{where}' needs data.train and data.test (labelled folders)")
-    section = dict(section)  # its keys and items were checked with the config
-    if "shots" in section:
-        section["shots"] = [None if s == "all" else s for s in section["shots"]]
-    backbone = section.pop("backbone", None) or (features.get("backbones") or [DEFAULT_BACKBONE])[0]
-    options = CompareOptions(config["data"]["train"], config["data"]["test"], backbone=backbone, **section,
-                             cache_dir=features["cache_dir"], out=output_dir / "compare", device=features["device"],
-                             precision=features["precision"])
+    if "train" not in config.data or "test" not in config.data:
+        raise config.error(("compare",), "'compare' needs data.train and data.test (labelled folders)")
+    values = section.model_dump(exclude={"backbone"})
+    values["shots"] = [None if k == "all" else k for k in section.shots]
+    options = CompareOptions(config.data["train"], config.data["test"], backbone=_backbone(section, features),
+                             **values, cache_dir=features["cache_dir"], out=output_dir / "compare",
+                             device=features["device"], precision=features["precision"])
     try:
         check_options(options)
     except PipelineError as exc:
-        raise ConfigError(f"{where}': {exc}") from None
+        raise config.error(("compare",), f"'compare': {exc}") from None
     return options

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.features.settings import DEFAULTS
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,16 +54,16 @@ def demo_config(out_dir: Path, cache_dir: str) -> dict:
     return raw
 
 
-def run_demo(cache_dir: str = "cache", out_dir: str = "runs/demo", progress: bool = True) -> dict:
+def run_demo(cache_dir: str = DEFAULTS.cache_dir, out_dir: str = "runs/demo", progress: bool = True) -> dict:
     """Write the digits, then run the demo config on them: extract, fit four heads, report."""
-    from pipeline.app.config import parse_config
+    from pipeline.app.config import RunConfig
     from pipeline.app.run import run
 
     started = time.perf_counter()
     out = Path(out_dir)
     write_digits(out / "digits")
     logger.info(f"demo data: scikit-learn's digits as PNG files in {out / 'digits'}")
-    config = parse_config(demo_config(out, cache_dir), Path("configs/demo.yaml"))
+    config = RunConfig.parse(demo_config(out, cache_dir), "configs/demo.yaml")
     metrics = run("configs/demo.yaml", progress=progress, config=config)
     logger.info(f"demo took {time.perf_counter() - started:.0f} s; rerun it and every feature row comes from the cache")
     return metrics

@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.app.config import DEFAULTS, head_specs, parse_config
+from pipeline.app.config import RunConfig, head_specs
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import extract
+from pipeline.features.settings import DEFAULTS
 from pipeline.features.sources import feature_set, matrix, source_meta
-from pipeline.heads.bundle import head_bundle, save_bundle
+from pipeline.heads.bundle import HeadBundle, save_bundle
 from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.images.data import require_labelled, scan
 
@@ -23,7 +24,7 @@ class FitResult:
 
 
 def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: str = "head",
-        backbones: list[str] | None = None, sources: list[str] | None = None, cache_dir: str = "cache",
+        backbones: list[str] | None = None, sources: list[str] | None = None, cache_dir: str = DEFAULTS.cache_dir,
         progress: bool = True) -> FitResult:
     """Fit a head of `head_type` on the labelled folder `data` and save it at `out`.
 
@@ -35,14 +36,15 @@ def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: s
     if sources:
         fusion = head_type == "pca_fusion"  # a single-source head takes one source as a string
         head["sources" if fusion else "source"] = sources if fusion or len(sources) > 1 else sources[0]
-    config = parse_config({"data": {"train": str(Path(data).absolute())}, "heads": [head],
-                           "features": {"backbones": backbones, "cache_dir": cache_dir}}, Path("command line"))
+    config = RunConfig.parse({"data": {"train": str(Path(data).absolute())}, "heads": [head],
+                              "features": {"backbones": backbones, "cache_dir": cache_dir}}, "command line")
     (spec,) = head_specs(config)
-    dataset = require_labelled(scan(config["data"]["train"]), f"--data {data}")
-    report = extract(dataset, progress=progress, **{**DEFAULTS, **config["features"], "layers": spec.sources})
+    dataset = require_labelled(scan(config.data["train"]), f"--data {data}")
+    report = extract(dataset, progress=progress, **{**config.features.model_dump(exclude={"candidates"}),
+                                                    "layers": spec.sources})
     X, dims = matrix(report.feature_sets, spec.sources)
     first = feature_set(report.feature_sets, spec.sources[0])
     fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names)
-    path = save_bundle(out, head_bundle(fitted, first.class_names,
-                                        source_meta(report.feature_sets, spec.sources, Path(cache_dir))))
+    path = save_bundle(out, HeadBundle.of(fitted, first.class_names,
+                                          source_meta(report.feature_sets, spec.sources, Path(cache_dir))))
     return FitResult(fitted, path)

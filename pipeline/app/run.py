@@ -1,6 +1,7 @@
 """`pipeline run CONFIG`: extract (or reuse) features, fit and compare every head, save, report.
 
-Writes into `output_dir`: `metrics.json` (the contract other tools read), `heads/<name>.joblib`
+Writes into `output_dir`: `metrics.json` (the contract other tools read, typed by `RunMetrics` and
+validated before it is written), `heads/<name>.joblib`
 bundles with their checksums, `predictions.csv` for the test split, and the HTML report; with a
 `finetune:` section the fine-tuned backbone, with a `compare:` section the transfer-vs-scratch
 comparison in `compare/`, both summarised in metrics.json and the report.
@@ -12,26 +13,96 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import accuracy_score, f1_score
 
-from pipeline.app.config import DEFAULTS, auto_candidates, compare_options, finetune_options, head_specs, load_config
+from pipeline.app.config import RunConfig, auto_candidates, compare_options, finetune_options, head_specs
 from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import write_json_atomic
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
 from pipeline.features.sources import feature_set, matrix, source_meta
-from pipeline.heads.bundle import head_bundle, save_bundle
+from pipeline.heads.bundle import HeadBundle, save_bundle
 from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.heads.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
-from pipeline.heads.rank import RankRow, as_json, rank, table
+from pipeline.heads.rank import RankRow, rank, table
 from pipeline.images.data import Dataset, require_labelled, scan, test_labels
 from pipeline.tuning.compare import CompareOptions, compare_rows
 from pipeline.tuning.finetune import FinetuneOptions
 
 logger = logging.getLogger(__name__)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class HeadScores(_Record):
+    accuracy: float  # on the test split
+    macro_f1: float
+    fit_seconds: float
+    cv_accuracy: float | None  # None: a single setting, fitted without cross-validation
+    best_params: dict[str, Any]
+    type: str
+    sources: list[str]  # BACKBONE:LAYER
+
+
+class ExtractTotals(_Record):
+    """Images of both splits: those whose features were computed, reused from the cache, skipped."""
+
+    images: int
+    computed: int
+    reused: int
+    skipped: int
+    seconds: float
+
+
+class FinetuneScores(_Record):
+    accuracy: float
+    macro_f1: float
+    seconds: float
+    backbone: str  # the saved backbone's id
+    probe_accuracy: float | None
+    best_epoch: int
+
+
+class CompareRow(_Record):
+    """One method at one k: means over the seeds."""
+
+    method: str
+    shots: str  # k, or "all"
+    accuracy: float
+    std: float
+    seconds: float
+    images: float
+    seeds: int
+
+
+class CompareTotals(_Record):
+    summary: list[CompareRow]
+    extract_seconds: float
+    results: str  # compare/compare.json, relative to output_dir
+
+
+class RunMetrics(_Record):
+    """metrics.json, the contract other tools read; `rank`, `finetune` and `compare` are there only when
+    the run did them (backbones: auto, a finetune: section, a compare: section)."""
+
+    heads: dict[str, HeadScores]
+    best_head: str
+    extract: ExtractTotals
+    classes: list[str]
+    rank: list[RankRow] | None = None
+    finetune: FinetuneScores | None = None
+    compare: CompareTotals | None = None
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude={k for k in ("rank", "finetune", "compare")
+                                                    if getattr(self, k) is None})
 
 
 @dataclass
@@ -43,14 +114,15 @@ class HeadResult:
     proba: np.ndarray
 
 
-def _labelled_splits(config: dict, where: str | Path) -> dict[str, Dataset]:
+def _labelled_splits(config: RunConfig) -> dict[str, Dataset]:
     """Scan both splits before any work: each must be a labelled folder, test classes known to train."""
     splits = {}
     for split in ("train", "test"):
-        if split not in config["data"]:
-            raise ConfigError(f"{where}: 'data' needs both train: and test: folders for a run")
-        splits[split] = require_labelled(scan(config["data"][split]), f"{where}: 'data.{split}'")
-    test_labels(splits["train"].class_names, splits["test"], f"{where}: 'data.test'")
+        if split not in config.data:
+            raise config.error(("data",), "'data' needs both train: and test: folders for a run")
+        where = config.where(("data", split))
+        splits[split] = require_labelled(scan(config.data[split]), f"{where}: 'data.{split}'")
+    test_labels(splits["train"].class_names, splits["test"], f"{config.where(('data', 'test'))}: 'data.test'")
     return splits
 
 
@@ -64,49 +136,49 @@ def _check_rows(train: FeatureSet, test: FeatureSet) -> None:
         raise ConfigError("no usable test image (see the skipped files)")
 
 
-def _sum_reports(reports: list[ExtractReport]) -> dict:
-    return {"images": sum(r.images for r in reports), "computed": sum(r.computed for r in reports),
-            "reused": sum(r.reused for r in reports), "skipped": sum(len(r.skipped) for r in reports),
-            "seconds": round(sum(r.seconds for r in reports), 3)}
+def _sum_reports(reports: list[ExtractReport]) -> ExtractTotals:
+    return ExtractTotals(images=sum(r.images for r in reports), computed=sum(r.computed for r in reports),
+                         reused=sum(r.reused for r in reports), skipped=sum(len(r.skipped) for r in reports),
+                         seconds=round(sum(r.seconds for r in reports), 3))
 
 
-def _rank_candidates(train: Dataset, features: dict, progress: bool) -> list[RankRow]:
+def _rank_candidates(train: Dataset, config: RunConfig, progress: bool) -> list[RankRow]:
     """`backbones: auto`: LogME of every candidate's default layer on the training split (no probes:
     the point is to skip training a model per candidate); best first."""
-    options = {k: v for k, v in features.items() if k not in ("backbones", "candidates", "layers", "weights")}
-    rows = rank(train, auto_candidates(features), probe=False, progress=progress, **options)
+    options = config.features.model_dump(exclude={"backbones", "candidates", "layers", "weights"})
+    rows = rank(train, auto_candidates(config.features.candidates), probe=False, progress=progress, **options)
     logger.info(table(rows))
     logger.info(f"backbones: auto chose {rows[0].candidate.split(':')[0]} (highest LogME on the training split)")
     return rows
 
 
-def run(config_path: str | Path, progress: bool = True, config: dict | None = None) -> dict:
-    """Run every stage the config names; return the metrics written to metrics.json.
+def run(config_path: str | Path, progress: bool = True, config: RunConfig | None = None) -> dict:
+    """Run every stage the config names; return the metrics written to metrics.json (`RunMetrics`).
 
-    `config`, when given, is an already-parsed config (the demo builds its own) and `config_path`
-    only names it in messages."""
-    config = config or load_config(config_path)
+    `config`, when given, is an already-parsed config (the demo builds its own); `config_path` is then
+    unused, the config names its own source in messages."""
+    config = config or RunConfig.load(config_path)
     specs = head_specs(config)  # validated before any work starts
-    if not config["output_dir"]:
-        raise ConfigError(f"{config_path}: 'output_dir' is required")
-    splits = _labelled_splits(config, config_path)
-    out = Path(config["output_dir"])
+    if not config.output_dir:
+        raise config.error((), "'output_dir' is required")
+    splits = _labelled_splits(config)
+    out = Path(config.output_dir)
     try:
         (out / "heads").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"{config_path}: 'output_dir': cannot create {out}: {exc.strerror or exc}") from None
-    features = {**DEFAULTS, **config["features"]}
+        raise config.error(("output_dir",), f"'output_dir': cannot create {out}: {exc.strerror or exc}") from None
+    features = config.features.model_dump(exclude={"candidates"})
     ranking = None
-    if features.get("backbones") == "auto":  # the stage sections are checked before ranking extracts
-        stand_in = {**features, "backbones": auto_candidates(features)[:1]}
+    if features["backbones"] == "auto":  # the stage sections are checked before ranking extracts
+        stand_in = {**features, "backbones": auto_candidates(config.features.candidates)[:1]}
         finetune_options(config, out, stand_in)
         compare_options(config, out, stand_in)
-        ranking = _rank_candidates(splits["train"], features, progress)
-        config = {**config, "features": {**config["features"], "backbones": [ranking[0].candidate.split(":")[0]]}}
+        ranking = _rank_candidates(splits["train"], config, progress)
+        chosen = config.features.model_copy(update={"backbones": [ranking[0].candidate.split(":")[0]]})
+        config = config.model_copy(update={"features": chosen})
         specs = head_specs(config)
-        features["backbones"] = config["features"]["backbones"]
-    features.pop("candidates", None)
-    features["backbones"] = features.get("backbones") or [DEFAULT_BACKBONE]
+        features["backbones"] = chosen.backbones
+    features["backbones"] = features["backbones"] or [DEFAULT_BACKBONE]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
     stage3 = finetune_options(config, out, features)  # both checked before any extraction
@@ -121,12 +193,12 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     classes = first.class_names
 
     results: dict[str, HeadResult] = {}
-    budget = config["memory_budget_mb"] * 2**20
+    budget = config.memory_budget_mb * 2**20
     for spec in specs:
         train_sources = [feature_set(train_sets, s).features for s in spec.sources]
         test_sources = [feature_set(test_sets, s).features for s in spec.sources]
         if matrix_bytes(train_sources) > budget:
-            logger.info(f"{spec.name}: training features exceed memory_budget_mb={config['memory_budget_mb']}; "
+            logger.info(f"{spec.name}: training features exceed memory_budget_mb={config.memory_budget_mb}; "
                         "fitting out of core, block by block")
             fitted = fit_incremental(spec, train_sources, y_train)
             proba = predict_proba_blocks(fitted.pipeline, test_sources)
@@ -140,27 +212,20 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
         results[spec.name] = result
         sources = source_meta(train_sets, spec.sources, cache_dir, features["weights"])
         save_bundle(out / "heads" / f"{spec.name}.joblib",
-                    head_bundle(fitted, classes, sources, accuracy=result.accuracy, macro_f1=result.macro_f1))
+                    HeadBundle.of(fitted, classes, sources, accuracy=result.accuracy, macro_f1=result.macro_f1))
         logger.info(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
                     f"macro-F1 {result.macro_f1:.3f}, fit {fitted.fit_seconds:.1f} s")
 
     best = max(results, key=lambda name: (results[name].accuracy, results[name].macro_f1))
-    metrics = {
-        "heads": {name: {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "fit_seconds": round(r.fitted.fit_seconds, 3),
-                         "cv_accuracy": r.fitted.cv_accuracy, "best_params": r.fitted.best_params,
-                         "type": r.fitted.spec.type, "sources": r.fitted.spec.sources}
-                  for name, r in results.items()},
-        "best_head": best,
-        "extract": _sum_reports(list(reports.values())),
-        "classes": classes,
-    }
-    if ranking:
-        metrics["rank"] = as_json(ranking)
-    if stage3 is not None:
-        metrics["finetune"] = _finetune(stage3, progress)
-    if comparison is not None:
-        metrics["compare"] = _compare(comparison, progress)
-    write_json_atomic(out / "metrics.json", metrics, default=str, allow_nan=False)
+    metrics = RunMetrics(
+        heads={name: HeadScores(accuracy=r.accuracy, macro_f1=r.macro_f1, fit_seconds=round(r.fitted.fit_seconds, 3),
+                                cv_accuracy=r.fitted.cv_accuracy, best_params=r.fitted.best_params,
+                                type=r.fitted.spec.type, sources=r.fitted.spec.sources)
+               for name, r in results.items()},
+        best_head=best, extract=_sum_reports(list(reports.values())), classes=classes, rank=ranking or None,
+        finetune=_finetune(stage3, progress) if stage3 is not None else None,
+        compare=_compare(comparison, progress) if comparison is not None else None).to_json()
+    write_json_atomic(out / "metrics.json", metrics, allow_nan=False)
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
     from pipeline.reporting.report import write_report
@@ -171,22 +236,22 @@ def run(config_path: str | Path, progress: bool = True, config: dict | None = No
     return metrics
 
 
-def _finetune(options: FinetuneOptions, progress: bool) -> dict:
+def _finetune(options: FinetuneOptions, progress: bool) -> FinetuneScores:
     """Stage 3 from the config's finetune: section; the new backbone's id goes into metrics.json."""
     result = run_finetune(options, progress=progress).metrics
     probe = result["probe_accuracy"]
     logger.info(f"finetune: backbone {result['backbone']} saved; test accuracy {result['accuracy']:.1%}"
                 + ("" if probe is None else f" (linear probe alone {probe:.1%})"))
-    return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "seconds": result["seconds"],
-            "backbone": result["backbone"], "probe_accuracy": probe, "best_epoch": result["best_epoch"]}
+    return FinetuneScores(**{key: result[key] for key in FinetuneScores.model_fields})
 
 
-def _compare(options: CompareOptions, progress: bool) -> dict:
+def _compare(options: CompareOptions, progress: bool) -> CompareTotals:
     """The config's compare: section; metrics.json keeps the means over seeds, compare/ everything."""
     result = run_compare(options, progress=progress)
     logger.info(f"compare: {Path(options.out) / 'compare.json'}")
-    return {"summary": compare_rows(result["runs"]), "extract_seconds": result["extract_seconds"],
-            "results": str(Path(options.out).name) + "/compare.json"}
+    return CompareTotals(summary=[CompareRow(**row) for row in compare_rows(result["runs"])],
+                         extract_seconds=result["extract_seconds"],
+                         results=str(Path(options.out).name) + "/compare.json")
 
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,

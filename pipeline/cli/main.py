@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.names import DEFAULT_BACKBONE
+
+if TYPE_CHECKING:
+    from pipeline.app.batch_state import BatchLogEntry
 
 EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
 
 
 def _add_extract_options(parser: argparse.ArgumentParser) -> None:
-    from pipeline.features.extract import DEVICES, PRECISIONS
+    """Each option overrides the config's value (its default is the config's, then the settings')."""
+    from pipeline.cli.options import add_setting
+    from pipeline.features.settings import DEVICES, PRECISIONS, ExtractSettings
 
     add = parser.add_argument
     add("--data", metavar="PATH",
@@ -28,15 +35,14 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
         help=f"registered backbone, repeatable (default: {DEFAULT_BACKBONE}; list: pipeline backbones)")
     add("--layer", metavar="LAYER", action="append",
         help="tap point, NAME or BACKBONE:NAME, repeatable (default: each backbone's last feature block)")
-    add("--cache", metavar="DIR", help="feature cache folder (default: cache)")
-    add("--device", choices=DEVICES, help="auto picks CUDA when present (default: auto)")
-    add("--precision", choices=PRECISIONS, help="auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-    add("--batch-size", metavar="N", type=int, help="images per forward pass (default: 32)")
-    add("--shard-size", metavar="N", type=int, help="images per shard, i.e. per Dask task (default: 256)")
-    add("--scheduler", metavar="ADDRESS",
-        help="address of a dask.distributed scheduler (default: Dask's local in-process scheduler)")
-    add("--weights", metavar="PATH",
-        help="local state dict for the (single) backbone, instead of its registered weights")
+    setting = functools.partial(add_setting, parser, ExtractSettings, override=True)
+    setting("cache_dir", "--cache", metavar="DIR")
+    setting("device", choices=DEVICES)
+    setting("precision", choices=PRECISIONS)
+    setting("batch_size", metavar="N", type=int)
+    setting("shard_size", metavar="N", type=int)
+    setting("scheduler", metavar="ADDRESS")
+    setting("weights", metavar="PATH")
     add("--skipped", metavar="FILE", help="where to write the CSV of skipped files (default: CACHE/skipped.csv)")
     add("--quiet", action="store_true", help="no progress bar")
 
@@ -207,6 +213,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.app.schema import write_reference
+
+    for path in write_reference(Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 BATCH_HELP = """The recurring job: scan the config's inputs, extract features only for images the cache lacks,
 apply each saved head to the images it has not predicted yet, write OUTPUT/<head>/run-<run_id>.csv and
 append one JSON line to the log. Safe to start from cron or a systemd timer: runs take a lock, and a run
@@ -233,27 +247,27 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     _print_batch_skips(entry)
-    for name, head in entry["heads"].items():
-        print(f"{name}: {head['rows']} predictions" + (f" in {head['file']}" if head["file"] else ""))
-    fresh = "" if entry["new_skipped"] is None else f" ({entry['new_skipped']} new)"
-    print(f"run {entry['run_id']}: {entry['status']} | files seen: {entry['seen']} | new: {entry['new']} | "
-          f"predicted: {entry['predicted']} | skipped: {entry['skipped']}{fresh} | "
-          f"failed: {entry['failed']} | feature rows computed: {entry['computed']} | {entry['seconds']:.1f} s")
-    if entry.get("error"):
-        print(f"error: {entry['error']}", file=sys.stderr)
-    return entry["exit_code"]
+    for name, head in entry.heads.items():
+        print(f"{name}: {head.rows} predictions" + (f" in {head.file}" if head.file else ""))
+    fresh = "" if entry.new_skipped is None else f" ({entry.new_skipped} new)"
+    print(f"run {entry.run_id}: {entry.status} | files seen: {entry.seen} | new: {entry.new} | "
+          f"predicted: {entry.predicted} | skipped: {entry.skipped}{fresh} | "
+          f"failed: {entry.failed} | feature rows computed: {entry.computed} | {entry.seconds:.1f} s")
+    if entry.error:
+        print(f"error: {entry.error}", file=sys.stderr)
+    return entry.exit_code
 
 
-def _print_batch_skips(entry: dict) -> None:
+def _print_batch_skips(entry: BatchLogEntry) -> None:
     """New skips first: those already reported by earlier runs are counted, not listed again."""
-    listed, count = ((entry["skipped_files"], entry["skipped"]) if entry["new_skipped"] is None
-                     else (entry["new_skipped_files"], entry["new_skipped"]))
+    listed, count = ((entry.skipped_files, entry.skipped) if entry.new_skipped is None
+                     else (entry.new_skipped_files, entry.new_skipped))
     for item in listed[:10]:
-        print(f"skipped {item['path']}: {item['reason']}")
+        print(f"skipped {item.path}: {item.reason}")
     if count > 10:
         print(f"... and {count - 10} more (the log line lists the first 20)")
-    if entry["new_skipped"] is not None and entry["skipped"] > entry["new_skipped"]:
-        print(f"{entry['skipped'] - entry['new_skipped']} files skipped as in earlier runs (see skipped.json "
+    if entry.new_skipped is not None and entry.skipped > entry.new_skipped:
+        print(f"{entry.skipped - entry.new_skipped} files skipped as in earlier runs (see skipped.json "
               "in the output folder)")
 
 
@@ -270,7 +284,9 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.cli.options import add_setting
     from pipeline.cli.training import add_compare_parser, add_finetune_parser
+    from pipeline.features.settings import DEVICES, ExtractSettings
 
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Transfer learning for image classification: pretrained CNN features, "
@@ -287,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="ls: keys, rows and size; verify: re-check every shard against its "
                                        "completion record; gc: drop damaged shards and leftovers.")
     cache.add_argument("action", choices=["ls", "verify", "gc"])
-    cache.add_argument("--cache", default="cache", help="feature cache folder (default: cache)")
+    add_setting(cache, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
     cache.set_defaults(func=cmd_cache)
 
     backbones = sub.add_parser("backbones", help="list registered backbones, their layers and weights")
@@ -302,18 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    from pipeline.heads.fit import HEAD_OPTIONS
+    from pipeline.heads.spec import HEAD_TYPES
 
     fit = sub.add_parser("fit", help="fit one head on a labelled folder and save it",
                          description="Fit one head on cached features of a labelled folder (extracting what is "
                                      "missing), choosing its settings by cross-validation, and save the bundle.")
     fit.add_argument("--data", required=True, metavar="DIR", help="labelled image folder (DIR/<class>/<image>)")
-    fit.add_argument("--type", required=True, choices=list(HEAD_OPTIONS), help="head type")
+    fit.add_argument("--type", required=True, choices=list(HEAD_TYPES), help="head type")
     fit.add_argument("--name", default="head", help="name recorded in the bundle (default: head)")
     fit.add_argument("--backbone", action="append", metavar="NAME", help="backbone(s) to use, repeatable")
     fit.add_argument("--source", action="append", metavar="BACKBONE[:LAYER]",
                      help="feature source(s); several for pca_fusion (default: the first backbone's default layer)")
-    fit.add_argument("--cache", default="cache", metavar="DIR", help="feature cache folder (default: cache)")
+    add_setting(fit, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
     fit.add_argument("--out", required=True, metavar="FILE", help="where to save the head (.joblib)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
@@ -327,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             sub_parser.add_argument("--out", default="predictions.csv", metavar="FILE",
                                     help="CSV to write (default: predictions.csv)")
-        sub_parser.add_argument("--cache", default="cache", metavar="DIR", help="feature cache folder (default: cache)")
-        sub_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        add_setting(sub_parser, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
+        add_setting(sub_parser, ExtractSettings, "device", choices=DEVICES)
         sub_parser.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler address")
         sub_parser.add_argument("--quiet", action="store_true", help="no progress bar")
         sub_parser.set_defaults(func=func)
@@ -351,11 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
 
     demo = sub.add_parser("demo", help="end-to-end demo on scikit-learn's bundled digits (no download)")
-    demo.add_argument("--cache", default="cache", help="feature cache folder (default: cache)")
+    add_setting(demo, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its images (default: runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
     _add_batch_parser(sub)
+
+    schema = sub.add_parser("schema", description="Write the config reference (config.md) and the JSON Schemas "
+                                                   "of the run and batch configs, generated from their models.")
+    schema.add_argument("--out", default="docs/reference", metavar="DIR", help="(default: %(default)s)")
+    schema.set_defaults(func=cmd_schema)  # for maintainers: no help=, so it is not listed
     return parser
 
 

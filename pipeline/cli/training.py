@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.names import DEFAULT_BACKBONE
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline.app.stage3 import run_finetune
-    from pipeline.tuning.finetune import FinetuneOptions
-    from pipeline.tuning.training import TrainSettings
+    from pipeline.tuning.options import FinetuneOptions, TrainSettings
 
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                              label_smoothing=args.label_smoothing, batch_size=args.batch_size, patience=args.patience,
@@ -42,18 +41,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
-    from pipeline.features.extract import DEVICES, PRECISIONS
+    from pipeline.cli.options import add_setting
+    from pipeline.features.settings import DEVICES, PRECISIONS, ExtractSettings
 
-    add = parser.add_argument
-    add("--cache", default="cache", metavar="DIR", help="feature cache for the probe (default: %(default)s)")
-    add("--device", choices=DEVICES, default="auto", help="auto picks CUDA when present (default: auto)")
-    add("--precision", choices=PRECISIONS, default="auto",
-        help="bf16 autocast (auto: on CUDA and on CPUs with AMX/AVX512-BF16) or fp32")
-    add("--quiet", action="store_true", help="no progress bars")
+    add_setting(parser, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
+    add_setting(parser, ExtractSettings, "device", choices=DEVICES)
+    add_setting(parser, ExtractSettings, "precision", choices=PRECISIONS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.tuning.finetune import EPOCHS, INITS, LR, FinetuneOptions
+    from pipeline.app.config import FinetuneSection
+    from pipeline.cli.options import add_setting
+    from pipeline.core.schema import dataclass_default
+    from pipeline.tuning.options import INITS, FinetuneOptions
 
     parser = sub.add_parser(
         "finetune", help="fine-tune a backbone on a labelled folder and register it as a new backbone",
@@ -65,38 +66,27 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")
     add("--test", metavar="DIR", help="labelled test folder: reports test accuracy of the probe and the fine-tuned net")
-    add("--backbone", default=DEFAULT_BACKBONE, metavar="NAME",
+    add("--backbone", default=dataclass_default(FinetuneOptions, "backbone"), metavar="NAME",
         help="backbone to start from (default: %(default)s)")
-    add("--unfreeze", default=FinetuneOptions.unfreeze, metavar="head|last:N|all",
-        help="what trains besides the new linear layer: nothing, the N blocks nearest the head, or every block "
-             "(default: %(default)s; efficientnet_lite0 has 18 blocks)")
-    add("--lr", type=float, default=LR, help="learning rate of the new layer (default: %(default)s)")
-    add("--lr-decay", type=float, default=FinetuneOptions.lr_decay,
-        help="each earlier block learns at this factor times the next block's rate (default: %(default)s)")
-    add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
-    add("--epochs", type=int, default=EPOCHS,
-        help="epochs to train: exactly these without a validation split, at most these with one "
-             "(default: %(default)s)")
-    add("--warmup", type=float, default=1.0, help="epochs of linear warm-up before cosine decay (default: %(default)s)")
-    add("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: %(default)s)")
-    add("--init", choices=INITS, default="probe",
-        help="probe: start the new layer from the logistic-regression probe on cached features (LP-FT); "
-             "random: PyTorch's default initialisation (default: %(default)s)")
-    add("--probe-c", type=float, metavar="C", help="the probe's C (default: chosen by 5-fold CV)")
-    add("--train-bn", action="store_true", help="let BatchNorm layers of unfrozen blocks learn and update statistics")
-    add("--val-fraction", type=float, default=FinetuneOptions.val_fraction,
-        help="stratified share of the training folder held out to pick the best epoch and stop early; 0 for "
-             "none: train every epoch, keep the last (default: %(default)s)")
-    add("--patience", type=int, default=3,
-        help="with --val-fraction > 0: epochs without a better validation accuracy before stopping "
-             "(default: %(default)s)")
-    add("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
-    add("--seed", type=int, default=0, help="seed of the split, shuffling and augmentation (default: %(default)s)")
-    add("--out", default="runs/finetune", metavar="DIR",
+    setting = functools.partial(add_setting, parser, FinetuneSection)
+    setting("unfreeze", metavar="head|last:N|all")
+    setting("lr", type=float)
+    setting("lr_decay", type=float)
+    setting("weight_decay", type=float)
+    setting("epochs", type=int)
+    setting("warmup", type=float)
+    setting("label_smoothing", type=float)
+    setting("init", choices=INITS)
+    setting("probe_C", "--probe-c", type=float, metavar="C")
+    setting("train_bn", action="store_true")
+    setting("val_fraction", type=float)
+    setting("patience", type=int)
+    setting("batch_size", type=int)
+    setting("seed", type=int)
+    add("--out", default=dataclass_default(FinetuneOptions, "out"), metavar="DIR",
         help="checkpoint.pt, finetune.json and finetune.png go here (default: %(default)s)")
     add("--name", metavar="NEW_ID", help="id of the saved backbone (default: BACKBONE_ft_<name of --out>)")
-    add("--backbones-dir", metavar="DIR",
-        help="where the backbone is saved (default: the first folder of $PIPELINE_BACKBONES, else backbones/)")
+    setting("backbones_dir", metavar="DIR")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same options needed)")
     _add_training_compute_options(parser)
     parser.set_defaults(func=cmd_finetune)
@@ -104,7 +94,8 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.app.stage3 import run_compare
-    from pipeline.tuning.compare import CompareOptions, parse_shots
+    from pipeline.tuning.compare import parse_shots
+    from pipeline.tuning.options import CompareOptions
 
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -120,6 +111,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline.app.config import CompareSection
+    from pipeline.cli.options import add_setting, default, joined
+    from pipeline.core.schema import dataclass_default
+    from pipeline.tuning.options import CompareOptions
+
     parser = sub.add_parser(
         "compare", help="transfer vs. training from scratch at k labelled images per class",
         description="On the same k-shot draws of the training folder, train the linear probe on frozen cached "
@@ -128,13 +124,18 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder")
     add("--test", required=True, metavar="DIR", help="labelled test folder")
-    add("--shots", default="1,5,10,all", help="labelled images per class, comma-separated (default: %(default)s)")
-    add("--seeds", default="0,1,2", help="seeds of the k-shot draws (default: %(default)s)")
-    add("--backbone", default=DEFAULT_BACKBONE, metavar="NAME", help="backbone for the probe and fine-tuning")
-    add("--unfreeze", default="last:3", metavar="head|last:N|all", help="fine-tuning's blocks (default: %(default)s)")
-    add("--finetune-steps", type=int, default=60, metavar="N", help="optimizer steps of each fine-tuning run")
-    add("--scratch-steps", type=int, default=300, metavar="N", help="optimizer steps of each from-scratch run")
-    add("--scratch-size", type=int, default=96, metavar="PX", help="input size of the from-scratch CNN")
-    add("--out", default="runs/compare", metavar="DIR", help="output folder (default: %(default)s)")
+    add("--shots", default=joined(default(CompareSection, "shots")),
+        help="labelled images per class, comma-separated (default: %(default)s)")
+    add("--seeds", default=joined(default(CompareSection, "seeds")),
+        help="seeds of the k-shot draws (default: %(default)s)")
+    add("--backbone", default=dataclass_default(CompareOptions, "backbone"), metavar="NAME",
+        help="backbone for the probe and fine-tuning (default: %(default)s)")
+    setting = functools.partial(add_setting, parser, CompareSection)
+    setting("unfreeze", metavar="head|last:N|all")
+    setting("finetune_steps", type=int, metavar="N")
+    setting("scratch_steps", type=int, metavar="N")
+    setting("scratch_size", type=int, metavar="PX")
+    add("--out", default=dataclass_default(CompareOptions, "out"), metavar="DIR",
+        help="output folder (default: %(default)s)")
     _add_training_compute_options(parser)
     parser.set_defaults(func=cmd_compare)

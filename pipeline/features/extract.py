@@ -29,6 +29,7 @@ from pipeline.core.errors import CacheError, ConfigError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.cache import CacheKey, FeatureStore
+from pipeline.features.settings import DEFAULTS, DEVICES, PRECISIONS
 from pipeline.images.data import Dataset, decode, hash_files, scan
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import get_spec
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
     import dask.array as da
 
     from pipeline.models.taps import TappedNetwork
-
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -345,11 +342,12 @@ def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str,
 
 
 def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | None = None,
-            layers: Iterable[str] | None = None, cache_dir: str | os.PathLike = "cache",
-            device: str = "auto", precision: str = "auto", batch_size: int = 32, shard_size: int = 256,
-            scheduler: str | None = None, weights: str | os.PathLike | None = None,
-            progress: bool = True) -> ExtractReport:
-    """Embed every image of `data` with each backbone, computing only what the cache lacks.
+            layers: Iterable[str] | None = None, cache_dir: str | os.PathLike = DEFAULTS.cache_dir,
+            device: str = DEFAULTS.device, precision: str = DEFAULTS.precision, batch_size: int = DEFAULTS.batch_size,
+            shard_size: int = DEFAULTS.shard_size, scheduler: str | None = DEFAULTS.scheduler,
+            weights: str | os.PathLike | None = DEFAULTS.weights, progress: bool = True) -> ExtractReport:
+    """Embed every image of `data` with each backbone, computing only what the cache lacks (the
+    settings' defaults are `pipeline.features.settings.ExtractSettings`).
 
     Everything that can be wrong with the arguments (names, layers, weights files) is checked before
     the first image is touched."""

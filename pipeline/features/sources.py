@@ -7,8 +7,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.features.extract import FeatureSet
+
+
+class SourceMeta(BaseModel):
+    """One source of a saved head: what makes its features again, checked against the cache key."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    backbone: str
+    layer: str
+    cache_key: str
+    precision: str
+    weights_sha256: str
+    weights: str | None = None  # a custom weights file (absolute), if the features were made with one
 
 
 def feature_set(sets: dict[tuple[str, str], FeatureSet], source: str) -> FeatureSet:
@@ -23,13 +37,13 @@ def matrix(sets: dict[tuple[str, str], FeatureSet], sources: list[str]) -> tuple
 
 
 def source_meta(sets: dict[tuple[str, str], FeatureSet], sources: list[str], cache_dir: Path,
-                weights: str | None = None) -> list[dict]:
+                weights: str | None = None) -> list[SourceMeta]:
     """What a saved head needs to make its features again; `weights` is a custom weights file, if any."""
     out = []
     for source in sources:
         fs = feature_set(sets, source)
         meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
-        out.append({"backbone": fs.backbone, "layer": fs.layer, "cache_key": fs.cache_key,
-                    "precision": meta["precision"], "weights_sha256": meta["weights_sha256"],
-                    "weights": str(Path(weights).absolute()) if weights else None})
+        out.append(SourceMeta(backbone=fs.backbone, layer=fs.layer, cache_key=fs.cache_key,
+                              precision=meta["precision"], weights_sha256=meta["weights_sha256"],
+                              weights=str(Path(weights).absolute()) if weights else None))
     return out

@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.core.errors import DataError
 from pipeline.features.extract import DEFAULT_BACKBONE, extract, resolve_device, resolve_precision
+from pipeline.features.settings import DEFAULTS
 from pipeline.images.data import Dataset
 from pipeline.models.registry import get_spec
 
@@ -21,9 +22,10 @@ from pipeline.models.registry import get_spec
 class FeatureExtractor(TransformerMixin, BaseEstimator):
     """Image paths -> pooled features of a frozen backbone, one row per path."""
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, layer: str | None = None, cache_dir: str = "cache",
-                 device: str = "auto", precision: str = "auto", batch_size: int = 32,
-                 scheduler: str | None = None, progress: bool = False) -> None:
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, layer: str | None = None,
+                 cache_dir: str = DEFAULTS.cache_dir, device: str = DEFAULTS.device,
+                 precision: str = DEFAULTS.precision, batch_size: int = DEFAULTS.batch_size,
+                 scheduler: str | None = DEFAULTS.scheduler, progress: bool = False) -> None:
         self.backbone = backbone
         self.layer = layer
         self.cache_dir = cache_dir

@@ -2,13 +2,14 @@
 
 Hyper-parameters (C, gamma, k) are chosen by stratified cross-validation on the training features
 only; joblib runs the folds, on the Dask cluster when one is set. Fitting a head never runs the
-network: it reads the feature cache.
+network: it reads the feature cache. The options of each head type, and their grids, are typed in
+`pipeline.heads.spec`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
@@ -23,56 +24,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from pipeline.core.errors import ConfigError, first_line
-
-# type -> {option: default}; `source`/`sources` name the features (BACKBONE or BACKBONE:LAYER).
-HEAD_OPTIONS: dict[str, dict] = {
-    "logistic_regression": {"source": None, "C": [0.01, 0.1, 1.0, 10.0]},
-    "svm": {"source": None, "kernel": "rbf", "C": [0.1, 1.0, 10.0], "gamma": ["scale", 1e-4]},
-    "knn": {"source": None, "n_neighbors": [1, 3, 5, 10]},
-    "pca_fusion": {"sources": None, "components": 128, "order": "pca_then_concat", "variance_threshold": None,
-                   "select_k": None, "C": [0.01, 0.1, 1.0]},
-}
-
-
-@dataclass
-class HeadSpec:
-    """One head of a run config: a name, a type, its feature sources and its options."""
-
-    name: str
-    type: str
-    sources: list[str]
-    options: dict = field(default_factory=dict)
-
-
-def _is_number(value: object, minimum: float = 0.0) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > minimum
+from pipeline.heads.spec import HEAD_TYPES, HeadSpec
 
 
 def _as_list(value: object) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _positive_ints(value: object) -> bool:
-    return bool(_as_list(value)) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                         for v in _as_list(value))
-
-
-# option -> (check, what is expected); checked with the config, before any work starts.
-OPTION_CHECKS: dict[str, tuple] = {
-    "C": (lambda v: bool(_as_list(v)) and all(_is_number(x) for x in _as_list(v)),
-          "a positive number or a list of them"),
-    "gamma": (lambda v: bool(_as_list(v)) and all(x in ("scale", "auto") or _is_number(x) for x in _as_list(v)),
-              "scale, auto, a positive number, or a list of them"),
-    "kernel": (lambda v: v in ("linear", "rbf"), "linear or rbf"),
-    "n_neighbors": (_positive_ints, "a positive integer or a list of them"),
-    "components": (lambda v: _positive_ints(v) and not isinstance(v, list), "a positive integer"),
-    "order": (lambda v: v in ("pca_then_concat", "concat_then_pca"), "pca_then_concat or concat_then_pca"),
-    "variance_threshold": (lambda v: v is None or _is_number(v, -1e-300), "a number >= 0"),
-    "select_k": (lambda v: v is None or (_positive_ints(v) and not isinstance(v, list)), "a positive integer"),
-    "source": (lambda v: v is None or isinstance(v, str), "BACKBONE or BACKBONE:LAYER"),
-    "sources": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
-                "a list of BACKBONE or BACKBONE:LAYER"),
-}
 
 
 def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedKFold:
@@ -137,7 +93,7 @@ def build_head(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, di
         return pipe, {"clf__n_neighbors": [k for k in _as_list(opts["n_neighbors"]) if k <= rows] or [1]}
     if spec.type == "pca_fusion":
         return _fusion_pipeline(spec, dims, rows), {"clf__C": _as_list(opts["C"])}
-    raise ConfigError(f"unknown head type {spec.type!r}; expected one of: {', '.join(HEAD_OPTIONS)}")
+    raise ConfigError(f"unknown head type {spec.type!r}; expected one of: {', '.join(HEAD_TYPES)}")
 
 
 @dataclass

@@ -19,7 +19,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.core.errors import ConfigError
-from pipeline.heads.fit import FittedHead, HeadSpec
+from pipeline.heads.fit import FittedHead
+from pipeline.heads.spec import HeadSpec
 
 EPOCHS = 20  # SGD passes over the blocks; fewer left the log-loss visibly unconverged
 

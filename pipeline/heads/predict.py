@@ -16,7 +16,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
-from pipeline.heads.bundle import BundleError, load_bundle
+from pipeline.features.settings import DEFAULTS
+from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
 from pipeline.images.data import Dataset
 from pipeline.models.registry import get_spec
 from pipeline.models.weights import file_sha256, resolve_weights
@@ -24,7 +25,7 @@ from pipeline.models.weights import file_sha256, resolve_weights
 
 @dataclass
 class Predictions:
-    bundle: dict
+    bundle: HeadBundle
     features: FeatureSet  # the first source: paths, ids and labels of the rows
     proba: np.ndarray
     report: ExtractReport
@@ -33,51 +34,51 @@ class Predictions:
     def predicted(self) -> np.ndarray:
         if not len(self.proba):
             return np.zeros(0, dtype=int)
-        return self.bundle["pipeline"].classes_[self.proba.argmax(1)]
+        return self.bundle.pipeline.classes_[self.proba.argmax(1)]
 
     def rows(self) -> Iterator[list[str]]:
         """Per image: path, image id, predicted class, then one probability per class."""
-        classes = self.bundle["classes"]
+        classes = self.bundle.classes
         for path, image_id, label, row in zip(self.features.paths, self.features.image_ids, self.predicted,
                                               self.proba, strict=True):
             yield [str(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
 
 
-def feature_options(bundle: dict, model: str | os.PathLike) -> dict:
+def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
     """The `extract` options that remake the head's training features (backbones, layers, precision,
     weights), checked against this installation so that nothing is computed with the wrong ones."""
-    sources = bundle["sources"]
-    precisions = {s["precision"] for s in sources}
+    sources = bundle.sources
+    precisions = {s.precision for s in sources}
     if len(precisions) != 1:
         raise BundleError(f"{model}: its feature sources mix precisions {sorted(precisions)}")
     precision = precisions.pop()
-    weights = sources[0].get("weights")
+    weights = sources[0].weights
     for source in sources:  # the same features as in training, or nothing is computed at all
-        spec = get_spec(source["backbone"])
+        spec = get_spec(source.backbone)
         sha = file_sha256(resolve_weights(spec, weights))
-        key = cache_key(source["backbone"], sha, source["layer"], precision).dirname
-        if key != source["cache_key"]:
-            raise BundleError(f"{model} was trained on features {source['cache_key']}, but this installation "
+        key = cache_key(source.backbone, sha, source.layer, precision).dirname
+        if key != source.cache_key:
+            raise BundleError(f"{model} was trained on features {source.cache_key}, but this installation "
                               f"makes {key} (different weights, preprocessing or decoder): refit the head")
-    return {"backbones": list(dict.fromkeys(s["backbone"] for s in sources)),
-            "layers": [f"{s['backbone']}:{s['layer']}" for s in sources], "precision": precision, "weights": weights}
+    return {"backbones": list(dict.fromkeys(s.backbone for s in sources)),
+            "layers": [f"{s.backbone}:{s.layer}" for s in sources], "precision": precision, "weights": weights}
 
 
-def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = "cache",
-            device: str = "auto", scheduler: str | None = None, progress: bool = True) -> Predictions:
+def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULTS.cache_dir,
+            device: str = DEFAULTS.device, scheduler: str | None = None, progress: bool = True) -> Predictions:
     bundle = load_bundle(model)
     return predict_with(bundle, data, cache_dir=cache_dir, device=device, scheduler=scheduler, progress=progress,
                         **feature_options(bundle, model))
 
 
-def predict_with(bundle: dict, data: str | os.PathLike | Dataset, **extract_options) -> Predictions:
+def predict_with(bundle: HeadBundle, data: str | os.PathLike | Dataset, **extract_options) -> Predictions:
     """Apply a loaded head; `extract_options` are `extract`'s keywords, including `feature_options(bundle)`."""
-    sources = bundle["sources"]
+    sources = bundle.sources
     report = extract(data, **extract_options)
-    blocks = [report.feature_sets[(s["backbone"], s["layer"])].features.compute() for s in sources]
+    blocks = [report.feature_sets[(s.backbone, s.layer)].features.compute() for s in sources]
     rows = blocks[0].shape[0]
-    proba = bundle["pipeline"].predict_proba(np.hstack(blocks)) if rows else np.zeros((0, len(bundle["classes"])))
-    first = report.feature_sets[(sources[0]["backbone"], sources[0]["layer"])]
+    proba = bundle.pipeline.predict_proba(np.hstack(blocks)) if rows else np.zeros((0, len(bundle.classes)))
+    first = report.feature_sets[(sources[0].backbone, sources[0].layer)]
     return Predictions(bundle, first, proba, report)
 
 
@@ -85,7 +86,7 @@ def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
     """One row per image: path, image id, predicted class, then one probability column per class."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    classes = result.bundle["classes"]
+    classes = result.bundle.classes
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "predicted_class", *[f"p_{c}" for c in classes]])
@@ -95,7 +96,7 @@ def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
 
 def evaluate(result: Predictions) -> dict:
     """Accuracy and macro-F1 on a labelled folder whose class folders carry the head's class names."""
-    classes = result.bundle["classes"]
+    classes = result.bundle.classes
     names = result.features.class_names
     unknown = sorted(set(names) - set(classes))
     if not names:

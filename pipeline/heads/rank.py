@@ -30,6 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract, layers_for
+from pipeline.features.settings import DEFAULTS
 from pipeline.heads.fit import logistic_regression
 from pipeline.images.data import Dataset
 
@@ -205,7 +206,7 @@ def _cost(stores: dict[str, FeatureStore], sources: list[str]) -> tuple[float | 
 
 
 def rank(data: str | os.PathLike | Dataset, backbones: list[str], layers: list[str] | None = None,
-         fusions: list[str] | None = None, cache_dir: str | os.PathLike = "cache", probe: bool = True,
+         fusions: list[str] | None = None, cache_dir: str | os.PathLike = DEFAULTS.cache_dir, probe: bool = True,
          progress: bool = True, **extract_options) -> list[RankRow]:
     """Score every candidate on a labelled folder, best LogME first; features come from the cache
     (extracting only what it lacks), so a second ranking runs no forward pass."""

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,40 +23,22 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import write_json_atomic
-from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import extract, resolve_device, resolve_precision
-from pipeline.heads.fit import HeadSpec, fit_head
+from pipeline.heads.fit import fit_head
+from pipeline.heads.spec import HeadSpec
 from pipeline.images.data import require_labelled, scan
 from pipeline.images.data import test_labels as labels_in
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import BackboneSpec, get_spec
 from pipeline.models.weights import load_backbone, resolve_weights
 from pipeline.tuning.finetune import build_model, check_unfreeze
+from pipeline.tuning.options import CompareOptions
 from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 
 METHODS = ("linear probe", "fine-tuning", "from scratch")
 FINETUNE_LR = 3e-4  # the rate the comparison's few fixed steps were measured at (benchmarks/RESULTS.md)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CompareOptions:
-    data: str | Path
-    test: str | Path
-    shots: list[int | None] = field(default_factory=lambda: [1, 5, 10, None])  # None: every image
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    backbone: str = DEFAULT_BACKBONE
-    unfreeze: str = "last:3"
-    finetune_steps: int = 60
-    scratch_steps: int = 300
-    scratch_size: int = 96
-    probe_C: float = 0.1  # fixed: with one image per class there is nothing to cross-validate
-    batch_size: int = 32
-    cache_dir: str | Path = "cache"
-    out: str | Path = "runs/compare"
-    device: str = "auto"
-    precision: str = "auto"
 
 
 class SmallCNN(nn.Module):

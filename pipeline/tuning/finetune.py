@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,43 +25,18 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import write_json_atomic
-from pipeline.core.names import DEFAULT_BACKBONE, SAFE_NAME_RULE, is_safe_name
+from pipeline.core.names import SAFE_NAME_RULE, is_safe_name
 from pipeline.features.extract import extract, resolve_device, resolve_precision
-from pipeline.heads.fit import HEAD_OPTIONS, HeadSpec, fit_head
+from pipeline.heads.fit import fit_head
+from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 from pipeline.images.data import Dataset, require_labelled, scan, test_labels
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import MANIFEST, BackboneSpec, backbone_dirs, get_spec, list_backbones
 from pipeline.models.weights import load_backbone, resolve_weights, save_backbone
-from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
+from pipeline.tuning.options import INITS, FinetuneOptions
+from pipeline.tuning.training import Images, decode_images, predict_logits, square, train
 
-INITS = ("probe", "random")
-LR = 1e-3  # the new layer's learning rate by default; earlier blocks get it times lr_decay per block
-# The default recipe (last:6, lr 1e-3, lr-decay 0.8, 10 epochs, no validation split) was chosen by 3-fold
-# cross-validation inside flowers12's training folder among five candidates (99.17% against 98.61% for
-# the earlier lr 3e-4 / 6 epochs) and then beat the earlier recipe on re-drawn splits too (CHANGELOG.md,
-# 2026-11-27). A validation split is opt-in: LP-FT's validation accuracy dips for the first epochs
-# before it climbs past the probe's, so early stopping on a small split stopped it in the dip.
-EPOCHS = 10
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-@dataclass
-class FinetuneOptions:
-    data: str | Path
-    test: str | Path | None = None
-    backbone: str = DEFAULT_BACKBONE
-    unfreeze: str = "last:6"  # head | last:N | all
-    lr_decay: float = 0.8
-    init: str = "probe"
-    train_bn: bool = False
-    val_fraction: float = 0.0
-    probe_C: float | None = None  # None: chosen by 5-fold CV like a stage-2 logistic_regression head
-    out: str | Path = "runs/finetune"
-    name: str | None = None
-    backbones_dir: str | Path | None = None
-    cache_dir: str | Path = "cache"
-    resume: bool = False
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=LR, epochs=EPOCHS))
 
 
 class _Tapped(Exception):  # noqa: N818 - control flow, not an error: the trunk ends at the tap

@@ -27,29 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.core.errors import ConfigError
 from pipeline.images.data import decode
 from pipeline.images.preprocess import Preprocess
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings; every field is recorded in the checkpoint and must match on resume."""
-
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 1.0  # epochs of linear warm-up before the cosine decay
-    label_smoothing: float = 0.1
-    batch_size: int = 32
-    patience: int = 3  # epochs without a better validation accuracy before stopping
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "bf16"
-
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError("lr must be > 0, warmup and weight decay >= 0, label smoothing in [0, 1)")
+from pipeline.tuning.options import TrainSettings
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""What a head is, before anything is fitted: the typed options of each head type (the `heads:` entries
+of a run config, with their cross-validation grids as defaults) and the resolved `HeadSpec`.
+
+No scikit-learn here: the command line needs the head types when it builds its parser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
+
+from pydantic import Discriminator, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+from pipeline.core.names import SAFE_NAME_RULE
+from pipeline.core.schema import SafeName, Section, option
+
+T = TypeVar("T")
+# The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
+Grid = Annotated[list[T], Field(min_length=1)]
+SOURCE = "BACKBONE or BACKBONE:LAYER"
+_SOURCE_ABOUT = ("the features it reads (default: the first of features.backbones at its default layer); "
+                 "a backbone must be among features.backbones")
+
+
+class HeadOptions(Section):
+    """What every head has: a name (it names the saved file) and a type."""
+
+    name: SafeName = option(accepts=f"{SAFE_NAME_RULE} (it names the saved file)",
+                            about="the head's name: heads/<name>.joblib and its key in metrics.json")
+    fuses: ClassVar[bool] = False  # reads every backbone by default (else the first)
+
+    def given_sources(self) -> list[str] | None:
+        """The sources the config names (`source` or `sources`), None when it names none."""
+        value = getattr(self, "sources", None) or getattr(self, "source", None)
+        return [value] if isinstance(value, str) else value
+
+    def options(self) -> dict[str, Any]:
+        """The type's options (its grids included), without name, type and sources."""
+        return self.model_dump(exclude={"name", "type", "source", "sources"})
+
+
+class LogisticRegressionHead(HeadOptions):
+    """Multinomial logistic regression on standardised features."""
+
+    type: Literal["logistic_regression"]
+    source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
+    C: PositiveFloat | Grid[PositiveFloat] = option(
+        [0.01, 0.1, 1.0, 10.0], accepts="a positive number or a list of them",
+        about="inverse regularisation strength; a list is a grid for cross-validation")
+
+
+class SvmHead(HeadOptions):
+    """A support-vector machine, with probabilities by Platt scaling on out-of-fold decisions."""
+
+    type: Literal["svm"]
+    source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
+    kernel: Literal["linear", "rbf"] = option("rbf", accepts="linear or rbf", about="the SVM's kernel")
+    C: PositiveFloat | Grid[PositiveFloat] = option(
+        [0.1, 1.0, 10.0], accepts="a positive number or a list of them",
+        about="inverse regularisation strength; a list is a grid for cross-validation")
+    gamma: Literal["scale", "auto"] | PositiveFloat | Grid[Literal["scale", "auto"] | PositiveFloat] = option(
+        ["scale", 1e-4], accepts="scale, auto, a positive number, or a list of them",
+        about="the rbf kernel's width (unused by linear); a list is a grid for cross-validation")
+
+
+class KnnHead(HeadOptions):
+    """k nearest neighbours by cosine distance, weighted by distance."""
+
+    type: Literal["knn"]
+    source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
+    n_neighbors: PositiveInt | Grid[PositiveInt] = option(
+        [1, 3, 5, 10], accepts="a positive integer or a list of them",
+        about="k; a list is a grid for cross-validation (values above the fold size are dropped)")
+
+
+class PcaFusionHead(HeadOptions):
+    """Several sources fused by PCA, then logistic regression."""
+
+    type: Literal["pca_fusion"]
+    fuses: ClassVar[bool] = True
+    sources: list[str] | None = option(
+        None, accepts=f"a list of {SOURCE}",
+        about="the features it fuses (default: every backbone of features.backbones at its default layer)")
+    components: PositiveInt = option(128, accepts="a positive integer",
+                                     about="PCA components per source (or in all, with concat_then_pca)")
+    order: Literal["pca_then_concat", "concat_then_pca"] = option(
+        "pca_then_concat", accepts="pca_then_concat or concat_then_pca",
+        about="reduce each source, then concatenate; or concatenate, then reduce")
+    variance_threshold: NonNegativeFloat | None = option(
+        None, accepts="a number >= 0, or null", about="drop components whose variance is at most this")
+    select_k: PositiveInt | None = option(None, accepts="a positive integer, or null",
+                                          about="keep the k components that best separate the classes (ANOVA F)")
+    C: PositiveFloat | Grid[PositiveFloat] = option(
+        [0.01, 0.1, 1.0], accepts="a positive number or a list of them",
+        about="inverse regularisation strength; a list is a grid for cross-validation")
+
+
+HEAD_MODELS: tuple[type[HeadOptions], ...] = (LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead)
+AnyHead = Annotated[Union[LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead],  # noqa: UP007
+                    Discriminator("type")]
+HEAD_TYPES: dict[str, type[HeadOptions]] = {get_args(m.model_fields["type"].annotation)[0]: m for m in HEAD_MODELS}
+# type -> its options' defaults (`source`/`sources` among them), from the models above.
+HEAD_OPTIONS: dict[str, dict[str, Any]] = {
+    name: {key: f.default for key, f in model.model_fields.items() if key not in ("name", "type")}
+    for name, model in HEAD_TYPES.items()}
+
+
+@dataclass
+class HeadSpec:
+    """One head as it is fitted: a name, a type, its resolved feature sources and its options."""
+
+    name: str
+    type: str
+    sources: list[str]
+    options: dict = field(default_factory=dict)
