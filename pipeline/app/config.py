@@ -11,7 +11,8 @@ Command-line options override the config's values.
 
 from __future__ import annotations
 
-import argparse
+import csv
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 
 from pipeline.core.configfile import ConfigFile, existing, near_config
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.io import atomic_write
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.schema import Section, dataclass_default, one_of, option
 from pipeline.features.settings import ExtractSettings
@@ -157,17 +159,16 @@ class RunConfig(ConfigFile):
                                             about="compare transfer with training from scratch (keys below)")
 
 
-def extract_settings(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Any]]:
-    """(data sources, keyword arguments for `extract`) from a config and command-line overrides."""
-    config = RunConfig.load(args.config) if args.config else RunConfig()
+def extract_settings(config_path: str | os.PathLike | None, data: str | os.PathLike | None,
+                     overrides: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
+    """(data sources, keyword arguments for `extract`) from a config (if any), then `overrides`: the
+    options given on the command line (None values are not given). `data` replaces the config's data."""
+    config = RunConfig.load(config_path) if config_path else RunConfig()
     features = config.features.model_dump(exclude={"candidates"})
     if features["backbones"] == "auto":  # extract (or rank) every candidate
         features["backbones"] = auto_candidates(config.features.candidates)
-    overrides = {"backbones": args.backbone, "layers": args.layer, "cache_dir": args.cache,
-                 "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-                 "shard_size": args.shard_size, "scheduler": args.scheduler, "weights": args.weights}
     features.update({k: v for k, v in overrides.items() if v is not None})
-    sources = {"data": Path(args.data)} if args.data else config.data
+    sources = {"data": Path(data)} if data else config.data
     if not sources:
         raise ConfigError("nothing to extract: pass --data DIR, or --config FILE with a data: section")
     return sources, features
@@ -275,3 +276,16 @@ def compare_options(config: RunConfig, output_dir: Path, features: dict) -> Comp
     except PipelineError as exc:
         raise config.error(("compare",), f"'compare': {exc}") from None
     return options
+
+
+def write_skip_list(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
+    """`path,reason` rows of the files an extraction skipped, written whole or not at all."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the skip list {path}: {exc.strerror or exc}") from None

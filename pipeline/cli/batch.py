@@ -1,0 +1,71 @@
+"""`pipeline batch`: the scheduled job's command, its exit codes and what it prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.app.batch_state import BatchLogEntry
+
+BATCH_HELP = """The recurring job: scan the config's inputs, extract features only for images the cache lacks,
+apply each saved head to the images it has not predicted yet, write OUTPUT/<head>/run-<run_id>.csv and
+append one JSON line to the log. Safe to start from cron or a systemd timer: runs take a lock, and a run
+killed at any moment is finished by the next one without duplicate rows.
+
+exit codes:
+  0  done: every image predicted (or nothing was new)
+  1  failed while working; logged with status "failed", committed files are kept, the next run resumes
+  2  the config or a head file is unusable: nothing ran, nothing was logged
+  3  partial: files were skipped that no earlier run reported (unreadable, not images; the first 20 are
+     in the log line, all in OUTPUT/skipped.json), all others predicted; a file that stays broken is
+     reported once (OUTPUT/skipped.json remembers it)
+  4  another batch run holds the lock and --on-lock exit was given
+"""
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pipeline.app.batch import EXIT_LOCKED, run_batch
+    from pipeline.app.batch_state import LockBusy
+
+    try:
+        entry = run_batch(args.config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)
+    except LockBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    _print_batch_skips(entry)
+    for name, head in entry.heads.items():
+        print(f"{name}: {head.rows} predictions" + (f" in {head.file}" if head.file else ""))
+    fresh = "" if entry.new_skipped is None else f" ({entry.new_skipped} new)"
+    print(f"run {entry.run_id}: {entry.status} | files seen: {entry.seen} | new: {entry.new} | "
+          f"predicted: {entry.predicted} | skipped: {entry.skipped}{fresh} | "
+          f"failed: {entry.failed} | feature rows computed: {entry.computed} | {entry.seconds:.1f} s")
+    if entry.error:
+        print(f"error: {entry.error}", file=sys.stderr)
+    return entry.exit_code
+
+
+def _print_batch_skips(entry: BatchLogEntry) -> None:
+    """New skips first: those already reported by earlier runs are counted, not listed again."""
+    listed, count = ((entry.skipped_files, entry.skipped) if entry.new_skipped is None
+                     else (entry.new_skipped_files, entry.new_skipped))
+    for item in listed[:10]:
+        print(f"skipped {item.path}: {item.reason}")
+    if count > 10:
+        print(f"... and {count - 10} more (the log line lists the first 20)")
+    if entry.new_skipped is not None and entry.skipped > entry.new_skipped:
+        print(f"{entry.skipped - entry.new_skipped} files skipped as in earlier runs (see skipped.json "
+              "in the output folder)")
+
+
+def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser("batch", help="scheduled job: predict new images with saved heads, append the results",
+                           description=BATCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("config", help="YAML batch config (see configs/batch.yaml)")
+    batch.add_argument("--scheduler", metavar="ADDRESS",
+                       help="dask.distributed scheduler for the extraction (overrides features.scheduler)")
+    batch.add_argument("--on-lock", choices=["wait", "exit"], default="wait",
+                       help="when another batch run holds the lock: wait for it (default) or exit with code 4")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.set_defaults(func=cmd_batch)

@@ -1,0 +1,151 @@
+"""Stage-1 commands: `pipeline extract`, `pipeline cache ls|verify|gc` and `pipeline backbones`."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.names import DEFAULT_BACKBONE
+
+
+def add_extract_options(parser: argparse.ArgumentParser) -> None:
+    """Each option overrides the config's value (its default is the config's, then the settings')."""
+    from pipeline.cli.options import add_setting
+    from pipeline.features.settings import DEVICES, PRECISIONS, ExtractSettings
+
+    add = parser.add_argument
+    add("--data", metavar="PATH",
+        help="image folder (DIR/<class>/<image>), flat folder, or a text file listing one image path per line")
+    add("--config", metavar="FILE", help="YAML config with data: and features: sections (see configs/)")
+    add("--backbone", metavar="NAME", action="append",
+        help=f"registered backbone, repeatable (default: {DEFAULT_BACKBONE}; list: pipeline backbones)")
+    add("--layer", metavar="LAYER", action="append",
+        help="tap point, NAME or BACKBONE:NAME, repeatable (default: each backbone's last feature block)")
+    setting = functools.partial(add_setting, parser, ExtractSettings, override=True)
+    setting("cache_dir", "--cache", metavar="DIR")
+    setting("device", choices=DEVICES)
+    setting("precision", choices=PRECISIONS)
+    setting("batch_size", metavar="N", type=int)
+    setting("shard_size", metavar="N", type=int)
+    setting("scheduler", metavar="ADDRESS")
+    setting("weights", metavar="PATH")
+    add("--skipped", metavar="FILE", help="where to write the CSV of skipped files (default: CACHE/skipped.csv)")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pipeline.app.config import extract_settings, write_skip_list
+    from pipeline.features.extract import extract
+
+    sources, settings = extract_settings(args.config, args.data, overrides(args))
+    skipped: list[tuple[str, str]] = []
+    for split, folder in sources.items():
+        if len(sources) > 1:
+            print(f"== {split}: {folder}")
+        report = extract(folder, progress=not args.quiet, **settings)
+        for (backbone, layer), fs in report.feature_sets.items():
+            print(f"{backbone} [{layer}]: {fs.features.shape[0]} x {fs.features.shape[1]} features "
+                  f"in {Path(settings['cache_dir']) / fs.cache_key}")
+        for path, reason in report.skipped[:10]:
+            print(f"skipped {path}: {reason}")
+        if len(report.skipped) > 10:
+            print(f"... and {len(report.skipped) - 10} more")
+        print(report.summary())
+        skipped += report.skipped
+    skipped_csv = Path(args.skipped) if args.skipped else Path(settings["cache_dir"]) / "skipped.csv"
+    write_skip_list(skipped_csv, skipped)
+    if skipped:
+        print(f"skip list ({len(skipped)} files, with reasons): {skipped_csv}")
+    return 0
+
+
+def _human_bytes(size: float) -> str:
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pipeline.features.cache import FeatureStore, clean_staging
+
+    stores = FeatureStore.all_in(args.cache)
+    if args.action == "ls":
+        if not stores:
+            print(f"no feature caches in {args.cache}")
+        rows = [s.summary() for s in stores]
+        width = max([len(r["key"]) for r in rows] + [3])
+        if rows:
+            print(f"{'key':<{width}}  {'backbone':<20} {'layer':<8} {'dim':>5} {'rows':>7} {'shards':>6} size")
+        for r in rows:
+            print(f"{r['key']:<{width}}  {r['backbone']:<20} {r['layer']:<8} {r['dim']:>5} {r['rows']:>7} "
+                  f"{r['shards']:>6} {_human_bytes(r['bytes'])}")
+        return 0
+    if args.action == "verify":
+        problems = [p for s in stores for p in s.verify()]
+        orphans = sum(len(s.orphans()) for s in stores)
+        for problem in problems:
+            print(problem)
+        shards = sum(len(s.records()) for s in stores)
+        print(f"checked {shards} shards in {len(stores)} caches: "
+              f"{'OK' if not problems else f'{len(problems)} problems (pipeline cache gc drops them)'}"
+              + (f"; {orphans} unreferenced arrays (harmless, gc removes them after an hour)" if orphans else ""))
+        return 1 if problems else 0
+    removed = [r for s in stores for r in s.gc()] + clean_staging(args.cache)
+    for line in removed:
+        print(f"removed {line}")
+    print(f"gc: removed {len(removed)} items")
+    return 0
+
+
+def cmd_backbones(_args: argparse.Namespace) -> int:
+    from pipeline.models.registry import get_spec, list_backbones
+
+    for name in list_backbones():
+        spec = get_spec(name)
+        try:
+            weights = str(spec.locate_weights())
+        except PipelineError:
+            weights = "weights not on disk (pass --weights PATH; see docs/guide/extract.md)"
+        layers = ", ".join(f"{k}:{v.dim}" + ("*" if k == spec.default_layer else "")
+                           for k, v in spec.layers.items())
+        pre = spec.preprocess
+        print(f"{name}\n  {spec.source}\n  weights: {weights}\n  input: resize {pre.resize}, crop {pre.crop}, "
+              f"{pre.interpolation}\n  layers (name:dim, * = default): {layers}")
+    return 0
+
+
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The extract options given on the command line (None: not given, the config's value stands)."""
+    return {"backbones": args.backbone, "layers": args.layer, "cache_dir": args.cache, "device": args.device,
+            "precision": args.precision, "batch_size": args.batch_size, "shard_size": args.shard_size,
+            "scheduler": args.scheduler, "weights": args.weights}
+
+
+def add_feature_parsers(sub: argparse._SubParsersAction) -> None:
+    """`extract`, `cache` and `backbones`."""
+    from pipeline.cli.options import add_setting
+    from pipeline.features.settings import ExtractSettings
+
+    extract = sub.add_parser("extract", help="embed images with frozen backbones into the feature cache",
+                             description="Embed images with frozen pretrained backbones into the sharded "
+                                         "feature cache; only images missing from the cache are computed.")
+    add_extract_options(extract)
+    extract.set_defaults(func=cmd_extract)
+
+    cache = sub.add_parser("cache", help="list, verify or clean the feature cache",
+                           description="ls: keys, rows and size; verify: re-check every shard against its "
+                                       "completion record; gc: drop damaged shards and leftovers.")
+    cache.add_argument("action", choices=["ls", "verify", "gc"])
+    add_setting(cache, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
+    cache.set_defaults(func=cmd_cache)
+
+    backbones = sub.add_parser("backbones", help="list registered backbones, their layers and weights")
+    backbones.set_defaults(func=cmd_backbones)
