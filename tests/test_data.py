@@ -118,3 +118,17 @@ def test_a_file_that_changed_since_it_was_hashed_is_skipped(tmp_path):
     assert isinstance(decode(path, PRE, hash_file(path)), np.ndarray)
     assert decode(path, PRE, "0" * 32).startswith("file changed during the run")
     assert decode(tmp_path / "gone.png", PRE) == "file not found"
+
+
+def test_read_checked_gives_the_bytes_or_decodes_reasons(tmp_path):
+    """The one read that `decode` and the GPU path share: the bytes once, or the skip reason."""
+    from pipeline.images.data import content_id, read_checked
+
+    path = _save(tmp_path / "a.png", make_image(5, 40))
+    data = path.read_bytes()
+    assert read_checked(str(path), content_id(data)) == data == read_checked(path)
+    assert read_checked(path, "0" * 32) == "file changed during the run (rerun to pick up the new content)"
+    assert read_checked(tmp_path / "gone.png") == "file not found"
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert read_checked(tmp_path / "empty.png") == "empty file"
+    assert read_checked(tmp_path).startswith("unreadable file: ")  # a folder: IsADirectoryError

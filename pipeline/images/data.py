@@ -160,14 +160,13 @@ def _resize_and_crop(image: Image.Image, pre: Preprocess) -> np.ndarray:
     return cv2.resize(region, (pre.crop, pre.crop), interpolation=method)
 
 
-def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.ndarray | str:
-    """The preprocessed image as an HxWx3 uint8 array, or a one-line reason why it was skipped.
-
-    The bytes are read once and, given `expected_id`, checked against it, so a file that changed
-    since it was hashed is skipped instead of storing one image's features under another's id.
-    """
+def read_checked(path: str | os.PathLike, expected_id: str | None = None) -> bytes | str:
+    """The file's bytes, read once and, given `expected_id`, checked against it; or a one-line reason
+    why it is skipped. A file that changed since it was hashed is skipped instead of storing one
+    image's features under another's id. `decode` reads with it, and so does the GPU path."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         return "file not found"
     except OSError as exc:
@@ -176,6 +175,17 @@ def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.nd
         return "empty file"
     if expected_id is not None and content_id(data) != expected_id:
         return "file changed during the run (rerun to pick up the new content)"
+    return data
+
+
+def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.ndarray | str:
+    """The preprocessed image as an HxWx3 uint8 array, or a one-line reason why it was skipped.
+
+    The bytes are read once and, given `expected_id`, checked against it (`read_checked`).
+    """
+    data = read_checked(path, expected_id)
+    if isinstance(data, str):
+        return data
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > Image.MAX_IMAGE_PIXELS:
