@@ -44,11 +44,12 @@ from pipeline.core.errors import ConfigError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256
 from pipeline.core.io import fsync_dir
 from pipeline.core.names import SAFE_NAME_RULE
+from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
 from pipeline.features.settings import ComputeSettings
 from pipeline.heads.bundle import HeadBundle, load_bundle
 from pipeline.heads.predict import feature_options, predict_with
-from pipeline.images.data import Dataset, hash_files, scan
+from pipeline.images.data import Dataset, hash_files, scan, walk_files
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 
@@ -162,20 +163,22 @@ def load_heads(config: BatchConfig) -> list[Head]:
 # --------------------------------------------------------------------------- the run
 
 def scan_inputs(inputs: list[Path]) -> Dataset:
-    """Every visible file under each folder (recursively; hidden files and folders, such as uploads in
-    progress, are left alone) and every path of each list file, without labels."""
+    """Every visible file under each folder (recursively, links to folders followed; hidden files and
+    folders, such as uploads in progress, are left alone) and every path of each list file, without
+    labels. Paths are absolute and normalised (`os.path.abspath`: `configs/../incoming` is `incoming`,
+    a symlinked folder keeps its name), so the same file has the same path whatever the config says."""
     paths: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for source in inputs:
         if source.is_dir():
-            paths += sorted(p for p in source.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(source).parts))
+            found, unused = walk_files(os.path.abspath(source))
         else:
             listed = scan(source, allow_empty_list=True)
-            paths += listed.paths
-            skipped += listed.skipped
+            found, unused = listed.paths, listed.skipped
+        paths += [Path(os.path.abspath(p)) for p in found]
+        skipped += [(os.path.abspath(p), reason) for p, reason in unused]
     paths = list(dict.fromkeys(paths))
-    return Dataset(paths, np.full(len(paths), -1), [], skipped)
+    return Dataset(paths, np.full(len(paths), -1), [], list(dict(skipped).items()))
 
 
 def _predict_head(head: Head, pending: list[Path], done: set[str], config: BatchConfig, run_id: str,
@@ -243,7 +246,7 @@ def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry,
             bar.set_description(head.name)
             result = _predict_head(head, pending[head.name], done[head.name], config, entry.run_id, bar)
             entry.heads[head.name].rows = result.rows
-            entry.heads[head.name].file = str(result.file) if result.file else None
+            entry.heads[head.name].file = path_text(result.file) if result.file else None
             entry.predicted += result.rows
             entry.computed += result.computed
             entry.failed = len({path for later in heads[i + 1:] for path in pending[later.name]})
@@ -262,16 +265,18 @@ def _skipped_copies(skipped: dict[str, str], later_copies: dict[str, list[Path]]
 
 def _skips(skipped: dict[str, str]) -> tuple[int, list[SkippedFile]]:
     """How many files were skipped, and the first 20 of them, for the log line."""
-    return len(skipped), [SkippedFile(path=os.path.abspath(p), reason=r) for p, r in list(skipped.items())[:20]]
+    return len(skipped), [SkippedFile(path=path_text(os.path.abspath(p)), reason=path_text(r))
+                          for p, r in list(skipped.items())[:20]]
 
 
-def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",
+def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | None = None, on_lock: str = "wait",
               progress: bool = True) -> BatchLogEntry:
-    """One batch run; returns its log entry (`exit_code` says how it went).
+    """One batch run (of a config file, or of one already loaded); returns its log entry (`exit_code`
+    says how it went).
 
     Config and head errors raise before anything is written; a run that fails once working is logged
     with status "failed" (what it committed is kept) and, for a bug, re-raised."""
-    config = load_batch_config(config_path)
+    config = config_path if isinstance(config_path, BatchConfig) else load_batch_config(config_path)
     if scheduler:
         config.features.scheduler = scheduler
     with batch_lock(config.output_dir, on_lock):
@@ -290,7 +295,7 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
             entry.new_skipped, entry.new_skipped_files = _skips({path: skipped[path] for path in new})
             entry.status, entry.exit_code = ("partial", EXIT_PARTIAL) if entry.new_skipped else ("ok", EXIT_OK)
         except Exception as exc:
-            entry.status, entry.exit_code, entry.error = "failed", EXIT_FAILED, first_line(exc)
+            entry.status, entry.exit_code, entry.error = "failed", EXIT_FAILED, path_text(first_line(exc))
             if not isinstance(exc, PipelineError | OSError):
                 _finish(config, entry, started)
                 raise

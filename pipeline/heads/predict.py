@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
 from pipeline.features.settings import DEFAULTS
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
@@ -37,11 +38,11 @@ class Predictions:
         return self.bundle.pipeline.classes_[self.proba.argmax(1)]
 
     def rows(self) -> Iterator[list[str]]:
-        """Per image: path, image id, predicted class, then one probability per class."""
+        """Per image: path (as `path_text` writes it), image id, predicted class, then one probability per class."""
         classes = self.bundle.classes
         for path, image_id, label, row in zip(self.features.paths, self.features.image_ids, self.predicted,
                                               self.proba, strict=True):
-            yield [str(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
+            yield [path_text(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
 
 
 def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
+from pipeline.core.paths import path_text  # noqa: E402
 from pipeline.features.extract import FeatureSet  # noqa: E402
 from pipeline.tuning.compare import compare_rows, compare_summary  # noqa: E402
 
@@ -204,10 +205,10 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
         f"<tr><td>{html.escape(c)}</td><td>{p:.2f}</td><td>{r:.2f}</td><td>{f:.2f}</td><td>{int(s)}</td></tr>"
         for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True))
     ex = metrics["extract"]
-    title = f"Run report: {html.escape(out.name)}"
+    title = f"Run report: {html.escape(path_text(out.name))}"  # the folder's name may not be UTF-8
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>{_STYLE}</style></head><body>
-<h1>Run report: {html.escape(out.name)}</h1>
+<h1>{title}</h1>
 <p class="sub">{len(test.paths)} test images, {len(classes)} classes. Features: {ex["images"]} images,
 {ex["computed"]} rows computed, {ex["reused"]} reused from the cache, {ex["skipped"]} files skipped,
 {ex["seconds"]:.1f} s. Best head: <b>{html.escape(best)}</b> at {result.accuracy:.1%} test accuracy.</p>
