@@ -38,6 +38,7 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.app.config import extract_settings, write_skip_list
+    from pipeline.cli.skips import print_skips
     from pipeline.features.extract import extract
 
     sources, settings = extract_settings(args.config, args.data, overrides(args))
@@ -49,16 +50,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         for (backbone, layer), fs in report.feature_sets.items():
             print(f"{backbone} [{layer}]: {fs.features.shape[0]} x {fs.features.shape[1]} features "
                   f"in {Path(settings['cache_dir']) / fs.cache_key}")
-        for path, reason in report.skipped[:10]:
-            print(f"skipped {path}: {reason}")
-        if len(report.skipped) > 10:
-            print(f"... and {len(report.skipped) - 10} more")
         print(report.summary())
         skipped += report.skipped
     skipped_csv = Path(args.skipped) if args.skipped else Path(settings["cache_dir"]) / "skipped.csv"
     write_skip_list(skipped_csv, skipped)
-    if skipped:
-        print(f"skip list ({len(skipped)} files, with reasons): {skipped_csv}")
+    print_skips(skipped, full_list=skipped_csv)
     return 0
 
 
