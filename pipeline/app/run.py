@@ -228,7 +228,7 @@ def run(config_path: str | Path, progress: bool = True, config: RunConfig | None
     write_json_atomic(out / "metrics.json", metrics, allow_nan=False)
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
-    from pipeline.reporting.report import write_report
+    from pipeline.reporting.pages import write_report
 
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
     logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
