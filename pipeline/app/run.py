@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from pipeline.app.config import RunConfig, auto_candidates, compare_options, finetune_options, head_specs
 from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import atomic_write, write_json_atomic
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
 from pipeline.features.sources import feature_set, matrix, source_meta
@@ -256,7 +256,7 @@ def _compare(options: CompareOptions, progress: bool) -> CompareTotals:
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,
                        result: HeadResult) -> None:
-    with open(path, "w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "true_class", "predicted_class", "head",
                          *[f"p_{c}" for c in classes]])
