@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -40,9 +41,9 @@ from pipeline.app.batch_state import (
     recover,
 )
 from pipeline.core.configfile import ConfigFile, near_config
-from pipeline.core.errors import ConfigError, PipelineError, first_line
+from pipeline.core.errors import ConfigError, OutputError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256
-from pipeline.core.io import fsync_dir
+from pipeline.core.io import WRITE_ERRNOS, fsync_dir, make_folder, writing
 from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
@@ -186,37 +187,40 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
     """Stream one head's pending images chunk by chunk into `OUTPUT/<head>/run-<run_id>.csv`, committed
     atomically once complete; memory holds one chunk's features at a time. Rows are checked against
     `done` (grown as they are written) by the id extraction computed, so a file rewritten during the
-    run with content already predicted does not give a second row."""
+    run with content already predicted does not give a second row. A full disk or read-only folder is
+    an `OutputError` naming the run file, and leaves no part of it."""
     result = HeadRun()
-    folder = config.output_dir / head.name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(config.output_dir / head.name)
     final = folder / f"run-{run_id}.csv"
     tmp = folder / f".{final.name}.tmp"
     options = config.features.model_dump(exclude_none=True)
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
-                         *[f"p_{c}" for c in head.bundle.classes]])
-        for start in range(0, len(pending), config.chunk_size):
-            chunk = pending[start:start + config.chunk_size]
-            predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
-                                       progress=False, **options, **head.options)
-            for row in predictions.rows():
-                if row[1] not in done:  # row: path, image id, ...
-                    done.add(row[1])
-                    writer.writerow([run_id, head.name, head.sha256, *row])
-                    result.rows += 1
-            result.computed += predictions.report.computed
-            result.skipped.update(predictions.report.skipped)
-            bar.update(len(chunk))
-        fh.flush()
-        os.fsync(fh.fileno())
-    if result.rows:
-        os.replace(tmp, final)
-        fsync_dir(folder)
-        result.file = final
-    else:
-        tmp.unlink()
+    try:
+        with writing(final, WRITE_ERRNOS), open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
+                             *[f"p_{c}" for c in head.bundle.classes]])
+            for start in range(0, len(pending), config.chunk_size):
+                chunk = pending[start:start + config.chunk_size]
+                predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
+                                           progress=False, **options, **head.options)
+                for row in predictions.rows():
+                    if row[1] not in done:  # row: path, image id, ...
+                        done.add(row[1])
+                        writer.writerow([run_id, head.name, head.sha256, *row])
+                        result.rows += 1
+                result.computed += predictions.report.computed
+                result.skipped.update(predictions.report.skipped)
+                bar.update(len(chunk))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if result.rows:
+            with writing(final):
+                os.replace(tmp, final)
+                fsync_dir(folder)
+            result.file = final
+    finally:
+        with suppress(OSError):  # what is left of a failed write (a kill leaves it to the next run's recover)
+            tmp.unlink(missing_ok=True)
     return result
 
 
@@ -304,5 +308,13 @@ def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | Non
 
 
 def _finish(config: BatchConfig, entry: BatchLogEntry, started: float) -> None:
+    """Append the run's log line; a line that cannot be written makes the run fail (exit 1) with the
+    reason in `entry.error`, so that the caller can say so, instead of the run leaving no trace."""
     entry.ended, entry.seconds = now(), round(time.perf_counter() - started, 3)
-    append_log(config.log, entry)
+    try:
+        append_log(config.log, entry)
+    except OutputError as exc:
+        unlogged = f"{exc} (this run's log line was not written"
+        unlogged += "; the next run logs its files as recovered)" if entry.predicted else ")"
+        entry.status, entry.exit_code = "failed", EXIT_FAILED
+        entry.error = f"{entry.error}; {unlogged}" if entry.error else unlogged

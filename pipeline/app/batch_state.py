@@ -13,15 +13,15 @@ import platform
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.errors import ConfigError, OutputError, PipelineError
+from pipeline.core.io import write_json_atomic, writing
 from pipeline.core.paths import path_text
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,10 @@ def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
                                "(--on-lock wait queues behind it)") from None
             logger.warning(f"waiting for the batch run that holds {path_text(path)} ({holder})")
             fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.truncate(0)
-        fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
-        fh.flush()
+        with suppress(OSError):  # the holder's note is for people: a full disk must not stop the run here
+            fh.truncate(0)
+            fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
+            fh.flush()
         yield
 
 
@@ -143,16 +144,18 @@ class BatchLogEntry(_Record):
 
 
 def append_log(log: Path, entry: BatchLogEntry) -> None:
-    """One JSON line, fsynced; a line cut short by an earlier kill is closed first, so this one parses."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a+b") as fh:
-        if fh.tell():
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-        fh.write(json.dumps(entry.model_dump(mode="json")).encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """One JSON line, fsynced; a line cut short by an earlier kill (or a full disk) is closed first, so
+    this one parses. An `OutputError` naming the log if the line cannot be written."""
+    with writing(log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a+b") as fh:
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(json.dumps(entry.model_dump(mode="json")).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def read_log(log: Path) -> list[dict]:
@@ -225,8 +228,8 @@ def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -
             # The exact names, to map back to the files on the next run: a name that is not valid UTF-8
             # is kept by JSON's \udcNN escapes (ASCII output), which json.loads returns as the same str.
             write_json_atomic(record, merged, ensure_ascii=True)
-        except OSError as exc:  # the predictions are committed: say so, and report every skip as new
-            logger.warning(f"warning: cannot write {path_text(record)}: {exc.strerror or exc}")
+        except OutputError as exc:  # the predictions are committed: say so, and report every skip as new
+            logger.warning(f"warning: {path_text(str(exc))}")
             return list(current)
     return new
 

@@ -29,7 +29,7 @@ from pipeline.app.config import (
 )
 from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import atomic_write, write_json_atomic
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
@@ -260,7 +260,7 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     write_json_atomic(out / "metrics.json", metrics, allow_nan=False)
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
-    from pipeline.reporting.report import write_report
+    from pipeline.reporting.pages import write_report
 
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
     logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {path_text(out / 'metrics.json')}")
@@ -288,7 +288,7 @@ def _compare(options: CompareOptions, progress: bool) -> CompareTotals:
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,
                        result: HeadResult) -> None:
-    with open(path, "w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "true_class", "predicted_class", "head",
                          *[f"p_{c}" for c in classes]])

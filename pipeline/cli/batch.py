@@ -19,7 +19,8 @@ killed at any moment is finished by the next one without duplicate rows.
 
 exit codes:
   0  done: every image predicted (or nothing was new)
-  1  failed while working; logged with status "failed", committed files are kept, the next run resumes
+  1  failed while working; logged with status "failed", committed files are kept, the next run resumes;
+     also when the run's log line cannot be written (a full disk): the error on stderr says so
   2  the config or a head file is unusable: nothing ran, nothing was logged
   3  partial: files were skipped that no earlier run reported (unreadable, not images; the first 20 are
      in the log line, all in OUTPUT/skipped.json), all others predicted; a file that stays broken is

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import OutputError, PipelineError
 from pipeline.core.names import DEFAULT_BACKBONE
 
 
@@ -53,7 +54,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(report.summary())
         skipped += report.skipped
     skipped_csv = Path(args.skipped) if args.skipped else Path(settings["cache_dir"]) / "skipped.csv"
-    write_skip_list(skipped_csv, skipped)
+    try:
+        write_skip_list(skipped_csv, skipped)
+    except OutputError as exc:  # the features are committed; a read-only cache is fine when nothing is lost
+        if args.skipped:
+            raise
+        if skipped:
+            print_skips(skipped)
+            raise OutputError(f"{exc} ({len(skipped)} files were skipped; --skipped FILE writes their list "
+                              "elsewhere)") from exc
+        print(f"warning: {exc} (nothing was skipped)", file=sys.stderr)
+        return 0
     print_skips(skipped, full_list=skipped_csv)
     return 0
 

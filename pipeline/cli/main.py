@@ -80,7 +80,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from pipeline.cli.features import overrides
     from pipeline.core.io import write_json_atomic
     from pipeline.heads.rank import as_json, rank, spearman, table
-    from pipeline.reporting.report import write_rank_report
+    from pipeline.reporting.pages import write_rank_report
 
     sources, settings = extract_settings(args.config, args.data, overrides(args))
     data = sources.get("train") or next(iter(sources.values()))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
 from pipeline.features.settings import DEFAULTS
@@ -86,9 +87,9 @@ def predict_with(bundle: HeadBundle, data: str | os.PathLike | Dataset, **extrac
 def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
     """One row per image: path, image id, predicted class, then one probability column per class."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     classes = result.bundle.classes
-    with open(out, "w", newline="") as fh:
+    with atomic_write(out, newline="") as fh:  # whole or not at all: a failure leaves the old file
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "predicted_class", *[f"p_{c}" for c in classes]])
         writer.writerows(result.rows())
