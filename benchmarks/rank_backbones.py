@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.heads.rank import as_json, rank, spearman, table
 from pipeline.models.registry import get_spec
-from pipeline.reporting.report import write_rank_report
+from pipeline.reporting.pages import write_rank_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]

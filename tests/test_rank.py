@@ -175,3 +175,16 @@ def test_auto_backbones_check_the_stage_sections_before_ranking_extracts(tmp_pat
     with pytest.raises(PipelineError, match="'compare': unfreeze must be"):
         run(path, progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_rank_page_escapes_candidate_names_and_skips_the_plot_without_probes(tmp_path) -> None:
+    from pipeline.heads.rank import RankRow
+    from pipeline.reporting.pages import write_rank_report
+
+    rows = [RankRow("a<b>:head+c&d:head", -0.5, 1.25, None, 8, None, 2**20, 0.1, None),
+            RankRow("plain:head", -0.75, 1.0, None, 4, 100.0, 0, 0.2, None)]
+    page = write_rank_report(tmp_path / "rank", rows).read_text()
+    assert '<tr class="best"><td class="cand">a&lt;b&gt;:head + c&amp;d:head</td><td>-0.500</td>' in page
+    assert '<tr><td class="cand">plain:head</td><td>-0.750</td>' in page
+    assert "<img" not in page and not (tmp_path / "rank" / "rank_scores.png").exists()
+    assert "2 candidates" in page and "Spearman" not in page

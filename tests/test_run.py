@@ -12,7 +12,7 @@ from pipeline.app.run import run
 from pipeline.cli.main import main
 from pipeline.core.errors import ConfigError
 
-from .conftest import FLOWERS, TINY, TINY_WIDE, make_folder, needs_flowers
+from .conftest import FLOWERS, TINY, TINY_WIDE, make_folder, make_image, needs_flowers
 
 HEADS = f"""heads:
   - {{name: logreg, type: logistic_regression}}
@@ -62,6 +62,27 @@ def test_run_writes_the_metrics_contract_heads_predictions_and_report(tmp_path, 
 
     again = run(_config(tmp_path, train, test), progress=False)  # a second run: features all from the cache
     assert again["extract"]["computed"] == 0 and again["extract"]["reused"] == 27
+
+
+def test_report_escapes_the_names_a_user_chose(tmp_path):
+    """Class folders and the output folder are the user's; the template engine escapes them in report.html."""
+    names = ["<script>alert(1)", "R&D <u>"]  # a folder name cannot hold "/", so no closing tag
+    for split, per_class, seed in (("train", 5, 0), ("test", 2, 100)):
+        for c, name in enumerate(names):
+            for i in range(per_class):
+                (tmp_path / split / name).mkdir(parents=True, exist_ok=True)
+                make_image(seed + 10 * c + i, tint=c).save(tmp_path / split / name / f"img{i}.jpg")
+    out = tmp_path / "out & <i>"
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{train: {tmp_path / 'train'}, test: {tmp_path / 'test'}}}\n"
+                    f"features: {{backbones: [{TINY}], cache_dir: {tmp_path / 'cache'}}}\n"
+                    "heads:\n  - {name: lr_1.a-b, type: logistic_regression, C: 1.0}\n"
+                    f"output_dir: '{out}'\n")
+    run(path, progress=False)
+    page = (out / "report.html").read_text()
+    assert "<script" not in page and "<u>" not in page and "<i>" not in page
+    assert "<td>&lt;script&gt;alert(1)</td>" in page and "<td>R&amp;D &lt;u&gt;</td>" in page
+    assert "<title>Run report: out &amp; &lt;i&gt;</title>" in page and "<td>lr_1.a-b</td>" in page
 
 
 @pytest.mark.parametrize("heads,message", [

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -40,15 +41,16 @@ from pipeline.app.batch_state import (
     recover,
 )
 from pipeline.core.configfile import ConfigFile, near_config
-from pipeline.core.errors import ConfigError, PipelineError, first_line
+from pipeline.core.errors import ConfigError, OutputError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256
-from pipeline.core.io import fsync_dir
+from pipeline.core.io import WRITE_ERRNOS, fsync_dir, make_folder, writing
 from pipeline.core.names import SAFE_NAME_RULE
+from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
 from pipeline.features.settings import ComputeSettings
 from pipeline.heads.bundle import HeadBundle, load_bundle
 from pipeline.heads.predict import feature_options, predict_with
-from pipeline.images.data import Dataset, hash_files, scan
+from pipeline.images.data import Dataset, hash_files, scan, walk_files
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 
@@ -162,20 +164,22 @@ def load_heads(config: BatchConfig) -> list[Head]:
 # --------------------------------------------------------------------------- the run
 
 def scan_inputs(inputs: list[Path]) -> Dataset:
-    """Every visible file under each folder (recursively; hidden files and folders, such as uploads in
-    progress, are left alone) and every path of each list file, without labels."""
+    """Every visible file under each folder (recursively, links to folders followed; hidden files and
+    folders, such as uploads in progress, are left alone) and every path of each list file, without
+    labels. Paths are absolute and normalised (`os.path.abspath`: `configs/../incoming` is `incoming`,
+    a symlinked folder keeps its name), so the same file has the same path whatever the config says."""
     paths: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for source in inputs:
         if source.is_dir():
-            paths += sorted(p for p in source.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(source).parts))
+            found, unused = walk_files(os.path.abspath(source))
         else:
             listed = scan(source, allow_empty_list=True)
-            paths += listed.paths
-            skipped += listed.skipped
+            found, unused = listed.paths, listed.skipped
+        paths += [Path(os.path.abspath(p)) for p in found]
+        skipped += [(os.path.abspath(p), reason) for p, reason in unused]
     paths = list(dict.fromkeys(paths))
-    return Dataset(paths, np.full(len(paths), -1), [], skipped)
+    return Dataset(paths, np.full(len(paths), -1), [], list(dict(skipped).items()))
 
 
 def _predict_head(head: Head, pending: list[Path], done: set[str], config: BatchConfig, run_id: str,
@@ -183,37 +187,40 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
     """Stream one head's pending images chunk by chunk into `OUTPUT/<head>/run-<run_id>.csv`, committed
     atomically once complete; memory holds one chunk's features at a time. Rows are checked against
     `done` (grown as they are written) by the id extraction computed, so a file rewritten during the
-    run with content already predicted does not give a second row."""
+    run with content already predicted does not give a second row. A full disk or read-only folder is
+    an `OutputError` naming the run file, and leaves no part of it."""
     result = HeadRun()
-    folder = config.output_dir / head.name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(config.output_dir / head.name)
     final = folder / f"run-{run_id}.csv"
     tmp = folder / f".{final.name}.tmp"
     options = config.features.model_dump(exclude_none=True)
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
-                         *[f"p_{c}" for c in head.bundle.classes]])
-        for start in range(0, len(pending), config.chunk_size):
-            chunk = pending[start:start + config.chunk_size]
-            predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
-                                       progress=False, **options, **head.options)
-            for row in predictions.rows():
-                if row[1] not in done:  # row: path, image id, ...
-                    done.add(row[1])
-                    writer.writerow([run_id, head.name, head.sha256, *row])
-                    result.rows += 1
-            result.computed += predictions.report.computed
-            result.skipped.update(predictions.report.skipped)
-            bar.update(len(chunk))
-        fh.flush()
-        os.fsync(fh.fileno())
-    if result.rows:
-        os.replace(tmp, final)
-        fsync_dir(folder)
-        result.file = final
-    else:
-        tmp.unlink()
+    try:
+        with writing(final, WRITE_ERRNOS), open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
+                             *[f"p_{c}" for c in head.bundle.classes]])
+            for start in range(0, len(pending), config.chunk_size):
+                chunk = pending[start:start + config.chunk_size]
+                predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
+                                           progress=False, **options, **head.options)
+                for row in predictions.rows():
+                    if row[1] not in done:  # row: path, image id, ...
+                        done.add(row[1])
+                        writer.writerow([run_id, head.name, head.sha256, *row])
+                        result.rows += 1
+                result.computed += predictions.report.computed
+                result.skipped.update(predictions.report.skipped)
+                bar.update(len(chunk))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if result.rows:
+            with writing(final):
+                os.replace(tmp, final)
+                fsync_dir(folder)
+            result.file = final
+    finally:
+        with suppress(OSError):  # what is left of a failed write (a kill leaves it to the next run's recover)
+            tmp.unlink(missing_ok=True)
     return result
 
 
@@ -243,7 +250,7 @@ def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry,
             bar.set_description(head.name)
             result = _predict_head(head, pending[head.name], done[head.name], config, entry.run_id, bar)
             entry.heads[head.name].rows = result.rows
-            entry.heads[head.name].file = str(result.file) if result.file else None
+            entry.heads[head.name].file = path_text(result.file) if result.file else None
             entry.predicted += result.rows
             entry.computed += result.computed
             entry.failed = len({path for later in heads[i + 1:] for path in pending[later.name]})
@@ -262,16 +269,18 @@ def _skipped_copies(skipped: dict[str, str], later_copies: dict[str, list[Path]]
 
 def _skips(skipped: dict[str, str]) -> tuple[int, list[SkippedFile]]:
     """How many files were skipped, and the first 20 of them, for the log line."""
-    return len(skipped), [SkippedFile(path=os.path.abspath(p), reason=r) for p, r in list(skipped.items())[:20]]
+    return len(skipped), [SkippedFile(path=path_text(os.path.abspath(p)), reason=path_text(r))
+                          for p, r in list(skipped.items())[:20]]
 
 
-def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_lock: str = "wait",
+def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | None = None, on_lock: str = "wait",
               progress: bool = True) -> BatchLogEntry:
-    """One batch run; returns its log entry (`exit_code` says how it went).
+    """One batch run (of a config file, or of one already loaded); returns its log entry (`exit_code`
+    says how it went).
 
     Config and head errors raise before anything is written; a run that fails once working is logged
     with status "failed" (what it committed is kept) and, for a bug, re-raised."""
-    config = load_batch_config(config_path)
+    config = config_path if isinstance(config_path, BatchConfig) else load_batch_config(config_path)
     if scheduler:
         config.features.scheduler = scheduler
     with batch_lock(config.output_dir, on_lock):
@@ -290,7 +299,7 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
             entry.new_skipped, entry.new_skipped_files = _skips({path: skipped[path] for path in new})
             entry.status, entry.exit_code = ("partial", EXIT_PARTIAL) if entry.new_skipped else ("ok", EXIT_OK)
         except Exception as exc:
-            entry.status, entry.exit_code, entry.error = "failed", EXIT_FAILED, first_line(exc)
+            entry.status, entry.exit_code, entry.error = "failed", EXIT_FAILED, path_text(first_line(exc))
             if not isinstance(exc, PipelineError | OSError):
                 _finish(config, entry, started)
                 raise
@@ -299,5 +308,13 @@ def run_batch(config_path: str | os.PathLike, scheduler: str | None = None, on_l
 
 
 def _finish(config: BatchConfig, entry: BatchLogEntry, started: float) -> None:
+    """Append the run's log line; a line that cannot be written makes the run fail (exit 1) with the
+    reason in `entry.error`, so that the caller can say so, instead of the run leaving no trace."""
     entry.ended, entry.seconds = now(), round(time.perf_counter() - started, 3)
-    append_log(config.log, entry)
+    try:
+        append_log(config.log, entry)
+    except OutputError as exc:
+        unlogged = f"{exc} (this run's log line was not written"
+        unlogged += "; the next run logs its files as recovered)" if entry.predicted else ")"
+        entry.status, entry.exit_code = "failed", EXIT_FAILED
+        entry.error = f"{entry.error}; {unlogged}" if entry.error else unlogged

@@ -13,15 +13,16 @@ import platform
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.errors import ConfigError, OutputError, PipelineError
+from pipeline.core.io import write_json_atomic, writing
+from pipeline.core.paths import path_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,12 @@ def batch_lock(folder: Path, on_lock: str = "wait") -> Iterator[None]:
             if on_lock == "exit":
                 raise LockBusy(f"another batch run ({holder}) holds {path}; exiting without doing anything "
                                "(--on-lock wait queues behind it)") from None
-            logger.warning(f"waiting for the batch run that holds {path} ({holder})")
+            logger.warning(f"waiting for the batch run that holds {path_text(path)} ({holder})")
             fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.truncate(0)
-        fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
-        fh.flush()
+        with suppress(OSError):  # the holder's note is for people: a full disk must not stop the run here
+            fh.truncate(0)
+            fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
+            fh.flush()
         yield
 
 
@@ -93,7 +95,7 @@ class HeadLog(_Record):
 
 
 class SkippedFile(_Record):
-    path: str  # absolute
+    path: str  # absolute, as `path_text` writes it
     reason: str
 
 
@@ -142,16 +144,18 @@ class BatchLogEntry(_Record):
 
 
 def append_log(log: Path, entry: BatchLogEntry) -> None:
-    """One JSON line, fsynced; a line cut short by an earlier kill is closed first, so this one parses."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a+b") as fh:
-        if fh.tell():
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-        fh.write(json.dumps(entry.model_dump(mode="json")).encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """One JSON line, fsynced; a line cut short by an earlier kill (or a full disk) is closed first, so
+    this one parses. An `OutputError` naming the log if the line cannot be written."""
+    with writing(log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a+b") as fh:
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(json.dumps(entry.model_dump(mode="json")).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def read_log(log: Path) -> list[dict]:
@@ -181,7 +185,7 @@ def recover(output_dir: Path, log: Path) -> None:
         for path in paths:
             with open(path, newline="") as fh:
                 rows = list(csv.DictReader(fh))
-            heads[path.parent.name] = HeadLog(file=str(path), sha256=rows[0].get("head_sha256") if rows else None,
+            heads[path.parent.name] = HeadLog(file=path_text(path), sha256=rows[0].get("head_sha256") if rows else None,
                                               rows=len(rows))
         ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
         append_log(log, BatchLogEntry.recovered(
@@ -221,9 +225,11 @@ def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -
     merged = kept | {os.path.abspath(path): state for path, state in current.items()}
     if merged != known:
         try:
-            write_json_atomic(record, merged)
-        except OSError as exc:  # the predictions are committed: say so, and report every skip as new
-            logger.warning(f"warning: cannot write {record}: {exc.strerror or exc}")
+            # The exact names, to map back to the files on the next run: a name that is not valid UTF-8
+            # is kept by JSON's \udcNN escapes (ASCII output), which json.loads returns as the same str.
+            write_json_atomic(record, merged, ensure_ascii=True)
+        except OutputError as exc:  # the predictions are committed: say so, and report every skip as new
+            logger.warning(f"warning: {path_text(str(exc))}")
             return list(current)
     return new
 

@@ -20,8 +20,9 @@ from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 
 from pipeline.core.configfile import ConfigFile, existing, near_config
 from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.core.io import atomic_write
+from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.names import DEFAULT_BACKBONE
+from pipeline.core.paths import path_text
 from pipeline.core.schema import Section, dataclass_default, one_of, option
 from pipeline.features.settings import ExtractSettings
 from pipeline.heads.spec import AnyHead, HeadSpec
@@ -279,13 +280,12 @@ def compare_options(config: RunConfig, output_dir: Path, features: dict) -> Comp
 
 
 def write_skip_list(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
-    """`path,reason` rows of the files an extraction skipped, written whole or not at all."""
+    """`path,reason` rows of the files an extraction skipped, written whole or not at all (an
+    `OutputError` naming the file if it cannot be); names as `path_text` writes them (`bad\\xe9.jpg` for
+    a name that is not valid UTF-8)."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "reason"])
-            writer.writerows(skipped)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the skip list {path}: {exc.strerror or exc}") from None
+    make_folder(path.parent)
+    with atomic_write(path, newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "reason"])
+        writer.writerows([path_text(name), path_text(reason)] for name, reason in skipped)

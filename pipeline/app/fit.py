@@ -21,6 +21,7 @@ from pipeline.images.data import require_labelled, scan
 class FitResult:
     fitted: FittedHead
     path: Path  # the saved bundle; its checksum is beside it, in `path.sha256`
+    skipped: list[tuple[str, str]]  # (path, reason) of the files of `data` that were not used
 
 
 def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: str = "head",
@@ -47,4 +48,4 @@ def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: s
     fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names)
     path = save_bundle(out, HeadBundle.of(fitted, first.class_names,
                                           source_meta(report.feature_sets, spec.sources, Path(cache_dir))))
-    return FitResult(fitted, path)
+    return FitResult(fitted, path, report.skipped)

@@ -19,11 +19,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import accuracy_score, f1_score
 
-from pipeline.app.config import RunConfig, auto_candidates, compare_options, finetune_options, head_specs
+from pipeline.app.config import (
+    RunConfig,
+    auto_candidates,
+    compare_options,
+    finetune_options,
+    head_specs,
+    write_skip_list,
+)
 from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import atomic_write, write_json_atomic
 from pipeline.core.names import DEFAULT_BACKBONE
+from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
 from pipeline.features.sources import feature_set, matrix, source_meta
 from pipeline.heads.bundle import HeadBundle, save_bundle
@@ -122,6 +130,12 @@ def _labelled_splits(config: RunConfig) -> dict[str, Dataset]:
             raise config.error(("data",), "'data' needs both train: and test: folders for a run")
         where = config.where(("data", split))
         splits[split] = require_labelled(scan(config.data[split]), f"{where}: 'data.{split}'")
+        empty = splits[split].empty_classes
+        if empty:  # a head would never predict such a class, and the scores would not say so
+            folders = ", ".join(path_text(config.data[split] / name) for name in empty)
+            raise config.error(("data", split), f"'data.{split}': class folder{'s' if len(empty) > 1 else ''} "
+                                                f"with no images: {folders} (a run needs images in every class "
+                                                "folder: add them, or remove the folder)")
     test_labels(splits["train"].class_names, splits["test"], f"{config.where(('data', 'test'))}: 'data.test'")
     return splits
 
@@ -152,11 +166,27 @@ def _rank_candidates(train: Dataset, config: RunConfig, progress: bool) -> list[
     return rows
 
 
+SKIP_LIST = "skipped.csv"  # in output_dir: every file either split skipped, with its reason
+
+
+@dataclass
+class RunOutcome:
+    metrics: dict  # as written to metrics.json (`RunMetrics`)
+    skipped: list[tuple[str, str]]  # (path, reason) of every file either split skipped
+    skip_list: Path  # output_dir/skipped.csv, which lists them
+
+
 def run(config_path: str | Path, progress: bool = True, config: RunConfig | None = None) -> dict:
     """Run every stage the config names; return the metrics written to metrics.json (`RunMetrics`).
 
     `config`, when given, is an already-parsed config (the demo builds its own); `config_path` is then
     unused, the config names its own source in messages."""
+    return run_config(config_path, progress, config).metrics
+
+
+def run_config(config_path: str | Path | None, progress: bool = True, config: RunConfig | None = None) -> RunOutcome:
+    """`run`, with the files skipped on the way (also written to `output_dir/skipped.csv`, on every run,
+    so the list never describes an earlier one)."""
     config = config or RunConfig.load(config_path)
     specs = head_specs(config)  # validated before any work starts
     if not config.output_dir:
@@ -185,6 +215,8 @@ def run(config_path: str | Path, progress: bool = True, config: RunConfig | None
     comparison = compare_options(config, out, features)
 
     reports = {split: extract(splits[split], progress=progress, **features) for split in ("train", "test")}
+    skipped = [item for split in ("train", "test") for item in reports[split].skipped]
+    write_skip_list(out / SKIP_LIST, skipped)  # before the heads: a run that stops later still names them
     train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
     first, test_first = feature_set(train_sets, specs[0].sources[0]), feature_set(test_sets, specs[0].sources[0])
     _check_rows(first, test_first)
@@ -228,12 +260,12 @@ def run(config_path: str | Path, progress: bool = True, config: RunConfig | None
     write_json_atomic(out / "metrics.json", metrics, allow_nan=False)
     _write_predictions(out / "predictions.csv", test_first, y_test, classes, best, results[best])
 
-    from pipeline.reporting.report import write_report
+    from pipeline.reporting.pages import write_report
 
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
-    logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {out / 'metrics.json'}")
-    logger.info(f"report: {report}")
-    return metrics
+    logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {path_text(out / 'metrics.json')}")
+    logger.info(f"report: {path_text(report)}")
+    return RunOutcome(metrics, skipped, out / SKIP_LIST)
 
 
 def _finetune(options: FinetuneOptions, progress: bool) -> FinetuneScores:
@@ -256,11 +288,11 @@ def _compare(options: CompareOptions, progress: bool) -> CompareTotals:
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,
                        result: HeadResult) -> None:
-    with open(path, "w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "true_class", "predicted_class", "head",
                          *[f"p_{c}" for c in classes]])
         for i, (p, image_id) in enumerate(zip(test.paths, test.image_ids, strict=True)):
-            writer.writerow([str(p), image_id, classes[y_test[i]], classes[result.predicted[i]], head,
+            writer.writerow([path_text(p), image_id, classes[y_test[i]], classes[result.predicted[i]], head,
                              *[f"{v:.6f}" for v in result.proba[i]]])
 

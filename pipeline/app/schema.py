@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.io import make_folder, write_text_atomic
+
 
 def schemas() -> dict[str, dict]:
     from pipeline.app.batch import BatchConfig
@@ -84,9 +86,9 @@ def reference_files() -> dict[str, str]:
 
 
 def write_reference(folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     written = []
     for name, text in reference_files().items():
-        (folder / name).write_text(text)
+        write_text_atomic(folder / name, text)
         written.append(folder / name)
     return written

@@ -14,7 +14,7 @@ from pipeline.tuning.finetune import FinetuneOptions, FinetuneResult
 def run_finetune(options: FinetuneOptions, progress: bool = True,
                  on_epoch: Callable[[int, dict], None] | None = None) -> FinetuneResult:
     """Fine-tune and save the backbone (`finetune.json` in `options.out`), then draw `finetune.png`."""
-    from pipeline.reporting.report import finetune_figure
+    from pipeline.reporting.figures import finetune_figure
     from pipeline.tuning.finetune import finetune
 
     result = finetune(options, progress=progress, on_epoch=on_epoch)
@@ -24,7 +24,7 @@ def run_finetune(options: FinetuneOptions, progress: bool = True,
 
 def run_compare(options: CompareOptions, progress: bool = True) -> dict:
     """Every (shots, seed) run (`compare.json` in `options.out`), then `compare.png` and `compare.html`."""
-    from pipeline.reporting.report import compare_report
+    from pipeline.reporting.pages import compare_report
     from pipeline.tuning.compare import compare
 
     result = compare(options, progress=progress)

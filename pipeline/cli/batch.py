@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipeline.core.paths import path_text
 
 if TYPE_CHECKING:
     from pipeline.app.batch_state import BatchLogEntry
@@ -16,7 +19,8 @@ killed at any moment is finished by the next one without duplicate rows.
 
 exit codes:
   0  done: every image predicted (or nothing was new)
-  1  failed while working; logged with status "failed", committed files are kept, the next run resumes
+  1  failed while working; logged with status "failed", committed files are kept, the next run resumes;
+     also when the run's log line cannot be written (a full disk): the error on stderr says so
   2  the config or a head file is unusable: nothing ran, nothing was logged
   3  partial: files were skipped that no earlier run reported (unreadable, not images; the first 20 are
      in the log line, all in OUTPUT/skipped.json), all others predicted; a file that stays broken is
@@ -26,15 +30,16 @@ exit codes:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from pipeline.app.batch import EXIT_LOCKED, run_batch
-    from pipeline.app.batch_state import LockBusy
+    from pipeline.app.batch import EXIT_LOCKED, load_batch_config, run_batch
+    from pipeline.app.batch_state import SKIP_RECORD, LockBusy
 
+    config = load_batch_config(args.config)
     try:
-        entry = run_batch(args.config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)
+        entry = run_batch(config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)
     except LockBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    _print_batch_skips(entry)
+    _print_batch_skips(entry, config.output_dir / SKIP_RECORD)
     for name, head in entry.heads.items():
         print(f"{name}: {head.rows} predictions" + (f" in {head.file}" if head.file else ""))
     fresh = "" if entry.new_skipped is None else f" ({entry.new_skipped} new)"
@@ -46,17 +51,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return entry.exit_code
 
 
-def _print_batch_skips(entry: BatchLogEntry) -> None:
-    """New skips first: those already reported by earlier runs are counted, not listed again."""
+def _print_batch_skips(entry: BatchLogEntry, record: Path) -> None:
+    """New skips as every command summarises skips; those already reported by earlier runs are counted,
+    not listed again. The log line keeps the first 20 of each, `record` (OUTPUT/skipped.json) all."""
+    from pipeline.cli.skips import print_skips
+
     listed, count = ((entry.skipped_files, entry.skipped) if entry.new_skipped is None
                      else (entry.new_skipped_files, entry.new_skipped))
-    for item in listed[:10]:
-        print(f"skipped {item.path}: {item.reason}")
-    if count > 10:
-        print(f"... and {count - 10} more (the log line lists the first 20)")
+    recorded = entry.new_skipped is not None  # a run that failed may not have reached the record
+    print_skips([(item.path, item.reason) for item in listed or []], count or 0, record if recorded else None,
+                hint="the log line lists the first 20")
     if entry.new_skipped is not None and entry.skipped > entry.new_skipped:
-        print(f"{entry.skipped - entry.new_skipped} files skipped as in earlier runs (see skipped.json "
-              "in the output folder)")
+        print(f"{entry.skipped - entry.new_skipped} files skipped as in earlier runs (see {path_text(record)})")
 
 
 def add_batch_parser(sub: argparse._SubParsersAction) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import OutputError, PipelineError
 from pipeline.core.names import DEFAULT_BACKBONE
 
 
@@ -38,6 +39,7 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.app.config import extract_settings, write_skip_list
+    from pipeline.cli.skips import print_skips
     from pipeline.features.extract import extract
 
     sources, settings = extract_settings(args.config, args.data, overrides(args))
@@ -49,16 +51,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
         for (backbone, layer), fs in report.feature_sets.items():
             print(f"{backbone} [{layer}]: {fs.features.shape[0]} x {fs.features.shape[1]} features "
                   f"in {Path(settings['cache_dir']) / fs.cache_key}")
-        for path, reason in report.skipped[:10]:
-            print(f"skipped {path}: {reason}")
-        if len(report.skipped) > 10:
-            print(f"... and {len(report.skipped) - 10} more")
         print(report.summary())
         skipped += report.skipped
     skipped_csv = Path(args.skipped) if args.skipped else Path(settings["cache_dir"]) / "skipped.csv"
-    write_skip_list(skipped_csv, skipped)
-    if skipped:
-        print(f"skip list ({len(skipped)} files, with reasons): {skipped_csv}")
+    try:
+        write_skip_list(skipped_csv, skipped)
+    except OutputError as exc:  # the features are committed; a read-only cache is fine when nothing is lost
+        if args.skipped:
+            raise
+        if skipped:
+            print_skips(skipped)
+            raise OutputError(f"{exc} ({len(skipped)} files were skipped; --skipped FILE writes their list "
+                              "elsewhere)") from exc
+        print(f"warning: {exc} (nothing was skipped)", file=sys.stderr)
+        return 0
+    print_skips(skipped, full_list=skipped_csv)
     return 0
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +21,23 @@ EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.app.run import run
+    from pipeline.app.run import run_config
+    from pipeline.cli.skips import print_skips
 
-    run(args.config, progress=not args.quiet)
+    outcome = run_config(args.config, progress=not args.quiet)
+    print_skips(outcome.skipped, full_list=outcome.skip_list)
     return 0
+
+
+def _skip_list(args: argparse.Namespace, skipped: list[tuple[str, str]], default: Path | None = None) -> None:
+    """Print the summary of `skipped`, writing the full list to --skipped FILE (else `default`, if any)."""
+    from pipeline.app.config import write_skip_list
+    from pipeline.cli.skips import print_skips
+
+    full_list = Path(args.skipped) if args.skipped else default
+    if full_list is not None:
+        write_skip_list(full_list, skipped)
+    print_skips(skipped, full_list=full_list, hint="--skipped FILE lists them all")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -32,6 +45,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     result = fit(args.data, args.type, args.out, args.name, args.backbone, args.source, args.cache,
                  progress=not args.quiet)
+    _skip_list(args, result.skipped)
     cv = result.fitted.cv_accuracy
     score = "no cross-validation (one setting)" if cv is None else f"cross-validated accuracy {cv:.1%}"
     print(f"{result.fitted.spec.name}: {score} ({result.fitted.fit_seconds:.1f} s); "
@@ -40,12 +54,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.cli.skips import skip_list_beside
     from pipeline.heads.predict import predict, write_predictions
 
     result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet)
     out = write_predictions(result, args.out)
-    for path, reason in result.report.skipped:
-        print(f"skipped {path}: {reason}")
+    _skip_list(args, result.report.skipped, skip_list_beside(out))
     print(f"{len(result.proba)} predictions written to {out} ({result.report.summary()})")
     return 0
 
@@ -53,8 +67,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.heads.predict import evaluate, predict
 
-    scores = evaluate(predict(args.model, args.data, args.cache, args.device, args.scheduler,
-                              progress=not args.quiet))
+    result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet)
+    _skip_list(args, result.report.skipped)
+    scores = evaluate(result)
     print(f"{args.model} on {args.data}: accuracy {scores['accuracy']:.1%}, macro-F1 {scores['macro_f1']:.3f} "
           f"({scores['images']} images)")
     return 0
@@ -65,7 +80,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from pipeline.cli.features import overrides
     from pipeline.core.io import write_json_atomic
     from pipeline.heads.rank import as_json, rank, spearman, table
-    from pipeline.reporting.report import write_rank_report
+    from pipeline.reporting.pages import write_rank_report
 
     sources, settings = extract_settings(args.config, args.data, overrides(args))
     data = sources.get("train") or next(iter(sources.values()))
@@ -135,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feature source(s); several for pca_fusion (default: the first backbone's default layer)")
     add_setting(fit, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
     fit.add_argument("--out", required=True, metavar="FILE", help="where to save the head (.joblib)")
+    fit.add_argument("--skipped", metavar="FILE", help="write the CSV of skipped files here (default: none; "
+                                                      "the first ten are printed)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
 
@@ -147,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             sub_parser.add_argument("--out", default="predictions.csv", metavar="FILE",
                                     help="CSV to write (default: predictions.csv)")
+        sub_parser.add_argument("--skipped", metavar="FILE", help="write the CSV of skipped files here (default: " + (
+            "beside --out, NAME.skipped.csv)" if name == "predict" else "none; the first ten are printed)"))
         add_setting(sub_parser, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
         add_setting(sub_parser, ExtractSettings, "device", choices=DEVICES)
         sub_parser.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler address")
@@ -207,8 +226,28 @@ def _console_log() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _escaped_output() -> Iterator[None]:
+    """stdout and stderr write a file name that is not valid UTF-8 as `path_text` does (`bad\\xe9.jpg`),
+    so no printed line, error messages included, fails on a name."""
+    from pipeline.core.paths import escape_stream
+
+    streams = [(stream, escape_stream(stream)) for stream in (sys.stdout, sys.stderr)]
+    try:
+        yield
+    finally:
+        for stream, errors in streams:
+            if errors is not None:
+                with suppress(ValueError, OSError):  # closed, or a pipe whose reader has gone
+                    stream.reconfigure(errors=errors)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with _escaped_output():
+        return _main(build_parser().parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         with _console_log():
             return args.func(args)

@@ -24,6 +24,11 @@ class DataError(PipelineError):
     """An input folder or file list cannot be used."""
 
 
+class OutputError(PipelineError):
+    """A result cannot be written: the disk is full, the folder is read-only or not ours to write.
+    The message names the path; what was there before is left as it was."""
+
+
 def first_line(exc: BaseException) -> str:
     """A foreign exception's message cut to one line, for the one-line errors users see."""
     text = str(exc).strip()

@@ -1,34 +1,40 @@
 """The on-disk feature cache: one folder per cache key, one zarr array per shard.
 
-Layout of `CACHE/<key>/`:
+Layout of `CACHE/<key>/` (the folder's name ends in the key's digest):
     meta.json                     what produced these numbers (backbone, weights SHA-256, preprocessing,
-                                  layer, precision, dimension)
+                                  layer, precision, dimension); the key it describes must have the
+                                  folder's digest, or the whole folder is unreadable
     features.zarr/<shard>-<tag>   a (rows, dim) float32 zarr v3 array; attribute `image_ids` names the rows
-    shards/<shard>.json           the completion record, written last: rows, ids, SHA-256 of the data
+    shards/<shard>.json           the completion record, written last: rows, ids, SHA-256 of the data, and
+                                  `checksum`, a SHA-256 over all of that and the key's digest
 
-A shard is present only when its record exists (and names an array that is there); its data is checked
-against the record's checksum whenever it is read: zarr reads a chunk that was never written as zeros
-without complaint, so the array alone proves nothing. Arrays are
-written in `CACHE/.staging/` and renamed into place, then the record is replaced atomically, so a run
-killed at any moment leaves whole shards only, and a task that runs twice just leaves an orphan for `gc`.
+A shard is present only when its record exists, passes its checksum (so its ids are the ones written, in
+the order written, for this key) and names an array that is there; its data is checked against the
+record's SHA-256 whenever it is read: zarr reads a chunk that was never written as zeros without
+complaint, so the array alone proves nothing. Records of the first format (no `checksum`: their ids
+were not covered) are not trusted: the shard is computed again. A key folder is built in
+`CACHE/.staging/` and renamed into place, so it never lacks its meta.json; arrays are written there too
+and renamed into place, then the record is replaced atomically, so a run killed at any moment leaves
+whole shards only, and a task that runs twice just leaves an orphan for `gc`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.core.errors import CacheError
+from pipeline.core.errors import CacheError, OutputError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.io import fsync_dir, write_json_atomic
 from pipeline.images.data import DECODER
@@ -36,10 +42,16 @@ from pipeline.images.data import DECODER
 if TYPE_CHECKING:
     import dask.array as da
 
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # of the key: part of every key's digest, so changing it recomputes every cache
+RECORD_FORMAT = 2  # of the completion records; 2 added `checksum` (over the ids and the key's digest)
 _STAGING = ".staging"
 _ORPHAN_GRACE_S = 3600  # gc leaves younger unrecorded arrays alone: a running task may be committing them
 _ARRAY_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
+_KEY_NAME = re.compile(r"[^.].*-[0-9a-f]{16}")
+_UNREADABLE = "completion record is unreadable"
+_META_UNREADABLE = "meta.json cannot be read"  # a permission, not damage: gc leaves the key alone
 
 
 @dataclass(frozen=True)
@@ -69,16 +81,33 @@ def array_sha256(array: np.ndarray) -> str:
     return bytes_sha256(np.ascontiguousarray(array, dtype="<f4").tobytes())
 
 
-def _valid_record(shard: str, record: object) -> bool:
-    """A record is trusted only if every field has the right type and they agree with each other;
-    the array name must be one this code writes, so a tampered record cannot point gc elsewhere."""
+def record_checksum(key_digest: str, record: dict) -> str:
+    """SHA-256 over every field of a completion record but `checksum` itself (the data's SHA-256, the
+    row count, the image ids in row order, the array's name) and the digest of the key the record
+    belongs to: reordered or exchanged ids, or a record copied into another key's folder, fail it."""
+    fields_ = {name: value for name, value in record.items() if name != "checksum"}
+    return bytes_sha256(json.dumps([key_digest, fields_], sort_keys=True).encode())
+
+
+def _record_problem(shard: str, record: object, key_digest: str) -> str | None:
+    """Why a record is not trusted, or None. Every field must have the right type and agree with the
+    others and with the checksum; the array name must be one this code writes, so a tampered record
+    cannot point gc elsewhere."""
     if not isinstance(record, dict):
-        return False
+        return _UNREADABLE
+    if "checksum" not in record and "format" not in record:
+        return ("completion record of an older version (its checksum does not cover the image ids); "
+                "the next extract computes the shard again")
     ids, rows = record.get("image_ids"), record.get("rows")
-    return (isinstance(record.get("array"), str) and _ARRAY_NAME.fullmatch(record["array"]) is not None
+    if not (record.get("format") == RECORD_FORMAT and isinstance(record.get("checksum"), str)
+            and isinstance(record.get("array"), str) and _ARRAY_NAME.fullmatch(record["array"]) is not None
             and record["array"].startswith(shard) and isinstance(rows, int) and isinstance(record.get("dim"), int)
             and isinstance(record.get("sha256"), str) and isinstance(ids, list) and len(ids) == rows
-            and all(isinstance(i, str) for i in ids))
+            and all(isinstance(i, str) for i in ids)):
+        return _UNREADABLE
+    if record["checksum"] != record_checksum(key_digest, record):
+        return "completion record does not match its checksum (its image ids or fields were changed)"
+    return None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -114,55 +143,115 @@ class FeatureStore:
         self.root = Path(root)
         self.arrays = self.root / "features.zarr"
         self.records_dir = self.root / "shards"
+        self.digest = self.root.name.rpartition("-")[2]  # the key's digest, which every record covers
 
     @classmethod
     def create(cls, cache_dir: str | os.PathLike, key: CacheKey, provenance: dict | None = None) -> FeatureStore:
-        """Open the store of `key`, creating it if needed (safe when several processes race)."""
+        """Open the store of `key`, creating it if needed (safe when several processes race). A complete
+        store is only read, so a fully cached extraction works on a read-only cache; a meta.json that is
+        missing or damaged is written again from `key` (the records do not depend on it)."""
         store = cls(Path(cache_dir) / key.dirname)
+        meta_problem = store._meta_problem()
+        if meta_problem is None and (store.arrays / "zarr.json").is_file() and store.records_dir.is_dir():
+            return store
+        meta = {**asdict(key), "key": key.dirname, "format": FORMAT_VERSION, **(provenance or {})}
         try:
-            store.records_dir.mkdir(parents=True, exist_ok=True)
-            if not (store.arrays / "zarr.json").exists():
-                import zarr
+            if not store.root.exists():
+                store._build(meta)
+            else:
+                store.records_dir.mkdir(parents=True, exist_ok=True)
+                if not (store.arrays / "zarr.json").exists():
+                    import zarr
 
-                zarr.open_group(store=str(store.arrays), mode="a")
-            if not (store.root / "meta.json").exists():
-                write_json_atomic(store.root / "meta.json", {**asdict(key), "key": key.dirname,
-                                                              "format": FORMAT_VERSION, **(provenance or {})})
+                    zarr.open_group(store=str(store.arrays), mode="a")
+                if meta_problem is not None:
+                    logger.warning(f"warning: cache {store.root.name}: {meta_problem}; written again from the key")
+                    write_json_atomic(store.root / "meta.json", meta)
         except OSError as exc:
-            raise CacheError(f"cannot write the feature cache in {cache_dir}: {exc.strerror or exc}") from None
+            raise OutputError(f"cannot write the feature cache {store.root}: "
+                              f"{exc.strerror or first_line(exc)}") from exc
         return store
+
+    def _build(self, meta: dict) -> None:
+        """A new key's folder, complete with its meta.json, built in staging and renamed into place: a
+        key folder without meta.json is then always damage, never a store being created."""
+        import zarr
+
+        staging = self.root.parent / _STAGING / f"{self.root.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            (staging / "shards").mkdir(parents=True)
+            zarr.open_group(store=str(staging / "features.zarr"), mode="a")
+            write_json_atomic(staging / "meta.json", meta)
+            _fsync_tree(staging)
+            try:
+                os.rename(staging, self.root)
+            except OSError:
+                if not (self.root / "meta.json").is_file():
+                    raise
+                return  # another process created the key first
+            fsync_dir(self.root.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def all_in(cls, cache_dir: str | os.PathLike) -> list[FeatureStore]:
+        """Every key folder: a folder named like a key that holds meta.json, records or arrays (so a key
+        whose meta.json is missing is listed, and checked, too)."""
         cache_dir = Path(cache_dir)
         if not cache_dir.is_dir():
             raise CacheError(f"cache folder not found: {cache_dir}")
-        return [cls(p.parent) for p in sorted(cache_dir.glob("*/meta.json"))]
+        return [cls(p) for p in sorted(cache_dir.iterdir())
+                if _KEY_NAME.fullmatch(p.name) and p.is_dir()
+                and any((p / name).exists() for name in ("meta.json", "shards", "features.zarr"))]
+
+    def _meta_problem(self) -> str | None:
+        """Why meta.json cannot be trusted, or None: it must describe the key whose digest names the folder."""
+        path = self.root / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            return "meta.json is missing"
+        except OSError as exc:
+            return f"{_META_UNREADABLE} ({exc.strerror or first_line(exc)})"
+        except ValueError as exc:
+            return f"meta.json is not valid JSON ({first_line(exc)})"
+        try:
+            key = CacheKey(**{f.name: meta[f.name] for f in fields(CacheKey)})
+            matches = key.dirname == self.root.name
+        except (KeyError, TypeError, ValueError):
+            matches = False
+        if not matches:
+            return "meta.json does not describe this key (edited, or written by another version)"
+        return None
 
     @property
     def meta(self) -> dict:
-        try:
-            return json.loads((self.root / "meta.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"{self.root / 'meta.json'} is unreadable: {exc}") from exc
+        """meta.json, once it has been checked against the folder's digest."""
+        problem = self._meta_problem()
+        if problem is not None:
+            raise CacheError(f"cache {self.root}: {problem}; `pipeline extract` writes it again, "
+                             "`pipeline cache gc` drops the key")
+        return json.loads((self.root / "meta.json").read_text())
 
-    def _read_record(self, path: Path) -> dict | None:
+    def _read_record(self, path: Path) -> tuple[dict | None, str | None]:
+        """(the record, None) if it is trusted, else (None, why not)."""
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
-            return None
-        return record if _valid_record(path.stem, record) else None
+            return None, _UNREADABLE
+        problem = _record_problem(path.stem, record, self.digest)
+        return (record, None) if problem is None else (None, problem)
 
-    def _scan(self) -> tuple[dict[str, dict], list[Path]]:
-        """One pass over the records: (valid records by shard id, record files that are not valid)."""
-        records, unreadable = {}, []
+    def _scan(self) -> tuple[dict[str, dict], dict[Path, str]]:
+        """One pass over the records: (trusted records by shard id, record files that are not, with why)."""
+        records, untrusted = {}, {}
         for path in sorted(self.records_dir.glob("*.json")):
-            record = self._read_record(path)
+            record, problem = self._read_record(path)
             if record is None:
-                unreadable.append(path)
+                untrusted[path] = problem
             else:
                 records[path.stem] = record
-        return records, unreadable
+        return records, untrusted
 
     def records(self) -> dict[str, dict]:
         """Completion records by shard id; a damaged record counts as absent (its shard is redone)."""
@@ -193,14 +282,20 @@ class FeatureStore:
             raise ValueError(f"shard {shard}: {rows} feature rows for {len(image_ids)} image ids")
         array_name = f"{shard}-{uuid.uuid4().hex[:8]}"
         staging = self.root.parent / _STAGING / f"{self.root.name}-{array_name}"
-        zarr.create_array(store=str(staging), data=features, chunks=(max(rows, 1), dim),
-                          attributes={"image_ids": image_ids})
-        _fsync_tree(staging)
-        os.rename(staging, self.arrays / array_name)
-        fsync_dir(self.arrays)
-        write_json_atomic(self.records_dir / f"{shard}.json", {
-            "array": array_name, "rows": rows, "dim": dim, "sha256": array_sha256(features),
-            "image_ids": image_ids, "seconds": seconds})
+        try:
+            zarr.create_array(store=str(staging), data=features, chunks=(max(rows, 1), dim),
+                              attributes={"image_ids": image_ids})
+            _fsync_tree(staging)
+            os.rename(staging, self.arrays / array_name)
+            fsync_dir(self.arrays)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(f"cannot write the feature cache {self.root}: "
+                              f"{exc.strerror or first_line(exc)}") from exc
+        record = {"format": RECORD_FORMAT, "array": array_name, "rows": rows, "dim": dim,
+                  "sha256": array_sha256(features), "image_ids": list(image_ids), "seconds": seconds}
+        record["checksum"] = record_checksum(self.digest, record)
+        write_json_atomic(self.records_dir / f"{shard}.json", record)
 
     def read(self, image_ids: list[str]) -> da.Array:
         """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read."""
@@ -213,7 +308,7 @@ class FeatureStore:
         if missing:
             raise CacheError(f"{len(missing)} images are not in cache {self.root.name} "
                              f"(first: {missing[0]}); run `pipeline extract` first")
-        dim = self.meta["dim"]
+        dim = self.meta["dim"]  # checked against the folder's digest, which every record covers
         if not image_ids:
             return da.zeros((0, dim), dtype=np.float32)
         parts, offsets, total = [], {}, 0
@@ -226,22 +321,25 @@ class FeatureStore:
                                 count=len(image_ids))
         return da.concatenate(parts)[positions]
 
-    def _damage(self) -> tuple[dict[str, tuple[dict, str]], list[Path]]:
-        """(shard -> (record, why) for shards that fail their check, record files that are not valid)."""
-        records, unreadable = self._scan()
+    def _damage(self) -> tuple[dict[str, tuple[dict, str]], dict[Path, str]]:
+        """(shard -> (record, why) for shards that fail their check, record files not trusted -> why)."""
+        records, untrusted = self._scan()
         damaged = {}
         for shard, record in records.items():
             try:
                 _load_array(self.arrays / record["array"], record)
             except CacheError as exc:
                 damaged[shard] = (record, str(exc).split(";")[0])
-        return damaged, unreadable
+        return damaged, untrusted
 
     def verify(self) -> list[str]:
-        """One line per problem: a shard that changed, is truncated or unreadable, or a broken record."""
-        damaged, unreadable = self._damage()
-        return ([f"{self.root.name}: shard {shard}: {why}" for shard, (_record, why) in damaged.items()]
-                + [f"{self.root.name}: shard {p.stem}: completion record is unreadable" for p in unreadable])
+        """One line per problem: meta.json missing, unreadable or not this key's; a shard that changed, is
+        truncated or unreadable; a record that is broken, fails its checksum or is of the first format."""
+        meta_problem = self._meta_problem()
+        damaged, untrusted = self._damage()
+        return ([f"{self.root.name}: {meta_problem}"] if meta_problem else []) + (
+            [f"{self.root.name}: shard {shard}: {why}" for shard, (_record, why) in damaged.items()]
+            + [f"{self.root.name}: shard {p.stem}: {why}" for p, why in untrusted.items()])
 
     def orphans(self, min_age_s: float = 0.0) -> list[Path]:
         """Arrays no record points to (a task that ran twice, or died between rename and record)."""
@@ -256,19 +354,28 @@ class FeatureStore:
         """Drop damaged shards (so the next run recomputes them) and old leftovers; return what went.
 
         Each record is read again just before it is removed, so a shard that a concurrent run has just
-        committed again is left alone."""
-        damaged, unreadable = self._damage()
+        committed again is left alone. A key whose meta.json is missing or not its own goes whole (a key
+        folder is created with its meta.json, so this is damage, not a store being created); one whose
+        meta.json cannot be read (no permission) is left for a person to look at."""
+        meta_problem = self._meta_problem()
+        if meta_problem is not None:
+            if meta_problem.startswith(_META_UNREADABLE):
+                return []
+            shutil.rmtree(self.root, ignore_errors=True)
+            return [f"{self.root.name}: unreadable key ({meta_problem})"]
+        damaged, untrusted = self._damage()
         removed = []
         for shard, (record, _why) in damaged.items():
             path = self.records_dir / f"{shard}.json"
-            if (self._read_record(path) or {}).get("array") == record["array"]:
+            if (self._read_record(path)[0] or {}).get("array") == record["array"]:
                 path.unlink(missing_ok=True)
                 removed.append(f"{self.root.name}: damaged shard {shard}")
             shutil.rmtree(self.arrays / record["array"], ignore_errors=True)
-        for path in unreadable:
-            if self._read_record(path) is None:
+        for path, why in untrusted.items():
+            if self._read_record(path)[0] is None:
                 path.unlink(missing_ok=True)
-                removed.append(f"{self.root.name}: unreadable record {path.stem}")
+                removed.append(f"{self.root.name}: unreadable record {path.stem}" if why == _UNREADABLE
+                               else f"{self.root.name}: untrusted record {path.stem} ({why})")
         for orphan in self.orphans(_ORPHAN_GRACE_S):
             shutil.rmtree(orphan, ignore_errors=True)
             removed.append(f"{self.root.name}: orphan array {orphan.name}")
@@ -280,7 +387,11 @@ class FeatureStore:
         return removed
 
     def summary(self) -> dict:
-        meta = self.meta
+        """What `cache ls` shows; a key whose meta.json cannot be trusted shows `?` (verify says why)."""
+        try:
+            meta = self.meta
+        except CacheError:
+            meta = {"backbone": "?", "layer": "?", "precision": "?", "dim": "?"}
         records = self.records()
         return {"key": self.root.name, "backbone": meta["backbone"], "layer": meta["layer"],
                 "precision": meta["precision"], "dim": meta["dim"], "shards": len(records),

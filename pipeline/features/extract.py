@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from pipeline.core.errors import CacheError, ConfigError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.names import DEFAULT_BACKBONE
+from pipeline.core.paths import path_text
 from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.features.settings import DEFAULTS, DEVICES, PRECISIONS
 from pipeline.images.data import Dataset, decode, hash_files, scan
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     import dask.array as da
 
     from pipeline.models.taps import TappedNetwork
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -365,6 +369,7 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     precision = resolve_precision(precision, device)
     cache_dir = Path(cache_dir).absolute()
     dataset = data if isinstance(data, Dataset) else scan(data)
+    _warn_about_classes(dataset)
     started = time.perf_counter()
     report = ExtractReport(images=len(dataset.paths), skipped=list(dataset.skipped))
 
@@ -399,6 +404,22 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
         report.feature_sets.update(_feature_sets(dataset, ids, rows, stores, backbone, layer_plan[backbone]))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _warn_about_classes(dataset: Dataset) -> None:
+    """Class folders that are named nowhere else: empty ones (a head never predicts them) and ones named
+    like splits (`--data` given the folder that holds train/ and val/, not one of them)."""
+    where = path_text(dataset.source) if dataset.source else "the data"
+    empty = dataset.empty_classes
+    if empty:
+        logger.warning(f"warning: {where}: class folder{'s' if len(empty) > 1 else ''} with no images: "
+                       f"{', '.join(empty)} (a head fitted on this data never predicts "
+                       f"{'them' if len(empty) > 1 else 'it'})")
+    splits = dataset.split_like_classes
+    if splits:
+        example = f" ({path_text(dataset.source / splits[0])})" if dataset.source else ""
+        logger.warning(f"warning: {where}: class folders named like splits ({', '.join(splits)}): if they are "
+                       f"splits, give one of them{example}, not the folder that holds them")
 
 
 def _feature_sets(dataset: Dataset, ids: list[str | None], rows: list[int], stores: list[FeatureStore],

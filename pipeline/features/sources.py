@@ -3,12 +3,12 @@ a saved head records to make its features again."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import FeatureSet
 
 
@@ -42,7 +42,7 @@ def source_meta(sets: dict[tuple[str, str], FeatureSet], sources: list[str], cac
     out = []
     for source in sources:
         fs = feature_set(sets, source)
-        meta = json.loads((cache_dir / fs.cache_key / "meta.json").read_text())
+        meta = FeatureStore(cache_dir / fs.cache_key).meta
         out.append(SourceMeta(backbone=fs.backbone, layer=fs.layer, cache_key=fs.cache_key,
                               precision=meta["precision"], weights_sha256=meta["weights_sha256"],
                               weights=str(Path(weights).absolute()) if weights else None))

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline.core.io import atomic_write, make_folder
+from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
 from pipeline.features.settings import DEFAULTS
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
@@ -37,11 +39,11 @@ class Predictions:
         return self.bundle.pipeline.classes_[self.proba.argmax(1)]
 
     def rows(self) -> Iterator[list[str]]:
-        """Per image: path, image id, predicted class, then one probability per class."""
+        """Per image: path (as `path_text` writes it), image id, predicted class, then one probability per class."""
         classes = self.bundle.classes
         for path, image_id, label, row in zip(self.features.paths, self.features.image_ids, self.predicted,
                                               self.proba, strict=True):
-            yield [str(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
+            yield [path_text(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
 
 
 def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
@@ -85,9 +87,9 @@ def predict_with(bundle: HeadBundle, data: str | os.PathLike | Dataset, **extrac
 def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
     """One row per image: path, image id, predicted class, then one probability column per class."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     classes = result.bundle.classes
-    with open(out, "w", newline="") as fh:
+    with atomic_write(out, newline="") as fh:  # whole or not at all: a failure leaves the old file
         writer = csv.writer(fh)
         writer.writerow(["path", "image_id", "predicted_class", *[f"p_{c}" for c in classes]])
         writer.writerows(result.rows())

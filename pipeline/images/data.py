@@ -6,8 +6,10 @@ cached row. Decoding never raises for a bad file: it returns the reason, and the
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.errors import ConfigError, DataError, first_line
 from pipeline.core.hashing import bytes_sha256, stream_sha256
+from pipeline.core.paths import path_text
 from pipeline.images.preprocess import Preprocess
 
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
@@ -36,54 +39,182 @@ class Dataset:
     labels: np.ndarray
     class_names: list[str]
     skipped: list[tuple[str, str]]  # (path, reason) for files rejected while scanning
+    source: Path | None = None  # the folder or list scanned, for messages
+
+    @property
+    def empty_classes(self) -> list[str]:
+        """Class folders with no files: a head fitted on this data never predicts them."""
+        labels = np.asarray(self.labels, dtype=int)
+        counts = np.bincount(labels[labels >= 0], minlength=len(self.class_names))
+        return [name for name, count in zip(self.class_names, counts, strict=True) if count == 0]
+
+    @property
+    def split_like_classes(self) -> list[str]:
+        """Class folders named like splits (train, val, test): likely the folder holding the splits,
+        given where one split was meant."""
+        return [name for name in self.class_names if name.lower() in SPLIT_NAMES]
 
 
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".")
+# Class folder names that are split names: `--data` given the folder that holds the splits.
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
+def _unusable(path: Path, exc: OSError) -> str:
+    """Why a folder entry that cannot be followed is skipped."""
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symbolic link (its target does not exist)"
+    return f"unreadable: {exc.strerror or exc}"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _entries(folder: Path) -> tuple[list[tuple[Path, tuple[int, int]]], list[Path], list[tuple[str, str]]]:
+    """The visible entries of one folder, links followed: sub-folders with their (device, inode), regular
+    files, and a reason for every other entry. Hidden names (a leading dot: uploads in progress, editor
+    and notebook leftovers) are left alone. Raises OSError when `folder` itself cannot be listed."""
+    folders, files, skipped = [], [], []
+    with os.scandir(folder) as listing:
+        names = sorted(entry.name for entry in listing)
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = folder / name
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            skipped.append((str(path), _unusable(path, exc)))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            folders.append((path, (info.st_dev, info.st_ino)))
+        elif stat.S_ISREG(info.st_mode):
+            files.append(path)
+        else:
+            skipped.append((str(path), f"not a regular file ({_kind(info.st_mode)})"))
+    return folders, files, skipped
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    info = os.stat(folder)
+    return info.st_dev, info.st_ino
+
+
+_LOOP = "symbolic link loop (leads back to a folder that contains it)"
+
+
+def walk_files(folder: str | os.PathLike, above: frozenset[tuple[int, int]] = frozenset()) -> tuple[
+        list[Path], list[tuple[str, str]]]:
+    """Every regular file under `folder`, sorted, following links to folders but never round a loop, and
+    a `(path, reason)` for everything else that is not used: links whose target is missing, link loops,
+    folders that cannot be read, pipes and devices. Nothing under `folder` is dropped without a reason,
+    except hidden names. `above`: the (device, inode) of folders that contain `folder`."""
+    folder = Path(folder)
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        stack = [(folder, above | {_identity(folder)})]
+    except OSError as exc:
+        return [], [(str(folder), f"unreadable folder: {exc.strerror or exc}")]
+    while stack:
+        current, ancestors = stack.pop()
+        try:
+            folders, found, unusable = _entries(current)
+        except OSError as exc:
+            skipped.append((str(current), f"unreadable folder: {exc.strerror or exc}"))
+            continue
+        files += found
+        skipped += unusable
+        for sub, identity in folders:
+            if identity in ancestors:
+                skipped.append((str(sub), _LOOP))
+            else:
+                stack.append((sub, ancestors | {identity}))
+    return sorted(files), sorted(skipped)
 
 
 def scan(source: str | os.PathLike, allow_empty_list: bool = False) -> Dataset:
-    """An image folder (`DIR/<class>/<image>`), a flat folder of images, or a text file listing paths."""
+    """An image folder (`DIR/<class>/<image>`), a flat folder of images, or a text file listing paths.
+
+    Every entry that is not used has a reason in `skipped` (see `walk_files`); a class folder with no
+    files is still a class (`Dataset.empty_classes` names it)."""
     source = Path(source)
     if source.is_file():
         return _scan_list(source, allow_empty_list)
     if not source.is_dir():
         raise DataError(f"data folder or file list not found: {source}")
-    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and _visible(p))
-    loose = sorted(p for p in source.iterdir() if p.is_file() and _visible(p))
-    if not class_dirs:
+    try:
+        top = _identity(source)
+        folders, loose, unusable = _entries(source)
+    except OSError as exc:
+        raise DataError(f"cannot read the data folder {source}: {exc.strerror or exc}") from None
+    if not folders:
         if not loose:
-            raise DataError(f"no images in {source}")
-        return Dataset(loose, np.full(len(loose), -1), [], [])
-    paths, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and _visible(p))
+            reasons = f" ({len(unusable)} unusable entries, the first {unusable[0][0]}: {unusable[0][1]})" \
+                if unusable else ""
+            raise DataError(f"no images in {source}{reasons}")
+        return Dataset(loose, np.full(len(loose), -1), [], unusable, source)
+    paths, labels, class_names = [], [], []
+    skipped = [(str(p), "not inside a class folder") for p in loose] + unusable
+    for class_dir, identity in folders:
+        if identity == top:
+            skipped.append((str(class_dir), _LOOP))
+            continue
+        files, unused = walk_files(class_dir, frozenset({top}))
         paths += files
-        labels += [label] * len(files)
+        labels += [len(class_names)] * len(files)
+        class_names.append(path_text(class_dir.name))  # a label: text, whatever the folder's bytes
+        skipped += unused
     if not paths:
         raise DataError(f"no images in the class folders of {source}")
-    skipped = [(str(p), "not inside a class folder") for p in loose]
-    return Dataset(paths, np.asarray(labels), [d.name for d in class_dirs], skipped)
+    return Dataset(paths, np.asarray(labels), class_names, skipped, source)
+
+
+def _listed_reason(path: Path) -> str | None:
+    """Why a path from a file list is not used, or None when it is a regular file."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not os.path.islink(path):
+            return "file not found"
+        return _unusable(path, exc)
+    if stat.S_ISREG(info.st_mode):
+        return None
+    return "a folder, not a file (list files name images)" if stat.S_ISDIR(info.st_mode) else \
+        f"not a regular file ({_kind(info.st_mode)})"
 
 
 def _scan_list(list_file: Path, allow_empty: bool = False) -> Dataset:
     """One path per line; relative paths are taken from the list's own folder; '#' starts a comment.
-    `allow_empty` for a queue that a scheduled job reads: an emptied list means nothing new."""
+    `allow_empty` for a queue that a scheduled job reads: an emptied list means nothing new.
+
+    A listed name need not be valid UTF-8 (`find DIR -type f > list.txt` writes the bytes of every name):
+    its bytes are the file's name, as for a name found in a folder. A NUL byte, which no path holds,
+    marks a file that is not a list (an image given by mistake)."""
     base = list_file.parent
     try:
-        lines = list_file.read_text().splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{list_file} is not a text file listing image paths") from None
+        raw = list_file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read the file list {list_file}: {exc.strerror or exc}") from None
+    if b"\0" in raw:
+        raise DataError(f"{list_file} is not a text file listing image paths")
     paths, skipped = [], []
-    for line in lines:
+    for line in os.fsdecode(raw).splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         path = Path(line) if Path(line).is_absolute() else base / line
-        (paths.append(path) if path.is_file() else skipped.append((str(path), "file not found")))
+        reason = _listed_reason(path)
+        (paths.append(path) if reason is None else skipped.append((str(path), reason)))
     if not paths and not skipped and not allow_empty:
         raise DataError(f"no paths listed in {list_file}")
-    return Dataset(paths, np.full(len(paths), -1), [], skipped)
+    return Dataset(paths, np.full(len(paths), -1), [], skipped, list_file)
 
 
 def require_labelled(dataset: Dataset, what: str) -> Dataset:

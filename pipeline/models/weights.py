@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import BackboneError, first_line
 from pipeline.core.hashing import file_sha256 as _sha256
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import atomic_write, make_folder, write_json_atomic
 from pipeline.models.registry import MANIFEST, BackboneSpec, get_spec, manifest_for
 
 if TYPE_CHECKING:
@@ -76,12 +76,10 @@ def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, stat
     manifest is written last and atomically, so a killed save never leaves a loadable half."""
     import torch
 
-    folder = Path(root) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(Path(root) / name)
     weights = folder / "weights.pth"
-    tmp = folder / ".weights.pth.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, weights)
+    with atomic_write(weights, "wb") as fh:
+        torch.save(state, fh)
     manifest = manifest_for(name, parent, weights.name, file_sha256(weights), extra)
     write_json_atomic(folder / MANIFEST, manifest)
     return folder

@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score
 from torch import nn
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import make_folder, write_json_atomic
 from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HeadSpec
@@ -214,8 +214,7 @@ def compare(options: CompareOptions, progress: bool = True) -> dict:
     result = {"runs": runs, "classes": data.classes, "train_images": len(data.ft_train.labels),
               "test_images": len(data.ft_test.labels), "extract_seconds": round(data.extract_seconds, 3),
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(options.out)
     write_json_atomic(out / "compare.json", result)
     return result
 

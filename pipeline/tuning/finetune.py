@@ -24,7 +24,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import make_folder, write_json_atomic
 from pipeline.core.names import SAFE_NAME_RULE, is_safe_name
 from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import fit_head
@@ -303,8 +303,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     started = time.perf_counter()
     p = prepare(options, progress)
     settings = options.train
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(options.out)
     fingerprint = {"backbone": options.backbone, "unfreeze": options.unfreeze, "lr_decay": options.lr_decay,
                    "init": options.init, "train_bn": options.train_bn, "val_fraction": options.val_fraction}
     result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, settings, out / "checkpoint.pt",

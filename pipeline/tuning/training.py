@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.io import atomic_write
 from pipeline.images.data import decode
 from pipeline.images.preprocess import Preprocess
 from pipeline.tuning.options import TrainSettings
@@ -123,9 +124,8 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
