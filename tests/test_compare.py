@@ -70,7 +70,7 @@ def _run_config(tmp_path, compare_section: str):
 @pytest.mark.parametrize(("section", "message"), [
     ("{shots: [1], sedes: [0]}", r"unknown key 'compare\.sedes'"),
     ("{shots: [0, all]}", r"'compare\.shots' must be a list of labelled images per class"),
-    ("{seeds: one}", r"'compare\.seeds' must be a list of integer seeds"),
+    ("{seeds: one}", r"'compare\.seeds' must be a list of seeds, each an integer from 0 to"),
     ("{unfreeze: some}", r"'compare': unfreeze must be head, all or last:N"),
     ("{scratch_size: 8}", r"'compare': .*scratch input at least 16 px"),
     ("{backbone: resnet9000}", r"'compare': .*resnet9000"),

@@ -34,15 +34,16 @@ def _error(tmp_path: Path, text: str) -> str:
     ("features: {batch_size: true}\n", ":1:24: 'features.batch_size' must be a positive integer, got True"),
     ("features: {batch_size: '32'}\n", ":1:24: 'features.batch_size' must be a positive integer, got '32'"),
     ("features: {batch_sise: 8}\n", ":1:12: unknown key 'features.batch_sise' (did you mean batch_size?)"),
-    ("finetune: {lr: 1e-3}\n", ":1:16: 'finetune.lr' must be a number, got '1e-3' (YAML reads 1e-3 as text: "
-                               "write 1.0e-3)"),
-    ("finetune: {warmup: false}\n", ":1:20: 'finetune.warmup' must be a number, got False"),
+    ("finetune: {lr: 1e-3}\n", ":1:16: 'finetune.lr' must be a finite positive number, got '1e-3' (YAML reads 1e-3 "
+                               "as text: write 1.0e-3)"),
+    ("finetune: {warmup: false}\n", ":1:20: 'finetune.warmup' must be a finite number >= 0, got False"),
     ("heads:\n  - {name: a, type: svm}\n  - {name: b, type: knn, n_neighbors: [3, 0]}\n",
      ":3:39: 'heads[1].n_neighbors' must be a positive integer or a list of them, got [3, 0]"),
     ("heads:\n  - {name: a}\n", ":2:5: 'heads[0].type' is required: logistic_regression, svm, knn or pca_fusion"),
-    ("heads:\n  - {name: a, type: svm, C: [true]}\n", ":2:29: 'heads[0].C' must be a positive number or a list of "
-                                                      "them, got [True]"),
-    ("compare: {seeds: [0, x]}\n", ":1:22: 'compare.seeds' must be a list of integer seeds, got [0, 'x']"),
+    ("heads:\n  - {name: a, type: svm, C: [true]}\n", ":2:29: 'heads[0].C' must be a finite positive number or a "
+                                                      "list of them, got [True]"),
+    ("compare: {seeds: [0, x]}\n", ":1:22: 'compare.seeds' must be a list of seeds, each an integer from 0 to "
+                                    "4294967295, got [0, 'x']"),
     ("output_dir: out\nfeatures: [1]\n", ":2:11: 'features' must be a mapping of feature-extraction settings, "
                                          "got [1]"),
     ("- a\n", ":1:1: expected a mapping with keys data, features, heads"),

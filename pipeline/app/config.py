@@ -23,7 +23,15 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.paths import path_text
-from pipeline.core.schema import Section, dataclass_default, one_of, option
+from pipeline.core.schema import (
+    Fraction,
+    NonNegativeFinite,
+    PositiveFinite,
+    Section,
+    dataclass_default,
+    one_of,
+    option,
+)
 from pipeline.features.settings import ExtractSettings
 from pipeline.heads.spec import AnyHead, HeadSpec
 from pipeline.tuning.options import INITS, CompareOptions, FinetuneOptions, TrainSettings
@@ -60,7 +68,11 @@ class FeaturesSection(ExtractSettings):
 
 
 _FT_TRAIN: TrainSettings = dataclass_default(FinetuneOptions, "train")  # the training loop's fine-tuning defaults
-_NUMBER = "a number"
+_POSITIVE = "a finite positive number"
+_NON_NEGATIVE = "a finite number >= 0"
+_FRACTION = "a number from 0 up to (not including) 1"
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # what NumPy and scikit-learn take as a seed
+_SEED = "an integer from 0 to 4294967295"
 
 
 class FinetuneSection(Section):
@@ -72,31 +84,34 @@ class FinetuneSection(Section):
     unfreeze: str = option(dataclass_default(FinetuneOptions, "unfreeze"), accepts="head, all or last:N",
                            about="what trains besides the new linear layer: nothing, the N blocks nearest the head "
                                  "(efficientnet_lite0 has 18), or every block")
-    lr: float = option(_FT_TRAIN.lr, accepts=_NUMBER, about="learning rate of the new layer")
-    lr_decay: float = option(dataclass_default(FinetuneOptions, "lr_decay"), accepts=_NUMBER,
+    lr: PositiveFinite = option(_FT_TRAIN.lr, accepts=_POSITIVE, about="learning rate of the new layer")
+    lr_decay: PositiveFinite = option(dataclass_default(FinetuneOptions, "lr_decay"), accepts=_POSITIVE,
                              about="each earlier block learns at this factor times the next block's rate")
-    weight_decay: float = option(_FT_TRAIN.weight_decay, accepts=_NUMBER, about="AdamW weight decay")
+    weight_decay: NonNegativeFinite = option(_FT_TRAIN.weight_decay, accepts=_NON_NEGATIVE, about="AdamW weight decay")
     epochs: PositiveInt = option(_FT_TRAIN.epochs, accepts="a positive integer",
                                  about="epochs to train: exactly these without a validation split, at most these "
                                        "with one")
-    warmup: float = option(_FT_TRAIN.warmup, accepts=_NUMBER, about="epochs of linear warm-up before cosine decay")
-    label_smoothing: float = option(_FT_TRAIN.label_smoothing, accepts=_NUMBER, about="label smoothing of the loss")
+    warmup: NonNegativeFinite = option(_FT_TRAIN.warmup, accepts=_NON_NEGATIVE,
+                                       about="epochs of linear warm-up before cosine decay")
+    label_smoothing: Fraction = option(_FT_TRAIN.label_smoothing, accepts=_FRACTION,
+                                       about="label smoothing of the loss")
     init: Literal[INITS] = option(
         dataclass_default(FinetuneOptions, "init"), accepts=one_of(INITS),
         about="probe: start the new layer from the logistic-regression probe on cached features (LP-FT); "
               "random: PyTorch's default initialisation")
-    probe_C: float | None = option(dataclass_default(FinetuneOptions, "probe_C"), accepts="a number, or null",
+    probe_C: PositiveFinite | None = option(dataclass_default(FinetuneOptions, "probe_C"),
+                                            accepts=f"{_POSITIVE}, or null",
                                    about="the probe's C (default: chosen by 5-fold cross-validation)")
     train_bn: bool = option(dataclass_default(FinetuneOptions, "train_bn"), accepts="true or false",
                             about="let BatchNorm layers of unfrozen blocks learn and update statistics")
-    val_fraction: float = option(dataclass_default(FinetuneOptions, "val_fraction"), accepts=_NUMBER,
+    val_fraction: Fraction = option(dataclass_default(FinetuneOptions, "val_fraction"), accepts=_FRACTION,
                                  about="stratified share of the training folder held out to pick the best epoch "
                                        "and stop early; 0 for none: train every epoch, keep the last")
     patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
                                    about="with a validation split: epochs without a better validation accuracy "
                                          "before stopping")
     batch_size: PositiveInt = option(_FT_TRAIN.batch_size, accepts="a positive integer", about="images per step")
-    seed: int = option(_FT_TRAIN.seed, accepts="an integer", about="seed of the split, shuffling and augmentation")
+    seed: Seed = option(_FT_TRAIN.seed, accepts=_SEED, about="seed of the split, shuffling and augmentation")
     name: str | None = option(None, accepts="the id of the saved backbone",
                               about="id of the saved backbone (default: BACKBONE_ft_<name of output_dir>)")
     backbones_dir: str | None = option(
@@ -121,7 +136,7 @@ class CompareSection(Section):
     shots: Shots = option(["all" if k is None else k for k in dataclass_default(CompareOptions, "shots")],
                           accepts="a list of labelled images per class: positive integers or all",
                           about="labelled images per class of each draw")
-    seeds: list[int] = option(dataclass_default(CompareOptions, "seeds"), accepts="a list of integer seeds",
+    seeds: list[Seed] = option(dataclass_default(CompareOptions, "seeds"), accepts=f"a list of seeds, each {_SEED}",
                               about="seeds of the k-shot draws")
     finetune_steps: PositiveInt = option(dataclass_default(CompareOptions, "finetune_steps"),
                                          accepts="a positive integer", about="optimizer steps of each fine-tuning run")
@@ -130,7 +145,7 @@ class CompareSection(Section):
     scratch_size: int = option(dataclass_default(CompareOptions, "scratch_size"),
                                accepts="an input size in pixels (at least 16)",
                                about="input size of the from-scratch CNN")
-    probe_C: float = option(dataclass_default(CompareOptions, "probe_C"), accepts=_NUMBER,
+    probe_C: PositiveFinite = option(dataclass_default(CompareOptions, "probe_C"), accepts=_POSITIVE,
                             about="the linear probe's C, fixed: with one image per class there is nothing to "
                                   "cross-validate")
     batch_size: PositiveInt = option(dataclass_default(CompareOptions, "batch_size"), accepts="a positive integer",

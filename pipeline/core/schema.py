@@ -172,5 +172,12 @@ def explain(model: type[BaseModel], error: ErrorDetails, data: Any) -> Problem:
     return Problem(tuple(path), False, f"'{key_path(field_path)}' must be {expected}, got {_short(field_value)}{hint}")
 
 
+# Numbers a config accepts are finite: YAML reads .inf and .nan as floats, which a bare `float` takes
+# (and a NaN or infinite C passes every range check, then breaks the fit or the metrics it writes).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # in [0, 1)
+
 # A name that becomes a file or folder name.
 SafeName = Annotated[str, Field(pattern=f"^(?:{SAFE_NAME.pattern})$", description=SAFE_NAME_RULE)]

@@ -8,6 +8,7 @@ network: it reads the feature cache. The options of each head type, and their gr
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from sklearn.svm import SVC
 
 from pipeline.core.errors import ConfigError, first_line
 from pipeline.heads.spec import HEAD_TYPES, HeadSpec
+
+logger = logging.getLogger(__name__)
 
 
 def _as_list(value: object) -> list:
@@ -76,6 +79,24 @@ def _fusion_pipeline(spec: HeadSpec, dims: list[int], rows: int) -> Pipeline:
     return Pipeline(steps)
 
 
+def _check_grid(spec: HeadSpec, grid: dict[str, list], rows: int, folds: bool, warn: bool = True) -> None:
+    """A kNN grid loses the k that are more than the rows it is fitted on (`build_head`): say which
+    (with `warn`), or refuse the head when that leaves none."""
+    if spec.type != "knn":
+        return
+    given = _as_list(spec.options["n_neighbors"])
+    dropped = [k for k in given if k not in grid["clf__n_neighbors"]]
+    if not dropped:
+        return
+    images = f"the {rows} training images" + (" of the smallest cross-validation fold" if folds else "")
+    if len(dropped) == len(given):
+        raise ConfigError(f"head {spec.name!r}: n_neighbors {', '.join(map(str, given))} "
+                          f"{'is' if len(given) == 1 else 'are all'} more than {images}; give a k of at most {rows}")
+    if warn:
+        logger.warning(f"head {spec.name!r}: n_neighbors {', '.join(map(str, dropped))} dropped from its grid: "
+                       f"more than {images}")
+
+
 def build_head(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, dict[str, list]]:
     """The unfitted Pipeline and its grid; `rows` is the fewest training rows it will be fitted on."""
     opts = spec.options
@@ -90,7 +111,7 @@ def build_head(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, di
         return pipe, grid
     if spec.type == "knn":
         pipe = Pipeline([("clf", KNeighborsClassifier(metric="cosine", weights="distance"))])
-        return pipe, {"clf__n_neighbors": [k for k in _as_list(opts["n_neighbors"]) if k <= rows] or [1]}
+        return pipe, {"clf__n_neighbors": [k for k in _as_list(opts["n_neighbors"]) if k <= rows]}
     if spec.type == "pca_fusion":
         return _fusion_pipeline(spec, dims, rows), {"clf__C": _as_list(opts["C"])}
     raise ConfigError(f"unknown head type {spec.type!r}; expected one of: {', '.join(HEAD_TYPES)}")
@@ -113,9 +134,12 @@ def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], sche
     `cv_accuracy` is then None): that is the fast path for a head whose settings are already known."""
     started = time.perf_counter()
     _, grid = build_head(spec, dims, len(y))
+    _check_grid(spec, grid, len(y), folds=False, warn=False)  # refused when no setting fits the data at all
     single = all(len(values) == 1 for values in grid.values())
     cv = None if single and spec.type != "svm" else _cv(y, class_names)
-    pipeline, grid = build_head(spec, dims, _smallest_fold(None if single else cv, y))
+    rows = _smallest_fold(None if single else cv, y)
+    pipeline, grid = build_head(spec, dims, rows)
+    _check_grid(spec, grid, rows, folds=not single)
     try:
         if single:
             best_params, cv_accuracy = {key: values[0] for key, values in grid.items()}, None

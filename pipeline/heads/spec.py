@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
 
-from pydantic import Discriminator, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Discriminator, Field, PositiveInt
 
 from pipeline.core.names import SAFE_NAME_RULE
-from pipeline.core.schema import SafeName, Section, option
+from pipeline.core.schema import NonNegativeFinite, PositiveFinite, SafeName, Section, option
 
 T = TypeVar("T")
 # The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
@@ -44,8 +44,8 @@ class LogisticRegressionHead(HeadOptions):
 
     type: Literal["logistic_regression"]
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
-    C: PositiveFloat | Grid[PositiveFloat] = option(
-        [0.01, 0.1, 1.0, 10.0], accepts="a positive number or a list of them",
+    C: PositiveFinite | Grid[PositiveFinite] = option(
+        [0.01, 0.1, 1.0, 10.0], accepts="a finite positive number or a list of them",
         about="inverse regularisation strength; a list is a grid for cross-validation")
 
 
@@ -55,11 +55,11 @@ class SvmHead(HeadOptions):
     type: Literal["svm"]
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
     kernel: Literal["linear", "rbf"] = option("rbf", accepts="linear or rbf", about="the SVM's kernel")
-    C: PositiveFloat | Grid[PositiveFloat] = option(
-        [0.1, 1.0, 10.0], accepts="a positive number or a list of them",
+    C: PositiveFinite | Grid[PositiveFinite] = option(
+        [0.1, 1.0, 10.0], accepts="a finite positive number or a list of them",
         about="inverse regularisation strength; a list is a grid for cross-validation")
-    gamma: Literal["scale", "auto"] | PositiveFloat | Grid[Literal["scale", "auto"] | PositiveFloat] = option(
-        ["scale", 1e-4], accepts="scale, auto, a positive number, or a list of them",
+    gamma: Literal["scale", "auto"] | PositiveFinite | Grid[Literal["scale", "auto"] | PositiveFinite] = option(
+        ["scale", 1e-4], accepts="scale, auto, a finite positive number, or a list of them",
         about="the rbf kernel's width (unused by linear); a list is a grid for cross-validation")
 
 
@@ -70,7 +70,8 @@ class KnnHead(HeadOptions):
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
     n_neighbors: PositiveInt | Grid[PositiveInt] = option(
         [1, 3, 5, 10], accepts="a positive integer or a list of them",
-        about="k; a list is a grid for cross-validation (values above the fold size are dropped)")
+        about="k; a list is a grid for cross-validation (values above the smallest fold's size are dropped with "
+              "a warning; a head with none left is refused)")
 
 
 class PcaFusionHead(HeadOptions):
@@ -86,12 +87,12 @@ class PcaFusionHead(HeadOptions):
     order: Literal["pca_then_concat", "concat_then_pca"] = option(
         "pca_then_concat", accepts="pca_then_concat or concat_then_pca",
         about="reduce each source, then concatenate; or concatenate, then reduce")
-    variance_threshold: NonNegativeFloat | None = option(
-        None, accepts="a number >= 0, or null", about="drop components whose variance is at most this")
+    variance_threshold: NonNegativeFinite | None = option(
+        None, accepts="a finite number >= 0, or null", about="drop components whose variance is at most this")
     select_k: PositiveInt | None = option(None, accepts="a positive integer, or null",
                                           about="keep the k components that best separate the classes (ANOVA F)")
-    C: PositiveFloat | Grid[PositiveFloat] = option(
-        [0.01, 0.1, 1.0], accepts="a positive number or a list of them",
+    C: PositiveFinite | Grid[PositiveFinite] = option(
+        [0.01, 0.1, 1.0], accepts="a finite positive number or a list of them",
         about="inverse regularisation strength; a list is a grid for cross-validation")
 
 

@@ -181,8 +181,8 @@ def check_options(options: CompareOptions) -> None:
         raise ConfigError("steps and batch size must be positive, and the scratch input at least 16 px")
     if not options.seeds or not options.shots:
         raise ConfigError("compare needs at least one seed and one shot count")
-    if options.probe_C <= 0:
-        raise ConfigError(f"probe_C must be positive, not {options.probe_C}")
+    if not 0 < options.probe_C < math.inf:
+        raise ConfigError(f"probe_C must be a finite positive number, not {options.probe_C}")
     check_unfreeze(options.unfreeze)
     resolve_weights(get_spec(options.backbone))
 

@@ -12,6 +12,7 @@ the one after it. BatchNorm layers stay in eval mode with frozen affine paramete
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -199,8 +200,10 @@ def check_options(options: FinetuneOptions) -> str:
     """Everything that can be refused before any work; returns the new backbone's id."""
     if options.init not in INITS:
         raise ConfigError(f"init must be one of {', '.join(INITS)}, not {options.init!r}")
-    if not 0 <= options.val_fraction < 1 or options.lr_decay <= 0:
-        raise ConfigError("val-fraction must be in [0, 1) and lr-decay > 0")
+    if not 0 <= options.val_fraction < 1 or not 0 < options.lr_decay < math.inf:
+        raise ConfigError("val-fraction must be in [0, 1) and lr-decay > 0 (finite)")
+    if options.probe_C is not None and not 0 < options.probe_C < math.inf:
+        raise ConfigError(f"probe C must be a finite positive number, not {options.probe_C}")
     check_unfreeze(options.unfreeze)
     options.train.check()
     spec = get_spec(options.backbone)

@@ -4,6 +4,7 @@ sections and the command line. Light to import (no torch)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,10 @@ class TrainSettings:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError("lr must be > 0, warmup and weight decay >= 0, label smoothing in [0, 1)")
+        numbers = (self.lr, self.warmup, self.weight_decay, self.label_smoothing)
+        if not all(map(math.isfinite, numbers)) or self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or (
+                not 0 <= self.label_smoothing < 1):
+            raise ConfigError("lr must be > 0, warmup and weight decay >= 0, label smoothing in [0, 1), all finite")
 
 
 INITS = ("probe", "random")
