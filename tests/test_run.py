@@ -93,7 +93,7 @@ def test_report_escapes_the_names_a_user_chose(tmp_path):
     ("heads:\n  - {name: a, type: knn}\n  - {name: a, type: svm}\n", "'a' is used twice"),
     ("heads: []\n", "at least one head"),
     ("heads:\n  - {name: a, type: logistic_regression, C: '1'}\n",
-     r"'heads\[0\]\.C' must be a positive number.*got '1'"),
+     r"'heads\[0\]\.C' must be a finite positive number.*got '1'"),
     ("heads:\n  - {name: a, type: svm, kernel: poly}\n", r"'heads\[0\]\.kernel' must be linear or rbf"),
     ("heads:\n  - {name: a, type: pca_fusion, components: 0}\n",
      r"'heads\[0\]\.components' must be a positive integer"),
