@@ -369,4 +369,6 @@ def test_the_example_batch_config_is_valid_once_its_folder_and_head_exist(tmp_pa
     (tmp_path / "configs/batch.yaml").write_text(example.read_text())
     config = load_batch_config(tmp_path / "configs/batch.yaml")
     assert config.heads == {"logreg": tmp_path / "configs/../runs/flowers/heads/logreg.joblib"}
-    assert config.output_dir == Path(raw["output_dir"]) and config.chunk_size == raw["chunk_size"]
+    assert config.output_dir == tmp_path / "configs" / raw["output_dir"] and config.chunk_size == raw["chunk_size"]
+    assert config.log == tmp_path / "configs/../runs/batch/runs.jsonl"
+    assert config.features.cache_dir == str(tmp_path / "configs/../cache")

@@ -63,14 +63,14 @@ def test_the_first_error_in_the_file_is_reported_and_the_cli_prints_it_on_one_li
     assert err == f"error: {config}:2:15: 'data.train': folder not found: {tmp_path / 'missing'}\n"
 
 
-def test_relative_data_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "photos").mkdir()
     (tmp_path / "configs" / "run.yaml").write_text("data: ../photos\nfeatures:\n  scheduler: null\n")
     monkeypatch.chdir(ROOT)
     config = RunConfig.load(tmp_path / "configs" / "run.yaml")
     assert config.data == {"data": tmp_path / "configs" / ".." / "photos"}
-    assert config.features.scheduler is None and config.features.cache_dir == "cache"
+    assert config.features.scheduler is None and config.features.cache_dir == str(tmp_path / "configs" / "cache")
 
 
 def test_a_grid_or_a_single_value(tmp_path):

@@ -40,7 +40,7 @@ from pipeline.app.batch_state import (
     record_skips,
     recover,
 )
-from pipeline.core.configfile import ConfigFile, near_config
+from pipeline.core.configfile import ConfigFile, from_config_folder, near_config
 from pipeline.core.errors import ConfigError, OutputError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256
 from pipeline.core.io import WRITE_ERRNOS, fsync_dir, make_folder, writing
@@ -86,12 +86,17 @@ def _not_empty(value: Any) -> Any:
 
 
 NearConfig = Annotated[Path, Field(strict=False), AfterValidator(near_config)]
-Folder = Annotated[Path, Field(strict=False), BeforeValidator(_not_empty)]
+
+
+# The paths a batch run writes, taken from the config file's folder like its inputs.
+Written = Annotated[Path, Field(strict=False), BeforeValidator(_not_empty)]
+OutputDir = Annotated[Written, AfterValidator(from_config_folder("output_dir"))]
+LogFile = Annotated[Written, AfterValidator(from_config_folder("log"))]
 
 
 class BatchConfig(ConfigFile):
-    """A batch config (`pipeline batch CONFIG`): inputs and heads are taken from the config file's folder,
-    output_dir, log and cache_dir from the folder you run in."""
+    """A batch config (`pipeline batch CONFIG`): every relative path in it (inputs, heads, output_dir,
+    log, features.cache_dir) is taken from the config file's folder, so cron finds the same files."""
 
     inputs: Annotated[list[NearConfig], Field(min_length=1),
                       BeforeValidator(_listed, json_schema_input_type=str | list[str])] = option(
@@ -102,11 +107,12 @@ class BatchConfig(ConfigFile):
         accepts=f"a list of saved head files (.joblib), or a mapping of name ({SAFE_NAME_RULE}) to file",
         about="saved heads (pipeline fit, pipeline run); each name is a folder of output_dir")
     features: Annotated[BatchFeatures, BeforeValidator(lambda v: {} if v is None else v)] = option(
-        default_factory=BatchFeatures, accepts=f"a mapping with {', '.join(BatchFeatures.model_fields)}",
+        default_factory=dict, validate_default=True,
+        accepts=f"a mapping with {', '.join(BatchFeatures.model_fields)}",
         about="how features are computed")
-    output_dir: Folder = option(accepts="the folder that receives one predictions file per head and run",
-                                about="OUTPUT/<head>/run-<run_id>.csv, one file per head and run")
-    log: Folder = option(accepts="the run log file (one JSON object per line)", about="one JSON line per run")
+    output_dir: OutputDir = option(accepts="the folder that receives one predictions file per head and run",
+                                   about="OUTPUT/<head>/run-<run_id>.csv, one file per head and run")
+    log: LogFile = option(accepts="the run log file (one JSON object per line)", about="one JSON line per run")
     chunk_size: PositiveInt = option(2048, accepts="a positive integer",
                                      about="images whose features are held in memory at once")
 

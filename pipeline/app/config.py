@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 
-from pipeline.core.configfile import ConfigFile, existing, near_config
+from pipeline.core.configfile import ConfigFile, existing, from_config_folder, near_config
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.names import DEFAULT_BACKBONE
@@ -53,7 +53,7 @@ DataSplits = Annotated[dict[str, DataFolder],
 
 
 class FeaturesSection(ExtractSettings):
-    """`features:` what is extracted and how (cache_dir relative to the folder you run from)."""
+    """`features:` what is extracted and how (cache_dir and weights relative to the config file's folder)."""
 
     backbones: list[str] | Literal["auto"] | None = option(
         None, accepts="a list of backbone names, or auto (rank the candidates, use the best)",
@@ -114,8 +114,8 @@ class FinetuneSection(Section):
     seed: Seed = option(_FT_TRAIN.seed, accepts=_SEED, about="seed of the split, shuffling and augmentation")
     name: str | None = option(None, accepts="the id of the saved backbone",
                               about="id of the saved backbone (default: BACKBONE_ft_<name of output_dir>)")
-    backbones_dir: str | None = option(
-        None, accepts="a folder path",
+    backbones_dir: Annotated[str | None, AfterValidator(from_config_folder("finetune.backbones_dir"))] = option(
+        None, accepts="a folder path (relative to the config file's folder)",
         about="where the backbone is saved (default: the first folder of $PIPELINE_BACKBONES, else backbones/)")
     resume: bool = option(dataclass_default(FinetuneOptions, "resume"), accepts="true or false",
                           about="continue from the checkpoint in output_dir/finetune (same options needed)")
@@ -160,13 +160,14 @@ class RunConfig(ConfigFile):
         about="image folders by split (a run needs labelled train: and test:); relative paths are taken from "
               "the config file's folder")
     features: Annotated[FeaturesSection, BeforeValidator(_none_is_empty)] = option(
-        default_factory=FeaturesSection, accepts="a mapping of feature-extraction settings",
+        default_factory=dict, validate_default=True, accepts="a mapping of feature-extraction settings",
         about="what is extracted and how")
     heads: list[AnyHead] | None = option(None, accepts="a list of heads, each {name: NAME, type: TYPE, ...}",
                                          about="the heads a run fits on the cached features (one table per type below)")
-    output_dir: str | None = option(None, accepts="a folder for the run's models, metrics and report",
-                                    about="where a run writes (required by pipeline run; relative to the "
-                                          "folder you run from)")
+    output_dir: Annotated[str | None, AfterValidator(from_config_folder("output_dir"))] = option(
+        None, accepts="a folder for the run's models, metrics and report",
+        about="where a run writes (required by pipeline run; relative to the config file's folder); a folder "
+              "another config wrote is refused unless pipeline run --overwrite")
     memory_budget_mb: PositiveInt = option(4096, accepts="a positive integer",
                                            about="past it, a head's training features are fitted out of core")
     finetune: FinetuneSection | None = option(None, accepts="a mapping of fine-tuning settings (stage 3)",

@@ -43,14 +43,16 @@ def write_digits(root: Path, test_fraction: float = 0.25, size: int = 64) -> dic
 
 
 def demo_config(out_dir: Path, cache_dir: str) -> dict:
-    """The raw config of `configs/demo.yaml`, with this run's folders."""
+    """The raw config of `configs/demo.yaml`, with this run's folders: given on the command line, they are
+    taken from the folder you run in, so they are written absolute (a config's own relative paths would
+    be taken from its folder)."""
     import yaml
 
     raw = yaml.safe_load((Path(__file__).parent / "demo.yaml").read_text())
     raw["data"] = {"train": str((out_dir / "digits" / "train").absolute()),
                    "test": str((out_dir / "digits" / "test").absolute())}
-    raw["features"]["cache_dir"] = cache_dir
-    raw["output_dir"] = str(out_dir)
+    raw["features"]["cache_dir"] = str(Path(cache_dir).absolute())
+    raw["output_dir"] = str(out_dir.absolute())
     return raw
 
 

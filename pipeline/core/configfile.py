@@ -5,6 +5,7 @@ file, the place and the key: `run.yaml:7:5: 'features.batch_size' must be a posi
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -17,6 +18,7 @@ from pipeline.core.schema import Section, explain, key_path, problem
 
 Marks = dict[tuple, tuple[yaml.Mark | None, yaml.Mark]]  # path -> (mark of its key, mark of its value)
 M = TypeVar("M", bound="ConfigFile")
+logger = logging.getLogger(__name__)
 
 
 def _at(mark: yaml.Mark | None) -> str:
@@ -43,7 +45,12 @@ class ConfigSource:
             raise ConfigError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        loader = yaml.SafeLoader(text)
+        try:
+            loader = yaml.SafeLoader(text)  # refuses control characters at once
+        except yaml.reader.ReaderError as exc:
+            line_start = text.rfind("\n", 0, exc.position) + 1
+            raise ConfigError(f"{path}:{text.count(chr(10), 0, exc.position) + 1}:{exc.position - line_start + 1}: "
+                              f"not valid YAML: character #x{exc.character:04x} is not allowed") from None
         try:
             node = loader.get_single_node()
             marks: Marks = {}
@@ -78,12 +85,16 @@ class ConfigSource:
         """The data as `model`, or a ConfigError for the refused value that comes first in the file.
         Relative paths the model resolves are taken from the config file's folder."""
         try:
-            config = model.model_validate(self.data, context={"base": self.path.parent})
+            moved: list[str] = []
+            config = model.model_validate(self.data, context={"base": self.path.parent, "file": self.path,
+                                                              "moved": moved})
         except ValidationError as exc:
             problems = [explain(model, error, self.data) for error in exc.errors()]
             first = min(problems, key=lambda p: _line_column(self._mark(p.path, p.on_key)))
             raise self.error(first.path, first.message, first.on_key) from None
         config._source = self
+        for note in moved:  # only for a config that is used: an error says what to fix first
+            logger.warning(note)
         return config
 
 
@@ -154,10 +165,45 @@ def near_config(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else base / value
 
 
+def _exists(path: Path, test: str = "exists") -> bool:
+    """`path.exists()` (or `is_dir`, `is_file`), False where the name cannot be looked up at all (too
+    long, a folder on the way not readable): a config's name must not crash its validation."""
+    try:
+        return getattr(path, test)()
+    except (OSError, ValueError):
+        return False
+
+
+_MOVED: set[tuple[str, str]] = set()  # (earlier place, place now) pairs already warned about in this process
+
+
+def from_config_folder(key: str):
+    """An after-validator for a path the pipeline writes or keeps (the cache, the output folder, the
+    log): a relative one is taken from the config file's folder, as data paths are, so a job started from
+    another folder (cron) finds the same places. Earlier versions took these from the folder you run in;
+    where that gives another place and something is there, a warning names both, once a process (a
+    migration note, for one release). A `str` stays a `str`; a config made without a file (no base)
+    keeps its paths as given."""
+    def resolve(value: Any, info: ValidationInfo) -> Any:
+        context = info.context or {}
+        base = context.get("base")
+        if value is None or base is None or Path(value).is_absolute():
+            return value
+        now, before = base / value, Path(os.path.abspath(value))
+        if Path(os.path.abspath(now)) != before and _exists(before) and (str(before), str(now)) not in _MOVED:
+            _MOVED.add((str(before), str(now)))
+            context.get("moved", []).append(
+                f"{context.get('file', base)}: '{key}' ({value}) is now taken from the config file's folder ({now}), "
+                f"no longer from the folder you run in, where {before} exists: move it, or write its absolute path "
+                "in the config to keep using it")
+        return str(now) if isinstance(value, str) else now
+    return resolve
+
+
 def existing(what: str, test: str = "exists"):
     """An after-validator refusing a path that is not there: `'data.train': folder not found: PATH`."""
     def check(value: Path) -> Path:
-        if not getattr(value, test)():
+        if not _exists(value, test):
             raise problem(f"{what} not found: {{path}}", path=str(value))
         return value
     return check

@@ -3,10 +3,11 @@ run and batch configs' `features:` sections and the command line. Light to impor
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import PositiveInt
+from pydantic import AfterValidator, PositiveInt
 
+from pipeline.core.configfile import from_config_folder
 from pipeline.core.schema import Section, one_of, option
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -16,8 +17,10 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class ComputeSettings(Section):
     """Where features are cached and what computes them; what a batch run may set."""
 
-    cache_dir: str = option("cache", accepts="a folder path",
-                            about="feature cache folder, relative to the folder you run in")
+    cache_dir: Annotated[str, AfterValidator(from_config_folder("features.cache_dir"))] = option(
+        "cache", accepts="a folder path", validate_default=True,
+        about="feature cache folder; in a config file relative to the file's folder, on the command line to the "
+              "folder you run in")
     device: Literal[DEVICES] = option("auto", accepts=one_of(DEVICES), about="auto picks CUDA when present")
     batch_size: PositiveInt = option(32, accepts="a positive integer", about="images per forward pass")
     shard_size: PositiveInt = option(256, accepts="a positive integer",
@@ -33,8 +36,8 @@ class ExtractSettings(ComputeSettings):
     precision: Literal[PRECISIONS] = option(
         "auto", accepts=one_of(PRECISIONS),
         about="auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32 (part of the cache key)")
-    weights: str | None = option(
-        None, accepts="a local state-dict path, or null",
+    weights: Annotated[str | None, AfterValidator(from_config_folder("features.weights"))] = option(
+        None, accepts="a local state-dict path (in a config file relative to its folder), or null",
         about="a local state dict for the (single) backbone, instead of its registered weights")
 
 
