@@ -10,7 +10,9 @@ comparison in `compare/`, both summarised in metrics.json and the report.
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,7 @@ def _rank_candidates(train: Dataset, config: RunConfig, progress: bool) -> list[
 
 
 SKIP_LIST = "skipped.csv"  # in output_dir: every file either split skipped, with its reason
+OWNER = "run-config.json"  # in output_dir: {"config": the absolute path of the config that writes there}
 
 
 @dataclass
@@ -176,15 +179,42 @@ class RunOutcome:
     skip_list: Path  # output_dir/skipped.csv, which lists them
 
 
-def run(config_path: str | Path, progress: bool = True, config: RunConfig | None = None) -> dict:
+def run(config_path: str | Path, progress: bool = True, config: RunConfig | None = None,
+        overwrite: bool = False) -> dict:
     """Run every stage the config names; return the metrics written to metrics.json (`RunMetrics`).
 
     `config`, when given, is an already-parsed config (the demo builds its own); `config_path` is then
-    unused, the config names its own source in messages."""
-    return run_config(config_path, progress, config).metrics
+    unused, the config names its own source in messages. An output_dir that another config wrote is
+    refused unless `overwrite` (`_claim`)."""
+    return run_config(config_path, progress, config, overwrite).metrics
 
 
-def run_config(config_path: str | Path | None, progress: bool = True, config: RunConfig | None = None) -> RunOutcome:
+def _check_owner(config: RunConfig, out: Path, overwrite: bool) -> bool:
+    """Refuse an output_dir whose OWNER file names another config (its results would be replaced
+    silently), unless `overwrite`; rerunning the same config is fine, and so is a folder without the
+    file (new, or written before there was one). Whether this config is to be named there."""
+    marker = out / OWNER
+    try:
+        owner = json.loads(marker.read_text())["config"]
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = f"unknown: {path_text(marker)} cannot be read"
+    if owner == _identity(config):
+        return False
+    if not overwrite:
+        raise config.error(("output_dir",), f"'output_dir': {path_text(out)} holds the results of another "
+                                            f"config ({owner}); choose another output_dir, or pass --overwrite to "
+                                            "replace them")
+    return True
+
+
+def _identity(config: RunConfig) -> str:
+    return path_text(os.path.abspath(config.path))
+
+
+def run_config(config_path: str | Path | None, progress: bool = True, config: RunConfig | None = None,
+               overwrite: bool = False) -> RunOutcome:
     """`run`, with the files skipped on the way (also written to `output_dir/skipped.csv`, on every run,
     so the list never describes an earlier one)."""
     config = config or RunConfig.load(config_path)
@@ -193,10 +223,13 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
         raise config.error((), "'output_dir' is required")
     splits = _labelled_splits(config)
     out = Path(config.output_dir)
+    claim = _check_owner(config, out, overwrite)  # before anything is written there
     try:
         (out / "heads").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise config.error(("output_dir",), f"'output_dir': cannot create {out}: {exc.strerror or exc}") from None
+    if claim:
+        write_json_atomic(out / OWNER, {"config": _identity(config)})
     features = config.features.model_dump(exclude={"candidates"})
     ranking = None
     if features["backbones"] == "auto":  # the stage sections are checked before ranking extracts

@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.app.run import run_config
     from pipeline.cli.skips import print_skips
 
-    outcome = run_config(args.config, progress=not args.quiet)
+    outcome = run_config(args.config, progress=not args.quiet, overwrite=args.overwrite)
     print_skips(outcome.skipped, full_list=outcome.skip_list)
     return 0
 
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "report.html to output_dir. The whole config is checked before any work.")
     run.add_argument("config", help="YAML run config (see configs/demo.yaml)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the results in output_dir even when another config wrote them (output_dir/"
+                          "run-config.json names it); rerunning the same config needs no flag")
     run.set_defaults(func=cmd_run)
 
     from pipeline.heads.spec import HEAD_TYPES
