@@ -219,7 +219,7 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
 {"".join(_figure_html(p, c) for p, c in figures)}
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>{class_rows}</table>
-<p class="sub">Files: <code>metrics.json</code>, <code>predictions.csv</code>, <code>heads/*.joblib</code>.</p>
+<p class="sub">Files: <code>metrics.json</code>, <code>predictions.csv</code>, <code>heads/*.skops</code>.</p>
 </body></html>"""
     path = out / "report.html"
     path.write_text(page)
