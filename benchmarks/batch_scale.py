@@ -67,7 +67,7 @@ def write_config(work: Path, name: str, images: Path, head: Path) -> Path:
 
 
 def fit_head(photos: Path, work: Path) -> Path:
-    head = work / "head" / "lr.joblib"
+    head = work / "head" / "lr.skops"
     if not head.is_file():
         subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", "--data", str(photos / "train"),
                         "--type", "logistic_regression", "--cache", str(work / "head" / "cache"),

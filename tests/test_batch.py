@@ -35,7 +35,7 @@ def heads(tmp_path_factory):
     for name, options in (("lr", ["--type", "logistic_regression", "--backbone", TINY]),
                           ("knn", ["--type", "knn", "--source", f"{TINY}:stage1"])):
         assert main(["fit", "--data", str(train), *options, "--cache", str(root / "cache"),
-                     "--out", str(root / f"{name}.joblib"), "--quiet"]) == 0
+                     "--out", str(root / f"{name}.skops"), "--quiet"]) == 0
     return root
 
 
@@ -65,7 +65,7 @@ def _by_image(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 def test_unchanged_rerun_computes_nothing_and_appends_nothing(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=2, per_class=4, start_seed=500)
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [data], {"lr": heads / "lr.skops"})
     first = run_batch(config, progress=False)
     assert (first.exit_code, first.seen, first.new, first.predicted, first.computed) == (0, 8, 8, 8, 8)
     rows = _rows(tmp_path / "batch")
@@ -86,9 +86,9 @@ def test_unchanged_rerun_computes_nothing_and_appends_nothing(tmp_path, heads):
 
 def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=2, per_class=4, start_seed=600)
-    head = tmp_path / "model.joblib"
+    head = tmp_path / "model.skops"
     for suffix in ("", ".sha256"):
-        shutil.copy(heads / f"lr.joblib{suffix}", f"{head}{suffix}")
+        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
     config = _config(tmp_path, [data], {"lr": head})
     run_batch(config, progress=False)
     added = make_folder(data / "day2", classes=1, per_class=3, start_seed=700)
@@ -101,12 +101,12 @@ def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp
     assert len(_by_image(_rows(tmp_path / "batch"))) == 11
 
     for suffix in ("", ".sha256"):  # the head file is replaced: every image is predicted again
-        shutil.copy(heads / f"knn.joblib{suffix}", f"{head}{suffix}")
+        shutil.copy(heads / f"knn.skops{suffix}", f"{head}{suffix}")
     third = run_batch(config, progress=False)
     assert (third.new, third.predicted) == (11, 11)
     assert third.heads["lr"].sha256 != second.heads["lr"].sha256
     for suffix in ("", ".sha256"):  # put back: the latest rows came from the other file, so again
-        shutil.copy(heads / f"lr.joblib{suffix}", f"{head}{suffix}")
+        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
     assert run_batch(config, progress=False).predicted == 11
     assert run_batch(config, progress=False).predicted == 0
 
@@ -116,7 +116,7 @@ def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, ca
     (data / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     listing = tmp_path / "extra.txt"
     listing.write_text(f"{data / 'class0' / 'img0.jpg'}\nmissing.jpg\n")
-    config = _config(tmp_path, [data, listing], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [data, listing], {"lr": heads / "lr.skops"})
     assert main(["batch", str(config), "--quiet"]) == 3
     out = capsys.readouterr().out
     assert "skipped " + str(data / "class0" / "broken.jpg") in out and "file not found" in out
@@ -141,8 +141,8 @@ def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_sk
     (second / "class0" / "bad-copy.jpg").write_bytes(b"not an image either")  # same bytes: skipped too
     listing = tmp_path / "queue.txt"
     listing.write_text(f"{tmp_path / 'never-uploaded.jpg'}\n")  # a listed path that does not exist
-    config_a = _config(tmp_path, [first], {"lr": heads / "lr.joblib"}, name="a")
-    config_b = _config(tmp_path, [second, listing], {"lr": heads / "lr.joblib"}, name="b")
+    config_a = _config(tmp_path, [first], {"lr": heads / "lr.skops"}, name="a")
+    config_b = _config(tmp_path, [second, listing], {"lr": heads / "lr.skops"}, name="b")
     shared = json.loads(config_a.read_text())["output_dir"]
     config_b.write_text(json.dumps({**json.loads(config_b.read_text()), "output_dir": shared}))
     record = Path(shared) / "skipped.json"
@@ -175,7 +175,7 @@ def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, cap
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     (data / "class0" / "broken.jpg").write_bytes(b"not an image")
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib", "knn": heads / "knn.joblib"},
+    config = _config(tmp_path, [data], {"lr": heads / "lr.skops", "knn": heads / "knn.skops"},
                      cache_dir=str(blocker / "cache"))
     assert main(["batch", str(config), "--quiet"]) == 1
     assert "cannot write the feature cache" in capsys.readouterr().err
@@ -188,7 +188,7 @@ def test_a_failure_while_working_is_logged_with_exit_code_1(tmp_path, heads, cap
 def test_an_emptied_list_file_means_nothing_new(tmp_path, heads):
     queue = tmp_path / "queue.txt"
     queue.write_text("# paths are appended here by the upload service\n")
-    config = _config(tmp_path, [queue], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [queue], {"lr": heads / "lr.skops"})
     entry = run_batch(config, progress=False)
     assert (entry.status, entry.exit_code, entry.seen, entry.predicted) == ("ok", 0, 0, 0)
 
@@ -199,7 +199,7 @@ def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp
     import pipeline.app.batch
 
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=960)
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [data], {"lr": heads / "lr.skops"})
     assert run_batch(config, progress=False).predicted == 2
     copy = data / "class0" / "copy.jpg"
     shutil.copy(data / "class0" / "img0.jpg", copy)
@@ -217,12 +217,12 @@ def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp
     ({"inputs": ["nowhere"]}, r"'inputs\[0\]': folder or file list not found"),
     ({"features": {"backbones": ["resnet18"]}}, "'features.backbones' does not apply to batch runs"),
     ({"features": {"batch_size": 0}}, "'features.batch_size' must be a positive integer"),
-    ({"heads": ["missing.joblib"]}, "'heads.missing': head file not found"),
+    ({"heads": ["missing.skops"]}, "'heads.missing': head file not found"),
     ({"heads": {}}, "'heads' must be"),
     ({"chunk_size": "big"}, "'chunk_size' must be a positive integer"),
 ])
 def test_bad_batch_configs_are_refused_before_any_work(tmp_path, heads, capsys, change, message):
-    config = _config(tmp_path, [make_folder(tmp_path / "in", classes=1, per_class=1)], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [make_folder(tmp_path / "in", classes=1, per_class=1)], {"lr": heads / "lr.skops"})
     raw = json.loads(config.read_text())
     raw.update(change)
     config.write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
@@ -234,7 +234,7 @@ def test_bad_batch_configs_are_refused_before_any_work(tmp_path, heads, capsys, 
 
 def test_a_busy_lock_exits_with_code_4_or_waits(tmp_path, heads, capsys, caplog):
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=950)
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [data], {"lr": heads / "lr.skops"})
     lock = tmp_path / "batch" / "predictions" / LOCK_NAME
     lock.parent.mkdir(parents=True)
     with open(lock, "w") as holder:
@@ -272,7 +272,7 @@ def _wait_for(condition, what: str, timeout: float = 180) -> None:
 @pytest.mark.slow
 def test_two_concurrent_runs_leave_one_consistent_result(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=3, per_class=8, start_seed=1000)
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"})
+    config = _config(tmp_path, [data], {"lr": heads / "lr.skops"})
     runs = [_cli(config), _cli(config)]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
@@ -283,7 +283,7 @@ def test_two_concurrent_runs_leave_one_consistent_result(tmp_path, heads):
 @pytest.mark.slow
 def test_runs_killed_mid_way_then_rerun_match_an_uninterrupted_run(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=4, per_class=30, start_seed=2000)
-    both = {"lr": heads / "lr.joblib", "knn": heads / "knn.joblib"}
+    both = {"lr": heads / "lr.skops", "knn": heads / "knn.skops"}
     options = {"shard_size": 2, "batch_size": 2}  # 60 shards per head: the tiny backbone leaves the kills time
     config = _config(tmp_path, [data], both, **options)
     cache = tmp_path / "batch" / "cache"
@@ -327,7 +327,7 @@ def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(
 
     data = make_folder(tmp_path / "incoming", classes=3, per_class=32, start_seed=3000)
     options = {"shard_size": 2, "batch_size": 2}  # 48 shards: some still to run when the first is done
-    config = _config(tmp_path, [data], {"lr": heads / "lr.joblib"}, **options)
+    config = _config(tmp_path, [data], {"lr": heads / "lr.skops"}, **options)
     cache = tmp_path / "batch" / "cache"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
@@ -341,7 +341,7 @@ def test_a_cluster_worker_killed_during_extraction_still_gives_correct_features(
         assert run.returncode == 0, out
         assert pids[busy[0]] not in client.run(os.getpid).values()  # the nanny started a new worker
 
-    clean = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.joblib"}, name="clean", **options), progress=False)
+    clean = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.skops"}, name="clean", **options), progress=False)
     assert clean.predicted == 96
     assert _by_image(_rows(tmp_path / "batch")) == _by_image(_rows(tmp_path / "clean"))
     cluster_report = extract(data, TINY, cache_dir=cache, progress=False, **options)
@@ -362,13 +362,13 @@ def test_the_example_batch_config_is_valid_once_its_folder_and_head_exist(tmp_pa
     example = Path(__file__).resolve().parents[1] / "configs" / "batch.yaml"
     raw = yaml.safe_load(example.read_text())
     (tmp_path / "incoming").mkdir()
-    head = tmp_path / "runs/flowers/heads/logreg.joblib"
+    head = tmp_path / "runs/flowers/heads/logreg.skops"
     head.parent.mkdir(parents=True)
-    shutil.copy(heads / "lr.joblib", head)
+    shutil.copy(heads / "lr.skops", head)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/batch.yaml").write_text(example.read_text())
     config = load_batch_config(tmp_path / "configs/batch.yaml")
-    assert config.heads == {"logreg": tmp_path / "configs/../runs/flowers/heads/logreg.joblib"}
+    assert config.heads == {"logreg": tmp_path / "configs/../runs/flowers/heads/logreg.skops"}
     assert config.output_dir == tmp_path / "configs" / raw["output_dir"] and config.chunk_size == raw["chunk_size"]
     assert config.log == tmp_path / "configs/../runs/batch/runs.jsonl"
     assert config.features.cache_dir == str(tmp_path / "configs/../cache")

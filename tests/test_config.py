@@ -12,7 +12,7 @@ from pipeline.app.config import RunConfig
 from pipeline.cli.main import build_parser, main
 from pipeline.core.errors import ConfigError
 from pipeline.core.hashing import file_sha256
-from pipeline.heads.bundle import HeadBundle, load_bundle
+from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
 from pipeline.tuning.options import CompareOptions, FinetuneOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_the_committed_config_reference_is_generated_from_the_models():
         assert (ROOT / "docs" / "reference" / name).read_text() == text, f"docs/reference/{name} is stale"
 
 
-def test_a_head_saved_as_a_plain_dict_by_an_earlier_version_still_loads(tmp_path):
+def test_a_head_saved_as_a_plain_dict_by_an_earlier_version_still_loads_when_trusted(tmp_path):
     source = {"backbone": "efficientnet_lite0", "layer": "head", "cache_key": "k", "precision": "fp32",
               "weights_sha256": "0"}  # before custom weights were recorded
     path = tmp_path / "old.joblib"
@@ -119,7 +119,9 @@ def test_a_head_saved_as_a_plain_dict_by_an_earlier_version_still_loads(tmp_path
                              "fit_seconds": 0.1},
                  "versions": {"scikit-learn": "1.9.1", "joblib": "1.6.0", "torch": "2.15.0"}}, path)
     path.with_name("old.joblib.sha256").write_text(f"{file_sha256(path)}  old.joblib\n")
-    bundle = load_bundle(path)
+    with pytest.raises(BundleError, match="is a pickle .*--trust-pickle"):
+        load_bundle(path)
+    bundle = load_bundle(path, trust_pickle=True)
     assert isinstance(bundle, HeadBundle) and bundle.head.options == {"C": 1.0} and bundle.sources[0].weights is None
     assert bundle.to_disk() == joblib.load(path) | {"sources": [{**source, "weights": None}]}
 

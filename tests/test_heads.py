@@ -55,7 +55,7 @@ def test_concat_then_pca_and_feature_selection(cached):
 
 def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(cached, capsys):
     root, data, head, _stage1, _labels = cached
-    model = root / "lr.joblib"
+    model = root / "lr.skops"
     assert main(["fit", "--data", str(data), "--backbone", TINY, "--type", "logistic_regression", "--out", str(model),
                  "--cache", str(root / "cache"), "--quiet"]) == 0
     assert "cross-validated accuracy" in capsys.readouterr().out
@@ -81,14 +81,14 @@ def test_fit_save_reload_gives_identical_predictions_and_tampering_is_refused(ca
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--quiet"]) == 2
     assert "does not match its checksum" in capsys.readouterr().err
     model.write_bytes(data_bytes)
-    (root / "lr.joblib.sha256").unlink()
+    (root / "lr.skops.sha256").unlink()
     with pytest.raises(BundleError, match="refusing to load an unverified"):
         load_bundle(model)
 
 
 def test_a_bundle_needing_an_unknown_backbone_is_refused(tmp_path):
     source = SourceMeta(backbone="resnet9000", layer="head", cache_key="k", precision="fp32", weights_sha256="")
-    path = save_bundle(tmp_path / "x.joblib", HeadBundle(
+    path = save_bundle(tmp_path / "x.skops", HeadBundle(
         pipeline=None, classes=[], head=HeadSpec("h", "knn", ["resnet9000:head"]), sources=[source],
         metrics=HeadMetrics(cv_accuracy=None, best_params={}, fit_seconds=0.0)))
     with pytest.raises(BundleError, match="needs backbone 'resnet9000'"):

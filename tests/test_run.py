@@ -40,7 +40,7 @@ def _check_contract(out, head_names, images):
                                                           "skipped": int, "seconds": float}
     assert extract["images"] == images
     for name in head_names:
-        assert (out / "heads" / f"{name}.joblib").is_file() and (out / "heads" / f"{name}.joblib.sha256").is_file()
+        assert (out / "heads" / f"{name}.skops").is_file() and (out / "heads" / f"{name}.skops.sha256").is_file()
     return metrics
 
 

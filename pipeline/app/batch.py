@@ -48,8 +48,9 @@ from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
 from pipeline.features.settings import ComputeSettings
-from pipeline.heads.bundle import HeadBundle, load_bundle
+from pipeline.heads.bundle import HeadBundle, PickleRefused, load_bundle
 from pipeline.heads.predict import feature_options, predict_with
+from pipeline.heads.spec import HEAD_SUFFIX, OLD_HEAD_SUFFIX
 from pipeline.images.data import Dataset, hash_files, scan, walk_files
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
@@ -69,11 +70,11 @@ def _listed(value: Any) -> Any:
 
 
 def _named(value: Any) -> Any:
-    """Head files listed without names are named by their file names (without .joblib)."""
+    """Head files listed without names are named by their file names (without .skops, or .joblib)."""
     files = _listed(value)
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         return value
-    named = {Path(f).name.removesuffix(".joblib"): f for f in files}
+    named = {Path(f).name.removesuffix(HEAD_SUFFIX).removesuffix(OLD_HEAD_SUFFIX): f for f in files}
     if len(named) != len(files):
         raise problem("two head files have the same name; give them names (heads: {name: file, ...})")
     return named
@@ -104,7 +105,7 @@ class BatchConfig(ConfigFile):
         about="folders (scanned recursively, hidden files left alone) and text files listing one image path per line")
     heads: Annotated[dict[SafeName, NearConfig], Field(min_length=1),
                      BeforeValidator(_named, json_schema_input_type=str | list[str] | dict[str, str])] = option(
-        accepts=f"a list of saved head files (.joblib), or a mapping of name ({SAFE_NAME_RULE}) to file",
+        accepts=f"a list of saved head files ({HEAD_SUFFIX}), or a mapping of name ({SAFE_NAME_RULE}) to file",
         about="saved heads (pipeline fit, pipeline run); each name is a folder of output_dir")
     features: Annotated[BatchFeatures, BeforeValidator(lambda v: {} if v is None else v)] = option(
         default_factory=dict, validate_default=True,
@@ -115,6 +116,10 @@ class BatchConfig(ConfigFile):
     log: LogFile = option(accepts="the run log file (one JSON object per line)", about="one JSON line per run")
     chunk_size: PositiveInt = option(2048, accepts="a positive integer",
                                      about="images whose features are held in memory at once")
+    trust_pickle: bool = option(False, accepts="true or false",
+                                about=f"load heads saved by earlier versions ({OLD_HEAD_SUFFIX}, a pickle), which "
+                                      "runs any code such a file holds: only for files you trust; "
+                                      "`pipeline convert-head` rewrites one in the safe format")
 
 
 def load_batch_config(path: str | os.PathLike) -> BatchConfig:
@@ -153,16 +158,21 @@ class HeadRun:
     computed: int = 0
 
 
-def load_heads(config: BatchConfig) -> list[Head]:
+def load_heads(config: BatchConfig, trust_pickle: bool = False) -> list[Head]:
     """Every head loaded and its features checked against this installation. Called under the lock, so a
-    run that waited for another one applies the head files as they are when it starts."""
+    run that waited for another one applies the head files as they are when it starts. A format-1 head
+    (a pickle) loads only with `trust_pickle` or the config's `trust_pickle: true`."""
     heads = []
     for name, path in config.heads.items():
         try:
             sha = file_sha256(path)
         except OSError as exc:
             raise config.error(("heads",), f"'heads.{name}': cannot read {path}: {exc.strerror or exc}") from None
-        bundle = load_bundle(path)
+        try:
+            bundle = load_bundle(path, trust_pickle or config.trust_pickle)
+        except PickleRefused as exc:
+            where = ("heads", name if isinstance(config.raw["heads"], dict) else list(config.heads).index(name))
+            raise config.error(where, f"'heads.{name}': {exc} (in this config: trust_pickle: true)") from None
         heads.append(Head(name, path, sha, bundle, feature_options(bundle, path)))
     return heads
 
@@ -280,7 +290,7 @@ def _skips(skipped: dict[str, str]) -> tuple[int, list[SkippedFile]]:
 
 
 def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | None = None, on_lock: str = "wait",
-              progress: bool = True) -> BatchLogEntry:
+              progress: bool = True, trust_pickle: bool = False) -> BatchLogEntry:
     """One batch run (of a config file, or of one already loaded); returns its log entry (`exit_code`
     says how it went).
 
@@ -290,7 +300,7 @@ def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | Non
     if scheduler:
         config.features.scheduler = scheduler
     with batch_lock(config.output_dir, on_lock):
-        heads = load_heads(config)
+        heads = load_heads(config, trust_pickle)
         check_log(config.log)
         try:
             recover(config.output_dir, config.log)

@@ -1,7 +1,7 @@
 """`pipeline run CONFIG`: extract (or reuse) features, fit and compare every head, save, report.
 
 Writes into `output_dir`: `metrics.json` (the contract other tools read, typed by `RunMetrics` and
-validated before it is written), `heads/<name>.joblib`
+validated before it is written), `heads/<name>.skops`
 bundles with their checksums, `predictions.csv` for the test split, and the HTML report; with a
 `finetune:` section the fine-tuned backbone, with a `compare:` section the transfer-vs-scratch
 comparison in `compare/`, both summarised in metrics.json and the report.
@@ -40,6 +40,7 @@ from pipeline.heads.bundle import HeadBundle, save_bundle
 from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.heads.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
 from pipeline.heads.rank import RankRow, rank, table
+from pipeline.heads.spec import HEAD_SUFFIX
 from pipeline.images.data import Dataset, require_labelled, scan, test_labels
 from pipeline.tuning.compare import CompareOptions, compare_rows
 from pipeline.tuning.finetune import FinetuneOptions
@@ -276,7 +277,7 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
                             float(f1_score(y_test, predicted, average="macro")), predicted, proba)
         results[spec.name] = result
         sources = source_meta(train_sets, spec.sources, cache_dir, features["weights"])
-        save_bundle(out / "heads" / f"{spec.name}.joblib",
+        save_bundle(out / "heads" / f"{spec.name}{HEAD_SUFFIX}",
                     HeadBundle.of(fitted, classes, sources, accuracy=result.accuracy, macro_f1=result.macro_f1))
         logger.info(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
                     f"macro-F1 {result.macro_f1:.3f}, fit {fitted.fit_seconds:.1f} s")

@@ -35,7 +35,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     config = load_batch_config(args.config)
     try:
-        entry = run_batch(config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet)
+        entry = run_batch(config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet,
+                          trust_pickle=args.trust_pickle)
     except LockBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LOCKED
@@ -73,5 +74,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                        help="dask.distributed scheduler for the extraction (overrides features.scheduler)")
     batch.add_argument("--on-lock", choices=["wait", "exit"], default="wait",
                        help="when another batch run holds the lock: wait for it (default) or exit with code 4")
+    batch.add_argument("--trust-pickle", action="store_true",
+                       help="also load heads saved by an earlier version (.joblib, a pickle): loading one runs any "
+                            "code the file holds, so only for files you trust (as the config's trust_pickle: true)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.set_defaults(func=cmd_batch)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     pass
 
 EPILOG = "Run `pipeline COMMAND --help` for the options of one command."
+TRUST_PICKLE_HELP = ("also load a head saved by an earlier version (.joblib, a pickle): loading it runs any code "
+                     "the file holds, so only for a file you trust (`pipeline convert-head` rewrites it as .skops)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -57,7 +59,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.cli.skips import skip_list_beside
     from pipeline.heads.predict import predict, write_predictions
 
-    result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet)
+    result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet,
+                     trust_pickle=args.trust_pickle)
     out = write_predictions(result, args.out)
     _skip_list(args, result.report.skipped, skip_list_beside(out))
     print(f"{len(result.proba)} predictions written to {out} ({result.report.summary()})")
@@ -67,11 +70,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.heads.predict import evaluate, predict
 
-    result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet)
+    result = predict(args.model, args.data, args.cache, args.device, args.scheduler, progress=not args.quiet,
+                     trust_pickle=args.trust_pickle)
     _skip_list(args, result.report.skipped)
     scores = evaluate(result)
     print(f"{args.model} on {args.data}: accuracy {scores['accuracy']:.1%}, macro-F1 {scores['macro_f1']:.3f} "
           f"({scores['images']} images)")
+    return 0
+
+
+def cmd_convert_head(args: argparse.Namespace) -> int:
+    from pipeline.heads.bundle import convert_bundle
+
+    bundle = convert_bundle(args.old, args.new, trust_pickle=args.trust_pickle)
+    print(f"{bundle.head.name}: wrote {args.new} and {Path(args.new).name}.sha256 from {args.old}")
     return 0
 
 
@@ -140,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "run-config.json names it); rerunning the same config needs no flag")
     run.set_defaults(func=cmd_run)
 
-    from pipeline.heads.spec import HEAD_TYPES
+    from pipeline.heads.spec import HEAD_SUFFIX, HEAD_TYPES, OLD_HEAD_SUFFIX
 
     fit = sub.add_parser("fit", help="fit one head on a labelled folder and save it",
                          description="Fit one head on cached features of a labelled folder (extracting what is "
@@ -152,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source", action="append", metavar="BACKBONE[:LAYER]",
                      help="feature source(s); several for pca_fusion (default: the first backbone's default layer)")
     add_setting(fit, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
-    fit.add_argument("--out", required=True, metavar="FILE", help="where to save the head (.joblib)")
+    fit.add_argument("--out", required=True, metavar="FILE", help=f"where to save the head ({HEAD_SUFFIX})")
     fit.add_argument("--skipped", metavar="FILE", help="write the CSV of skipped files here (default: none; "
                                                       "the first ten are printed)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("predict", cmd_predict, "predict classes of new images with a saved head"),
                              ("evaluate", cmd_evaluate, "score a saved head on a labelled folder")):
         sub_parser = sub.add_parser(name, help=text, description=text + "; images already in the cache are reused.")
-        sub_parser.add_argument("--model", required=True, metavar="FILE", help="a saved head (.joblib)")
+        sub_parser.add_argument("--model", required=True, metavar="FILE", help=f"a saved head ({HEAD_SUFFIX})")
+        sub_parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
         sub_parser.add_argument("--data", required=True, metavar="PATH",
                                 help="image folder or a text file listing image paths")
         if name == "predict":
@@ -174,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler address")
         sub_parser.add_argument("--quiet", action="store_true", help="no progress bar")
         sub_parser.set_defaults(func=func)
+
+    convert = sub.add_parser(
+        "convert-head", help=f"rewrite a head saved by an earlier version ({OLD_HEAD_SUFFIX}) as {HEAD_SUFFIX}",
+        description=f"Load a head saved by an earlier version ({OLD_HEAD_SUFFIX}, a pickle: loading it runs any code "
+                    f"the file holds, so only convert a file you trust) and save it in the safe format ({HEAD_SUFFIX}, "
+                    "with its .sha256). Its predictions are unchanged; `pipeline batch` predicts every image again "
+                    "with it, as with any changed head file.")
+    convert.add_argument("old", help=f"the old head ({OLD_HEAD_SUFFIX}, with its .sha256 beside it)")
+    convert.add_argument("new", help=f"the file to write ({HEAD_SUFFIX})")
+    convert.add_argument("--trust-pickle", action="store_true", help="required: you trust OLD (see above)")
+    convert.set_defaults(func=cmd_convert_head)
 
     rank = sub.add_parser("rank", help="rank backbones, layers and fusions on your labelled data",
                           description="Score every candidate (each backbone at each --layer, and each --fusion) "

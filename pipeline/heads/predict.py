@@ -67,8 +67,11 @@ def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
 
 
 def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULTS.cache_dir,
-            device: str = DEFAULTS.device, scheduler: str | None = None, progress: bool = True) -> Predictions:
-    bundle = load_bundle(model)
+            device: str = DEFAULTS.device, scheduler: str | None = None, progress: bool = True,
+            trust_pickle: bool = False) -> Predictions:
+    """Apply the saved head `model` to `data`; `trust_pickle` lets a format-1 head (a pickle) load, which
+    runs any code the file holds (`load_bundle`)."""
+    bundle = load_bundle(model, trust_pickle)
     return predict_with(bundle, data, cache_dir=cache_dir, device=device, scheduler=scheduler, progress=progress,
                         **feature_options(bundle, model))
 

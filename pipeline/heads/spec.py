@@ -18,6 +18,8 @@ T = TypeVar("T")
 # The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
 Grid = Annotated[list[T], Field(min_length=1)]
 SOURCE = "BACKBONE or BACKBONE:LAYER"
+HEAD_SUFFIX = ".skops"  # a saved head's file (pipeline.heads.bundle): heads/<name>.skops
+OLD_HEAD_SUFFIX = ".joblib"  # a head saved by an earlier version (a pickle: loads only with --trust-pickle)
 _SOURCE_ABOUT = ("the features it reads (default: the first of features.backbones at its default layer); "
                  "a backbone must be among features.backbones")
 
@@ -26,7 +28,7 @@ class HeadOptions(Section):
     """What every head has: a name (it names the saved file) and a type."""
 
     name: SafeName = option(accepts=f"{SAFE_NAME_RULE} (it names the saved file)",
-                            about="the head's name: heads/<name>.joblib and its key in metrics.json")
+                            about=f"the head's name: heads/<name>{HEAD_SUFFIX} and its key in metrics.json")
     fuses: ClassVar[bool] = False  # reads every backbone by default (else the first)
 
     def given_sources(self) -> list[str] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, first_line
 from pipeline.core.io import atomic_write
 from pipeline.images.data import decode
 from pipeline.images.preprocess import Preprocess
@@ -123,15 +124,50 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+CHECKPOINT_FORMAT = 2  # 1 (unmarked): loaded with weights_only=False; 2: tensors and plain values only
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _plain(value: object, where: str = "checkpoint") -> object:
+    """`value` as what `torch.load(weights_only=True)` reads back: tensors, str/int/float/bool/None, and
+    dicts, lists and tuples of them; a numpy scalar (a score, say) becomes the Python number it equals.
+    Anything else (an array, a dataclass, an RNG state) is a bug, refused when the checkpoint is written
+    rather than when a run resumes: convert it to tensors or plain values here and back on loading.
+    (Nothing needs that today: every epoch reseeds its randomness from (seed, epoch).)"""
+    if isinstance(value, np.generic):  # before _PLAIN: np.float64 is a float, and pickles as numpy's
+        return value.item()
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict) and all(isinstance(k, str | int) for k in value):
+        return type(value)((k, _plain(v, f"{where}[{k!r}]")) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"{where}: a {type(value).__name__} cannot go into a weights-only checkpoint")
+
+
 def _save_checkpoint(path: Path, payload: dict) -> None:
     with atomic_write(path, "wb") as fh:
-        torch.save(payload, fh)
+        torch.save(_plain({**payload, "format": CHECKPOINT_FORMAT}), fh)
 
 
 def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """The checkpoint's state, read with `weights_only=True`: tensors and plain values are all it can hold,
+    so a planted file cannot run code. A checkpoint of the earlier format is refused, not converted."""
     if not path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    start_over = "start without --resume (the run begins again at epoch 1)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # an object other than tensors and plain values: not loaded, nothing ran
+        raise ConfigError(f"--resume: checkpoint {path} holds objects other than tensors and plain values (an "
+                          f"earlier format, or not a checkpoint of this pipeline); it was not loaded: {start_over}"
+                          ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: checkpoint {path} cannot be read ({type(exc).__name__}: {first_line(exc)}): "
+                          f"{start_over}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume: checkpoint {path} was written by an earlier version of the pipeline (or is "
+                          f"not a checkpoint of it): {start_over}")
     if state.get("fingerprint") != fingerprint:
         changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
         raise ConfigError(f"--resume: checkpoint {path} was made with other settings ({', '.join(changed)}); "
