@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.app.batch import BatchConfig
-from pipeline.app.config import CompareSection, FinetuneSection, RunConfig
+from pipeline.app.config import CompareSection, FinetuneSection, RunConfig, head_specs
 from pipeline.cli.main import main
 from pipeline.core.errors import ConfigError
 from pipeline.features.settings import ExtractSettings
@@ -308,3 +308,13 @@ def test_no_run_config_text_raises_anything_but_a_one_line_config_error(tmp_path
     path = tmp_path / "run.yaml"
     path.write_text(text)
     _only_config_errors(lambda _: RunConfig.load(path), None)
+
+
+def test_an_unknown_backbone_is_named_where_it_is_written(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"features:\n  backbones: [{TINY}, nonet]\nheads:\n  - {{name: a, type: knn}}\n")
+    with pytest.raises(ConfigError) as info:
+        head_specs(RunConfig.load(path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:2:") and "'features.backbones[1]': unknown backbone 'nonet'" in message

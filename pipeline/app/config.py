@@ -217,6 +217,11 @@ def head_specs(config: RunConfig) -> list[HeadSpec]:
     auto = config.features.backbones == "auto"
     backbones = auto_candidates(config.features.candidates) if auto else (
         config.features.backbones or [DEFAULT_BACKBONE])
+    for i, name in enumerate([] if auto else config.features.backbones or []):
+        try:
+            get_spec(name)
+        except PipelineError as exc:  # named where it is written, before any head uses it
+            raise config.error(("features", "backbones", i), f"'features.backbones[{i}]': {exc}") from None
     specs: list[HeadSpec] = []
     first_use: dict[str, int] = {}
     for i, head in enumerate(config.heads or []):
