@@ -121,15 +121,19 @@ def test_bad_files_give_the_partial_exit_code_and_are_logged(tmp_path, heads, ca
     out = capsys.readouterr().out
     assert "skipped " + str(data / "class0" / "broken.jpg") in out and "file not found" in out
     (entry,) = read_log(tmp_path / "batch" / "runs.jsonl")
-    assert (entry["status"], entry["seen"], entry["skipped"], entry["predicted"]) == ("partial", 5, 2, 3)
-    # Still there: counted and listed again, but already reported, so the scheduled job stays green.
+    assert (entry["status"], entry["seen"], entry["new"], entry["skipped"], entry["predicted"]) == (
+        "partial", 5, 4, 2, 3)
+    # Still there: counted and listed again, but already reported, so the scheduled job stays green,
+    # and the broken file is tried again without counting as new.
     assert main(["batch", str(config), "--quiet"]) == 0
     second = read_log(tmp_path / "batch" / "runs.jsonl")[-1]
-    assert (second["status"], second["skipped"], second["new_skipped"], second["predicted"]) == ("ok", 2, 0, 0)
+    assert (second["status"], second["new"], second["skipped"], second["new_skipped"], second["predicted"]) == (
+        "ok", 0, 2, 0, 0)
     assert len(_by_image(_rows(tmp_path / "batch"))) == 3
     (data / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 broken differently")  # changed: reported again
     assert main(["batch", str(config), "--quiet"]) == 3
-    assert read_log(tmp_path / "batch" / "runs.jsonl")[-1]["new_skipped"] == 1
+    third = read_log(tmp_path / "batch" / "runs.jsonl")[-1]
+    assert (third["new"], third["new_skipped"]) == (1, 1)
 
 
 def test_the_skip_record_survives_a_corrupt_file_a_second_config_and_many_old_skips(tmp_path, heads, capsys):

@@ -34,11 +34,13 @@ from pipeline.app.batch_state import (
     append_log,
     batch_lock,
     check_log,
+    known_skips,
     new_run_id,
     now,
     predicted_ids,
     record_skips,
     recover,
+    still_broken,
 )
 from pipeline.core.configfile import ConfigFile, from_config_folder, near_config
 from pipeline.core.errors import ConfigError, OutputError, PipelineError, first_line
@@ -259,7 +261,10 @@ def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry,
     later_copies = {str(paths[0]): paths[1:] for paths in copies.values() if len(paths) > 1}
     done = {head.name: predicted_ids(config.output_dir / head.name, head.sha256) for head in heads}
     pending = {head.name: [p for i, p in first_path.items() if i not in done[head.name]] for head in heads}
-    entry.new = entry.failed = len({path for paths in pending.values() for path in paths})
+    # A file an earlier run reported as broken, unchanged since, is tried again but is not news.
+    known = known_skips(config.output_dir)
+    entry.new = len({path for paths in pending.values() for path in paths if not still_broken(known, str(path))})
+    entry.failed = len({path for paths in pending.values() for path in paths})
     with tqdm(total=sum(map(len, pending.values())), unit="img", desc="batch",
               disable=None if progress else True) as bar:
         for i, head in enumerate(heads):

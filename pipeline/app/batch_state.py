@@ -206,6 +206,23 @@ def _deleted(state: object, path: str) -> bool:
     return isinstance(state, dict) and state.get("file") is not None and not os.path.exists(path)
 
 
+def known_skips(output_dir: Path) -> dict[str, dict]:
+    """OUTPUT/skipped.json by absolute path: each skip earlier runs reported, with its reason and the
+    file's state then. Unreadable or cut short, it counts as empty (every skip is reported again)."""
+    try:
+        record = output_dir / SKIP_RECORD
+        known = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    return {os.path.abspath(path): state for path, state in known.items()} if isinstance(known, dict) else {}
+
+
+def still_broken(known: dict[str, dict], path: str) -> bool:
+    """Whether `path` is a file an earlier run skipped and that has not changed (size, mtime) since."""
+    state = known.get(os.path.abspath(path))
+    return isinstance(state, dict) and state.get("file") is not None and state["file"] == _file_state(path)
+
+
 def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -> list[str]:
     """Merge this run's skips into OUTPUT/skipped.json and return those no earlier run reported. A file
     that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once, and
@@ -213,11 +230,7 @@ def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -
     not look at (another config sharing the folder) stay, unless the file was deleted since; those it
     read fine leave."""
     record = output_dir / SKIP_RECORD
-    try:
-        known = json.loads(record.read_text()) if record.is_file() else {}
-    except (OSError, ValueError):
-        known = {}  # unreadable or cut short: report everything again, which errs on the loud side
-    known = {os.path.abspath(path): state for path, state in known.items()} if isinstance(known, dict) else {}
+    known = known_skips(output_dir)
     current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
     new = [path for path, state in current.items() if known.get(os.path.abspath(path)) != state]
     looked_at = {os.path.abspath(path) for path in scanned}
