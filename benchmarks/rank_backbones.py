@@ -42,10 +42,10 @@ def main() -> None:
 
 def measure(train: Path, layers: list[str], fusion: list[str], cache: str) -> None:
 
-    rows = rank(train, BACKBONES, layers, fusion, cache_dir=cache, progress=True)
+    rows = rank(train, BACKBONES, layers, fusion, cache_dir=cache, progress=True).rows
     print(table(rows))
     started = time.perf_counter()
-    fast = rank(train, BACKBONES, layers, fusion, cache_dir=cache, probe=False, progress=False)
+    fast = rank(train, BACKBONES, layers, fusion, cache_dir=cache, probe=False, progress=False).rows
     no_probe_wall = time.perf_counter() - started
 
     score_s = sum(r.score_seconds for r in rows)

@@ -102,3 +102,18 @@ def test_run_config_compare_section_adds_its_summary_to_metrics_and_report(tmp_p
     report = (out / "report.html").read_text()
     assert "Transfer vs. scratch" in report and 'href="compare/compare.png"' in report
     assert (out / "compare" / "compare.png").is_file()
+
+
+def test_compare_prints_a_broken_training_image_and_lists_it_in_compare_json(tmp_path, capsys):
+    make_folder(tmp_path / "train", classes=2, per_class=3)
+    make_folder(tmp_path / "test", classes=2, per_class=2, start_seed=100)
+    broken = tmp_path / "train" / "class1" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["compare", "--data", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--shots", "1",
+                 "--seeds", "0", "--backbone", TINY, "--finetune-steps", "1", "--scratch-steps", "1",
+                 "--scratch-size", "32", "--cache", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {broken}: not an image (unknown format)" in printed
+    assert json.loads((out / "compare.json").read_text())["skipped"] == [[str(broken), "not an image (unknown format)"]]

@@ -208,3 +208,20 @@ def test_starting_weights_are_kept_when_no_epoch_beats_them_on_validation(folder
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
     parent = load_backbone(TINY).network.state_dict()
     assert all(torch.equal(v, parent[k]) for k, v in saved.items())
+
+
+def test_finetune_prints_a_broken_training_image_and_writes_the_skip_list(tmp_path, capsys):
+    from pipeline.cli.main import main
+
+    train = make_folder(tmp_path / "train", classes=2, per_class=3)
+    broken = train / "class1" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    skipped = tmp_path / "ft-skipped.csv"
+    assert main(["finetune", "--data", str(train), "--backbone", TINY, "--unfreeze", "last:2", "--epochs", "1",
+                 "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "out"), "--name", "tiny_ft_skips",
+                 "--backbones-dir", str(tmp_path / "backbones"), "--cache", str(tmp_path / "cache"),
+                 "--skipped", str(skipped), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {broken}: not an image (unknown format)" in out
+    assert f"full list, with reasons: {skipped}" in out
+    assert skipped.read_text().splitlines() == ["path,reason", f"{broken},not an image (unknown format)"]

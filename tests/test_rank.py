@@ -100,7 +100,7 @@ def test_rank_reads_only_the_cache_the_second_time(tmp_path, monkeypatch, capsys
     data = make_folder(tmp_path / "data", classes=3, per_class=6)
     cache = tmp_path / "cache"
     fusion = f"{TINY}+{TINY}:stage1"
-    first = rank(data, [TINY], ["head", "stage1"], [fusion], cache_dir=cache, progress=False)
+    first = rank(data, [TINY], ["head", "stage1"], [fusion], cache_dir=cache, progress=False).rows
     assert sorted(r.candidate for r in first) == [f"{TINY}:head", f"{TINY}:head+{TINY}:stage1", f"{TINY}:stage1"]
     assert [r.logme for r in first] == sorted((r.logme for r in first), reverse=True)
     # the speed is the one the cache's shard records give; a fusion of one backbone's layers costs one pass
@@ -188,3 +188,16 @@ def test_rank_page_escapes_candidate_names_and_skips_the_plot_without_probes(tmp
     assert '<tr><td class="cand">plain:head</td><td>-0.750</td>' in page
     assert "<img" not in page and not (tmp_path / "rank" / "rank_scores.png").exists()
     assert "2 candidates" in page and "Spearman" not in page
+
+
+def test_rank_prints_a_broken_training_image_and_writes_the_skip_list(tmp_path, capsys) -> None:
+    data = make_folder(tmp_path / "data", classes=3, per_class=4)
+    broken = data / "class0" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    skipped = tmp_path / "rank-skipped.csv"
+    assert main(["rank", "--data", str(data), "--backbone", TINY, "--cache", str(tmp_path / "cache"), "--no-probe",
+                 "--report", str(tmp_path / "report"), "--skipped", str(skipped), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {broken}: not an image (unknown format)" in out
+    assert f"full list, with reasons: {skipped}" in out
+    assert skipped.read_text().splitlines() == ["path,reason", f"{broken},not an image (unknown format)"]

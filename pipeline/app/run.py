@@ -163,7 +163,7 @@ def _rank_candidates(train: Dataset, config: RunConfig, progress: bool) -> list[
     """`backbones: auto`: LogME of every candidate's default layer on the training split (no probes:
     the point is to skip training a model per candidate); best first."""
     options = config.features.model_dump(exclude={"backbones", "candidates", "layers", "weights"})
-    rows = rank(train, auto_candidates(config.features.candidates), probe=False, progress=progress, **options)
+    rows = rank(train, auto_candidates(config.features.candidates), probe=False, progress=progress, **options).rows
     logger.info(table(rows))
     logger.info(f"backbones: auto chose {rows[0].candidate.split(':')[0]} (highest LogME on the training split)")
     return rows

@@ -11,8 +11,12 @@ from typing import Any
 from pipeline.core.errors import OutputError, PipelineError
 from pipeline.core.names import DEFAULT_BACKBONE
 
+SKIPPED_HELP = "write the CSV of skipped files here (default: none; the first ten are printed)"
 
-def add_extract_options(parser: argparse.ArgumentParser) -> None:
+
+def add_extract_options(parser: argparse.ArgumentParser,
+                        skipped_help: str = "where to write the CSV of skipped files (default: CACHE/skipped.csv)"
+                        ) -> None:
     """Each option overrides the config's value (its default is the config's, then the settings')."""
     from pipeline.cli.options import add_setting
     from pipeline.features.settings import DEVICES, PRECISIONS, ExtractSettings
@@ -33,7 +37,7 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
     setting("shard_size", metavar="N", type=int)
     setting("scheduler", metavar="ADDRESS")
     setting("weights", metavar="PATH")
-    add("--skipped", metavar="FILE", help="where to write the CSV of skipped files (default: CACHE/skipped.csv)")
+    add("--skipped", metavar="FILE", help=skipped_help)
     add("--quiet", action="store_true", help="no progress bar")
 
 

@@ -33,13 +33,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _skip_list(args: argparse.Namespace, skipped: list[tuple[str, str]], default: Path | None = None) -> None:
     """Print the summary of `skipped`, writing the full list to --skipped FILE (else `default`, if any)."""
-    from pipeline.app.config import write_skip_list
-    from pipeline.cli.skips import print_skips
+    from pipeline.cli.skips import report_skips
 
-    full_list = Path(args.skipped) if args.skipped else default
-    if full_list is not None:
-        write_skip_list(full_list, skipped)
-    print_skips(skipped, full_list=full_list, hint="--skipped FILE lists them all")
+    report_skips(skipped, Path(args.skipped) if args.skipped else default)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -97,8 +93,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
     sources, settings = extract_settings(args.config, args.data, overrides(args))
     data = sources.get("train") or next(iter(sources.values()))
     backbones, layers = settings.pop("backbones", None), settings.pop("layers", None)
-    rows = rank(data, backbones or [DEFAULT_BACKBONE], layers, args.fusion, progress=not args.quiet,
-                probe=not args.no_probe, **settings)
+    result = rank(data, backbones or [DEFAULT_BACKBONE], layers, args.fusion, progress=not args.quiet,
+                  probe=not args.no_probe, **settings)
+    _skip_list(args, result.skipped)
+    rows = result.rows
     print(table(rows))
     for score, label in (("logme", "LogME"), ("hscore", "H-score")):
         rho = spearman(rows, score)
@@ -128,7 +126,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli.batch import add_batch_parser
-    from pipeline.cli.features import add_extract_options, add_feature_parsers
+    from pipeline.cli.features import SKIPPED_HELP, add_extract_options, add_feature_parsers
     from pipeline.cli.options import add_setting
     from pipeline.cli.training import add_compare_parser, add_finetune_parser
     from pipeline.features.settings import DEVICES, ExtractSettings
@@ -165,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feature source(s); several for pca_fusion (default: the first backbone's default layer)")
     add_setting(fit, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
     fit.add_argument("--out", required=True, metavar="FILE", help=f"where to save the head ({HEAD_SUFFIX})")
-    fit.add_argument("--skipped", metavar="FILE", help="write the CSV of skipped files here (default: none; "
-                                                      "the first ten are printed)")
+    fit.add_argument("--skipped", metavar="FILE", help=SKIPPED_HELP)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
 
@@ -204,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "on a labelled folder from cached features: LogME and H-score (no training) "
                                       "and the 5-fold CV accuracy of a linear probe (C=0.1 for all), with the "
                                       "extraction cost. Only missing features are extracted.")
-    add_extract_options(rank)
+    add_extract_options(rank, SKIPPED_HELP)
     rank.add_argument("--fusion", action="append", metavar="A+B",
                       help="a fusion candidate, sources joined by '+' (BACKBONE or BACKBONE:LAYER), repeatable")
     rank.add_argument("--no-probe", action="store_true", help="skip the linear probes (scores only, fastest)")

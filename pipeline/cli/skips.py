@@ -29,3 +29,13 @@ def skip_list_beside(out: str | os.PathLike) -> Path:
     """Where a command that writes `out` (predict's CSV) puts its skip list: `NAME.skipped.csv` beside it."""
     out = Path(out)
     return out.with_name(f"{out.stem}.skipped.csv")
+
+
+def report_skips(skipped: Sequence[tuple[str, str]], full_list: str | os.PathLike | None = None) -> None:
+    """Print the summary of `skipped`, first writing the full list to `full_list` (a command's --skipped
+    FILE, or its default) when there is one; without one, the summary says how to get it."""
+    from pipeline.app.config import write_skip_list
+
+    if full_list is not None:
+        write_skip_list(full_list, list(skipped))
+    print_skips(skipped, full_list=full_list, hint="--skipped FILE lists them all")

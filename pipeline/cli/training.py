@@ -11,6 +11,7 @@ from pipeline.core.errors import ConfigError
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline.app.stage3 import run_finetune
+    from pipeline.cli.skips import report_skips
     from pipeline.tuning.options import FinetuneOptions, TrainSettings
 
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
@@ -25,6 +26,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"epoch {epoch}/{settings.epochs}: loss {record['loss']:.4f}{val} ({record['seconds']:.1f} s)")
 
     result = run_finetune(options, progress=not args.quiet, on_epoch=report)
+    report_skips(result.skipped, args.skipped)
     m = result.metrics
     if m["best_epoch"] == 0:
         print(f"no epoch beat the starting weights on the validation split ({m['start_val_accuracy']:.1%}): "
@@ -41,6 +43,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.cli.features import SKIPPED_HELP
     from pipeline.cli.options import add_setting
     from pipeline.features.settings import DEVICES, PRECISIONS, ExtractSettings
 
@@ -48,6 +51,7 @@ def _add_training_compute_options(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, ExtractSettings, "device", choices=DEVICES)
     add_setting(parser, ExtractSettings, "precision", choices=PRECISIONS)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--skipped", metavar="FILE", help=SKIPPED_HELP)
 
 
 def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +98,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.app.stage3 import run_compare
+    from pipeline.cli.skips import report_skips
     from pipeline.tuning.compare import parse_shots
     from pipeline.tuning.options import CompareOptions
 
@@ -104,7 +109,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     options = CompareOptions(args.data, args.test, parse_shots(args.shots), seeds, args.backbone, args.unfreeze,
                              args.finetune_steps, args.scratch_steps, args.scratch_size, cache_dir=args.cache,
                              out=args.out, device=args.device, precision=args.precision)
-    run_compare(options, progress=not args.quiet)
+    result = run_compare(options, progress=not args.quiet)
+    report_skips([(path, reason) for path, reason in result["skipped"]], args.skipped)
     print(f"results: {Path(args.out) / 'compare.json'}; figure: {Path(args.out) / 'compare.png'}; "
           f"report: {Path(args.out) / 'compare.html'}")
     return 0

@@ -177,6 +177,14 @@ class RankRow:
     probe_seconds: float | None
 
 
+@dataclass
+class RankResult:
+    """The ranked candidates, best LogME first, and the files the extraction skipped."""
+
+    rows: list[RankRow]
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
 def candidates(backbones: list[str], layers: list[str] | None = None, fusions: list[str] | None = None
                ) -> list[Candidate]:
     """Every backbone at each of its chosen layers, then every fusion written A[:LAYER]+B[:LAYER]."""
@@ -207,9 +215,9 @@ def _cost(stores: dict[str, FeatureStore], sources: list[str]) -> tuple[float | 
 
 def rank(data: str | os.PathLike | Dataset, backbones: list[str], layers: list[str] | None = None,
          fusions: list[str] | None = None, cache_dir: str | os.PathLike = DEFAULTS.cache_dir, probe: bool = True,
-         progress: bool = True, **extract_options) -> list[RankRow]:
-    """Score every candidate on a labelled folder, best LogME first; features come from the cache
-    (extracting only what it lacks), so a second ranking runs no forward pass."""
+         progress: bool = True, **extract_options) -> RankResult:
+    """Score every candidate on a labelled folder, best LogME first, with the files skipped; features
+    come from the cache (extracting only what it lacks), so a second ranking runs no forward pass."""
     chosen = candidates(backbones, layers, fusions)
     sources = list(dict.fromkeys(s for c in chosen for s in c.sources))
     report = extract(data, list(dict.fromkeys(s.split(":")[0] for s in sources)), sources, cache_dir,
@@ -231,7 +239,7 @@ def rank(data: str | os.PathLike | Dataset, backbones: list[str], layers: list[s
         speed, size = _cost(stores, candidate.sources)
         rows.append(RankRow(candidate.name, *scores, accuracy, X.shape[1], speed, size, scored - started,
                             time.perf_counter() - scored if probe else None))
-    return sorted(rows, key=lambda r: -r.logme)
+    return RankResult(sorted(rows, key=lambda r: -r.logme), list(report.skipped))
 
 
 def spearman(rows: list[RankRow], score: str = "logme") -> float | None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import make_folder, write_json_atomic
+from pipeline.core.paths import path_text
 from pipeline.features.extract import extract, resolve_device, resolve_precision
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HeadSpec
@@ -90,6 +91,7 @@ class _Data:
     X_test: np.ndarray
     classes: list[str]
     extract_seconds: float
+    skipped: list[tuple[str, str]]  # (path, reason): files of either folder left out, training files first
 
 
 def _aligned(images: Images, paths: list[Path]) -> Images:
@@ -104,21 +106,25 @@ def _load(options: CompareOptions, spec: BackboneSpec, scratch_pre: Preprocess, 
     test_labels = labels_in(classes, test_ds, "--test")
     started = time.perf_counter()
     layer = spec.default_layer
-    feats = [extract(ds, options.backbone, [layer], options.cache_dir, options.device, options.precision,
-                     progress=progress).feature_sets[(options.backbone, layer)] for ds in (train_ds, test_ds)]
+    reports = [extract(ds, options.backbone, [layer], options.cache_dir, options.device, options.precision,
+                       progress=progress) for ds in (train_ds, test_ds)]
+    feats = [report.feature_sets[(options.backbone, layer)] for report in reports]
     extract_seconds = time.perf_counter() - started
+    skipped: dict[str, str] = {}  # path -> the first reason given for it (the extraction's, else the decoding's)
     split = {}
     parts = (("train", train_ds, train_ds.labels, feats[0]), ("test", test_ds, test_labels, feats[1]))
-    for name, ds, labels, fs in parts:
-        ft = decode_images(ds.paths, labels, square(spec.preprocess) if name == "train" else spec.preprocess,
-                           f"decode {name}", progress)[0]
-        sc = decode_images(ds.paths, labels, square(scratch_pre) if name == "train" else scratch_pre,
-                           f"decode {name} (scratch)", progress)[0]
+    for (name, ds, labels, fs), report in zip(parts, reports, strict=True):
+        ft, ft_skipped = decode_images(ds.paths, labels, square(spec.preprocess) if name == "train"
+                                       else spec.preprocess, f"decode {name}", progress)
+        sc, sc_skipped = decode_images(ds.paths, labels, square(scratch_pre) if name == "train" else scratch_pre,
+                                       f"decode {name} (scratch)", progress)
+        for path, reason in report.skipped + ft_skipped + sc_skipped:
+            skipped.setdefault(path, reason)
         paths = [p for p in fs.paths if p in set(ft.paths) & set(sc.paths)]  # usable for all three
         rows = {p: i for i, p in enumerate(fs.paths)}
         split[name] = (_aligned(ft, paths), _aligned(sc, paths), fs.features.compute()[[rows[p] for p in paths]])
     return _Data(split["train"][0], split["test"][0], split["train"][1], split["test"][1], split["train"][2],
-                 split["test"][2], classes, extract_seconds)
+                 split["test"][2], classes, extract_seconds, list(skipped.items()))
 
 
 def _settings(options: CompareOptions, n: int, steps: int, lr: float, seed: int) -> TrainSettings:
@@ -213,6 +219,7 @@ def compare(options: CompareOptions, progress: bool = True) -> dict:
                 f"{m} {r['accuracy']:.1%} ({r['seconds']:.0f} s)" for m, r in results.items()))
     result = {"runs": runs, "classes": data.classes, "train_images": len(data.ft_train.labels),
               "test_images": len(data.ft_test.labels), "extract_seconds": round(data.extract_seconds, 3),
+              "skipped": [[path_text(path), path_text(reason)] for path, reason in data.skipped],
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
     out = make_folder(options.out)
     write_json_atomic(out / "compare.json", result)

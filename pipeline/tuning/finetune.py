@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -219,13 +219,14 @@ def check_options(options: FinetuneOptions) -> str:
 
 
 def _test_images(options: FinetuneOptions, classes: list[str], pre: Preprocess,
-                 progress: bool) -> tuple[Images, Dataset] | None:
+                 progress: bool) -> tuple[tuple[Images, Dataset] | None, list[tuple[str, str]]]:
+    """The decoded test split (None without `options.test`) and the files of it that were skipped."""
     if options.test is None:
-        return None
+        return None, []
     test = require_labelled(scan(options.test), f"--test {options.test}")
     labels = test_labels(classes, test, "--test")
-    images, _ = decode_images(test.paths, labels, pre, "decode test", progress)
-    return images, Dataset(images.paths, images.labels, classes, [])
+    images, skipped = decode_images(test.paths, labels, pre, "decode test", progress)
+    return (images, Dataset(images.paths, images.labels, classes, [])), list(test.skipped) + skipped
 
 
 def build_model(network: nn.Module, spec: BackboneSpec, classes: int, probe, unfreeze: str, lr: float,
@@ -257,9 +258,10 @@ class Prepared:
     fit_set: Images
     val_set: Images | None
     test: tuple[Images, Dataset] | None
-    skipped: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]  # (path, reason): training files left out, by the scan or the decoding
     probe: object = None  # the fitted stage-2 Pipeline, with init="probe"
     probe_accuracy: float | None = None
+    test_skipped: list[tuple[str, str]] = field(default_factory=list)  # the same for the test folder
 
 
 def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
@@ -279,8 +281,9 @@ def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
     fit_set = train_all.subset(fit_rows)
     val_set = decode_images([train_all.paths[i] for i in val_rows], train_all.labels[val_rows],
                             parent.preprocess, "decode val", progress)[0] if len(val_rows) else None
-    test = _test_images(options, classes, parent.preprocess, progress)
-    prepared = Prepared(name, parent, None, [], 0, classes, fit_set, val_set, test, skipped)
+    test, test_skipped = _test_images(options, classes, parent.preprocess, progress)
+    prepared = Prepared(name, parent, None, [], 0, classes, fit_set, val_set, test, list(dataset.skipped) + skipped,
+                        test_skipped=test_skipped)
     if options.init == "probe":
         prepared.probe = fit_probe(Dataset(fit_set.paths, fit_set.labels, classes, []), options.backbone, options,
                                    progress)
@@ -298,6 +301,7 @@ class FinetuneResult:
     backbone: str
     folder: Path
     metrics: dict
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training, then test files
 
 
 def finetune(options: FinetuneOptions, progress: bool = True,
@@ -332,7 +336,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                                     {"classes": p.classes, "finetune": summary})
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out / "finetune.json", metrics, default=str)
-    return FinetuneResult(p.name, folder, metrics)
+    return FinetuneResult(p.name, folder, metrics, p.skipped + p.test_skipped)
 
 
 def _probe_test_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool) -> float:
