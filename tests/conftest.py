@@ -94,3 +94,18 @@ def stage_run_config(path: Path, data: Path, cache: Path, out: Path, section: st
                     "heads:\n  - {name: logreg, type: logistic_regression, C: 1.0}\n"
                     f"output_dir: {out}\n{section}\n")
     return path
+
+
+def config_error(tmp_path: Path, text: str, name: str = "run.yaml") -> str:
+    """Write `text` as a run config and load it: the one-line ConfigError it must give, without the
+    file's path (the message starts with it)."""
+    from pipeline.app.config import RunConfig
+    from pipeline.core.errors import ConfigError
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        RunConfig.load(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}:")
+    return message.removeprefix(str(path))

@@ -10,22 +10,13 @@ import pytest
 from pipeline.app.batch_state import BatchLogEntry, HeadLog
 from pipeline.app.config import RunConfig
 from pipeline.cli.main import build_parser, main
-from pipeline.core.errors import ConfigError
 from pipeline.core.hashing import file_sha256
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
 from pipeline.tuning.options import CompareOptions, FinetuneOptions
 
+from .conftest import config_error
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _error(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        RunConfig.load(path)
-    message = str(info.value)
-    assert "\n" not in message and message.startswith(f"{path}:")
-    return message.removeprefix(str(path))
 
 
 @pytest.mark.parametrize("text,message", [
@@ -52,7 +43,7 @@ def _error(tmp_path: Path, text: str) -> str:
     ("features: {device: cpu\n", ":2:1: not valid YAML"),
 ])
 def test_config_errors_name_the_file_line_column_and_key(tmp_path, text, message):
-    assert _error(tmp_path, text).startswith(message)
+    assert config_error(tmp_path, text).startswith(message)
 
 
 def test_the_first_error_in_the_file_is_reported_and_the_cli_prints_it_on_one_line(tmp_path, capsys):

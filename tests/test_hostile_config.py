@@ -21,18 +21,7 @@ from pipeline.features.settings import ExtractSettings
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HeadSpec
 
-from .conftest import TINY, make_folder
-
-
-def _error(tmp_path, text: str, name: str = "run.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        RunConfig.load(path)
-    message = str(info.value)
-    assert "\n" not in message and message.startswith(f"{path}:")
-    return message.removeprefix(str(path))
-
+from .conftest import TINY, config_error, make_folder
 
 # --------------------------------------------------------------------------- numbers
 
@@ -46,7 +35,7 @@ def _error(tmp_path, text: str, name: str = "run.yaml") -> str:
     ("heads[0].C", "{name: a, type: pca_fusion, C: 1.0e+400}", "a finite positive number or a list of them"),
 ])
 def test_head_numbers_must_be_finite(tmp_path, key, value, accepts):
-    message = _error(tmp_path, f"heads:\n  - {value}\n")
+    message = config_error(tmp_path, f"heads:\n  - {value}\n")
     assert message.startswith(":2:") and f"'{key}' must be {accepts}, got" in message
 
 
@@ -64,7 +53,7 @@ def test_head_numbers_must_be_finite(tmp_path, key, value, accepts):
     ("compare", "seeds", "[0, 4294967296]", "a list of seeds, each an integer from 0 to 4294967295"),
 ])
 def test_stage_numbers_must_be_finite_and_in_range(tmp_path, section, key, value, accepts):
-    message = _error(tmp_path, f"{section}:\n  {key}: {value}\n")
+    message = config_error(tmp_path, f"{section}:\n  {key}: {value}\n")
     assert message.startswith(":2:") and f"'{section}.{key}' must be {accepts}, got" in message
 
 
