@@ -3,7 +3,7 @@
     python benchmarks/decode_memory.py [--side 9400] [--folder DIR]
 
 Writes compressed PNGs of SIDE x SIDE pixels (16-bit grey, RGBA, RGB, 8-bit grey, palette with
-transparency; small on disk) and decodes each with `pipeline.images.data.decode` in a subprocess,
+transparency; small on disk) and decodes each with `pipeline.images.decode.decode` in a subprocess,
 which reports the resident set before decoding (imports done) and its peak (`ru_maxrss`), in MB.
 """
 
@@ -27,7 +27,7 @@ MODES = ("I;16", "RGBA", "RGB", "L", "P")
 _CHILD = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.images.data import decode
+from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
 
 def peak_mb():

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from pipeline.features.extract import extract, forward, resolve_device, resolve_precision
-from pipeline.images.data import decode, scan
+from pipeline.images.data import scan
+from pipeline.images.decode import decode
 from pipeline.models.taps import tapped
 from pipeline.models.weights import LoadedBackbone, load_backbone
 

@@ -115,7 +115,7 @@ def test_weights_option_loads_a_local_state_dict_and_refuses_a_wrong_one(tmp_pat
 
 
 def _flower_batch(split: str, cls: str, pre: Preprocess, limit: int = 20) -> np.ndarray:
-    from pipeline.images.data import decode
+    from pipeline.images.decode import decode
 
     return np.stack([decode(p, pre) for p in sorted((FLOWERS / split / cls).glob("*"))[:limit]])
 

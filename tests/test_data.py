@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from pipeline.core.errors import DataError
-from pipeline.images.data import decode, scan
+from pipeline.images.data import scan
+from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
 
 from .conftest import make_folder, make_image
@@ -122,7 +123,8 @@ def test_a_file_that_changed_since_it_was_hashed_is_skipped(tmp_path):
 
 def test_read_checked_gives_the_bytes_or_decodes_reasons(tmp_path):
     """The one read that `decode` and the GPU path share: the bytes once, or the skip reason."""
-    from pipeline.images.data import content_id, read_checked
+    from pipeline.images.data import content_id
+    from pipeline.images.decode import read_checked
 
     path = _save(tmp_path / "a.png", make_image(5, 40))
     data = path.read_bytes()

@@ -25,7 +25,7 @@ from pipeline.features import gpu, gpu_images
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
 from pipeline.images import jpeg
-from pipeline.images.data import _draft_size, decode
+from pipeline.images.decode import _draft_size, decode
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import get_spec
 
@@ -108,7 +108,7 @@ def test_crop_box_is_the_cpu_paths(height, width):
     rng = np.random.default_rng(height * width)
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     pre = Preprocess(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
-    from pipeline.images.data import _resize_and_crop
+    from pipeline.images.decode import _resize_and_crop
 
     expected = _resize_and_crop(Image.fromarray(pixels), pre).astype(int)
     got = gpu_images.resize_and_crop(torch.from_numpy(pixels).permute(2, 0, 1)[None], pre)[0].permute(1, 2, 0).numpy()

@@ -1,7 +1,7 @@
 """Decoding memory is bounded, and bounding it changed no pixel.
 
 The decoder converts an image to RGB a strip of rows at a time and keeps only the square the crop
-keeps (pipeline/images/data.py); these tests hold it to the whole-image conversion it replaced (kept
+keeps (pipeline/images/decode.py); these tests hold it to the whole-image conversion it replaced (kept
 here as `_reference`, the code of DECODER "pillow-decode+opencv-resize/1"), bit for bit, for every
 mode, EXIF orientation and strip height, and measure the peak memory of images near Pillow's pixel
 limit in a fresh process.
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import pipeline.images.data as data
-from pipeline.images.data import DECODER, decode, hash_file
+import pipeline.images.decode as data
+from pipeline.images.data import hash_file
+from pipeline.images.decode import DECODER, decode
 from pipeline.images.preprocess import Preprocess
 
 from .conftest import make_image

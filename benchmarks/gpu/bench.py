@@ -51,7 +51,8 @@ from pipeline.features import gpu, gpu_images  # noqa: E402
 from pipeline.features.cache import FeatureStore  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
 from pipeline.images import jpeg  # noqa: E402
-from pipeline.images.data import decode, scan  # noqa: E402
+from pipeline.images.data import scan  # noqa: E402
+from pipeline.images.decode import decode  # noqa: E402
 from pipeline.models.registry import get_spec  # noqa: E402
 from pipeline.models.taps import TappedNetwork, tapped  # noqa: E402
 from pipeline.models.weights import load_backbone  # noqa: E402

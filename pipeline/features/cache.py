@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.core.errors import CacheError, OutputError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.io import fsync_dir, write_json_atomic
-from pipeline.images.data import DECODER
+from pipeline.images.decode import DECODER
 
 if TYPE_CHECKING:
     import dask.array as da

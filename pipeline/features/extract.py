@@ -32,7 +32,8 @@ from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.paths import path_text
 from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.features.settings import DEFAULTS, DEVICES, PRECISIONS
-from pipeline.images.data import Dataset, decode, hash_files, scan
+from pipeline.images.data import Dataset, hash_files, scan
+from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import get_spec
 from pipeline.models.weights import file_sha256, load_backbone, resolve_weights

@@ -3,7 +3,7 @@
 `extract.run_shard` hands a shard to `run_shard` here when the device is CUDA. For each shard:
 
 - threads read each file once and check its bytes against the content id it was hashed to, with
-  `images.data.read_checked` as `images.data.decode` does (a file that changed since is skipped,
+  `images.decode.read_checked` as `images.decode.decode` does (a file that changed since is skipped,
   never stored under another's id);
 - a JPEG header parser (`images.jpeg`: a few markers, no decoding) sends the files nvJPEG handles
   (8-bit baseline Huffman, three YCbCr components, ending with an EOI marker) to
@@ -50,7 +50,7 @@ import torch
 from pipeline.features import extract as _extract
 from pipeline.features.cache import FeatureStore
 from pipeline.features.gpu_images import decode_batch, normalise, preprocess
-from pipeline.images.data import decode, read_checked
+from pipeline.images.decode import decode, read_checked
 from pipeline.images.jpeg import JpegHeader, ends_whole, read_jpeg_header
 
 if TYPE_CHECKING:

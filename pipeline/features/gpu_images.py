@@ -1,5 +1,5 @@
 """The GPU path's image operations, on (N, 3, H, W) tensors: batched JPEG decoding, and the CPU path's
-preprocessing (`images.data.decode`) redone on the device with the same numbers.
+preprocessing (`images.decode.decode`) redone on the device with the same numbers.
 
 - `decode_batch`: `torchvision.io.decode_jpeg` over a batch, on a CUDA stream of its own (see there);
 - `preprocess`: Pillow's reduced-scale (draft) decoding emulated by averaging blocks, the EXIF
@@ -39,7 +39,7 @@ RESIZE_FLOATS = 64 * 2**20  # float32 elements per resize step (256 MB)
 # --------------------------------------------------------------------------- geometry, as images.data does it
 
 def crop_box(height: int, width: int, pre: Preprocess) -> tuple[int, int, int]:
-    """(top, left, side) of the square the CPU path keeps (`images.data._resize_and_crop`)."""
+    """(top, left, side) of the square the CPU path keeps (`images.decode._resize_and_crop`)."""
     box = max(1, round(min(width, height) * pre.crop / pre.resize))
     return (height - box) // 2, (width - box) // 2, box
 
@@ -138,7 +138,7 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def draft_scale(height: int, width: int, pre: Preprocess) -> int:
     """The reduction (1, 2, 4 or 8) at which the CPU path's Pillow decodes a JPEG of this stored
-    size (`Image.draft` with `images.data._draft_size`): the largest that keeps both sides at or
+    size (`Image.draft` with `images.decode._draft_size`): the largest that keeps both sides at or
     above the resize target."""
     target = pre.resize / min(width, height)
     wanted = (max(1, int(width * target + 0.999)), max(1, int(height * target + 0.999)))
@@ -165,7 +165,7 @@ def preprocess(images: torch.Tensor, orientation: int, pre: Preprocess) -> torch
 
 def resize_and_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """(N, 3, H, W) images (uint8, or float holding whole numbers) of one size -> (N, 3, crop, crop)
-    uint8: the centre square `images.data._resize_and_crop` keeps, resampled with OpenCV's weights."""
+    uint8: the centre square `images.decode._resize_and_crop` keeps, resampled with OpenCV's weights."""
     height, width = images.shape[-2:]
     top, left, box = crop_box(height, width, pre)
     rows, cols = _weights_on(box, pre.crop, resize_method(box, pre), images.device)

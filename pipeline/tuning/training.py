@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline.core.errors import ConfigError, first_line
 from pipeline.core.io import atomic_write
-from pipeline.images.data import decode
+from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
 from pipeline.tuning.options import TrainSettings
 
