@@ -11,7 +11,6 @@ Command-line options override the config's values.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,9 +19,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 
 from pipeline.core.configfile import ConfigFile, existing, from_config_folder, near_config
 from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.names import DEFAULT_BACKBONE
-from pipeline.core.paths import path_text
 from pipeline.core.schema import (
     Fraction,
     NonNegativeFinite,
@@ -298,15 +295,3 @@ def compare_options(config: RunConfig, output_dir: Path, features: dict) -> Comp
     except PipelineError as exc:
         raise config.error(("compare",), f"'compare': {exc}") from None
     return options
-
-
-def write_skip_list(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
-    """`path,reason` rows of the files an extraction skipped, written whole or not at all (an
-    `OutputError` naming the file if it cannot be); names as `path_text` writes them (`bad\\xe9.jpg` for
-    a name that is not valid UTF-8)."""
-    path = Path(path)
-    make_folder(path.parent)
-    with atomic_write(path, newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "reason"])
-        writer.writerows([path_text(name), path_text(reason)] for name, reason in skipped)

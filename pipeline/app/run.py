@@ -27,8 +27,8 @@ from pipeline.app.config import (
     compare_options,
     finetune_options,
     head_specs,
-    write_skip_list,
 )
+from pipeline.app.skiplist import write_skip_list
 from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import atomic_write, write_json_atomic

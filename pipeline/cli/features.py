@@ -42,7 +42,8 @@ def add_extract_options(parser: argparse.ArgumentParser,
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from pipeline.app.config import extract_settings, write_skip_list
+    from pipeline.app.config import extract_settings
+    from pipeline.app.skiplist import write_skip_list
     from pipeline.cli.skips import print_skips
     from pipeline.features.extract import extract
 

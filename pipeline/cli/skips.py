@@ -34,7 +34,7 @@ def skip_list_beside(out: str | os.PathLike) -> Path:
 def report_skips(skipped: Sequence[tuple[str, str]], full_list: str | os.PathLike | None = None) -> None:
     """Print the summary of `skipped`, first writing the full list to `full_list` (a command's --skipped
     FILE, or its default) when there is one; without one, the summary says how to get it."""
-    from pipeline.app.config import write_skip_list
+    from pipeline.app.skiplist import write_skip_list
 
     if full_list is not None:
         write_skip_list(full_list, list(skipped))
