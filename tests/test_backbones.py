@@ -106,7 +106,7 @@ def test_bundled_weights_load_with_checksum():
 
 
 def test_missing_torchvision_weights_say_where_to_put_them(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # and downloads are off for every test (conftest)
     with pytest.raises(BackboneError, match=r"resnet18-f37072fd\.pth.*--weights PATH"):
         load_backbone("resnet18")
 
