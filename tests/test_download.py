@@ -11,7 +11,7 @@ import pytest
 from pipeline.core.errors import BackboneError
 from pipeline.models.download import RemoteFile, fetch, offline, on_disk
 
-from .weights_server import sha256, weights_server
+from .weights_server import checkpoints, downloads_allowed, sha256, weights_server
 
 BODY = os.urandom(300_000)
 COMMIT = "a" * 40
@@ -19,23 +19,13 @@ COMMIT = "a" * 40
 
 @pytest.fixture
 def env(monkeypatch, tmp_path):
-    """Empty caches of our own, downloads allowed (conftest turns them off for every other test)."""
-    for name in ("PIPELINE_OFFLINE", "HF_HUB_OFFLINE", "PIPELINE_WEIGHTS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    return tmp_path
+    return downloads_allowed(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def server():
     with weights_server() as state:
         yield state
-
-
-def checkpoints(root: Path) -> list[str]:
-    folder = root / "torch" / "hub" / "checkpoints"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def test_pinned_download_lands_in_the_torch_hub_cache_and_is_reused(env, server):

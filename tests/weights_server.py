@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 @dataclass
@@ -36,6 +37,22 @@ class WeightsServer:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def downloads_allowed(monkeypatch, root: Path) -> Path:
+    """Empty torch and Hugging Face caches under `root`, no weights folder, downloads allowed (conftest
+    turns them off for every other test); monkeypatch restores it all."""
+    for name in ("PIPELINE_OFFLINE", "HF_HUB_OFFLINE", "PIPELINE_WEIGHTS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    return root
+
+
+def checkpoints(root: Path) -> list[str]:
+    """The files in the torch hub cache of `downloads_allowed(root)`."""
+    folder = root / "torch" / "hub" / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 @contextmanager
