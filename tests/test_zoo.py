@@ -22,8 +22,9 @@ from pipeline.features.extract import extract
 from pipeline.models import registry
 from pipeline.models.download import RemoteFile
 from pipeline.models.registry import get_spec
-from pipeline.models.taps import TappedNetwork
+from pipeline.models.taps import TappedNetwork, tapped
 from pipeline.models.timm_zoo import CURATED, layers_of, timm_spec
+from pipeline.models.weights import load_backbone, save_backbone
 
 from .conftest import ROOT
 from .weights_server import checkpoints, downloads_allowed, sha256, weights_server
@@ -152,3 +153,16 @@ def test_lite_works_with_no_network_and_no_hub_cache(tiny_folder, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "efficientnet_lite0 [head]: 12 x 1280 features" in done.stdout
     assert not (tmp_path / "t").exists() and not (tmp_path / "h").exists()
+
+
+def test_a_saved_child_of_a_timm_backbone_keeps_its_pooling(served_vit, monkeypatch, tmp_path):
+    _server, network = served_vit
+    parent = get_spec(TINY_VIT)
+    save_backbone(tmp_path / "saved", "tuned_vit", parent, network.state_dict(), {})
+    monkeypatch.setenv("PIPELINE_BACKBONES", str(tmp_path / "saved"))
+    child = get_spec("tuned_vit")
+    assert child.layers == parent.layers and child.parent == TINY_VIT
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = tapped(load_backbone("tuned_vit"), ["final_mean"])(x)
+        torch.testing.assert_close(out["final_mean"], network.forward_features(x)[:, 1:].mean(1))

@@ -225,7 +225,8 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
         weights = path.parent / manifest["weights"]
         pre = Preprocess(**{**manifest["preprocess"], "mean": tuple(manifest["preprocess"]["mean"]),
                             "std": tuple(manifest["preprocess"]["std"])})
-        layers = {name: Layer(layer["module"], int(layer["dim"])) for name, layer in manifest["layers"].items()}
+        layers = {name: Layer(layer["module"], int(layer["dim"]), layer.get("pool", ""), int(layer.get("prefix", 0)))
+                  for name, layer in manifest["layers"].items()}
         name, parent = manifest["name"], manifest["parent"]
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT}")
@@ -255,5 +256,6 @@ def manifest_for(name: str, parent: BackboneSpec, weights: str, weights_sha256: 
     preprocessing and tap points (fine-tuning changes the weights, not the architecture)."""
     return {"format": MANIFEST_FORMAT, "name": name, "parent": parent.name, "weights": weights,
             "weights_sha256": weights_sha256, "preprocess": parent.preprocess.as_dict(),
-            "layers": {k: {"module": v.module, "dim": v.dim} for k, v in parent.layers.items()},
+            "layers": {k: {"module": v.module, "dim": v.dim, **({"pool": v.pool, "prefix": v.prefix} if v.pool else {})}
+                       for k, v in parent.layers.items()},
             "default_layer": parent.default_layer, **extra}
