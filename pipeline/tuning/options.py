@@ -46,6 +46,11 @@ LR = 1e-3  # the new layer's learning rate by default; earlier blocks get it tim
 # 2026-11-27). A validation split is opt-in: LP-FT's validation accuracy dips for the first epochs
 # before it climbs past the probe's, so early stopping on a small split stopped it in the dip.
 EPOCHS = 10
+# The probe guard: this stratified share of the training folder is held out, the probe is fitted on the
+# rest, and the epoch kept is the best on the held-out part with the probe itself as epoch 0, so a run
+# never ends below its own probe there. No early stopping by default (patience = epochs): LP-FT's
+# held-out accuracy dips for the first epochs before it climbs past the probe's.
+VAL_FRACTION = 0.2
 
 
 @dataclass
@@ -59,14 +64,14 @@ class FinetuneOptions:
     lr_decay: float = 0.8
     init: str = "probe"
     train_bn: bool = False
-    val_fraction: float = 0.0
+    val_fraction: float = VAL_FRACTION
     probe_C: float | None = None  # None: chosen by 5-fold CV like a stage-2 logistic_regression head
     out: str | Path = "runs/finetune"
     name: str | None = None
     backbones_dir: str | Path | None = None
     cache_dir: str | Path = DEFAULTS.cache_dir
     resume: bool = False
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=LR, epochs=EPOCHS))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=LR, epochs=EPOCHS, patience=EPOCHS))
 
 
 @dataclass
