@@ -43,7 +43,7 @@ FUSION = [("logreg lite0", "logistic_regression", LITES[:1], {})] + [
     (f"fusion {'+'.join(s[-1] for s in sources)} k={k}", "pca_fusion", sources, {"components": k})
     for sources in (LITES, LITES[1:]) for k in (64, 128, 256)]
 # (label, unfreeze, lr): every candidate runs the same epochs with LP-FT and the probe guard.
-FINETUNE = [("last:3 lr1e-3", "last:3", 1e-3), ("last:6 lr1e-3", "last:6", 1e-3), ("last:6 lr3e-4", "last:6", 3e-4)]
+FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3), ("last:3 lr1e-3", "last:3", 1e-3), ("last:6 lr3e-4", "last:6", 3e-4)]
 
 
 def folds(labels: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -85,11 +85,12 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
     from pipeline.tuning.options import FinetuneOptions, TrainSettings
 
     rows = []
+    # candidate before set: when compute runs out, the candidates done have every set
     for fold in range(args.run_folds):
-        for name in args.sets:
-            paths, labels, classes = pooled(DATA / name, parts=("train",))
-            split = folds(labels, args.folds)[fold]
-            for label, unfreeze, lr in FINETUNE:
+        for label, unfreeze, lr in FINETUNE:
+            for name in args.sets:
+                paths, labels, classes = pooled(DATA / name, parts=("train",))
+                split = folds(labels, args.folds)[fold]
                 with tempfile.TemporaryDirectory(prefix="select-") as work:
                     data = write_split(paths, labels, classes, split, Path(work) / "data")
                     options = FinetuneOptions(
@@ -97,8 +98,8 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
                         backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
                         train=TrainSettings(epochs=args.epochs, lr=lr, patience=args.epochs))
                     m = finetune(options, progress=False).metrics
-                    whole = fit_probe(require_labelled(scan(data / "train")), options.backbone, options, False)
-                    refit = probe_accuracy(whole, require_labelled(scan(data / "test")), options, False)
+                    whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
+                    refit = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
                 rows.append({"set": name, "fold": fold, "candidate": label, "accuracy": m["accuracy"],
                              "probe_accuracy": m["probe_accuracy"], "probe_refit_accuracy": refit,
                              "kept": m["kept"], "best_epoch": m["best_epoch"],

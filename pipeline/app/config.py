@@ -102,11 +102,12 @@ class FinetuneSection(Section):
     train_bn: bool = option(dataclass_default(FinetuneOptions, "train_bn"), accepts="true or false",
                             about="let BatchNorm layers of unfrozen blocks learn and update statistics")
     val_fraction: Fraction = option(dataclass_default(FinetuneOptions, "val_fraction"), accepts=_FRACTION,
-                                 about="stratified share of the training folder held out to pick the best epoch "
-                                       "and stop early; 0 for none: train every epoch, keep the last")
+                                 about="stratified share of the training folder held out to choose what is kept: "
+                                       "the best epoch, or the linear probe when no epoch beats it there; 0 for "
+                                       "none: train every epoch, keep the last")
     patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
-                                   about="with a validation split: epochs without a better validation accuracy "
-                                         "before stopping")
+                                   about="with a held-out part: epochs without a better held-out accuracy "
+                                         "before stopping (default: the epochs, no early stopping)")
     batch_size: PositiveInt = option(_FT_TRAIN.batch_size, accepts="a positive integer", about="images per step")
     seed: Seed = option(_FT_TRAIN.seed, accepts=_SEED, about="seed of the split, shuffling and augmentation")
     name: str | None = option(None, accepts="the id of the saved backbone",

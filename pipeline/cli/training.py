@@ -22,19 +22,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                               args.cache, args.resume, settings)
 
     def report(epoch: int, record: dict) -> None:
-        val = f", validation accuracy {record['val_accuracy']:.1%}" if "val_accuracy" in record else ""
+        val = f", held-out accuracy {record['val_accuracy']:.1%}" if "val_accuracy" in record else ""
         print(f"epoch {epoch}/{settings.epochs}: loss {record['loss']:.4f}{val} ({record['seconds']:.1f} s)")
 
     result = run_finetune(options, progress=not args.quiet, on_epoch=report)
     report_skips(result.skipped, args.skipped)
     m = result.metrics
-    if m["best_epoch"] == 0:
-        print(f"no epoch beat the starting weights on the validation split ({m['start_val_accuracy']:.1%}): "
-              "the saved backbone keeps them (with LP-FT: the parent network and the probe as its head)")
+    if m["kept"] == "initial":
+        print(f"no epoch beat the starting weights on the held-out part ({m['start_val_accuracy']:.1%}): "
+              "the saved backbone keeps them")
+    elif m["kept"] == "fine-tuned" and m["start_val_accuracy"] is not None:
+        print(f"kept epoch {m['best_epoch']}: held-out accuracy {m['best_val_accuracy']:.1%} against "
+              f"{m['start_val_accuracy']:.1%} for the starting weights ({m['images']['val']} held-out images)")
     if m.get("probe_accuracy") is not None:
         print(f"linear probe alone (the LP-FT starting point): test accuracy {m['probe_accuracy']:.1%}")
     if "accuracy" in m:
-        print(f"fine-tuned (best epoch {m['best_epoch']}): test accuracy {m['accuracy']:.1%}, "
+        what = "kept the probe" if m["kept"] == "probe" else f"fine-tuned (best epoch {m['best_epoch']})"
+        print(f"{what}: test accuracy {m['accuracy']:.1%}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"saved backbone {result.backbone!r} in {result.folder} ({m['seconds']:.0f} s); "
           f"metrics: {Path(args.out) / 'finetune.json'}; figure: {Path(args.out) / 'finetune.png'}")

@@ -105,7 +105,9 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
     curve.set_ylabel("training loss (label-smoothed cross-entropy)")
     curve.set_xticks([0, *epochs])
     curve.grid(alpha=0.3)
-    curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: epoch {metrics['best_epoch']}")
+    kept = ("the linear probe (no epoch beat it on the held-out part)" if metrics.get("kept") == "probe"
+            else f"epoch {metrics['best_epoch']}")
+    curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: {kept}")
     legend_axis = curve
     if metrics.get("start_val_accuracy") is not None:
         legend_axis = curve.twinx()
