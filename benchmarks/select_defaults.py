@@ -41,7 +41,7 @@ LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 # (label, head type, sources, options): the reference probe, then the fusion candidates.
 FUSION = [("logreg lite0", "logistic_regression", LITES[:1], {})] + [
     (f"fusion {'+'.join(s[-1] for s in sources)} k={k}", "pca_fusion", sources, {"components": k})
-    for sources in (LITES, LITES[1:]) for k in (64, 128, 256)]
+    for sources, k in ((LITES, 64), (LITES, 128), (LITES, 256), (LITES[1:], 128))]
 # (label, unfreeze, lr): every candidate runs the same epochs with LP-FT and the probe guard.
 FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3), ("last:3 lr1e-3", "last:3", 1e-3), ("last:6 lr3e-4", "last:6", 3e-4)]
 

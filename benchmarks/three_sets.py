@@ -79,11 +79,13 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["flowers12", "dtd10", "intel6"])
     parser.add_argument("--resamples", type=int, default=3, help="re-drawn splits for the heads")
     parser.add_argument("--finetune-resamples", type=int, default=1, help="of those, how many also fine-tune")
+    parser.add_argument("--part", choices=("heads", "lpft", "both"), default="both",
+                        help="heads only, LP-FT only (separate processes can run the sets side by side), or both")
     parser.add_argument("--cache", default="/work/shared-cache")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "three_sets.json"))
     args = parser.parse_args()
     result: dict = {"settings": vars(args), "sets": {}}
-    for name in args.sets:
+    for name in args.sets if args.part != "lpft" else []:
         sets = features(DATA / name, LITES, args.cache)
         assert sets["train_report"].computed + sets["test_report"].computed == 0, f"{name}: not all cached"
         assert np.array_equal(np.concatenate([sets[s][LITES[0]].labels for s in ("train", "test")]),
@@ -92,14 +94,19 @@ def main() -> None:
         result["sets"][name] = {"heads": {label: {"scores": v, **_stats(v)} for label, v in scores.items()}}
         for label, v in scores.items():
             print(f"{name:<10} {label:<18} mean {np.mean(v):.2%} (sd {np.std(v):.2%}, {len(v)} splits)", flush=True)
-    for name in args.sets:
+    for name in args.sets if args.part != "heads" else []:
         runs = lpft(name, args.resamples, args.finetune_resamples, args.cache)
-        result["sets"][name]["lpft"] = {"runs": runs, "accuracy": _stats([r["accuracy"] for r in runs]),
+        result["sets"].setdefault(name, {})["lpft"] = {"runs": runs, "accuracy": _stats([r["accuracy"] for r in runs]),
                                         "own_probe": _stats([r["probe_accuracy"] for r in runs])}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.part == "both":
+        table(result)
+
+
+def table(result: dict) -> None:
     print(f"\n{'set':<10}" + "".join(f"{c:>20}" for c in (*[h[0] for h in HEADS], "LP-FT", "its probe")))
     for name, r in result["sets"].items():
         cells = [*r["heads"].values(), r["lpft"]["accuracy"], r["lpft"]["own_probe"]]
