@@ -86,8 +86,7 @@ class FinetuneSection(Section):
                              about="each earlier block learns at this factor times the next block's rate")
     weight_decay: NonNegativeFinite = option(_FT_TRAIN.weight_decay, accepts=_NON_NEGATIVE, about="AdamW weight decay")
     epochs: PositiveInt = option(_FT_TRAIN.epochs, accepts="a positive integer",
-                                 about="epochs to train: exactly these without a validation split, at most these "
-                                       "with one")
+                                 about="epochs to train (fewer only when patience stops the run early)")
     warmup: NonNegativeFinite = option(_FT_TRAIN.warmup, accepts=_NON_NEGATIVE,
                                        about="epochs of linear warm-up before cosine decay")
     label_smoothing: Fraction = option(_FT_TRAIN.label_smoothing, accepts=_FRACTION,
@@ -107,7 +106,7 @@ class FinetuneSection(Section):
                                        "none: train every epoch, keep the last")
     patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
                                    about="with a held-out part: epochs without a better held-out accuracy "
-                                         "before stopping (default: the epochs, no early stopping)")
+                                         "before stopping (the default equals the default epochs: no early stopping)")
     batch_size: PositiveInt = option(_FT_TRAIN.batch_size, accepts="a positive integer", about="images per step")
     seed: Seed = option(_FT_TRAIN.seed, accepts=_SEED, about="seed of the split, shuffling and augmentation")
     name: str | None = option(None, accepts="the id of the saved backbone",
