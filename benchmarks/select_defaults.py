@@ -3,6 +3,7 @@ flowers12, dtd10 and intel6 (no test folder is read).
 
     nice -n 10 python benchmarks/select_defaults.py fusion   [--folds 3] [--cache /work/shared-cache]
     nice -n 10 python benchmarks/select_defaults.py finetune [--folds 3] [--run-folds 1] [--epochs 4]
+    nice -n 10 python benchmarks/select_defaults.py refit    [--folds 3]
 
 fusion: stratified K-fold CV of each training folder on cached head-layer features (no forward pass):
     PCA fusion (pca_then_concat, C by the head's own inner CV) for a few (sources, components)
@@ -13,6 +14,10 @@ finetune: the same folds, but each candidate is a whole `finetune` run with the 
     of the K (compute: one fold of one set is a few minutes of 2 shared CPU cores per candidate). The
     run also scores the probe refitted on the fold's whole training part: the cheap half of the
     "refit on everything after choosing" question.
+
+refit: when the guard keeps the probe, is it better refitted on the whole training part? The same
+    folds, Lite0's cached features: the probe (logistic regression, C by CV) fitted on the 80% that
+    `finetune` trains on (its stratified split, seed 0) against the probe fitted on all of it.
 
 Prints a table per part and writes runs/bench/select_defaults_<part>.json after every run.
 """
@@ -112,6 +117,31 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def refit(args: argparse.Namespace) -> list[dict]:
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.tuning.options import VAL_FRACTION
+
+    rows = []
+    for name in args.sets:
+        report = extract(DATA / name / "train", LITES[:1], ["head"], cache_dir=args.cache, progress=False)
+        assert report.computed == 0, f"{name}: features were not all in {args.cache}"
+        fs = report.feature_sets[(LITES[0], "head")]
+        X, y = fs.features.compute(), fs.labels
+        spec = HeadSpec("probe", "logistic_regression", LITES[:1], dict(HEAD_OPTIONS["logistic_regression"]))
+        scores: dict[str, list[float]] = {"probe on 80%": [], "probe on 100%": []}
+        for train, held in folds(y, args.folds):
+            part = train_test_split(train, test_size=VAL_FRACTION, stratify=y[train], random_state=0)[0]
+            for label, rows_ in (("probe on 80%", part), ("probe on 100%", train)):
+                fitted = fit_head(spec, X[rows_], y[rows_], [X.shape[1]])
+                scores[label].append(float(accuracy_score(y[held], fitted.pipeline.predict(X[held]))))
+        for label, v in scores.items():
+            rows.append({"set": name, "candidate": label, "folds": v, "mean": float(np.mean(v))})
+            print(f"{name:<10} {label:<14} CV {np.mean(v):.2%}  {[round(x, 4) for x in v]}", flush=True)
+        _save(args, rows)
+    return rows
+
+
 def table(rows: list[dict], score: str) -> None:
     candidates = list(dict.fromkeys(r["candidate"] for r in rows))
     sets = list(dict.fromkeys(r["set"] for r in rows))
@@ -123,7 +153,7 @@ def table(rows: list[dict], score: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("fusion", "finetune"))
+    parser.add_argument("part", choices=("fusion", "finetune", "refit"))
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=1, help="finetune: run the first R of the K folds")
@@ -131,8 +161,8 @@ def main() -> None:
     parser.add_argument("--cache", default="/work/shared-cache")
     parser.add_argument("--out")
     args = parser.parse_args()
-    if args.part == "fusion":
-        table(fusion(args), "mean")
+    if args.part in ("fusion", "refit"):
+        table((fusion if args.part == "fusion" else refit)(args), "mean")
     else:
         table(finetune_cv(args), "accuracy")
 
