@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 MEMO_NAME = "stat-memo.sqlite"
 _SCHEMA = 1
 _BUSY_TIMEOUT_S = 60.0
+_SETTLE_NS = 2 * 10**9  # a file modified this recently is hashed but not remembered (see `_remember`)
 _CREATE = """CREATE TABLE IF NOT EXISTS memo (
     dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL, dev INTEGER NOT NULL, id TEXT NOT NULL, checksum TEXT NOT NULL,
@@ -60,6 +62,7 @@ class StatMemo:
         self.rehash = rehash
         self.hasher = hasher
         self.hits = self.hashed = 0
+        self.started_ns = time.time_ns()
         self.db = self._open()
 
     def _open(self) -> sqlite3.Connection | None:
@@ -153,7 +156,10 @@ class StatMemo:
 
     def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> None:
         """Store new ids; the stat is the one taken before the file was read, so a file written while it
-        was hashed has a row that no longer matches, and is read again next time."""
+        was hashed has a row that no longer matches, and is read again next time. A file modified in the
+        last two seconds is not remembered: the file system's clock ticks coarsely, and a rewrite of the
+        same size within the same tick would leave its stat as it was."""
+        rows = [row for row in rows if row[2].mtime_ns < self.started_ns - _SETTLE_NS]
         if self.db is None or not rows:
             return
         try:
