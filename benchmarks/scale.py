@@ -81,8 +81,9 @@ def replicate_photos(photos: list[Path], folder: Path, count: int) -> None:
 
 
 def environment(code: Path, weights: Path) -> dict:
-    return {**ENVIRON, "PYTHONPATH": str(code), "PIPELINE_PLUGINS": "benchmarks.tiny_backbone:register",
-            "PIPELINE_TINY_WEIGHTS": str(weights)}
+    """`code`'s pipeline, with the benchmark backbone of this checkout (`benchmarks` is a namespace package)."""
+    return {**ENVIRON, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT)]),
+            "PIPELINE_PLUGINS": "benchmarks.tiny_backbone:register", "PIPELINE_TINY_WEIGHTS": str(weights)}
 
 
 def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str) -> dict:
@@ -195,7 +196,7 @@ def measure(size: int, work: Path, head: Path, env: dict, cluster: bool) -> dict
 
 def against_base(work: Path, base: str, photos: Path, count: int, head: Path, weights: Path) -> dict:
     """A first run over `count` photo copies with this code and with `base` (a git worktree), twice each,
-    interleaved: seconds per image."""
+    in the order before, this, this, before (a load that drifts during the benchmark cancels out)."""
     base_code = work / "base-code"
     if not base_code.is_dir():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_code), base], check=True,
@@ -204,12 +205,12 @@ def against_base(work: Path, base: str, photos: Path, count: int, head: Path, we
     if not images.is_dir():
         replicate_photos(sorted(p for s in ("train", "test") for p in (photos / s).rglob("*.jpg")), images, count)
     result: dict = {"base": base, "images": count, "this": [], "before": []}
-    for _round in range(2):
-        for name, code in (("before", base_code), ("this", ROOT)):
-            run = batch(write_config(work / f"photos_{name}", images, head), images, environment(code, weights), code)
-            run["ms_per_image"] = round(1000 * run["seconds"] / run["predicted"], 3)
-            result[name].append(run)
-            print(f"{count} photos, first run, {name}: {json.dumps(run)}", flush=True)
+    for name in ("before", "this", "this", "before"):
+        code = base_code if name == "before" else ROOT
+        run = batch(write_config(work / f"photos_{name}", images, head), images, environment(code, weights), code)
+        run["ms_per_image"] = round(1000 * run["seconds"] / run["predicted"], 3)
+        result[name].append(run)
+        print(f"{count} photos, first run, {name}: {json.dumps(run)}", flush=True)
     return result
 
 
