@@ -5,6 +5,7 @@ read), the streaming scan, and the pruning of skipped.json."""
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -19,8 +20,8 @@ from pipeline.core.errors import CacheError
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
 from pipeline.features.index import INDEX_NAME
-from pipeline.images.data import iter_files, walk_files
-from pipeline.images.statmemo import MEMO_NAME
+from pipeline.images.data import content_id, iter_files, walk_files
+from pipeline.images.statmemo import MEMO_NAME, StatMemo
 
 from . import test_batch
 from .conftest import TINY, make_folder
@@ -228,3 +229,33 @@ def test_an_index_damaged_or_edited_is_caught_by_verify_and_by_reads(tmp_path, c
     from pipeline.features import index as index_module
     index_module._OPEN.clear()
     np.testing.assert_array_equal(store.read(ids).compute(), before)
+
+
+_IDENTIFY = """
+import sys
+from pathlib import Path
+from pipeline.images.data import iter_files
+from pipeline.images.statmemo import StatMemo
+files = [(str(p), s) for p, s in iter_files(sys.argv[2], print)]
+with StatMemo(Path(sys.argv[1])) as memo:
+    for start in range(0, len(files), 16):  # many small transactions, interleaved with the other process
+        assert None not in memo.ids(files[start:start + 16])
+"""
+
+
+def test_several_processes_share_one_memo(tmp_path):
+    folders = []
+    for n in range(2):
+        folder = tmp_path / f"in{n}"
+        folder.mkdir()
+        for i in range(200):
+            (folder / f"{i:03d}.jpg").write_bytes(b"%d-%d" % (n, i))
+        folders.append(_settled(folder))
+    memo = tmp_path / MEMO_NAME
+    procs = [subprocess.Popen([sys.executable, "-c", _IDENTIFY, str(memo), str(f)]) for f in folders]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    files = [(str(p), s) for f in folders for p, s in iter_files(f, print)]
+    with StatMemo(memo) as shared:
+        ids = shared.ids(files)
+        assert shared.hashed == 0 and shared.hits == 400
+    assert ids == [content_id(Path(p).read_bytes()) for p, _s in files]

@@ -7,6 +7,7 @@ Layout of `CACHE/<key>/` (the folder's name ends in the key's digest):
     features.zarr/<shard>-<tag>   a (rows, dim) float32 zarr v3 array; attribute `image_ids` names the rows
     shards/<shard>.json           the completion record, written last: rows, ids, SHA-256 of the data, and
                                   `checksum`, a SHA-256 over all of that and the key's digest
+    index.sqlite                  image id -> (shard, row), derived from the records (`features/index.py`)
 
 A shard is present only when its record exists, passes its checksum (so its ids are the ones written, in
 the order written, for this key) and names an array that is there; its data is checked against the
