@@ -157,6 +157,30 @@ def index_timing(cache: Path, env: dict) -> dict:
     return {"rows": int(rows), "open_seconds": round(float(opened), 3), "rebuild_seconds": round(float(rebuilt), 2)}
 
 
+def synthetic_index(rows: int, work: Path, env: dict) -> dict:
+    """The index alone at `rows` rows: a cache key filled by `FeatureStore.write_shard` with random
+    64-wide features under made-up ids (2,048 per shard, as the batch runs above write them), then
+    opened and rebuilt as `index_timing` does. What the index costs does not depend on the features."""
+    import numpy as np
+
+    from pipeline.features.cache import CacheKey, FeatureStore
+
+    cache = work / f"index_{rows}"
+    shutil.rmtree(cache, ignore_errors=True)
+    key = CacheKey("synthetic", "0" * 64, {}, "head", "fp32", 64)
+    store = FeatureStore.create(cache, key)
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for start in range(0, rows, 2048):
+        ids = [f"{i:032x}" for i in range(start, min(start + 2048, rows))]
+        store.write_shard(f"{start:016x}", ids, rng.standard_normal((len(ids), 64), dtype=np.float32))
+    written = time.perf_counter() - started
+    for suffix in ("", "-wal", "-shm"):  # built by index_timing's first open, as for a cache made before it
+        Path(f"{store.root / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
+    first = index_timing(cache, env)
+    return {"shards_written_seconds": round(written, 1), "first_open": first, "then": index_timing(cache, env)}
+
+
 def measure(size: int, work: Path, head: Path, env: dict, cluster: bool) -> dict:
     images = work / f"images_{size}"
     if not (images / f"{(size - 1) // 1000:04d}" / f"{size - 1:07d}.jpg").is_file():
@@ -222,6 +246,8 @@ def main() -> None:
     parser.add_argument("--base", help="git revision to compare a 10k-photo first run with (skipped if not given)")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/flowers12"))
     parser.add_argument("--photo-count", type=int, default=10_000)
+    parser.add_argument("--index-rows", type=int, nargs="*", default=[],
+                        help="also time the index alone on a synthetic cache of these many rows")
     parser.add_argument("--out", default=str(ROOT / "runs/bench/scale.json"))
     args = parser.parse_args()
     work = Path(args.work).absolute()
@@ -237,6 +263,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
         results["sizes"][str(size)] = measure(size, work, head, env, size == args.cluster_size)
+        out.write_text(json.dumps(results, indent=1))
+    for rows in args.index_rows:
+        results.setdefault("synthetic_index", {})[str(rows)] = synthetic_index(rows, work, env)
+        print(f"index of {rows} rows: {json.dumps(results['synthetic_index'][str(rows)])}", flush=True)
         out.write_text(json.dumps(results, indent=1))
     if args.base:
         results["against_base"] = against_base(work, args.base, Path(args.photos), args.photo_count, head, weights)

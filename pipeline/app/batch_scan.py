@@ -40,15 +40,14 @@ def _found(inputs: list[Path], skipped: dict[str, str]) -> Iterator[tuple[str, F
         skipped.setdefault(os.path.abspath(path), reason)
 
     for source in inputs:
-        if source.is_dir():
-            found: Iterator[tuple[Path, FileStat | None]] = iter_files(os.path.abspath(source), skip)
+        if source.is_dir():  # absolute and normalised already
+            found: Iterator[tuple[str, FileStat | None]] = iter_files(os.path.abspath(source), skip)
         else:
             listed = scan(source, allow_empty_list=True)
             for path, reason in listed.skipped:
                 skip(path, reason)
-            found = ((path, None) for path in listed.paths)
-        for path, stat in found:
-            text = os.path.abspath(path)
+            found = ((os.path.abspath(path), None) for path in listed.paths)
+        for text, stat in found:
             if text in seen:
                 continue
             if stat is None:  # a listed file: scan() checked it is one, its stat is taken now

@@ -76,13 +76,13 @@ def _entries(folder: Path) -> tuple[list[tuple[Path, tuple[int, int]]], list[Pat
     files, and a reason for every other entry. Hidden names (a leading dot: uploads in progress, editor
     and notebook leftovers) are left alone. Raises OSError when `folder` itself cannot be listed."""
     folders, files, skipped = [], [], []
-    for path, found in _classified(folder, _visible_names(folder)):
+    for path, found in _classified(str(folder), _visible_names(folder)):
         if isinstance(found, str):
-            skipped.append((str(path), found))
+            skipped.append((path, found))
         elif isinstance(found, FileStat):
-            files.append(path)
+            files.append(Path(path))
         else:
-            folders.append((path, found))
+            folders.append((Path(path), found))
     return folders, files, skipped
 
 
@@ -99,17 +99,19 @@ class FileStat(NamedTuple):
         return cls(info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
 
 
-def _visible_names(folder: Path) -> list[str]:
+def _visible_names(folder: str | os.PathLike) -> list[str]:
     """The folder's names without hidden ones, sorted; the only list a scan holds per folder."""
     with os.scandir(folder) as listing:
         return sorted(entry.name for entry in listing if not entry.name.startswith("."))
 
 
-def _classified(folder: Path, names: list[str]) -> Iterator[tuple[Path, FileStat | tuple[int, int] | str]]:
-    """Each name of `folder`, links followed: a regular file's `FileStat`, a sub-folder's (device, inode),
-    or why the entry is not used."""
+def _classified(folder: str, names: list[str]) -> Iterator[tuple[str, FileStat | tuple[int, int] | str]]:
+    """Each name of `folder` as a path, links followed: a regular file's `FileStat`, a sub-folder's
+    (device, inode), or why the entry is not used. Paths are strings: a scan of a million files makes
+    no `Path` objects."""
+    prefix = folder.rstrip("/") + "/"
     for name in names:
-        path = folder / name
+        path = prefix + name
         try:
             info = os.stat(path)
         except OSError as exc:
@@ -123,7 +125,7 @@ def _classified(folder: Path, names: list[str]) -> Iterator[tuple[Path, FileStat
             yield path, f"not a regular file ({_kind(info.st_mode)})"
 
 
-def _identity(folder: Path) -> tuple[int, int]:
+def _identity(folder: str | os.PathLike) -> tuple[int, int]:
     info = os.stat(folder)
     return info.st_dev, info.st_ino
 
@@ -132,14 +134,14 @@ _LOOP = "symbolic link loop (leads back to a folder that contains it)"
 
 
 def iter_files(folder: str | os.PathLike, on_skip: Callable[[str, str], None],
-               above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[Path, FileStat]]:
-    """Every regular file under `folder` with its `FileStat`, streamed in sorted order (`sorted()` of the
-    paths: depth first, the names of each folder in order), following links to folders but never round a
-    loop. `on_skip(path, reason)` hears of everything else that is not used: links whose target is
-    missing, link loops, folders that cannot be read, pipes and devices; nothing is dropped without a
-    reason, except hidden names. Memory holds the sorted names of the folders on the current path only.
-    `above`: the (device, inode) of folders that contain `folder`."""
-    folder = Path(folder)
+               above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[str, FileStat]]:
+    """Every regular file under `folder` (its path as a string) with its `FileStat`, streamed in sorted
+    order (that of `sorted()` on the paths as `Path`: depth first, the names of each folder in order),
+    following links to folders but never round a loop. `on_skip(path, reason)` hears of everything else
+    that is not used: links whose target is missing, link loops, folders that cannot be read, pipes and
+    devices; nothing is dropped without a reason, except hidden names. Memory holds the sorted names of
+    the folders on the current path only. `above`: the (device, inode) of folders that contain `folder`."""
+    folder = str(Path(folder))  # normalised as a Path would be: `a/./b/` is `a/b`
     try:
         top = above | {_identity(folder)}
         stack = [(folder, top, _classified(folder, _visible_names(folder)))]
@@ -154,16 +156,16 @@ def iter_files(folder: str | os.PathLike, on_skip: Callable[[str, str], None],
             continue
         path, found = item
         if isinstance(found, str):
-            on_skip(str(path), found)
+            on_skip(path, found)
         elif isinstance(found, FileStat):
             yield path, found
         elif found in ancestors:
-            on_skip(str(path), _LOOP)
+            on_skip(path, _LOOP)
         else:
             try:
                 names = _visible_names(path)
             except OSError as exc:
-                on_skip(str(path), f"unreadable folder: {exc.strerror or exc}")
+                on_skip(path, f"unreadable folder: {exc.strerror or exc}")
                 continue
             stack.append((path, ancestors | {found}, _classified(path, names)))
 
@@ -173,7 +175,8 @@ def walk_files(folder: str | os.PathLike, above: frozenset[tuple[int, int]] = fr
     """`iter_files` gathered: every regular file under `folder`, sorted, and a sorted `(path, reason)`
     for everything else that is not used."""
     skipped: list[tuple[str, str]] = []
-    files = [path for path, _stat in iter_files(folder, lambda path, reason: skipped.append((path, reason)), above)]
+    files = [Path(path) for path, _stat in iter_files(folder, lambda path, reason: skipped.append((path, reason)),
+                                                      above)]
     return files, sorted(skipped)
 
 
