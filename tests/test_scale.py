@@ -138,7 +138,7 @@ def test_the_streaming_scan_gives_sorted_paths_and_reports_progress(tmp_path, he
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
     skipped: list[tuple[str, str]] = []
-    streamed = [path for path, _stat in iter_files(root, lambda p, r: skipped.append((p, r)))]
+    streamed = [Path(path) for path, _stat in iter_files(root, lambda p, r: skipped.append((p, r)))]
     assert streamed == sorted(streamed) == walk_files(root)[0] and len(streamed) == 5 and skipped == []
 
     data = make_folder(tmp_path / "photos", classes=1, per_class=3, start_seed=780)
