@@ -246,6 +246,8 @@ def main() -> None:
     parser.add_argument("--base", help="git revision to compare a 10k-photo first run with (skipped if not given)")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/flowers12"))
     parser.add_argument("--photo-count", type=int, default=10_000)
+    parser.add_argument("--reruns", type=int, default=0,
+                        help="only this many unchanged reruns of each size, in the folders of an earlier run")
     parser.add_argument("--index-rows", type=int, nargs="*", default=[],
                         help="also time the index alone on a synthetic cache of these many rows")
     parser.add_argument("--out", default=str(ROOT / "runs/bench/scale.json"))
@@ -262,7 +264,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
-        results["sizes"][str(size)] = measure(size, work, head, env, size == args.cluster_size)
+        if args.reruns:  # the folders of an earlier run of this script: unchanged reruns only
+            config = work / f"run_{size}" / "batch.yaml"
+            results["sizes"][str(size)] = {"unchanged_reruns": [
+                batch(config, work / f"images_{size}", env) for _ in range(args.reruns)]}
+            print(f"{size} unchanged reruns: {json.dumps(results['sizes'][str(size)])}", flush=True)
+        else:
+            results["sizes"][str(size)] = measure(size, work, head, env, size == args.cluster_size)
         out.write_text(json.dumps(results, indent=1))
     for rows in args.index_rows:
         results.setdefault("synthetic_index", {})[str(rows)] = synthetic_index(rows, work, env)
