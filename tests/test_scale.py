@@ -142,9 +142,10 @@ def test_the_streaming_scan_gives_sorted_paths_and_reports_progress(tmp_path, he
     assert streamed == sorted(streamed) == walk_files(root)[0] and len(streamed) == 5 and skipped == []
 
     data = make_folder(tmp_path / "photos", classes=1, per_class=3, start_seed=780)
-    counts: list[int] = []
-    entry = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.skops"}), progress=False, on_scan=counts.append)
-    assert entry.predicted == 3 and counts and counts[-1] == 3
+    counts: list[tuple[int, bool]] = []
+    entry = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.skops"}), progress=False,
+                      on_scan=lambda files, done: counts.append((files, done)))
+    assert entry.predicted == 3 and counts[-1] == (3, True) and all(not done for _n, done in counts[:-1])
 
 
 def test_skipped_json_drops_paths_its_config_no_longer_lists(tmp_path, heads):

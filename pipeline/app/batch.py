@@ -227,7 +227,7 @@ def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], co
 
 
 def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress: bool, rehash: bool,
-          on_scan: Callable[[int], None] | None) -> tuple[dict[str, str], set[str]]:
+          on_scan: Callable[[int, bool], None] | None) -> tuple[dict[str, str], set[str]]:
     """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone;
     returns every skipped file with its reason, and every path looked at."""
     found = identify(config.inputs, config.features.cache_dir, rehash, on_scan)
@@ -280,10 +280,10 @@ def _skips(skipped: dict[str, str]) -> tuple[int, list[SkippedFile]]:
 
 def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | None = None, on_lock: str = "wait",
               progress: bool = True, trust_pickle: bool = False, rehash: bool = False,
-              on_scan: Callable[[int], None] | None = None) -> BatchLogEntry:
+              on_scan: Callable[[int, bool], None] | None = None) -> BatchLogEntry:
     """One batch run (of a config file, or of one already loaded); returns its log entry (`exit_code`
     says how it went). Files the stat memo has seen unchanged are not read (`rehash` reads them all);
-    `on_scan(files)` hears how many files the scan has identified so far.
+    `on_scan(files, done)` hears how many files the scan has identified so far, and when it is done.
 
     Config and head errors raise before anything is written; a run that fails once working is logged
     with status "failed" (what it committed is kept) and, for a bug, re-raised."""

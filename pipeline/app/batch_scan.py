@@ -70,16 +70,21 @@ def memo_path(cache_dir: str | os.PathLike) -> Path | None:
 
 
 def identify(inputs: list[Path], cache_dir: str | os.PathLike, rehash: bool = False,
-             on_progress: Callable[[int], None] | None = None) -> Inputs:
+             on_progress: Callable[[int, bool], None] | None = None) -> Inputs:
     """Scan `inputs` and identify every file by content, opening only those the cache's stat memo has
-    not seen as they are now (every file with `rehash`). `on_progress(files)` hears the running count."""
+    not seen as they are now (every file with `rehash`). `on_progress(files, done)` hears the running
+    count when the scan starts, after each block, and once more with `done` at the end."""
     result = Inputs()
+    if on_progress:
+        on_progress(0, False)
     stream = _found(inputs, result.skipped)
     with StatMemo(memo_path(cache_dir), rehash) as memo:
         while block := list(islice(stream, BLOCK)):
             result.paths += [path for path, _stat in block]
             result.ids += memo.ids(block)
             if on_progress:
-                on_progress(len(result.paths))
+                on_progress(len(result.paths), False)
         result.opened = memo.hashed
+    if on_progress:
+        on_progress(len(result.paths), True)
     return result

@@ -58,15 +58,28 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _scan_bar(quiet: bool) -> Iterator[Callable[[int], None] | None]:
-    """The scan's progress (files found and identified so far), drawn on stderr while it runs."""
+def _scan_bar(quiet: bool) -> Iterator[Callable[[int, bool], None] | None]:
+    """The scan's progress (files found and identified so far), drawn on stderr from the scan's first
+    block (after the lock and the heads) to its end."""
     if quiet:
         yield None
         return
     from tqdm.auto import tqdm
 
-    with tqdm(unit=" files", desc="scan", disable=None) as bar:
-        yield lambda files: bar.update(files - bar.n)
+    bars: list[tqdm] = []
+
+    def show(files: int, done: bool) -> None:
+        if not bars:
+            bars.append(tqdm(unit=" files", desc="scan", disable=None))
+        bars[0].update(files - bars[0].n)
+        if done:
+            bars[0].close()
+
+    try:
+        yield show
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _print_batch_skips(entry: BatchLogEntry, record: Path) -> None:

@@ -29,7 +29,7 @@ from pipeline.images.data import FileStat, hash_file
 logger = logging.getLogger(__name__)
 
 MEMO_NAME = "stat-memo.sqlite"
-_SCHEMA = 1
+_SCHEMA = 2  # 2: CRC-32 row checks (1 held SHA-256 text)
 _STAT = struct.Struct("<qqQQ")  # size, mtime_ns, inode, device
 _BUSY_TIMEOUT_S = 60.0
 _SETTLE_NS = 2 * 10**9  # a file modified this recently is hashed but not remembered (see `_remember`)
@@ -83,8 +83,9 @@ class StatMemo:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(_CREATE)
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, _SCHEMA) or db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                if db.execute("PRAGMA user_version").fetchone()[0] not in (0, _SCHEMA):
+                    raise sqlite3.DatabaseError("written by another version")
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise sqlite3.DatabaseError("failed its integrity check")
                 db.execute(f"PRAGMA user_version={_SCHEMA}")
                 return db
