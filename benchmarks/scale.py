@@ -11,7 +11,8 @@ tests/tinynet.py, registered as a plugin that imports torch only to build it), s
 and the costs that grow with the collection show. Each `pipeline batch` runs as a subprocess under an
 audit hook that counts the files it opens under the image folder; its forward passes are counted by
 wrapping `pipeline.features.extract.forward`, and whether torch was imported at all is noted; its peak
-RSS comes from wait4().
+RSS is its own VmHWM (/proc/self/status) at exit. wait4's ru_maxrss is not used: a child started by
+vfork carries the parent's high-water mark across exec, so it reported this script's own ~550 MB.
 Figures go to --out (JSON), one line per measurement to stdout.
 """
 
@@ -46,8 +47,12 @@ def counted(*args, **kwargs):
     forwards[0] += 1
     return real_forward(*args, **kwargs)
 extract.forward = counted
+def peak_mb():  # this process's own peak: wait4's ru_maxrss also counts the parent's pages it forked from
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
 atexit.register(lambda: open(report, "w").write(json.dumps(
-    {"opened": opened[0], "forwards": forwards[0], "torch": "torch" in sys.modules})))
+    {"opened": opened[0], "forwards": forwards[0], "torch": "torch" in sys.modules, "peak_mb": peak_mb()})))
 from pipeline.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -94,9 +99,8 @@ def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str)
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, "batch", str(config), "--quiet", *extra], cwd=code,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**env, "SCALE_IMAGES": str(images), "SCALE_REPORT": str(report)})
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    code_ = proc.wait()
     wall = time.perf_counter() - started
-    code_ = os.waitstatus_to_exitcode(status)
     error = proc.stderr.read().decode()[-2000:]
     proc.stderr.close()
     if code_ != 0:
@@ -104,7 +108,7 @@ def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str)
     entry = json.loads(Path(json.loads(config.read_text())["log"]).read_text().splitlines()[-1])
     child = json.loads(report.read_text())
     return {"seen": entry["seen"], "predicted": entry["predicted"], "computed": entry["computed"],
-            "seconds": entry["seconds"], "wall_seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "seconds": entry["seconds"], "wall_seconds": round(wall, 2), "peak_rss_mb": child["peak_mb"],
             "files_opened": child["opened"], "forward_passes": child["forwards"], "torch_imported": child["torch"]}
 
 
@@ -181,6 +185,43 @@ def synthetic_index(rows: int, work: Path, env: dict) -> dict:
     return {"shards_written_seconds": round(written, 1), "first_open": first, "then": index_timing(cache, env)}
 
 
+_IDENTIFY = """
+import json, os, sys, time
+from pathlib import Path
+images, opened = sys.argv[1], [0]
+sys.addaudithook(lambda event, args: opened.__setitem__(0, opened[0] + 1) if event == "open"
+                 and isinstance(args[0], str) and args[0].startswith(images) else None)
+from pipeline.app.batch_scan import identify
+started = time.perf_counter()
+found = identify([Path(images)], sys.argv[2])
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"files": len(found.paths), "seconds": round(time.perf_counter() - started, 2),
+                  "hashed": found.opened, "files_opened": opened[0], "peak_rss_mb": round(peak / 1024)}))
+"""
+
+
+def identify_only(size: int, work: Path, env: dict) -> dict:
+    """The part of a rerun that grows with the inputs, alone: scanning `size` files and identifying them
+    through a fresh stat memo (every file hashed), then again (the memo's unchanged rerun), each in a
+    fresh process with its peak RSS. Reading earlier predictions back and the heads are left out."""
+    images = work / f"images_{size}"
+    if not (images / f"{(size - 1) // 1000:04d}" / f"{size - 1:07d}.jpg").is_file():
+        make_images(images, 0, size)
+        time.sleep(2.5)  # the memo does not remember files modified in the last two seconds
+    cache = work / f"identify_{size}"
+    shutil.rmtree(cache, ignore_errors=True)
+    result = {}
+    for name in ("memo_filled", "unchanged"):
+        proc = subprocess.Popen([sys.executable, "-c", _IDENTIFY, str(images), str(cache)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE)
+        if proc.wait() != 0:
+            raise SystemExit(f"identify failed ({proc.returncode})")
+        result[name] = json.loads(proc.stdout.read())
+        proc.stdout.close()
+        print(f"{size} identify only, {name}: {json.dumps(result[name])}", flush=True)
+    return result
+
+
 def measure(size: int, work: Path, head: Path, env: dict, cluster: bool) -> dict:
     images = work / f"images_{size}"
     if not (images / f"{(size - 1) // 1000:04d}" / f"{size - 1:07d}.jpg").is_file():
@@ -248,6 +289,8 @@ def main() -> None:
     parser.add_argument("--photo-count", type=int, default=10_000)
     parser.add_argument("--reruns", type=int, default=0,
                         help="only this many unchanged reruns of each size, in the folders of an earlier run")
+    parser.add_argument("--identify-only", type=int, nargs="*", default=[],
+                        help="also time the scan and the stat memo alone at these sizes")
     parser.add_argument("--index-rows", type=int, nargs="*", default=[],
                         help="also time the index alone on a synthetic cache of these many rows")
     parser.add_argument("--out", default=str(ROOT / "runs/bench/scale.json"))
@@ -271,6 +314,9 @@ def main() -> None:
             print(f"{size} unchanged reruns: {json.dumps(results['sizes'][str(size)])}", flush=True)
         else:
             results["sizes"][str(size)] = measure(size, work, head, env, size == args.cluster_size)
+        out.write_text(json.dumps(results, indent=1))
+    for size in args.identify_only:
+        results.setdefault("identify_only", {})[str(size)] = identify_only(size, work, env)
         out.write_text(json.dumps(results, indent=1))
     for rows in args.index_rows:
         results.setdefault("synthetic_index", {})[str(rows)] = synthetic_index(rows, work, env)
