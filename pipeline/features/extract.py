@@ -375,7 +375,7 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     started = time.perf_counter()
     report = ExtractReport(images=len(dataset.paths), skipped=list(dataset.skipped))
 
-    ids = hash_files(dataset.paths)
+    ids = dataset.ids if dataset.ids is not None else hash_files(dataset.paths)
     usable = [i for i, image_id in enumerate(ids) if image_id is not None]
     report.skipped += [(str(dataset.paths[i]), "unreadable file") for i, v in enumerate(ids) if v is None]
     failed: dict[str, str] = {}  # image id -> reason; every copy of a failed image is skipped
@@ -384,7 +384,7 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
         stores = [FeatureStore.create(cache_dir, cache_key(backbone, shas[backbone], layer, precision),
                                       _provenance(device)) for layer in layer_plan[backbone]]
         all_stores[backbone] = stores
-        present = [set(store.index()) for store in stores]
+        present = [store.have(ids[i] for i in usable) for store in stores]
         todo: dict[str, Path] = {}  # id -> first path with that content, in dataset order
         for i in usable:
             if any(ids[i] not in have for have in present):
