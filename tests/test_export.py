@@ -1,0 +1,118 @@
+"""`pipeline export`: a saved head and its backbones as one ONNX model, checked against `pipeline predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from pipeline.cli.main import main
+from pipeline.deploy.export import export_onnx
+from pipeline.deploy.onnx_head import ExportError
+from pipeline.features.extract import extract
+from pipeline.features.sources import matrix, source_meta
+from pipeline.heads.bundle import HeadBundle, load_bundle, save_bundle
+from pipeline.heads.fit import fit_head
+from pipeline.heads.outofcore import fit_incremental
+from pipeline.heads.predict import feature_options, predict_with
+from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
+from pipeline.images.decode import decode
+
+from .conftest import TINY, TINY_WIDE, make_folder
+
+HEADS = {  # name -> (type, sources, options)
+    "logreg": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0}),
+    "svm": ("svm", [f"{TINY}:head"], {"C": 1.0, "gamma": "scale"}),
+    "knn": ("knn", [f"{TINY}:head"], {"n_neighbors": 3}),
+    "fusion": ("pca_fusion", [f"{TINY}:head", f"{TINY}:stage1", f"{TINY_WIDE}:head"], {"components": 4, "C": 1.0}),
+    "selected": ("pca_fusion", [f"{TINY}:head", f"{TINY}:stage2"],
+                 {"components": 6, "C": 1.0, "order": "concat_then_pca", "select_k": 4, "variance_threshold": 0.0}),
+}
+
+
+def fitted_heads(root: Path, heads: dict, precision: str = "fp32", out_of_core: tuple[str, ...] = ()) -> dict:
+    """Each head of `heads` fitted on fp32 features of a small train folder and saved: name -> path."""
+    train = make_folder(root / "train", classes=3, per_class=6)
+    sources = sorted({s for _t, srcs, _o in heads.values() for s in srcs})
+    backbones = list(dict.fromkeys(s.split(":")[0] for s in sources))
+    report = extract(train, backbones, layers=sources, cache_dir=root / "cache", precision=precision, progress=False)
+    paths = {}
+    for name, (head_type, srcs, options) in heads.items():
+        spec = HeadSpec(name, head_type, srcs, {**HEAD_OPTIONS[head_type], **options})
+        X, dims = matrix(report.feature_sets, srcs)
+        first = report.feature_sets[tuple(srcs[0].split(":"))]
+        if name in out_of_core:
+            fitted = fit_incremental(spec, [report.feature_sets[tuple(s.split(":"))].features for s in srcs],
+                                     first.labels, block_rows=8)
+        else:
+            fitted = fit_head(spec, X, first.labels, dims)
+        paths[name] = save_bundle(root / f"{name}.skops", HeadBundle.of(
+            fitted, first.class_names, source_meta(report.feature_sets, srcs, root / "cache")))
+    return paths
+
+
+def onnx_vs_predict(model: Path, onnx_path: Path, data: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of `pipeline predict` (the torch path through the cache) and of onnxruntime on the same
+    decoded images, in the same order."""
+    bundle = load_bundle(model)
+    result = predict_with(bundle, data, cache_dir=cache, progress=False, **feature_options(bundle, model))
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    inputs = json.loads(onnx.load(onnx_path).metadata_props[1].value)
+    assert [i.name for i in session.get_inputs()] == list(inputs)
+    from pipeline.images.preprocess import Preprocess
+
+    batches = {}
+    for name, geometry in inputs.items():
+        pre = Preprocess(geometry["resize_shorter_side"], geometry["center_crop"], (0, 0, 0), (1, 1, 1),
+                         geometry["interpolation"])
+        batches[name] = np.stack([decode(p, pre) for p in result.features.paths])
+    (proba,) = session.run(["probabilities"], batches)
+    return result.proba, proba
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    paths = fitted_heads(root, {**HEADS, "sgd": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0}),
+                                "incremental_fusion": ("pca_fusion", [f"{TINY}:head", f"{TINY}:stage1"],
+                                                       {"components": 4, "C": 1.0})},
+                         out_of_core=("sgd", "incremental_fusion"))
+    test = make_folder(root / "test", classes=3, per_class=3, start_seed=100)
+    return root, paths, test
+
+
+@pytest.mark.parametrize("name", [*HEADS, "sgd"])
+def test_exported_model_matches_predict_on_every_image(saved, name):
+    root, paths, test = saved
+    result = export_onnx(paths[name], root / f"{name}.onnx")
+    assert result.check_max_abs_diff <= 1e-3
+    expected, got = onnx_vs_predict(paths[name], result.path, test, root / "cache")
+    assert got.shape == expected.shape == (9, 3)
+    assert np.abs(got - expected).max() <= 1e-3
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+
+def test_knn_graph_weights_neighbours_by_distance_as_sklearn_does():
+    """skl2onnx's own kNN converter weights uniformly (off by up to 0.78 on such data); ours matches sklearn,
+    training rows among the queries (a distance near 0: that neighbour nearly alone counts)."""
+    from sklearn.datasets import make_classification
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+
+    from pipeline.deploy.onnx_head import head_graph
+
+    X, y = make_classification(120, 16, n_informative=8, n_classes=4, random_state=0)
+    X = X.astype(np.float32)
+    knn = Pipeline([("clf", KNeighborsClassifier(7, metric="cosine", weights="distance"))]).fit(X, y)
+    queries = np.vstack([X[:3], X[3:40] + np.random.default_rng(0).normal(0, 0.5, (37, 16)).astype(np.float32)])
+    expected = knn.predict_proba(queries)
+    session = ort.InferenceSession(head_graph(knn, 16, "knn").SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["probabilities"], {"features": queries})
+    assert ((expected > 0.01) & (expected < 0.99)).sum() > 20  # mixed neighbourhoods: the weights matter
+    assert np.abs(got - expected).max() <= 1e-5
+    assert (got[:3].max(1) > 0.999).all()
