@@ -116,3 +116,77 @@ def test_knn_graph_weights_neighbours_by_distance_as_sklearn_does():
     assert ((expected > 0.01) & (expected < 0.99)).sum() > 20  # mixed neighbourhoods: the weights matter
     assert np.abs(got - expected).max() <= 1e-5
     assert (got[:3].max(1) > 0.999).all()
+
+
+def test_metadata_names_classes_and_preprocessing_and_the_cli_writes_the_model(saved, capsys):
+    root, paths, _test = saved
+    out = root / "cli" / "logreg.onnx"
+    assert main(["export", "--head", str(paths["logreg"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "input images: uint8 RGB, N x 32 x 32 x 3 (shorter side resized to 40 bilinear" in printed
+    assert "output probabilities: N x 3 (class0, class1, class2)" in printed and f"wrote {out}" in printed
+    model = onnx.load(out)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == ["class0", "class1", "class2"]
+    assert json.loads(meta["inputs"]) == {"images": {"resize_shorter_side": 40, "center_crop": 32,
+                                                     "interpolation": "bilinear", "layout": "NHWC uint8 RGB",
+                                                     "shape": [None, 32, 32, 3]}}
+    assert json.loads(meta["head"]) == {"name": "logreg", "type": "logistic_regression"}
+    assert meta["fitted_on_precision"] == "fp32" and "scikit-learn" in json.loads(meta["versions"])
+    assert [o.name for o in model.graph.output] == ["probabilities"]
+    (images,) = model.graph.input
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_a_head_that_cannot_be_exported_is_refused_in_one_line(saved, capsys):
+    root, paths, _test = saved
+    out = root / "refused.onnx"
+    with pytest.raises(ExportError, match=r"head 'incremental_fusion' \(FusedIncrementalPCA, StandardScaler, "
+                                          r"SGDClassifier\) cannot be exported to ONNX"):
+        export_onnx(paths["incremental_fusion"], out)
+    assert main(["export", "--head", str(paths["incremental_fusion"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: head 'incremental_fusion'") and err.count("\n") == 1 and not out.exists()
+    assert main(["export", "--head", str(root / "missing.skops"), "--out", str(out)]) == 2
+    assert "model file not found" in capsys.readouterr().err
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "onnx_predict.py"
+# Runs the example as a script in a process where `import pipeline` (and any module under it) fails.
+WITHOUT_PACKAGE = ("import runpy, sys; sys.modules['pipeline'] = None; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_example(onnx_path: Path, images: list[Path]) -> list[dict]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE, str(EXAMPLE), str(onnx_path), *map(str, images)],
+                          capture_output=True, text=True, timeout=120, cwd=onnx_path.parent)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_the_standalone_example_runs_without_this_package_and_agrees(saved):
+    """docs/examples/onnx_predict.py (numpy, Pillow, onnxruntime) on the exported model: Pillow's resampling
+    instead of OpenCV's moves the probabilities a little, never the class."""
+    root, paths, test = saved
+    onnx_path = root / "example.onnx"
+    export_onnx(paths["fusion"], onnx_path)
+    images = sorted(test.rglob("*.jpg"))
+    answers = run_example(onnx_path, images)
+    expected, _ = onnx_vs_predict(paths["fusion"], onnx_path, test, root / "cache")
+    classes = ["class0", "class1", "class2"]
+    assert [a["path"] for a in answers] == list(map(str, images))
+    got = np.array([[a["probabilities"][c] for c in classes] for a in answers])
+    assert [a["class"] for a in answers] == [classes[i] for i in expected.argmax(1)]
+    assert np.abs(got - expected).max() <= 0.02
+    blocked = subprocess_output(["-c", "import sys; sys.modules['pipeline'] = None; import pipeline"])
+    assert "ModuleNotFoundError" in blocked or "ImportError" in blocked  # the blocker works
+
+
+def subprocess_output(args: list[str]) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60).stderr

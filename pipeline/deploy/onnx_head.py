@@ -14,6 +14,8 @@ order of `pipeline.classes_`).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -37,16 +39,19 @@ def head_graph(pipeline: Pipeline, dim: int, name: str) -> onnx.ModelProto:
     final = pipeline.steps[-1][1]
     if isinstance(final, KNeighborsClassifier) and final.weights == "distance":
         if len(pipeline.steps) != 1 or final.metric != "cosine":
+            steps = " -> ".join(type(step).__name__ for _, step in pipeline.steps)
             raise ExportError(f"head {name!r}: only a kNN head made by this pipeline (cosine distance, no steps "
-                              f"before it) can be exported, not {' -> '.join(type(s).__name__ for _, s in pipeline.steps)}"
-                              f" with metric {final.metric!r}")
+                              f"before it) can be exported, not {steps} with metric {final.metric!r}")
         return _knn_graph(final, dim)
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
     try:
-        model = to_onnx(pipeline, initial_types=[(INPUT, FloatTensorType([None, dim]))],
-                        options={id(final): {"zipmap": False}}, target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET})
+        with warnings.catch_warnings():  # sklearn's FutureWarnings on attributes skl2onnx reads (SVC's probA_)
+            warnings.simplefilter("ignore", FutureWarning)
+            model = to_onnx(pipeline, initial_types=[(INPUT, FloatTensorType([None, dim]))],
+                            options={id(final): {"zipmap": False}},
+                            target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET})
     except Exception as exc:  # skl2onnx's verdict: no converter or shape calculator for one of the steps
         steps = ", ".join(type(s).__name__ for _, s in pipeline.steps)
         raise ExportError(f"head {name!r} ({steps}) cannot be exported to ONNX: {type(exc).__name__}: "
