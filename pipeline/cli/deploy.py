@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.host, args.port, settings, device=args.device, trust_pickle=args.trust_pickle,
           on_ready=lambda url: print(f"serving {args.model} on {url} (POST /predict, GET /health, GET /model; "
                                      "Ctrl-C stops)", flush=True))
+    print("stopped")
     return 0
 
 

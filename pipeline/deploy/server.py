@@ -171,7 +171,7 @@ def bound_socket(host: str, port: int) -> socket.socket:
 def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings | None = None, device: str = "cpu", trust_pickle: bool = False,
           on_ready: Callable[[str], None] | None = None) -> None:
-    """Load the head, listen on (host, port) and serve until interrupted; `on_ready(url)` once listening."""
+    """Load the head, listen on (host, port) and serve until Ctrl-C or SIGTERM; `on_ready(url)` once listening."""
     import uvicorn
 
     settings = settings or ServeSettings()
@@ -184,5 +184,7 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
         on_ready(url)
     try:
         asyncio.run(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again: a normal stop
+        pass
     finally:
         sock.close()
