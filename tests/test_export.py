@@ -22,7 +22,7 @@ from pipeline.heads.predict import feature_options, predict_with
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 from pipeline.images.decode import decode
 
-from .conftest import TINY, TINY_WIDE, make_folder
+from .conftest import FLOWERS, TINY, TINY_WIDE, make_folder, needs_flowers
 
 HEADS = {  # name -> (type, sources, options)
     "logreg": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0}),
@@ -74,10 +74,27 @@ def onnx_vs_predict(model: Path, onnx_path: Path, data: Path, cache: Path) -> tu
     return result.proba, proba
 
 
+TINY_40 = "tiny_test_40"  # the tiny network on 40 px crops: a second input geometry
+
+
+def register_tiny_40() -> None:
+    """TINY's network and weights under another resize and crop, so that a fusion needs two inputs."""
+    import dataclasses
+
+    from pipeline.images.preprocess import Preprocess
+    from pipeline.models.registry import get_spec, register
+
+    register(TINY_40, lambda: dataclasses.replace(get_spec(TINY), name=TINY_40,
+                                                  preprocess=Preprocess(44, 40, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))))
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    register_tiny_40()
     root = tmp_path_factory.mktemp("export")
-    paths = fitted_heads(root, {**HEADS, "sgd": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0}),
+    paths = fitted_heads(root, {**HEADS, "two_inputs": ("pca_fusion", [f"{TINY}:head", f"{TINY_40}:stage2"],
+                                                         {"components": 4, "C": 1.0}),
+                                "sgd": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0}),
                                 "incremental_fusion": ("pca_fusion", [f"{TINY}:head", f"{TINY}:stage1"],
                                                        {"components": 4, "C": 1.0})},
                          out_of_core=("sgd", "incremental_fusion"))
@@ -85,7 +102,7 @@ def saved(tmp_path_factory):
     return root, paths, test
 
 
-@pytest.mark.parametrize("name", [*HEADS, "sgd"])
+@pytest.mark.parametrize("name", [*HEADS, "two_inputs", "sgd"])
 def test_exported_model_matches_predict_on_every_image(saved, name):
     root, paths, test = saved
     result = export_onnx(paths[name], root / f"{name}.onnx")
@@ -136,6 +153,9 @@ def test_metadata_names_classes_and_preprocessing_and_the_cli_writes_the_model(s
     assert [o.name for o in model.graph.output] == ["probabilities"]
     (images,) = model.graph.input
     assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    two = export_onnx(paths["two_inputs"], root / "two.onnx")
+    assert {name: g["center_crop"] for name, g in two.inputs.items()} == {"images_40_32_bilinear": 32,
+                                                                         "images_44_40_bilinear": 40}
 
 
 def test_a_head_that_cannot_be_exported_is_refused_in_one_line(saved, capsys):
@@ -190,3 +210,33 @@ def subprocess_output(args: list[str]) -> str:
     import sys
 
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60).stderr
+
+
+@pytest.mark.slow
+@needs_flowers
+def test_exported_lite0_heads_match_predict_on_real_photos(tmp_path):
+    """EfficientNet-Lite0 (fp32 features) with logistic regression and kNN heads, fitted on 10 training photos
+    a class, exported and compared with `pipeline predict` on all 240 test photos of flowers12; the
+    standalone example (Pillow's resampling) on the same photos."""
+    train = tmp_path / "train"
+    for folder in sorted((FLOWERS / "train").iterdir()):
+        (train / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.glob("*.jpg"))[:10]:
+            (train / folder.name / photo.name).symlink_to(photo)
+    report = extract(train, "efficientnet_lite0", cache_dir=tmp_path / "cache", precision="fp32", progress=False)
+    features = report.feature_sets[("efficientnet_lite0", "head")]
+    for name, head_type, options in (("logreg", "logistic_regression", {"C": 1.0}), ("knn", "knn", {"n_neighbors": 5})):
+        spec = HeadSpec(name, head_type, ["efficientnet_lite0:head"], {**HEAD_OPTIONS[head_type], **options})
+        fitted = fit_head(spec, features.features.compute(), features.labels, [1280])
+        model = save_bundle(tmp_path / f"{name}.skops", HeadBundle.of(
+            fitted, features.class_names, source_meta(report.feature_sets, spec.sources, tmp_path / "cache")))
+        onnx_path = export_onnx(model, tmp_path / f"{name}.onnx").path
+        expected, got = onnx_vs_predict(model, onnx_path, FLOWERS / "test", tmp_path / "cache")
+        assert got.shape == (240, 12)
+        assert np.abs(got - expected).max() <= 1e-3, name
+        assert (got.argmax(1) == expected.argmax(1)).all(), name
+        if name == "logreg":
+            answers = run_example(onnx_path, sorted((FLOWERS / "test").rglob("*.jpg")))
+            example = np.array([[a["probabilities"][c] for c in features.class_names] for a in answers])
+            assert (example.argmax(1) == expected.argmax(1)).mean() >= 0.99
+            assert np.abs(example - expected).mean() <= 2e-3
