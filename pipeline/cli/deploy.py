@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli.main import TRUST_PICKLE_HELP
 from pipeline.heads.spec import HEAD_SUFFIX
-
-TRUST_PICKLE_HELP = ("also load a head saved by an earlier version (.joblib, a pickle): loading it runs any code the "
-                     "file holds, so only for a file you trust")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,11 +26,8 @@ from pipeline.heads.bundle import HeadBundle
 from pipeline.heads.predict import feature_options
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import get_spec
-from pipeline.models.taps import tapped
+from pipeline.models.taps import TappedNetwork, tapped
 from pipeline.models.weights import load_backbone
-
-if TYPE_CHECKING:
-    from pipeline.models.taps import TappedNetwork
 
 LAYOUT = "NHWC uint8 RGB"  # what every input of the network takes
 
