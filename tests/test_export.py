@@ -182,7 +182,7 @@ def run_example(onnx_path: Path, images: list[Path]) -> list[dict]:
     import sys
 
     done = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE, str(EXAMPLE), str(onnx_path), *map(str, images)],
-                          capture_output=True, text=True, timeout=120, cwd=onnx_path.parent)
+                          capture_output=True, text=True, timeout=900, cwd=onnx_path.parent)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
 

@@ -12,6 +12,7 @@ inside the model. The resampling is written out in numpy as OpenCV computes it f
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -33,6 +34,7 @@ def load_rgb(path: str, shorter: int) -> Image.Image:
     return image.convert("RGB")
 
 
+@functools.cache
 def weights(size: int, out: int, method: str) -> np.ndarray:
     """The (out x size) matrix that resamples one axis of `size` pixels to `out`, as OpenCV's resize does:
     area averaging, or bilinear/bicubic (a = -0.75) on pixel centres with the edge pixels repeated."""

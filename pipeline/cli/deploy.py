@@ -64,7 +64,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="N",
                        help="most images per forward pass (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, metavar="MS",
-                       help="how long a batch waits for more requests before it runs (default: %(default)s)")
+                       help="how long a batch waits for more images before it runs (default: %(default)s)")
     serve.add_argument("--max-request-mb", type=float, default=defaults.max_request_mb, metavar="MB",
                        help="largest request body accepted, in MiB (default: %(default)s)")
     serve.add_argument("--max-images", type=int, default=defaults.max_images, metavar="N",

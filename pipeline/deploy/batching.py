@@ -1,10 +1,10 @@
 """Server-side batching: requests' images join one queue, and one worker runs them through the network in
 batches, so that concurrent requests share forward passes.
 
-The worker takes the first queued image, every image already queued behind it, and waits at most
-`max_wait` seconds for more, up to `max_batch`; then it runs the batch in its own thread (the network uses
-every core by itself) while the next requests queue. An idle server runs a lone request at once, after at
-most `max_wait`; a busy one batches whatever arrived during the previous pass.
+The worker takes the first queued image and every image queued behind it, waits `max_wait` seconds and
+takes what arrived meanwhile, up to `max_batch` in all; then it runs the batch in its own thread (the
+network uses every core by itself) while the next requests queue. An idle server runs a lone request after
+`max_wait`; a busy one batches whatever arrived during the previous pass.
 """
 
 from __future__ import annotations
@@ -54,22 +54,20 @@ class Batcher(Generic[In, Out]):
         return list(await asyncio.gather(*futures))
 
     async def _collect(self) -> list[tuple[In, asyncio.Future]]:
+        """The first queued image, what is queued behind it, and what arrives within `max_wait`. (A sleep, then
+        taking what is there: `wait_for` on `Queue.get` can lose an item when its timeout and the item meet.)"""
         assert self._queue is not None
         batch = [await self._queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except TimeoutError:
-                break
+        self._take_queued(batch)
+        if len(batch) < self.max_batch and self.max_wait > 0:
+            await asyncio.sleep(self.max_wait)
+            self._take_queued(batch)
         return batch
+
+    def _take_queued(self, batch: list) -> None:
+        assert self._queue is not None
+        while len(batch) < self.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -10,8 +10,8 @@ from pipeline.core.errors import ConfigError
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Batching: a batch runs as soon as the network is free, with every image queued by then (up to
-    `max_batch`), after waiting at most `max_wait_ms` for more. Limits: a request body of at most
+    """Batching: when the network is free, a batch takes every image queued by then, waits `max_wait_ms` and
+    takes what arrived meanwhile, up to `max_batch` in all. Limits: a request body of at most
     `max_request_mb` MiB holding at most `max_images` images; each image is decoded under the limits of
     `pipeline.images.decode` (Pillow's pixel limit, the decoding memory budget)."""
 
