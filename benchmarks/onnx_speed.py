@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/flowers12/test"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=50, help="single-image calls per round")
+    parser.add_argument("--images", type=int, default=96, help="photos decoded into memory (batches of 32 of them)")
     parser.add_argument("--out", default="runs/bench/onnx_speed.json")
     args = parser.parse_args()
 
@@ -62,7 +63,7 @@ def main() -> None:
     network = HeadNetwork(bundle, args.head)
     (name, geometry), = network.inputs.items()
     pre = network.preprocess_for(name)
-    images = np.stack([decode(p, pre) for p in scan(args.data).paths[:192]])
+    images = np.stack([decode(p, pre) for p in scan(args.data).paths[::2][:args.images]])
     with tempfile.TemporaryDirectory() as folder:
         exported = export_onnx(args.head, Path(folder) / "model.onnx")
         session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
@@ -84,12 +85,14 @@ def main() -> None:
         run(images[:32])
         run(images[:1])
     results: dict[str, dict[str, list[float]]] = {p: {"p50_ms": [], "p99_ms": [], "batch32_per_s": []} for p in paths}
-    for _ in range(args.rounds):
+    for index in range(args.rounds):
         for label, run in paths.items():
             times = latency_ms(run, images, args.calls)
             results[label]["p50_ms"].append(float(np.percentile(times, 50)))
             results[label]["p99_ms"].append(float(np.percentile(times, 99)))
             results[label]["batch32_per_s"].append(throughput(run, images))
+            print(f"round {index + 1}: {label}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results[label].items()),
+                  flush=True)
     summary = {label: {key: statistics.median(values) for key, values in figures.items()}
                for label, figures in results.items()}
     for label, figures in summary.items():

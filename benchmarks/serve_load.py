@@ -99,6 +99,7 @@ def main() -> None:
             rounds["load_p50_ms"].append(float(np.percentile(times, 50)))
             rounds["load_p99_ms"].append(float(np.percentile(times, 99)))
             rounds["runtime_alone_per_s"].append(runtime_alone(predictor, decoded))
+            print(", ".join(f"{key} {values[-1]:.1f}" for key, values in rounds.items()), flush=True)
         health = httpx.get(f"{url}/health").json()
     finally:
         process.send_signal(signal.SIGINT)

@@ -21,6 +21,7 @@ from pipeline.heads.outofcore import fit_incremental
 from pipeline.heads.predict import feature_options, predict_with
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 from pipeline.images.decode import decode
+from pipeline.images.preprocess import Preprocess
 
 from .conftest import FLOWERS, TINY, TINY_WIDE, make_folder, needs_flowers
 
@@ -61,17 +62,15 @@ def onnx_vs_predict(model: Path, onnx_path: Path, data: Path, cache: Path) -> tu
     bundle = load_bundle(model)
     result = predict_with(bundle, data, cache_dir=cache, progress=False, **feature_options(bundle, model))
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    inputs = json.loads(onnx.load(onnx_path).metadata_props[1].value)
+    inputs = json.loads({p.key: p.value for p in onnx.load(onnx_path).metadata_props}["inputs"])
     assert [i.name for i in session.get_inputs()] == list(inputs)
-    from pipeline.images.preprocess import Preprocess
-
-    batches = {}
-    for name, geometry in inputs.items():
-        pre = Preprocess(geometry["resize_shorter_side"], geometry["center_crop"], (0, 0, 0), (1, 1, 1),
-                         geometry["interpolation"])
-        batches[name] = np.stack([decode(p, pre) for p in result.features.paths])
-    (proba,) = session.run(["probabilities"], batches)
-    return result.proba, proba
+    pres = {name: Preprocess(g["resize_shorter_side"], g["center_crop"], (0, 0, 0), (1, 1, 1), g["interpolation"])
+            for name, g in inputs.items()}
+    paths, rows = result.features.paths, []
+    for start in range(0, len(paths), 32):  # 32 at a time: onnxruntime's activations grow with the batch
+        feeds = {name: np.stack([decode(p, pre) for p in paths[start:start + 32]]) for name, pre in pres.items()}
+        rows.append(session.run(["probabilities"], feeds)[0])
+    return result.proba, np.vstack(rows)
 
 
 TINY_40 = "tiny_test_40"  # the tiny network on 40 px crops: a second input geometry
@@ -81,7 +80,6 @@ def register_tiny_40() -> None:
     """TINY's network and weights under another resize and crop, so that a fusion needs two inputs."""
     import dataclasses
 
-    from pipeline.images.preprocess import Preprocess
     from pipeline.models.registry import get_spec, register
 
     register(TINY_40, lambda: dataclasses.replace(get_spec(TINY), name=TINY_40,

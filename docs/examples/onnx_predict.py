@@ -76,20 +76,19 @@ def prepare(image: Image.Image, geometry: dict) -> np.ndarray:
     return np.clip(np.rint(resampled), 0, 255).astype(np.uint8)
 
 
-def main(model_path: str, paths: list[str]) -> None:
+def main(model_path: str, paths: list[str], batch: int = 32) -> None:
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     classes, inputs = json.loads(meta["classes"]), json.loads(meta["inputs"])
-    batches: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
-    for path in paths:
-        shorter = max(g["resize_shorter_side"] for g in inputs.values())
-        image = load_rgb(path, shorter)
-        for name, geometry in inputs.items():
-            batches[name].append(prepare(image, geometry))
-    (probabilities,) = session.run(["probabilities"], {name: np.stack(b) for name, b in batches.items()})
-    for path, row in zip(paths, probabilities, strict=True):
-        print(json.dumps({"path": path, "class": classes[int(row.argmax())],
-                          "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)}}))
+    shorter = max(g["resize_shorter_side"] for g in inputs.values())
+    for start in range(0, len(paths), batch):  # a batch at a time: activations grow with the batch
+        chunk = paths[start:start + batch]
+        images = [load_rgb(path, shorter) for path in chunk]
+        feeds = {name: np.stack([prepare(image, geometry) for image in images]) for name, geometry in inputs.items()}
+        (probabilities,) = session.run(["probabilities"], feeds)
+        for path, row in zip(chunk, probabilities, strict=True):
+            print(json.dumps({"path": path, "class": classes[int(row.argmax())],
+                              "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)}}))
 
 
 if __name__ == "__main__":
