@@ -108,7 +108,7 @@ async def _images(request: Request, settings: ServeSettings) -> list[tuple[str |
         form = await MultiPartParser(request.headers, stream(), max_files=settings.max_images + 1,
                                      max_fields=settings.max_images + 1).parse()
     except MultiPartException as exc:
-        raise HTTPException(400, f"malformed multipart body: {exc.message}") from None
+        raise HTTPException(400, f"cannot read the multipart body: {exc.message}") from None
     files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
     return [(upload.filename, await upload.read()) for upload in files]
 
