@@ -79,7 +79,7 @@ class CacheKey:
     @property
     def dirname(self) -> str:
         runtime = "" if self.runtime == "torch" else f"{self.runtime}-"
-        return f"{self.backbone}-{self.layer}-{runtime}{self.precision}-{self.digest}"
+        return f"{self.backbone}-{self.layer}-{self.precision}-{runtime}{self.digest}"
 
 
 def array_sha256(array: np.ndarray) -> str:

@@ -63,7 +63,7 @@ class ShardJob:
     paths: tuple[str, ...]  # absolute, so a worker in another folder finds them
     image_ids: tuple[str, ...]
     needed: tuple[frozenset[str], ...]  # per store, the ids of this shard that store still lacks
-    runtime: str = "torch"  # or "openvino" (features/openvino_runtime.py), on the CPU
+    runtime: str  # "torch", or "openvino" (features/openvino_runtime.py) on the CPU
 
 
 @dataclass

@@ -95,15 +95,26 @@ def _convert(key: NetworkId) -> CompiledNetwork:
     pre = loaded.spec.preprocess
     module = FromUint8(tapped(loaded, list(key.layers)), pre, key.layers).eval()
     shape = [-1, pre.crop, pre.crop, 3]
-    with warnings.catch_warnings(), torch.inference_mode(False):
-        warnings.simplefilter("ignore")  # tracer warnings about Python arithmetic on shapes: fixed at 224 px
-        model = ov.convert_model(module, example_input=torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8),
-                                 input=[(shape, ov.Type.u8)])
+    root_level = logging.root.level
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False):
+            warnings.simplefilter("ignore")  # tracer warnings about Python arithmetic on shapes: fixed at 224 px
+            model = ov.convert_model(module, input=[(shape, ov.Type.u8)],
+                                     example_input=torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8))
+    finally:  # a failed conversion leaves the root logger at ERROR (OpenVINO 2026.4), hiding every warning
+        logging.root.setLevel(root_level)
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": HINTS[key.precision],
                                                       "PERFORMANCE_HINT": "LATENCY"})
     network = CompiledNetwork(compiled, key.layers, pre)
     network(np.zeros((1, pre.crop, pre.crop, 3), dtype=np.uint8))  # an operation that fails only when run
     return network
+
+
+def _reason(exc: Exception) -> str:
+    """The line of an OpenVINO error that names what failed ("No conversion rule found for operations:
+    aten::cummax"), not the line of C++ source it starts with."""
+    summary = [line.lstrip("- ") for line in str(exc).splitlines() if line.startswith("-- ")]
+    return "; ".join(summary) or f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def compiled_network(key: NetworkId) -> CompiledNetwork:
@@ -128,7 +139,7 @@ def runtime_for(key: NetworkId) -> str:
     try:
         compiled_network(key)
     except Exception as exc:  # noqa: BLE001 - any failure of the converter or the plugin means "use torch"
-        _FAILED[key] = f"{type(exc).__name__}: {first_line(exc)}"
+        _FAILED[key] = _reason(exc)
         logger.warning(f"warning: OpenVINO cannot run {key.backbone} ({_FAILED[key]}); "
                        "its features are computed by torch (runtime torch in the cache key)")
         return "torch"
