@@ -4,7 +4,8 @@
 threads and returns the pooled output of each tap point, in the job's layer order: the conversion to
 float, the NCHW view and the normalisation are in the graph, so OpenVINO fuses them into the first
 convolution. The model is compiled for the CPU with the precision hint of the run's `precision` (bf16
-where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses) and kept
+where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses) and as
+many threads as torch would use (so a Dask worker started with OMP_NUM_THREADS=1 uses one core), and kept
 for the life of the process: every later shard, and every task of a Dask worker, reuses it. Each thread
 gets its own infer request, so a multi-threaded worker may run several batches at once.
 
@@ -103,8 +104,10 @@ def _convert(key: NetworkId) -> CompiledNetwork:
                                      example_input=torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8))
     finally:  # a failed conversion leaves the root logger at ERROR (OpenVINO 2026.4), hiding every warning
         logging.root.setLevel(root_level)
+    # torch's thread count: every core in a plain process, one in a Dask nanny's worker (OMP_NUM_THREADS=1)
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": HINTS[key.precision],
-                                                      "PERFORMANCE_HINT": "LATENCY"})
+                                                      "PERFORMANCE_HINT": "LATENCY",
+                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     network = CompiledNetwork(compiled, key.layers, pre)
     network(np.zeros((1, pre.crop, pre.crop, 3), dtype=np.uint8))  # an operation that fails only when run
     return network
