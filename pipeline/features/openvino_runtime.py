@@ -99,7 +99,7 @@ def _convert(key: NetworkId) -> CompiledNetwork:
     root_level = logging.root.level
     try:
         with warnings.catch_warnings(), torch.inference_mode(False):
-            warnings.simplefilter("ignore")  # tracer warnings about Python arithmetic on shapes: fixed at 224 px
+            warnings.simplefilter("ignore")  # tracer warnings about Python arithmetic on shapes: fixed by the crop
             model = ov.convert_model(module, input=[(shape, ov.Type.u8)],
                                      example_input=torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8))
     finally:  # a failed conversion leaves the root logger at ERROR (OpenVINO 2026.4), hiding every warning
