@@ -73,15 +73,20 @@ class CacheKey:
     dim: int
     module: str = ""  # the tapped module inside the network, in case a layer name is ever remapped
     decoder: str = DECODER
+    runtime: str = "torch"  # what ran the network (features.device.resolve_runtime)
 
     @property
     def digest(self) -> str:
-        text = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        fields_ = asdict(self)
+        if self.runtime == "torch":  # keys made before there was a choice of runtime keep their digest
+            del fields_["runtime"]
+        text = json.dumps({**fields_, "format": FORMAT_VERSION}, sort_keys=True)
         return bytes_sha256(text.encode())[:16]
 
     @property
     def dirname(self) -> str:
-        return f"{self.backbone}-{self.layer}-{self.precision}-{self.digest}"
+        runtime = "" if self.runtime == "torch" else f"{self.runtime}-"
+        return f"{self.backbone}-{self.layer}-{self.precision}-{runtime}{self.digest}"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -175,7 +180,7 @@ class FeatureStore:
         except ValueError as exc:
             return f"meta.json is not valid JSON ({first_line(exc)})"
         try:
-            key = CacheKey(**{f.name: meta[f.name] for f in fields(CacheKey)})
+            key = CacheKey(**{f.name: meta[f.name] for f in fields(CacheKey) if f.name in meta})
             matches = key.dirname == self.root.name
         except (KeyError, TypeError, ValueError):
             matches = False
