@@ -85,6 +85,20 @@ def test_auto_extracts_with_openvino_every_layer_in_one_pass_and_reuses_its_cach
         assert np.array_equal(fs1.features.compute(), fs2.features.compute())
 
 
+def test_openvino_features_are_made_on_the_cpu_where_a_gpu_is_visible(tmp_path, monkeypatch):
+    """A head fitted on OpenVINO features (a CPU machine's default) keeps working on a GPU machine: with
+    `device: auto` its features are extracted on the CPU, where OpenVINO runs, under the same key."""
+    data = make_folder(tmp_path / "images", classes=2, per_class=2)
+    cpu = extract(data, TINY, cache_dir=tmp_path / "c", runtime="openvino", progress=False)
+    monkeypatch.setattr("pipeline.features.device.cuda_available", lambda: True)
+    again = extract(data, TINY, cache_dir=tmp_path / "c", runtime="openvino", progress=False)
+    assert again.reused == 4 and again.computed == 0
+    assert list(again.feature_sets.values())[0].cache_key == list(cpu.feature_sets.values())[0].cache_key
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        extract(data, TINY, cache_dir=tmp_path / "c", runtime="openvino", device="cuda", scheduler="tcp://x:1",
+                progress=False)
+
+
 def test_the_compiled_network_is_made_once_per_process(tmp_path):
     data = make_folder(tmp_path / "images", classes=2, per_class=4)
     before = openvino_runtime.conversions

@@ -329,7 +329,8 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     weights_path = Path(weights).absolute() if weights is not None else None
     shas = {name: file_sha256(resolve_weights(get_spec(name), weights_path))
             for name in backbones}
-    device = resolve_device(device, local=scheduler is None)
+    # OpenVINO runs on the CPU: a head whose features it made extracts there even where a GPU is present
+    device = "cpu" if runtime == "openvino" and device == "auto" else resolve_device(device, local=scheduler is None)
     precision = resolve_precision(precision, device)
     runtime = resolve_runtime(runtime, device)
     cache_dir = Path(cache_dir).absolute()
