@@ -13,6 +13,7 @@ from pydantic import Discriminator, Field, PositiveInt
 
 from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.schema import NonNegativeFinite, PositiveFinite, SafeName, Section, option
+from pipeline.heads.trust_options import TrustOptions, WeightedOptions
 
 T = TypeVar("T")
 # The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
@@ -41,7 +42,7 @@ class HeadOptions(Section):
         return self.model_dump(exclude={"name", "type", "source", "sources"})
 
 
-class LogisticRegressionHead(HeadOptions):
+class LogisticRegressionHead(WeightedOptions, TrustOptions, HeadOptions):
     """Multinomial logistic regression on standardised features."""
 
     type: Literal["logistic_regression"]
@@ -51,7 +52,7 @@ class LogisticRegressionHead(HeadOptions):
         about="inverse regularisation strength; a list is a grid for cross-validation")
 
 
-class SvmHead(HeadOptions):
+class SvmHead(WeightedOptions, TrustOptions, HeadOptions):
     """A support-vector machine, with probabilities by Platt scaling on out-of-fold decisions."""
 
     type: Literal["svm"]
@@ -65,7 +66,7 @@ class SvmHead(HeadOptions):
         about="the rbf kernel's width (unused by linear); a list is a grid for cross-validation")
 
 
-class KnnHead(HeadOptions):
+class KnnHead(TrustOptions, HeadOptions):
     """k nearest neighbours by cosine distance, weighted by distance."""
 
     type: Literal["knn"]
@@ -76,7 +77,7 @@ class KnnHead(HeadOptions):
               "a warning; a head with none left is refused)")
 
 
-class PcaFusionHead(HeadOptions):
+class PcaFusionHead(WeightedOptions, TrustOptions, HeadOptions):
     """Several sources fused by PCA, then logistic regression."""
 
     type: Literal["pca_fusion"]
