@@ -162,8 +162,8 @@ def test_a_class_with_one_image_needs_a_single_setting(tmp_path):
     with pytest.raises(ConfigError, match="class2 has 1"):
         run(_config(tmp_path, train, train, heads="heads:\n  - {name: lr, type: logistic_regression}\n"),
             progress=False)
-    metrics = run(_config(tmp_path, train, train, heads="heads:\n  - {name: lr, type: logistic_regression, C: 1.0}\n"),
-                  progress=False)
+    single = "heads:\n  - {name: lr, type: logistic_regression, C: 1.0, calibration: none}\n"
+    metrics = run(_config(tmp_path, train, train, heads=single), progress=False)
     assert metrics["heads"]["lr"]["cv_accuracy"] is None
 
 

@@ -51,7 +51,7 @@ from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
 from pipeline.features.settings import ComputeSettings
 from pipeline.heads.bundle import HeadBundle, PickleRefused, load_bundle
-from pipeline.heads.predict import feature_options, predict_with
+from pipeline.heads.predict import feature_options, predict_with, prediction_columns
 from pipeline.heads.spec import HEAD_SUFFIX, OLD_HEAD_SUFFIX
 from pipeline.images.data import Dataset, hash_files, scan, walk_files
 
@@ -215,8 +215,7 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
     try:
         with writing(final, WRITE_ERRNOS), open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
-                             *[f"p_{c}" for c in head.bundle.classes]])
+            writer.writerow(["run_id", "head", "head_sha256", *prediction_columns(head.bundle)])
             for start in range(0, len(pending), config.chunk_size):
                 chunk = pending[start:start + config.chunk_size]
                 predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),

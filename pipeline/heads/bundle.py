@@ -48,6 +48,8 @@ METADATA = "head.json"  # the archive member with everything but the Pipeline
 # against every head the tests fit). skops's own default list trusts every scikit-learn estimator; this
 # one is narrower on purpose. A new head type that needs another type fails at save time, naming it.
 SCALARS_NOT_SEEN = ("numpy.int32", "numpy.int64", "numpy.bool")
+# In heads saved before calibration came (an SVM's Platt folds); heads fitted now use StratifiedFolds.
+LEGACY_TYPES = ("sklearn.model_selection._split.StratifiedKFold",)
 TRUSTED_TYPES: frozenset[str] = frozenset({
     # containers of the JSON description; skops records every JSON primitive as builtins.str
     "builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.slice",
@@ -60,8 +62,7 @@ TRUSTED_TYPES: frozenset[str] = frozenset({
     "sklearn.linear_model._logistic.LogisticRegression",
     # svm: the SVC calibrated by Platt scaling on the folds of a StratifiedKFold
     "sklearn.svm._classes.SVC", "sklearn.calibration.CalibratedClassifierCV",
-    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration", *LEGACY_TYPES,
     # knn
     "sklearn.neighbors._classification.KNeighborsClassifier",
     # pca_fusion
@@ -71,6 +72,7 @@ TRUSTED_TYPES: frozenset[str] = frozenset({
     "sklearn.feature_selection._univariate_selection.f_classif",
     # calibration (pipeline.heads.calibration): Platt and isotonic by scikit-learn, temperature ours
     "sklearn.isotonic.IsotonicRegression", "pipeline.heads.calibration.TemperatureScaling",
+    "pipeline.heads.calibration.StratifiedFolds",  # the folds a calibration was fitted on
     # out-of-core heads (pipeline.heads.outofcore): SGD with log-loss, incremental PCA
     "sklearn.linear_model._stochastic_gradient.SGDClassifier", "sklearn._loss._loss.CyHalfBinomialLoss",
     "sklearn.decomposition._incremental_pca.IncrementalPCA", "pipeline.heads.outofcore.FusedIncrementalPCA",
@@ -130,7 +132,8 @@ class HeadBundle(BaseModel):
         """A fitted head's bundle; `scores` (test accuracy, macro-F1 and balanced accuracy, where there is a
         test split) join its cross-validation metrics."""
         return cls(pipeline=fitted.pipeline, classes=classes, head=fitted.spec, sources=sources,
-                   decision=fitted.decision, metrics=HeadMetrics(**scores, cv_accuracy=fitted.cv_accuracy, best_params=fitted.best_params,
+                   decision=fitted.decision,
+                   metrics=HeadMetrics(**scores, cv_accuracy=fitted.cv_accuracy, best_params=fitted.best_params,
                                        fit_seconds=fitted.fit_seconds))
 
     def metadata(self) -> dict:

@@ -15,15 +15,39 @@ one loads with skops (`pipeline.heads.bundle.TRUSTED_TYPES` names it).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.model_selection import cross_val_predict
+from sklearn.model_selection import BaseCrossValidator, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 
 EPSILON = 1e-12  # probabilities are clipped here before the log (kNN gives exact zeros)
 LOG_T_BOUNDS = (-4.0, 4.0)  # T from 1/55 to 55: wider than any head here needs
+
+
+class StratifiedFolds(BaseCrossValidator):
+    """Shuffled stratified folds, at most `folds` of them: fewer when the rows it splits have a class with
+    fewer images. The same object serves a head's cross-validation and every calibration nested inside
+    one of its folds (an SVM's Platt scaling inside a calibration inside a reject coverage), where a fold
+    of a fold holds fewer images per class than the training folder. (No `n_splits` attribute: scikit-learn
+    would check the training folder's class sizes against it, not the fold's.)"""
+
+    def __init__(self, folds: int = 5, random_state: int = 0) -> None:
+        self.folds = folds
+        self.random_state = random_state
+
+    def _kfold(self, y: np.ndarray) -> StratifiedKFold:
+        fewest = int(np.unique(y, return_counts=True)[1].min())
+        return StratifiedKFold(min(self.folds, fewest), shuffle=True, random_state=self.random_state)
+
+    def split(self, X: np.ndarray, y: np.ndarray, groups: object = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self._kfold(y).split(X, y, groups)
+
+    def get_n_splits(self, X: object = None, y: np.ndarray | None = None, groups: object = None) -> int:
+        return self.folds if y is None else self._kfold(y).n_splits
 
 
 def _softmax_of_log(proba: np.ndarray, temperature: float) -> np.ndarray:

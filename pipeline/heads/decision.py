@@ -53,3 +53,18 @@ def decide(rule: DecisionRule, proba: np.ndarray) -> Decisions:
     top = proba.max(axis=1)
     unknown = top < rule.reject_threshold if rule.reject_threshold is not None else np.zeros(len(proba), bool)
     return Decisions(label, proba[np.arange(len(proba)), label], unknown)
+
+
+def answer_columns(rule: DecisionRule) -> list[str]:
+    """The answer's CSV columns: predicted_class, and with a reject threshold the top class and its
+    probability beside it (what the head would have said)."""
+    return ["predicted_class", *(["top_class", "top_probability"] if rule.reject_threshold is not None else [])]
+
+
+def answer_cells(rule: DecisionRule, decisions: Decisions, classes: list[str]) -> list[list[str]]:
+    """Each row's cells for `answer_columns`."""
+    answers = decisions.answers(classes)
+    if rule.reject_threshold is None:
+        return [[answer] for answer in answers]
+    return [[answer, classes[label], f"{p:.6f}"]
+            for answer, label, p in zip(answers, decisions.label, decisions.top_probability, strict=True)]

@@ -19,14 +19,14 @@ from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectKBest, VarianceThreshold, f_classif
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, TunedThresholdClassifierCV, cross_val_predict
+from sklearn.model_selection import GridSearchCV, TunedThresholdClassifierCV, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from pipeline.core.errors import ConfigError, first_line
-from pipeline.heads.calibration import calibrated
+from pipeline.heads.calibration import StratifiedFolds, calibrated
 from pipeline.heads.decision import DecisionRule
 from pipeline.heads.spec import HEAD_TYPES, HeadSpec
 from pipeline.heads.trust_options import UNKNOWN
@@ -38,7 +38,7 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedKFold:
+def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedFolds:
     """Five folds, fewer when a class has fewer than five training images."""
     counts = np.bincount(labels)
     present = counts[counts > 0]
@@ -46,11 +46,12 @@ def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedK
         names = class_names or [str(i) for i in range(len(counts))]
         few = [names[i] for i, c in enumerate(counts) if 0 < c < 2]
         raise ConfigError(f"cross-validation needs at least 2 training images in every class ({', '.join(few)} "
-                          "has 1): add images, or give the head a single setting (e.g. C: 1.0) to skip CV")
-    return StratifiedKFold(n_splits=min(5, int(present.min())), shuffle=True, random_state=0)
+                          "has 1): add images, or skip it: give the head a single setting (e.g. C: 1.0) and "
+                          "calibration: none (and no reject coverage, no tune_threshold)")
+    return StratifiedFolds(folds=min(5, int(present.min())), random_state=0)
 
 
-def _smallest_fold(cv: StratifiedKFold | None, labels: np.ndarray) -> int:
+def _smallest_fold(cv: StratifiedFolds | None, labels: np.ndarray) -> int:
     """Rows in the smallest training fold: the most a PCA or a kNN can count on while it is tuned."""
     if cv is None:
         return len(labels)
@@ -160,7 +161,7 @@ def _check_trust(spec: HeadSpec, y: np.ndarray, class_names: list[str] | None) -
                           f"{classes} classes: remove it")
 
 
-def _final(spec: HeadSpec, pipeline: Pipeline, cv: StratifiedKFold | None) -> Pipeline:
+def _final(spec: HeadSpec, pipeline: Pipeline, cv: StratifiedFolds | None) -> Pipeline:
     """The chosen setting's unfitted Pipeline with its probabilities: an SVM's by Platt scaling on
     out-of-fold decisions (sklearn's replacement for the deprecated SVC(probability=True)), then the
     head's calibration on out-of-fold probabilities."""
@@ -173,7 +174,7 @@ def _final(spec: HeadSpec, pipeline: Pipeline, cv: StratifiedKFold | None) -> Pi
 
 
 def _decision(spec: HeadSpec, final: Pipeline, X: np.ndarray, y: np.ndarray,
-              cv: StratifiedKFold | None) -> tuple[Pipeline, DecisionRule]:
+              cv: StratifiedFolds | None) -> tuple[Pipeline, DecisionRule]:
     """Fit `final` on every row, with the two-class threshold tuned on its folds (tune_threshold), and
     turn a reject coverage into a threshold on its out-of-fold top probabilities."""
     opts = spec.options
