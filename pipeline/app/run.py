@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.app import tracking
 from pipeline.app.config import (
     RunConfig,
     auto_candidates,
@@ -197,6 +198,8 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     so the list never describes an earlier one)."""
     config = config or RunConfig.load(config_path)
     specs = head_specs(config)  # validated before any work starts
+    if config.tracking is not None and not tracking.installed():
+        raise config.error(("tracking",), tracking.MISSING)
     if not config.output_dir:
         raise config.error((), "'output_dir' is required")
     splits = _labelled_splits(config)
@@ -277,6 +280,8 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
     logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {path_text(out / 'metrics.json')}")
     logger.info(f"report: {path_text(report)}")
+    if config.tracking is not None:
+        tracking.track_run(config.tracking, out, config.model_dump(mode="json"), metrics)
     return RunOutcome(metrics, skipped, out / SKIP_LIST)
 
 
