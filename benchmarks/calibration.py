@@ -3,10 +3,12 @@
     python benchmarks/calibration.py --cache /work/shared-cache [--sets flowers12 dtd10 intel6]
 
 For each set (`../shared/data/<set>`, its official train/test split) and each of EfficientNet-Lite0/1/2
-(features from `--cache`, extracted there beforehand or now): logistic regression on each; SVM and kNN
-on Lite0; the PCA fusion of the three; each with calibration none, sigmoid, isotonic and temperature
-(fitted on folds of the training split only). A head's setting (C, gamma, k) is chosen by its default
-grid without calibration, then fixed for the other methods. Scores on the test
+(features from `--cache`, extracted there beforehand or now): logistic regression (C=0.1) on each; kNN
+(k=10) on Lite0; the PCA fusion of the three (C=0.1); each with calibration none, sigmoid, isotonic and
+temperature (fitted on folds of the training split only). The settings are fixed (the values the default
+grids choose most often on flowers12) so that the methods differ only in their calibration, and so that
+the script runs on a loaded 2-core machine; the SVM is left out for the same reason (its Platt scaling
+nested in a calibration costs 36 SVM fits per head). Scores on the test
 split: accuracy, ECE (15 bins) and log-loss. The summary is the mean over every (set, backbone, head),
 and how often each method had the lowest log-loss.
 """
@@ -40,22 +42,19 @@ def load(data: Path, cache: str) -> dict:
     return sets
 
 
-def score(name: str, head_type: str, sources: list[str], sets: dict) -> list[dict]:
-    """The head with each method. Its setting (C, gamma, k) is chosen once, by the default grid's CV
-    without calibration, and then fixed: the methods differ only in their calibration."""
+def score(name: str, head_type: str, sources: list[str], settings: dict, sets: dict) -> list[dict]:
+    """The head with each method, its setting fixed."""
     (train, y_train), (test, y_test) = sets["train"], sets["test"]
     X_train, X_test = (np.hstack([block[s] for s in sources]) for block in (train, test))
     dims = [train[s].shape[1] for s in sources]
-    options = {**HEAD_OPTIONS[head_type], "calibration": "none"}
     rows = []
     for method in CALIBRATIONS:
         started = time.perf_counter()
-        fitted = fit_head(HeadSpec(name, head_type, sources, {**options, "calibration": method}), X_train, y_train,
-                          dims)
+        options = {**HEAD_OPTIONS[head_type], **settings, "calibration": method}
+        fitted = fit_head(HeadSpec(name, head_type, sources, options), X_train, y_train, dims)
         proba = fitted.pipeline.predict_proba(X_test)
-        options.update({key.removeprefix("clf__"): value for key, value in fitted.best_params.items()})
-        rows.append({"head": name, "calibration": method, "params": {k: str(v) for k, v in fitted.best_params.items()},
-                     "accuracy": round(float((proba.argmax(1) == y_test).mean()), 4),
+        accuracy = round(float((proba.argmax(1) == y_test).mean()), 4)
+        rows.append({"head": name, "calibration": method, "accuracy": accuracy,
                      **calibration_scores(y_test, proba), "seconds": round(time.perf_counter() - started, 2)})
     return rows
 
@@ -70,16 +69,18 @@ def main() -> None:
     rows = []
     for name in args.sets:
         sets = load(Path(args.data) / name, args.cache)
-        heads = [*[(f"logreg {b[-5:]}", "logistic_regression", [b]) for b in LITES],
-                 ("knn lite0", "knn", LITES[:1]), ("svm lite0", "svm", LITES[:1]),
-                 ("fusion lite0+1+2", "pca_fusion", LITES)]
-        for head, head_type, sources in heads:
-            for row in score(head, head_type, sources, sets):
+        heads = [*[(f"logreg {b[-5:]}", "logistic_regression", [b], {"C": 0.1}) for b in LITES],
+                 ("knn lite0", "knn", LITES[:1], {"n_neighbors": 10}),
+                 ("fusion lite0+1+2", "pca_fusion", LITES, {"C": 0.1})]
+        for head, head_type, sources, settings in heads:
+            for row in score(head, head_type, sources, settings, sets):
                 row = {"set": name, **row}
                 rows.append(row)
                 print(f"{name:<10} {head:<17} {row['calibration']:<12} acc {row['accuracy']:.2%}  "
                       f"ECE {row['ece']:.4f}  "
                       f"log-loss {row['log_loss']:.4f}  {row['seconds']:6.1f} s", flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))  # so far
     summary = {}
     groups = {(r["set"], r["head"]) for r in rows}
     for method in CALIBRATIONS:
@@ -92,7 +93,6 @@ def main() -> None:
     for method, s in summary.items():
         print(f"{method:<12} acc {s['accuracy']:.2%}  ECE {s['ece']:.4f}  log-loss {s['log_loss']:.4f}  "
               f"fit {s['seconds']:.1f} s  lowest log-loss in {s['lowest_log_loss']}/{len(groups)}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
 
 
