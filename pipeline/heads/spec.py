@@ -13,7 +13,7 @@ from pydantic import Discriminator, Field, PositiveInt
 
 from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.schema import NonNegativeFinite, PositiveFinite, SafeName, Section, option
-from pipeline.heads.trust_options import TrustOptions, WeightedOptions
+from pipeline.heads.trust_options import CALIBRATIONS, TrustOptions, WeightedOptions, calibration_option
 
 T = TypeVar("T")
 # The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
@@ -56,6 +56,8 @@ class SvmHead(WeightedOptions, TrustOptions, HeadOptions):
     """A support-vector machine, with probabilities by Platt scaling on out-of-fold decisions."""
 
     type: Literal["svm"]
+    # Platt scaling already calibrates an SVM; another calibration on top costs six times the fits, unmeasured
+    calibration: Literal[CALIBRATIONS] = calibration_option("none")  # type: ignore[valid-type]
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
     kernel: Literal["linear", "rbf"] = option("rbf", accepts="linear or rbf", about="the SVM's kernel")
     C: PositiveFinite | Grid[PositiveFinite] = option(

@@ -7,7 +7,7 @@ No scikit-learn here (the command line reads these models when it builds its par
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -40,13 +40,16 @@ class RejectOptions(Section):
         return self
 
 
+def calibration_option(default: str) -> Any:
+    return option(default, accepts=one_of(CALIBRATIONS),
+                  about="recalibrate the probabilities on cross-validated predictions of the training folder: "
+                        "Platt (sigmoid), isotonic regression, one temperature for all classes, or none")
+
+
 class TrustOptions(Section):
     """Calibration, reject and the two-class threshold: for every head fitted on labelled features."""
 
-    calibration: Literal[CALIBRATIONS] = option(  # type: ignore[valid-type]
-        DEFAULT_CALIBRATION, accepts=one_of(CALIBRATIONS),
-        about="recalibrate the probabilities on cross-validated predictions of the training folder: Platt "
-              "(sigmoid), isotonic regression, one temperature for all classes, or none")
+    calibration: Literal[CALIBRATIONS] = calibration_option(DEFAULT_CALIBRATION)  # type: ignore[valid-type]
     reject: RejectOptions | None = option(
         None, accepts="{threshold: P} or {coverage: C}, each between 0 and 1",
         about=f"answer {UNKNOWN!r} (with the top class and probability beside it) below a top probability")
