@@ -81,7 +81,8 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
         _figure(reliability_figure({name: (r.proba, r.before, r.fitted.calibration) for name, r in results.items()},
                                    y_test, out / "reliability.png"),
                 "Reliability on the test split: accuracy against the top probability, per head, before (grey) and "
-                "after its calibration; on the diagonal a probability means what it says."),
+                "after its calibration; on the diagonal a probability means what it says. Marker area: images in the "
+                "bin (a bin of one or two images swings between 0 and 1)."),
         _figure(coverage_figure({name: (r.proba, r.fitted.decision.reject_threshold) for name, r in results.items()},
                                 y_test, out / "coverage.png"),
                 "Accuracy-coverage on the test split: each head answering only its most confident images; a diamond "
