@@ -94,12 +94,14 @@ def test_a_saved_head_answers_unknown_below_its_threshold_in_predict(trusted_run
     threshold = (top.min() + top.max()) / 2  # the tiny backbone is sure of most images: a threshold between
     assert top.min() < threshold < top.max()  # the least sure (an image of no class) and the surest
     result.bundle.decision.reject_threshold = threshold
+    answers = result.bundle.decide(result.proba).answers(result.bundle.classes)  # what a server calls
     out = write_predictions(result, root / "predicted.csv")
     with open(out) as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:5] == ["path", "image_id", "predicted_class", "top_class", "top_probability"]
     unknown = [r for r in rows if r["predicted_class"] == "unknown"]
     assert unknown and len(unknown) < len(rows)
+    assert [r["predicted_class"] for r in rows] == answers
     for row in rows:
         top = max(float(row[f"p_class{i}"]) for i in range(3))
         assert (row["predicted_class"] == "unknown") == (top < threshold)

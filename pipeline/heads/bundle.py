@@ -32,7 +32,7 @@ from pipeline.core.errors import BackboneError, PipelineError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.io import atomic_write
 from pipeline.features.sources import SourceMeta
-from pipeline.heads.decision import DecisionRule
+from pipeline.heads.decision import DecisionRule, Decisions, decide
 from pipeline.heads.spec import HeadSpec
 from pipeline.models.registry import get_spec
 
@@ -135,6 +135,11 @@ class HeadBundle(BaseModel):
                    decision=fitted.decision,
                    metrics=HeadMetrics(**scores, cv_accuracy=fitted.cv_accuracy, best_params=fitted.best_params,
                                        fit_seconds=fitted.fit_seconds))
+
+    def decide(self, proba: Any) -> Decisions:
+        """The head's answers for probabilities of its classes (`predict_proba` of its Pipeline): the class,
+        or unknown below its reject threshold (`pipeline.heads.decision`); what a server calls."""
+        return decide(self.decision, proba)
 
     def metadata(self) -> dict:
         """Everything but the Pipeline, as JSON values, with the format: `head.json`."""

@@ -3,7 +3,7 @@ tuned threshold, or `unknown` when the top probability is below the head's rejec
 top class and its probability still given beside it).
 
 `decide` is the one place that makes this decision; `pipeline run`, `predict`, `batch` and a server
-(`decide(bundle.decision, bundle.classes, proba)`) all call it.
+(`HeadBundle.decide(proba)` on a loaded head) all call it.
 """
 
 from __future__ import annotations
