@@ -69,7 +69,8 @@ def test_a_grid_or_a_single_value(tmp_path):
     path.write_text("heads:\n  - {name: a, type: logistic_regression, C: 1}\n"
                     "  - {name: b, type: svm, gamma: [scale]}\n")
     a, b = RunConfig.load(path).heads
-    assert a.options() == {"C": 1.0} and b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
+    assert a.options()["C"] == 1.0 and b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
+    assert (a.options()["calibration"], b.options()["calibration"]) == ("temperature", "none")  # the SVM has Platt
 
 
 def test_command_line_defaults_come_from_the_options_dataclasses():
