@@ -12,6 +12,7 @@ from pipeline.app.config import RunConfig
 from pipeline.cli.main import build_parser, main
 from pipeline.core.hashing import file_sha256
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
+from pipeline.heads.spec import HEAD_OPTIONS
 from pipeline.tuning.options import CompareOptions, FinetuneOptions
 
 from .conftest import config_error
@@ -71,6 +72,7 @@ def test_a_grid_or_a_single_value(tmp_path):
     a, b = RunConfig.load(path).heads
     assert a.options()["C"] == 1.0 and b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
     assert (a.options()["calibration"], b.options()["calibration"]) == ("temperature", "none")  # the SVM has Platt
+    assert (HEAD_OPTIONS["knn"]["calibration"], HEAD_OPTIONS["pca_fusion"]["calibration"]) == ("sigmoid", "temperature")
 
 
 def test_command_line_defaults_come_from_the_options_dataclasses():
