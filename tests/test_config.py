@@ -12,6 +12,7 @@ from pipeline.app.config import RunConfig
 from pipeline.cli.main import build_parser, main
 from pipeline.core.hashing import file_sha256
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
+from pipeline.heads.spec import HEAD_OPTIONS
 from pipeline.tuning.options import CompareOptions, FinetuneOptions
 
 from .conftest import config_error
@@ -69,7 +70,9 @@ def test_a_grid_or_a_single_value(tmp_path):
     path.write_text("heads:\n  - {name: a, type: logistic_regression, C: 1}\n"
                     "  - {name: b, type: svm, gamma: [scale]}\n")
     a, b = RunConfig.load(path).heads
-    assert a.options() == {"C": 1.0} and b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
+    assert a.options()["C"] == 1.0 and b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
+    assert (a.options()["calibration"], b.options()["calibration"]) == ("temperature", "none")  # the SVM has Platt
+    assert (HEAD_OPTIONS["knn"]["calibration"], HEAD_OPTIONS["pca_fusion"]["calibration"]) == ("sigmoid", "temperature")
 
 
 def test_command_line_defaults_come_from_the_options_dataclasses():
@@ -114,7 +117,9 @@ def test_a_head_saved_as_a_plain_dict_by_an_earlier_version_still_loads_when_tru
         load_bundle(path)
     bundle = load_bundle(path, trust_pickle=True)
     assert isinstance(bundle, HeadBundle) and bundle.head.options == {"C": 1.0} and bundle.sources[0].weights is None
-    assert bundle.to_disk() == joblib.load(path) | {"sources": [{**source, "weights": None, "runtime": "torch"}]}
+    no_rule = {"binary_threshold": None, "reject_threshold": None, "reject_coverage": None}  # none was saved then
+    assert bundle.to_disk() == joblib.load(path) | {"sources": [{**source, "weights": None, "runtime": "torch"}],
+                                                    "decision": no_rule}
 
 
 def test_every_batch_log_line_has_every_key():

@@ -22,6 +22,7 @@ from pipeline.core.errors import OutputError
 from pipeline.core.io import write_json_atomic
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
+from pipeline.heads.decision import DecisionRule
 from pipeline.heads.predict import write_predictions
 
 from .conftest import TINY, make_folder
@@ -197,7 +198,8 @@ def test_full_disk_in_run_is_one_line_and_keeps_the_previous_outputs(tmp_path, c
 
 
 def test_full_disk_in_predict_keeps_the_previous_csv(tmp_path, full_disk):
-    result = SimpleNamespace(bundle=SimpleNamespace(classes=["a", "b"]), rows=lambda: [["x.jpg", "id", "a", "1", "0"]])
+    bundle = SimpleNamespace(classes=["a", "b"], decision=DecisionRule())
+    result = SimpleNamespace(bundle=bundle, rows=lambda: [["x.jpg", "id", "a", "1", "0"]])
     out = tmp_path / "predictions.csv"
     out.write_text("the previous predictions\n")
     with pytest.raises(OutputError, match=f"^cannot write {re.escape(str(out))}: {NO_SPACE}$"):

@@ -24,6 +24,7 @@ from pipeline.cli.main import main
 from pipeline.core.hashing import file_sha256
 from pipeline.features.sources import SourceMeta
 from pipeline.heads.bundle import (
+    LEGACY_TYPES,
     SCALARS_NOT_SEEN,
     TRUSTED_TYPES,
     BundleError,
@@ -256,7 +257,10 @@ def _fitted_pipelines() -> dict[str, object]:
         cases = [("logistic_regression", {}), ("logistic_regression", {"C": 1.0}), ("svm", {}),
                  ("svm", {"kernel": "linear", "C": 1.0}), ("knn", {}), ("knn", {"n_neighbors": 3}),
                  ("pca_fusion", {"components": 4, "variance_threshold": 0.0, "select_k": 3}),
-                 ("pca_fusion", {"components": 4, "order": "concat_then_pca", "C": 1.0})]
+                 ("pca_fusion", {"components": 4, "order": "concat_then_pca", "C": 1.0}),
+                 ("logistic_regression", {"C": 1.0, "calibration": "isotonic", "class_weight": "balanced"}),
+                 ("knn", {"n_neighbors": 3, "calibration": "sigmoid"}), ("svm", {"C": 1.0, "calibration": "none"}),
+                 ("logistic_regression", {"C": 1.0, "calibration": "none"})]
         for i, (head_type, options) in enumerate(cases):
             spec = HeadSpec("h", head_type, ["a", "b"], {**HEAD_OPTIONS[head_type], **options})
             with warnings.catch_warnings():
@@ -284,7 +288,7 @@ def test_every_head_saves_loads_and_predicts_the_same_and_the_trusted_list_is_ex
         np.testing.assert_array_equal(load_bundle(path).pipeline.predict_proba(X), pipeline.predict_proba(X),
                                       err_msg=name)
     assert used <= TRUSTED_TYPES
-    assert TRUSTED_TYPES - used == set(SCALARS_NOT_SEEN)
+    assert TRUSTED_TYPES - used == {*SCALARS_NOT_SEEN, *LEGACY_TYPES}
 
 
 def test_a_head_with_a_type_outside_the_list_is_not_saved(tmp_path):

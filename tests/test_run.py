@@ -132,13 +132,17 @@ def test_run_on_a_small_real_set(tmp_path):
 def test_run_past_the_memory_budget_fits_out_of_core(tmp_path, caplog):
     train = make_folder(tmp_path / "train", classes=3, per_class=70)  # 210 x 2048 floats: 1.7 MB
     test = make_folder(tmp_path / "test", classes=3, per_class=3, start_seed=1000)
-    heads = ("heads:\n  - {name: sgd, type: logistic_regression, C: [1.0]}\n"
+    heads = ("heads:\n  - {name: sgd, type: logistic_regression, C: [1.0], reject: {threshold: 0.5}}\n"
              f"  - {{name: fusion, type: pca_fusion, sources: [{TINY_WIDE}, '{TINY_WIDE}:stage1'], components: 8}}\n")
     with caplog.at_level(logging.INFO, logger="pipeline"):
         metrics = run(_config(tmp_path, train, test, heads=heads, extra="memory_budget_mb: 1\n", backbone=TINY_WIDE),
                       progress=False)
     assert caplog.text.count("fitting out of core") == 2
     assert metrics["heads"]["sgd"]["best_params"]["out_of_core"] and metrics["heads"]["sgd"]["accuracy"] >= 0.8
+    # a given reject threshold holds out of core; the default calibration needs the rows in memory: said, not done
+    assert metrics["heads"]["sgd"]["reject"]["threshold"] == 0.5
+    assert metrics["heads"]["sgd"]["calibration"]["method"] == "none"
+    assert caplog.text.count("fitted out of core without calibration") == 2
 
 
 def test_test_split_with_fewer_classes_and_a_corrupt_file(tmp_path):
@@ -162,8 +166,8 @@ def test_a_class_with_one_image_needs_a_single_setting(tmp_path):
     with pytest.raises(ConfigError, match="class2 has 1"):
         run(_config(tmp_path, train, train, heads="heads:\n  - {name: lr, type: logistic_regression}\n"),
             progress=False)
-    metrics = run(_config(tmp_path, train, train, heads="heads:\n  - {name: lr, type: logistic_regression, C: 1.0}\n"),
-                  progress=False)
+    single = "heads:\n  - {name: lr, type: logistic_regression, C: 1.0, calibration: none}\n"
+    metrics = run(_config(tmp_path, train, train, heads=single), progress=False)
     assert metrics["heads"]["lr"]["cv_accuracy"] is None
 
 

@@ -53,7 +53,7 @@ from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
 from pipeline.features.settings import ComputeSettings
 from pipeline.heads.bundle import HeadBundle, PickleRefused, load_bundle
-from pipeline.heads.predict import feature_options, predict_with
+from pipeline.heads.predict import feature_options, predict_with, prediction_columns
 from pipeline.heads.spec import HEAD_SUFFIX, OLD_HEAD_SUFFIX
 from pipeline.images.data import Dataset
 
@@ -198,8 +198,7 @@ def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], co
     try:
         with writing(final, WRITE_ERRNOS), open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["run_id", "head", "head_sha256", "path", "image_id", "predicted_class",
-                             *[f"p_{c}" for c in head.bundle.classes]])
+            writer.writerow(["run_id", "head", "head_sha256", *prediction_columns(head.bundle)])
             for start in range(0, len(pending), config.chunk_size):
                 chunk = pending[start:start + config.chunk_size]
                 data = Dataset([Path(path) for _i, path in chunk], np.full(len(chunk), -1), [], [],

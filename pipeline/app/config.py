@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 
+from pipeline.app.tracking import TrackingSection, tracking_shorthand
 from pipeline.core.configfile import ConfigFile, existing, from_config_folder, near_config
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.names import DEFAULT_BACKBONE
@@ -175,6 +176,10 @@ class RunConfig(ConfigFile):
                                               about="fine-tune a backbone after the heads (keys below)")
     compare: CompareSection | None = option(None, accepts="a mapping of transfer-vs-scratch settings",
                                             about="compare transfer with training from scratch (keys below)")
+    tracking: Annotated[TrackingSection | None, BeforeValidator(tracking_shorthand,
+                                                                json_schema_input_type=str | dict | None)] = option(
+        None, accepts="mlflow, or a mapping of tracking settings",
+        about="record the run (config, metrics, figures, heads) in MLflow (keys below)")
 
 
 def extract_settings(config_path: str | os.PathLike | None, data: str | os.PathLike | None,

@@ -15,12 +15,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
-from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline.app import tracking
 from pipeline.app.config import (
     RunConfig,
     auto_candidates,
@@ -28,6 +26,7 @@ from pipeline.app.config import (
     finetune_options,
     head_specs,
 )
+from pipeline.app.scoring import HeadResult, HeadScores, Record, head_scores, score_head
 from pipeline.app.skiplist import write_skip_list
 from pipeline.app.stage3 import run_compare, run_finetune
 from pipeline.core.errors import ConfigError
@@ -37,6 +36,8 @@ from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
 from pipeline.features.sources import feature_set, matrix, source_meta
 from pipeline.heads.bundle import HeadBundle, save_bundle
+from pipeline.heads.calibration import uncalibrated
+from pipeline.heads.decision import DecisionRule, answer_cells, answer_columns
 from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.heads.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
 from pipeline.heads.rank import RankRow, rank, table
@@ -48,21 +49,7 @@ from pipeline.tuning.finetune import FinetuneOptions
 logger = logging.getLogger(__name__)
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class HeadScores(_Record):
-    accuracy: float  # on the test split
-    macro_f1: float
-    fit_seconds: float
-    cv_accuracy: float | None  # None: a single setting, fitted without cross-validation
-    best_params: dict[str, Any]
-    type: str
-    sources: list[str]  # BACKBONE:LAYER
-
-
-class ExtractTotals(_Record):
+class ExtractTotals(Record):
     """Images of both splits: those whose features were computed, reused from the cache, skipped."""
 
     images: int
@@ -72,7 +59,7 @@ class ExtractTotals(_Record):
     seconds: float
 
 
-class FinetuneScores(_Record):
+class FinetuneScores(Record):
     accuracy: float
     macro_f1: float
     seconds: float
@@ -82,7 +69,7 @@ class FinetuneScores(_Record):
     kept: str  # fine-tuned | probe (no epoch beat it on the held-out part) | initial
 
 
-class CompareRow(_Record):
+class CompareRow(Record):
     """One method at one k: means over the seeds."""
 
     method: str
@@ -94,13 +81,13 @@ class CompareRow(_Record):
     seeds: int
 
 
-class CompareTotals(_Record):
+class CompareTotals(Record):
     summary: list[CompareRow]
     extract_seconds: float
     results: str  # compare/compare.json, relative to output_dir
 
 
-class RunMetrics(_Record):
+class RunMetrics(Record):
     """metrics.json, the contract other tools read; `rank`, `finetune` and `compare` are there only when
     the run did them (backbones: auto, a finetune: section, a compare: section)."""
 
@@ -115,15 +102,6 @@ class RunMetrics(_Record):
     def to_json(self) -> dict:
         return self.model_dump(mode="json", exclude={k for k in ("rank", "finetune", "compare")
                                                     if getattr(self, k) is None})
-
-
-@dataclass
-class HeadResult:
-    fitted: FittedHead
-    accuracy: float
-    macro_f1: float
-    predicted: np.ndarray
-    proba: np.ndarray
 
 
 def _labelled_splits(config: RunConfig) -> dict[str, Dataset]:
@@ -221,6 +199,8 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     so the list never describes an earlier one)."""
     config = config or RunConfig.load(config_path)
     specs = head_specs(config)  # validated before any work starts
+    if config.tracking is not None and not tracking.installed():
+        raise config.error(("tracking",), tracking.MISSING)
     if not config.output_dir:
         raise config.error((), "'output_dir' is required")
     splits = _labelled_splits(config)
@@ -264,31 +244,32 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     for spec in specs:
         train_sources = [feature_set(train_sets, s).features for s in spec.sources]
         test_sources = [feature_set(test_sets, s).features for s in spec.sources]
+        before = None
         if matrix_bytes(train_sources) > budget:
             logger.info(f"{spec.name}: training features exceed memory_budget_mb={config.memory_budget_mb}; "
                         "fitting out of core, block by block")
-            fitted = fit_incremental(spec, train_sources, y_train)
+            fitted = _out_of_core_rule(fit_incremental(spec, train_sources, y_train))
             proba = predict_proba_blocks(fitted.pipeline, test_sources)
         else:
             X_train, dims = matrix(train_sets, spec.sources)
             fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"], class_names=classes)
-            proba = fitted.pipeline.predict_proba(matrix(test_sets, spec.sources)[0])
-        predicted = fitted.pipeline.classes_[proba.argmax(1)]
-        result = HeadResult(fitted, float(accuracy_score(y_test, predicted)),
-                            float(f1_score(y_test, predicted, average="macro")), predicted, proba)
+            X_test = matrix(test_sets, spec.sources)[0]
+            proba = fitted.pipeline.predict_proba(X_test)
+            plain = uncalibrated(fitted.pipeline, fitted.calibration)
+            before = None if plain is None else plain.predict_proba(X_test)
+        result = score_head(fitted, proba, before, y_test)
         results[spec.name] = result
         sources = source_meta(train_sets, spec.sources, cache_dir, features["weights"])
         save_bundle(out / "heads" / f"{spec.name}{HEAD_SUFFIX}",
-                    HeadBundle.of(fitted, classes, sources, accuracy=result.accuracy, macro_f1=result.macro_f1))
+                    HeadBundle.of(fitted, classes, sources, accuracy=result.accuracy, macro_f1=result.macro_f1,
+                                  balanced_accuracy=result.balanced_accuracy))
         logger.info(f"{spec.name} ({spec.type} on {' + '.join(spec.sources)}): test accuracy {result.accuracy:.1%}, "
-                    f"macro-F1 {result.macro_f1:.3f}, fit {fitted.fit_seconds:.1f} s")
+                    f"macro-F1 {result.macro_f1:.3f}, balanced accuracy {result.balanced_accuracy:.1%}, "
+                    f"fit {fitted.fit_seconds:.1f} s")
 
     best = max(results, key=lambda name: (results[name].accuracy, results[name].macro_f1))
     metrics = RunMetrics(
-        heads={name: HeadScores(accuracy=r.accuracy, macro_f1=r.macro_f1, fit_seconds=round(r.fitted.fit_seconds, 3),
-                                cv_accuracy=r.fitted.cv_accuracy, best_params=r.fitted.best_params,
-                                type=r.fitted.spec.type, sources=r.fitted.spec.sources)
-               for name, r in results.items()},
+        heads={name: head_scores(r, y_test) for name, r in results.items()},
         best_head=best, extract=_sum_reports(list(reports.values())), classes=classes, rank=ranking or None,
         finetune=_finetune(stage3, progress) if stage3 is not None else None,
         compare=_compare(comparison, progress) if comparison is not None else None).to_json()
@@ -300,7 +281,25 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     report = write_report(out, metrics, results, best, test_first, y_test, classes)
     logger.info(f"best head: {best} ({results[best].accuracy:.1%}); metrics: {path_text(out / 'metrics.json')}")
     logger.info(f"report: {path_text(report)}")
+    if config.tracking is not None:
+        tracking.track_run(config.tracking, out, config.model_dump(mode="json"), metrics)
     return RunOutcome(metrics, skipped, out / SKIP_LIST)
+
+
+def _out_of_core_rule(fitted: FittedHead) -> FittedHead:
+    """An out-of-core head keeps a given reject threshold; what needs folds of the training rows in memory
+    (calibration, a reject coverage, a tuned threshold, class weights) is not done, and the log says so."""
+    opts = fitted.spec.options
+    reject = opts.get("reject") or {}
+    skipped = [name for name, wanted in (("calibration", opts.get("calibration", "none") != "none"),
+                                         ("reject coverage", reject.get("coverage") is not None),
+                                         ("tune_threshold", bool(opts.get("tune_threshold"))),
+                                         ("class_weight", opts.get("class_weight") is not None)) if wanted]
+    if skipped:
+        logger.warning(f"{fitted.spec.name}: fitted out of core without {', '.join(skipped)} (each needs the "
+                       "training features in memory; raise memory_budget_mb to have them)")
+    fitted.decision = DecisionRule(reject_threshold=reject.get("threshold"))
+    return fitted
 
 
 def _finetune(options: FinetuneOptions, progress: bool) -> FinetuneScores:
@@ -323,11 +322,12 @@ def _compare(options: CompareOptions, progress: bool) -> CompareTotals:
 
 def _write_predictions(path: Path, test: FeatureSet, y_test: np.ndarray, classes: list[str], head: str,
                        result: HeadResult) -> None:
+    rule = result.fitted.decision
+    answers = answer_cells(rule, result.decisions, classes)
     with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "image_id", "true_class", "predicted_class", "head",
+        writer.writerow(["path", "image_id", "true_class", *answer_columns(rule), "head",
                          *[f"p_{c}" for c in classes]])
         for i, (p, image_id) in enumerate(zip(test.paths, test.image_ids, strict=True)):
-            writer.writerow([path_text(p), image_id, classes[y_test[i]], classes[result.predicted[i]], head,
+            writer.writerow([path_text(p), image_id, classes[y_test[i]], *answers[i], head,
                              *[f"{v:.6f}" for v in result.proba[i]]])
-

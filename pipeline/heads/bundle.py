@@ -32,6 +32,7 @@ from pipeline.core.errors import BackboneError, PipelineError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.io import atomic_write
 from pipeline.features.sources import SourceMeta
+from pipeline.heads.decision import DecisionRule, Decisions, decide
 from pipeline.heads.spec import HeadSpec
 from pipeline.models.registry import get_spec
 
@@ -47,6 +48,8 @@ METADATA = "head.json"  # the archive member with everything but the Pipeline
 # against every head the tests fit). skops's own default list trusts every scikit-learn estimator; this
 # one is narrower on purpose. A new head type that needs another type fails at save time, naming it.
 SCALARS_NOT_SEEN = ("numpy.int32", "numpy.int64", "numpy.bool")
+# In heads saved before calibration came (an SVM's Platt folds); heads fitted now use StratifiedFolds.
+LEGACY_TYPES = ("sklearn.model_selection._split.StratifiedKFold",)
 TRUSTED_TYPES: frozenset[str] = frozenset({
     # containers of the JSON description; skops records every JSON primitive as builtins.str
     "builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.slice",
@@ -59,8 +62,7 @@ TRUSTED_TYPES: frozenset[str] = frozenset({
     "sklearn.linear_model._logistic.LogisticRegression",
     # svm: the SVC calibrated by Platt scaling on the folds of a StratifiedKFold
     "sklearn.svm._classes.SVC", "sklearn.calibration.CalibratedClassifierCV",
-    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration", *LEGACY_TYPES,
     # knn
     "sklearn.neighbors._classification.KNeighborsClassifier",
     # pca_fusion
@@ -68,6 +70,9 @@ TRUSTED_TYPES: frozenset[str] = frozenset({
     "sklearn.feature_selection._variance_threshold.VarianceThreshold",
     "sklearn.feature_selection._univariate_selection.SelectKBest",
     "sklearn.feature_selection._univariate_selection.f_classif",
+    # calibration (pipeline.heads.calibration): Platt and isotonic by scikit-learn, temperature ours
+    "sklearn.isotonic.IsotonicRegression", "pipeline.heads.calibration.TemperatureScaling",
+    "pipeline.heads.calibration.StratifiedFolds",  # the folds a calibration was fitted on
     # out-of-core heads (pipeline.heads.outofcore): SGD with log-loss, incremental PCA
     "sklearn.linear_model._stochastic_gradient.SGDClassifier", "sklearn._loss._loss.CyHalfBinomialLoss",
     "sklearn.decomposition._incremental_pca.IncrementalPCA", "pipeline.heads.outofcore.FusedIncrementalPCA",
@@ -99,6 +104,7 @@ class HeadMetrics(BaseModel):
 
     accuracy: float | None = None
     macro_f1: float | None = None
+    balanced_accuracy: float | None = None
     cv_accuracy: float | None  # None: a single setting, fitted without cross-validation
     best_params: dict[str, Any]
     fit_seconds: float
@@ -118,19 +124,26 @@ class HeadBundle(BaseModel):
     head: HeadSpec
     sources: list[SourceMeta]
     metrics: HeadMetrics
+    decision: DecisionRule = Field(default_factory=DecisionRule)  # absent from heads saved before it existed
     versions: dict[str, str] = Field(default_factory=lambda: _versions())
 
     @classmethod
     def of(cls, fitted: FittedHead, classes: list[str], sources: list[SourceMeta], **scores: float) -> HeadBundle:
-        """A fitted head's bundle; `scores` (test accuracy and macro-F1, where there is a test split) join
-        its cross-validation metrics."""
+        """A fitted head's bundle; `scores` (test accuracy, macro-F1 and balanced accuracy, where there is a
+        test split) join its cross-validation metrics."""
         return cls(pipeline=fitted.pipeline, classes=classes, head=fitted.spec, sources=sources,
+                   decision=fitted.decision,
                    metrics=HeadMetrics(**scores, cv_accuracy=fitted.cv_accuracy, best_params=fitted.best_params,
                                        fit_seconds=fitted.fit_seconds))
 
+    def decide(self, proba: Any) -> Decisions:
+        """The head's answers for probabilities of its classes (`predict_proba` of its Pipeline): the class,
+        or unknown below its reject threshold (`pipeline.heads.decision`); what a server calls."""
+        return decide(self.decision, proba)
+
     def metadata(self) -> dict:
         """Everything but the Pipeline, as JSON values, with the format: `head.json`."""
-        unscored = {key for key in ("accuracy", "macro_f1") if getattr(self.metrics, key) is None}
+        unscored = {key for key in ("accuracy", "macro_f1", "balanced_accuracy") if getattr(self.metrics, key) is None}
         return {"format": FORMAT, **self.model_dump(mode="json", exclude={"pipeline": True, "metrics": unscored})}
 
     def to_disk(self) -> dict:

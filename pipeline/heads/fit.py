@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectKBest, VarianceThreshold, f_classif
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, TunedThresholdClassifierCV, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from pipeline.core.errors import ConfigError, first_line
+from pipeline.heads.calibration import StratifiedFolds, calibrated
+from pipeline.heads.decision import DecisionRule
 from pipeline.heads.spec import HEAD_TYPES, HeadSpec
+from pipeline.heads.trust_options import UNKNOWN
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedKFold:
+def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedFolds:
     """Five folds, fewer when a class has fewer than five training images."""
     counts = np.bincount(labels)
     present = counts[counts > 0]
@@ -42,11 +46,12 @@ def _cv(labels: np.ndarray, class_names: list[str] | None = None) -> StratifiedK
         names = class_names or [str(i) for i in range(len(counts))]
         few = [names[i] for i, c in enumerate(counts) if 0 < c < 2]
         raise ConfigError(f"cross-validation needs at least 2 training images in every class ({', '.join(few)} "
-                          "has 1): add images, or give the head a single setting (e.g. C: 1.0) to skip CV")
-    return StratifiedKFold(n_splits=min(5, int(present.min())), shuffle=True, random_state=0)
+                          "has 1): add images, or skip it: give the head a single setting (e.g. C: 1.0) and "
+                          "calibration: none (and no reject coverage, no tune_threshold)")
+    return StratifiedFolds(folds=min(5, int(present.min())), random_state=0)
 
 
-def _smallest_fold(cv: StratifiedKFold | None, labels: np.ndarray) -> int:
+def _smallest_fold(cv: StratifiedFolds | None, labels: np.ndarray) -> int:
     """Rows in the smallest training fold: the most a PCA or a kNN can count on while it is tuned."""
     if cv is None:
         return len(labels)
@@ -99,6 +104,13 @@ def _check_grid(spec: HeadSpec, grid: dict[str, list], rows: int, folds: bool, w
 
 def build_head(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, dict[str, list]]:
     """The unfitted Pipeline and its grid; `rows` is the fewest training rows it will be fitted on."""
+    pipe, grid = _build(spec, dims, rows)
+    if spec.options.get("class_weight") is not None:
+        pipe.set_params(clf__class_weight=spec.options["class_weight"])
+    return pipe, grid
+
+
+def _build(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, dict[str, list]]:
     opts = spec.options
     if spec.type == "logistic_regression":
         pipe = Pipeline([("scale", StandardScaler()), ("clf", logistic_regression())])
@@ -124,19 +136,80 @@ class FittedHead:
     best_params: dict
     cv_accuracy: float | None  # None when there was nothing to choose, hence no cross-validation
     fit_seconds: float
+    decision: DecisionRule = field(default_factory=DecisionRule)
+    calibration: str = "none"  # the method applied (out-of-core heads have none)
+
+
+def _needs_cv(spec: HeadSpec, single: bool) -> bool:
+    """Whether anything is fitted on folds: a grid to search, an SVM's Platt scaling, a calibration,
+    a coverage turned into a threshold, a tuned two-class threshold."""
+    opts = spec.options
+    reject = opts.get("reject") or {}
+    return (not single or spec.type == "svm" or opts.get("calibration", "none") != "none"
+            or reject.get("coverage") is not None or bool(opts.get("tune_threshold")))
+
+
+def _check_trust(spec: HeadSpec, y: np.ndarray, class_names: list[str] | None) -> None:
+    """Refuse what the head's options cannot do with these classes."""
+    names = class_names or []
+    if spec.options.get("reject") and UNKNOWN in names:
+        raise ConfigError(f"head {spec.name!r}: a class folder is named {UNKNOWN!r}, the answer a head with reject "
+                          "gives below its threshold: rename the folder")
+    classes = len(np.unique(y))
+    if spec.options.get("tune_threshold") and classes != 2:
+        raise ConfigError(f"head {spec.name!r}: tune_threshold is for two-class heads, and the training folder has "
+                          f"{classes} classes: remove it")
+
+
+def _final(spec: HeadSpec, pipeline: Pipeline, cv: StratifiedFolds | None) -> Pipeline:
+    """The chosen setting's unfitted Pipeline with its probabilities: an SVM's by Platt scaling on
+    out-of-fold decisions (sklearn's replacement for the deprecated SVC(probability=True)), then the
+    head's calibration on out-of-fold probabilities."""
+    final = clone(pipeline)
+    name, clf = final.steps[-1]
+    if spec.type == "svm":
+        clf = CalibratedClassifierCV(clf, cv=cv, ensemble=False)
+    final.steps[-1] = (name, calibrated(clf, spec.options.get("calibration", "none"), cv))
+    return final
+
+
+def _decision(spec: HeadSpec, final: Pipeline, X: np.ndarray, y: np.ndarray,
+              cv: StratifiedFolds | None) -> tuple[Pipeline, DecisionRule]:
+    """Fit `final` on every row, with the two-class threshold tuned on its folds (tune_threshold), and
+    turn a reject coverage into a threshold on its out-of-fold top probabilities."""
+    opts = spec.options
+    rule = DecisionRule()
+    if opts.get("tune_threshold"):
+        tuner = TunedThresholdClassifierCV(final, scoring="balanced_accuracy", response_method="predict_proba",
+                                           cv=cv).fit(X, y)
+        fitted, rule.binary_threshold = tuner.estimator_, float(tuner.best_threshold_)
+    else:
+        fitted = final.fit(X, y)
+    reject = opts.get("reject") or {}
+    if reject.get("threshold") is not None:
+        rule.reject_threshold = float(reject["threshold"])
+    elif reject.get("coverage") is not None:
+        top = cross_val_predict(clone(final), X, y, cv=cv, method="predict_proba").max(axis=1)
+        rule.reject_coverage = float(reject["coverage"])
+        # answer the `coverage` most confident share of the training rows, as their held-out folds saw them
+        rule.reject_threshold = float(np.quantile(top, 1 - rule.reject_coverage, method="higher"))
+    return fitted, rule
 
 
 def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], scheduler: str | None = None,
              n_jobs: int | None = None, class_names: list[str] | None = None) -> FittedHead:
-    """Cross-validate, refit the best setting on all training rows; folds go to Dask when `scheduler`.
+    """Cross-validate, then fit the best setting on all training rows with its calibration and decision
+    rule; folds go to Dask when `scheduler`.
 
-    A grid with a single setting leaves nothing to choose, so it is fitted once without CV (its
-    `cv_accuracy` is then None): that is the fast path for a head whose settings are already known."""
+    A grid with a single setting leaves nothing to choose (its `cv_accuracy` is then None); with
+    calibration none and no reject coverage or tuned threshold it is fitted once without any folds:
+    that is the fast path for a head whose settings are already known."""
     started = time.perf_counter()
+    _check_trust(spec, y, class_names)
     _, grid = build_head(spec, dims, len(y))
     _check_grid(spec, grid, len(y), folds=False, warn=False)  # refused when no setting fits the data at all
     single = all(len(values) == 1 for values in grid.values())
-    cv = None if single and spec.type != "svm" else _cv(y, class_names)
+    cv = _cv(y, class_names) if _needs_cv(spec, single) else None
     rows = _smallest_fold(None if single else cv, y)
     pipeline, grid = build_head(spec, dims, rows)
     _check_grid(spec, grid, rows, folds=not single)
@@ -144,11 +217,9 @@ def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], sche
         if single:
             best_params, cv_accuracy = {key: values[0] for key, values in grid.items()}, None
             pipeline.set_params(**best_params)
-            if spec.type != "svm":  # the SVM is fitted by its calibration below
-                pipeline.fit(X, y)
         else:
             search = GridSearchCV(pipeline, grid, cv=cv, n_jobs=n_jobs if scheduler is None else -1,
-                                  scoring="accuracy", error_score="raise")
+                                  scoring="accuracy", error_score="raise", refit=False)
             if scheduler is None:
                 search.fit(X, y)
             else:
@@ -157,13 +228,10 @@ def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], sche
 
                 with Client(scheduler), joblib.parallel_backend("dask"):  # the dask backend uses the default client
                     search.fit(X, y)
-            pipeline, best_params, cv_accuracy = search.best_estimator_, search.best_params_, float(search.best_score_)
-        if spec.type == "svm":
-            # Probabilities for an SVM: Platt scaling on out-of-fold decisions of the chosen setting, then
-            # one SVM on all rows (sklearn's replacement for the deprecated SVC(probability=True)).
-            pipeline = Pipeline([("scale", pipeline.named_steps["scale"]),
-                                 ("clf", CalibratedClassifierCV(pipeline.named_steps["clf"], cv=cv, ensemble=False))])
-            pipeline.fit(X, y)
+            best_params, cv_accuracy = search.best_params_, float(search.best_score_)
+            pipeline.set_params(**best_params)
+        fitted, rule = _decision(spec, _final(spec, pipeline, cv), X, y, cv)
     except ValueError as exc:  # scikit-learn's verdict on this data with these settings
         raise ConfigError(f"head {spec.name!r} cannot be fitted: {first_line(exc)}") from None
-    return FittedHead(spec, pipeline, best_params, cv_accuracy, time.perf_counter() - started)
+    return FittedHead(spec, fitted, best_params, cv_accuracy, time.perf_counter() - started, rule,
+                      spec.options.get("calibration", "none"))

@@ -20,9 +20,15 @@ from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
 from pipeline.features.settings import DEFAULTS
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
+from pipeline.heads.decision import Decisions, answer_cells, answer_columns, decide
 from pipeline.images.data import Dataset
 from pipeline.models.registry import get_spec
 from pipeline.models.weights import file_sha256, resolve_weights
+
+
+def prediction_columns(bundle: HeadBundle) -> list[str]:
+    """The columns of `Predictions.rows` for this head."""
+    return ["path", "image_id", *answer_columns(bundle.decision), *[f"p_{c}" for c in bundle.classes]]
 
 
 @dataclass
@@ -33,17 +39,24 @@ class Predictions:
     report: ExtractReport
 
     @property
+    def decisions(self) -> Decisions:
+        """The head's decision for each image (`pipeline.heads.decision`)."""
+        return decide(self.bundle.decision, self.proba)
+
+    @property
     def predicted(self) -> np.ndarray:
+        """The class each image gets (for a rejected one, its top class)."""
         if not len(self.proba):
             return np.zeros(0, dtype=int)
-        return self.bundle.pipeline.classes_[self.proba.argmax(1)]
+        return self.bundle.pipeline.classes_[self.decisions.label]
 
     def rows(self) -> Iterator[list[str]]:
-        """Per image: path (as `path_text` writes it), image id, predicted class, then one probability per class."""
-        classes = self.bundle.classes
-        for path, image_id, label, row in zip(self.features.paths, self.features.image_ids, self.predicted,
-                                              self.proba, strict=True):
-            yield [path_text(path), image_id, classes[label], *[f"{v:.6f}" for v in row]]
+        """Per image: path (as `path_text` writes it), image id, predicted class (unknown below a reject
+        threshold, then the top class and its probability), then one probability per class."""
+        answers = answer_cells(self.bundle.decision, self.decisions, self.bundle.classes)
+        for path, image_id, answer, row in zip(self.features.paths, self.features.image_ids, answers, self.proba,
+                                               strict=True):
+            yield [path_text(path), image_id, *answer, *[f"{v:.6f}" for v in row]]
 
 
 def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
@@ -90,13 +103,12 @@ def predict_with(bundle: HeadBundle, data: str | os.PathLike | Dataset, **extrac
 
 
 def write_predictions(result: Predictions, out: str | os.PathLike) -> Path:
-    """One row per image: path, image id, predicted class, then one probability column per class."""
+    """One row per image (`Predictions.rows`)."""
     out = Path(out)
     make_folder(out.parent)
-    classes = result.bundle.classes
     with atomic_write(out, newline="") as fh:  # whole or not at all: a failure leaves the old file
         writer = csv.writer(fh)
-        writer.writerow(["path", "image_id", "predicted_class", *[f"p_{c}" for c in classes]])
+        writer.writerow(prediction_columns(result.bundle))
         writer.writerows(result.rows())
     return out
 

@@ -13,6 +13,7 @@ from pydantic import Discriminator, Field, PositiveInt
 
 from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.schema import NonNegativeFinite, PositiveFinite, SafeName, Section, option
+from pipeline.heads.trust_options import CALIBRATIONS, TrustOptions, WeightedOptions, calibration_option
 
 T = TypeVar("T")
 # The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
@@ -41,7 +42,7 @@ class HeadOptions(Section):
         return self.model_dump(exclude={"name", "type", "source", "sources"})
 
 
-class LogisticRegressionHead(HeadOptions):
+class LogisticRegressionHead(WeightedOptions, TrustOptions, HeadOptions):
     """Multinomial logistic regression on standardised features."""
 
     type: Literal["logistic_regression"]
@@ -51,10 +52,12 @@ class LogisticRegressionHead(HeadOptions):
         about="inverse regularisation strength; a list is a grid for cross-validation")
 
 
-class SvmHead(HeadOptions):
+class SvmHead(WeightedOptions, TrustOptions, HeadOptions):
     """A support-vector machine, with probabilities by Platt scaling on out-of-fold decisions."""
 
     type: Literal["svm"]
+    # Platt scaling already calibrates an SVM; another calibration on top costs six times the fits, unmeasured
+    calibration: Literal[CALIBRATIONS] = calibration_option("none")  # type: ignore[valid-type]
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
     kernel: Literal["linear", "rbf"] = option("rbf", accepts="linear or rbf", about="the SVM's kernel")
     C: PositiveFinite | Grid[PositiveFinite] = option(
@@ -65,10 +68,13 @@ class SvmHead(HeadOptions):
         about="the rbf kernel's width (unused by linear); a list is a grid for cross-validation")
 
 
-class KnnHead(HeadOptions):
+class KnnHead(TrustOptions, HeadOptions):
     """k nearest neighbours by cosine distance, weighted by distance."""
 
     type: Literal["knn"]
+    # measured (benchmarks/RESULTS.md, "Calibration"): temperature spreads kNN's vote shares badly on dtd10 and
+    # intel6; sigmoid has the lowest log-loss on all three sets
+    calibration: Literal[CALIBRATIONS] = calibration_option("sigmoid")  # type: ignore[valid-type]
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
     n_neighbors: PositiveInt | Grid[PositiveInt] = option(
         [1, 3, 5, 10], accepts="a positive integer or a list of them",
@@ -76,7 +82,7 @@ class KnnHead(HeadOptions):
               "a warning; a head with none left is refused)")
 
 
-class PcaFusionHead(HeadOptions):
+class PcaFusionHead(WeightedOptions, TrustOptions, HeadOptions):
     """Several sources fused by PCA, then logistic regression."""
 
     type: Literal["pca_fusion"]

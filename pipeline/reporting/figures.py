@@ -18,7 +18,7 @@ from pipeline.core.io import atomic_write  # noqa: E402
 from pipeline.tuning.compare import compare_summary  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     """Write `fig` as a PNG to a temporary file beside `path`, renamed over it when complete."""
     try:
         with atomic_write(path, "wb") as fh:
@@ -43,7 +43,7 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
         if count:
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                     color="white" if count > top / 2 else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def projection_figure(features: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
@@ -57,7 +57,7 @@ def projection_figure(features: np.ndarray, labels: np.ndarray, classes: list[st
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def worst_figure(paths: list[Path], y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: Path,
@@ -78,7 +78,7 @@ def worst_figure(paths: list[Path], y_true: np.ndarray, proba: np.ndarray, class
         predicted = int(proba[i].argmax())
         ax.set_title(f"true {classes[y_true[i]]}\nsaid {classes[predicted]} ({proba[i, predicted]:.0%})",
                      fontsize=8, color="firebrick" if predicted != y_true[i] else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_figure(precision: np.ndarray, recall: np.ndarray, classes: list[str], path: Path) -> Path:
@@ -90,7 +90,7 @@ def per_class_figure(precision: np.ndarray, recall: np.ndarray, classes: list[st
     ax.set_ylim(0, 1.05)
     ax.legend(loc="lower right")
     ax.set_title("per-class precision and recall (best head, test split)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def finetune_figure(metrics: dict, path: Path) -> Path:
@@ -132,7 +132,7 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
     else:
         bars.axis("off")
         bars.text(0.5, 0.5, "no test split given", ha="center", va="center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _rank_group(row) -> str:
@@ -165,7 +165,7 @@ def rank_figure(rows: list, path: Path) -> Path:
         ax.set_ylabel("linear-probe accuracy (5-fold CV)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare_figure(result: dict, path: Path) -> Path:
@@ -201,4 +201,4 @@ def compare_figure(result: dict, path: Path) -> Path:
     right.set_yscale("log")
     right.set_ylabel("wall time to fit or train (s, log scale)")
     right.set_title("time (frozen features extracted once beforehand)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -26,6 +26,7 @@ from pipeline.reporting.figures import (
     rank_figure,
     worst_figure,
 )
+from pipeline.reporting.trust_figures import coverage_figure, reliability_figure
 from pipeline.tuning.compare import compare_rows
 
 
@@ -76,6 +77,17 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
         _figure(per_class_figure(precision, recall, classes, out / "per_class.png"),
                 "Per-class precision and recall of the best head."),
     ]
+    trust = [
+        _figure(reliability_figure({name: (r.proba, r.before, r.fitted.calibration) for name, r in results.items()},
+                                   y_test, out / "reliability.png"),
+                "Reliability on the test split: accuracy against the top probability, per head, before (grey) and "
+                "after its calibration; on the diagonal a probability means what it says. Marker area: images in the "
+                "bin (a bin of one or two images swings between 0 and 1)."),
+        _figure(coverage_figure({name: (r.proba, r.fitted.decision.reject_threshold) for name, r in results.items()},
+                                y_test, out / "coverage.png"),
+                "Accuracy-coverage on the test split: each head answering only its most confident images; a diamond "
+                "marks where a head's reject threshold puts it."),
+    ]
     heads = [{"name": name, **scores}
              for name, scores in sorted(metrics["heads"].items(), key=lambda kv: -kv[1]["accuracy"])]
     per_class = [{"name": c, "precision": p, "recall": r, "f1": f, "support": int(s)}
@@ -83,7 +95,8 @@ def write_report(out: Path, metrics: dict, results: dict, best: str, test: Featu
     return _render(
         "report.html.j2", out / "report.html", name=out.name, test_images=len(test.paths), classes=classes,
         extract=metrics["extract"], best=best, best_accuracy=result.accuracy, heads=heads, per_class=per_class,
-        figures=figures, rank=metrics.get("rank"), finetune=metrics.get("finetune"), compare=metrics.get("compare"),
+        figures=figures, trust=trust, rank=metrics.get("rank"), finetune=metrics.get("finetune"),
+        compare=metrics.get("compare"),
         finetune_figure=_optional_figure(out / "finetune" / "finetune.png",
                                          "Fine-tuning: loss per epoch and test accuracy against the probe.",
                                          "finetune/finetune.png"),
