@@ -20,6 +20,7 @@ from pipeline.heads.fit import fit_head
 from pipeline.heads.outofcore import fit_incremental
 from pipeline.heads.predict import feature_options, predict_with
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
+from pipeline.heads.trust_options import CALIBRATIONS
 from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
 
@@ -33,6 +34,11 @@ HEADS = {  # name -> (type, sources, options)
     "selected": ("pca_fusion", [f"{TINY}:head", f"{TINY}:stage2"],
                  {"components": 6, "C": 1.0, "order": "concat_then_pca", "select_k": 4, "variance_threshold": 0.0}),
 }
+# every head type with each calibration other than its default (HEADS: the defaults)
+CALIBRATED = {f"{name}_{method}": (head_type, sources, {**options, "calibration": method})
+              for name, (head_type, sources, options) in HEADS.items() if name != "selected"
+              for method in CALIBRATIONS if method != HEAD_OPTIONS[head_type]["calibration"]}
+REJECT = {"reject": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0, "reject": {"coverage": 0.5}})}
 
 
 def fitted_heads(root: Path, heads: dict, precision: str = "fp32", out_of_core: tuple[str, ...] = ()) -> dict:
@@ -90,8 +96,9 @@ def register_tiny_40() -> None:
 def saved(tmp_path_factory):
     register_tiny_40()
     root = tmp_path_factory.mktemp("export")
-    paths = fitted_heads(root, {**HEADS, "two_inputs": ("pca_fusion", [f"{TINY}:head", f"{TINY_40}:stage2"],
-                                                         {"components": 4, "C": 1.0}),
+    paths = fitted_heads(root, {**HEADS, **CALIBRATED, **REJECT,
+                                "two_inputs": ("pca_fusion", [f"{TINY}:head", f"{TINY_40}:stage2"],
+                                               {"components": 4, "C": 1.0}),
                                 "sgd": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0}),
                                 "incremental_fusion": ("pca_fusion", [f"{TINY}:head", f"{TINY}:stage1"],
                                                        {"components": 4, "C": 1.0})},
@@ -100,8 +107,9 @@ def saved(tmp_path_factory):
     return root, paths, test
 
 
-@pytest.mark.parametrize("name", [*HEADS, "two_inputs", "sgd"])
+@pytest.mark.parametrize("name", [*HEADS, *CALIBRATED, "two_inputs", "sgd"])
 def test_exported_model_matches_predict_on_every_image(saved, name):
+    """Every head type, calibrated by default (HEADS) and by each other method (CALIBRATED)."""
     root, paths, test = saved
     result = export_onnx(paths[name], root / f"{name}.onnx")
     assert result.check_max_abs_diff <= 1e-3
@@ -110,6 +118,49 @@ def test_exported_model_matches_predict_on_every_image(saved, name):
     assert np.abs(got - expected).max() <= 1e-3
     assert (got.argmax(1) == expected.argmax(1)).all()
 
+
+def _calibrated_head(base: str, method: str, classes: int) -> tuple[object, np.ndarray, np.ndarray]:
+    """A head as pipeline.heads.fit makes it (an SVM: Platt scaling inside), calibrated by `method`, fitted
+    on synthetic rows; and queries near them (noisy copies: none at distance 0 of a training row)."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from pipeline.heads.calibration import StratifiedFolds, calibrated
+
+    X, y = make_classification(150, 12, n_informative=6, n_classes=classes, random_state=classes)
+    X = X.astype(np.float32)
+    cv = StratifiedFolds(3)
+    steps, clf = {"logreg": ([("scale", StandardScaler())], LogisticRegression()),
+                  "svm": ([("scale", StandardScaler())], CalibratedClassifierCV(SVC(), cv=cv, ensemble=False)),
+                  "knn": ([], KNeighborsClassifier(7, metric="cosine", weights="distance"))}[base]
+    head = Pipeline([*steps, ("clf", calibrated(clf, method, cv))]).fit(X, y)
+    noise = np.random.default_rng(0).normal(0, 0.7, (80, 12)).astype(np.float32)
+    return head, X, X[:80] + noise
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("method", CALIBRATIONS)
+@pytest.mark.parametrize("base", ["logreg", "svm", "knn"])
+def test_calibrated_head_graphs_compute_what_sklearn_computes(base, method, classes):
+    """Temperature scaling, and sklearn's sigmoid and isotonic one-vs-rest calibration (of decision_function
+    for logistic regression, of predict_proba for the SVM's Platt scaling and for our kNN graph), two
+    classes and three."""
+    from pipeline.deploy.onnx_head import head_graph
+
+    head, X, queries = _calibrated_head(base, method, classes)
+    session = ort.InferenceSession(head_graph(head, 12, "h").SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["probabilities"], {"features": queries})
+    expected = head.predict_proba(queries)
+    assert np.abs(got - expected).max() <= 1e-4  # float32 against float64 (steep isotonic steps: 2e-5)
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5  # isotonic maps are steps: ties are possible, and either side is right
+    assert (got.argmax(1) == expected.argmax(1))[clear].all() and clear.mean() > 0.8
+    assert len(np.unique(expected.max(1).round(3))) > 5  # the probabilities vary: the test compares something
 
 
 def test_knn_graph_weights_neighbours_by_distance_as_sklearn_does():

@@ -3,8 +3,12 @@
     pip install numpy pillow onnxruntime
     python onnx_predict.py model.onnx photo1.jpg photo2.png ...
 
-Prints one JSON line per image: its path, the most probable class and every class's probability. The
-model's metadata says which classes its output columns are and how each input wants its images: shorter
+Prints one JSON line per image: its path, its class and every class's probability. The class is decided
+as `pipeline predict` decides it, by the rule in the model's metadata (`decision`): the class on top (or,
+for a two-class head with a tuned threshold, the second class when its probability reaches the threshold),
+and `unknown` when the top probability is below the head's reject threshold, with `top_class` and
+`top_probability` beside it (given for every image of such a head). The model's metadata also says which
+classes its output columns are and how each input wants its images: shorter
 side resized to `resize_shorter_side`, centre crop `center_crop`, uint8 RGB, NHWC. The normalisation is
 inside the model. The resampling is written out in numpy as OpenCV computes it for `pipeline predict`
 (area averaging when shrinking, else bilinear or bicubic): pixels agree to within one grey level.
@@ -76,10 +80,23 @@ def prepare(image: Image.Image, geometry: dict) -> np.ndarray:
     return np.clip(np.rint(resampled), 0, 255).astype(np.uint8)
 
 
+def answer(row: np.ndarray, classes: list[str], rule: dict) -> dict:
+    """One image's class (or unknown) by the head's decision rule; see the module's docstring."""
+    label = int(row.argmax())
+    if rule.get("binary_threshold") is not None and len(classes) == 2:
+        label = int(row[1] >= rule["binary_threshold"])
+    reject = rule.get("reject_threshold")
+    if reject is None:
+        return {"class": classes[label]}
+    return {"class": rule["unknown"] if row.max() < reject else classes[label], "top_class": classes[label],
+            "top_probability": round(float(row[label]), 6)}
+
+
 def main(model_path: str, paths: list[str], batch: int = 32) -> None:
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     classes, inputs = json.loads(meta["classes"]), json.loads(meta["inputs"])
+    rule = json.loads(meta.get("decision", "{}"))  # absent from models written before decisions were exported
     shorter = max(g["resize_shorter_side"] for g in inputs.values())
     for start in range(0, len(paths), batch):  # a batch at a time: activations grow with the batch
         chunk = paths[start:start + batch]
@@ -87,7 +104,7 @@ def main(model_path: str, paths: list[str], batch: int = 32) -> None:
         feeds = {name: np.stack([prepare(image, geometry) for image in images]) for name, geometry in inputs.items()}
         (probabilities,) = session.run(["probabilities"], feeds)
         for path, row in zip(chunk, probabilities, strict=True):
-            print(json.dumps({"path": path, "class": classes[int(row.argmax())],
+            print(json.dumps({"path": path, **answer(row, classes, rule),
                               "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)}}))
 
 

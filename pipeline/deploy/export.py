@@ -4,8 +4,10 @@ The model is two graphs joined by `onnx.compose`: the backbones (`HeadNetwork.mo
 torch's TorchScript-based ONNX exporter at fp32: uint8 NHWC -> float -> normalise -> network -> pooled
 taps, side by side in the head's source order) and the head (`onnx_head.head_graph`: its
 standardisation, PCA, selection and classifier). Inputs: one uint8 batch per input geometry (`images`,
-N x crop x crop x 3, for one backbone); output: `probabilities` (N x classes). The class names, the
-preprocessing each input expects and what the head was fitted on are in the model's metadata_props.
+N x crop x crop x 3, for one backbone); output: `probabilities` (N x classes), calibrated as the head
+calibrates them. The class names, the preprocessing each input expects, the head's decision rule (reject
+and two-class thresholds: `decision`, applied by the caller as `pipeline.heads.decision.decide` does) and
+what the head was fitted on are in the model's metadata_props.
 
 The torch exporter is the TorchScript one (`dynamo=False`): the newer torch.export-based exporter needs
 onnxscript, which is not a dependency, and a fixed input size is all a traced network needs.
@@ -31,10 +33,14 @@ from pipeline.core.io import atomic_write, make_folder
 from pipeline.deploy.network import HeadNetwork
 from pipeline.deploy.onnx_head import INPUT, OPSET, OUTPUT, ExportError, head_graph
 from pipeline.heads.bundle import HeadBundle, load_bundle
+from pipeline.heads.trust_options import UNKNOWN
 
 logger = logging.getLogger(__name__)
 
 PRODUCER = "transfer-pipeline"
+DECISION = ("the answer: the class on top, or with two classes and a binary_threshold the second class when its "
+            "probability is at least the threshold, else the first; when the top probability is below "
+            "reject_threshold the answer is `unknown`, with that class and its probability given beside it")
 CHECK_IMAGES = 4  # random images the written model is checked on against the torch path
 
 
@@ -62,6 +68,7 @@ def metadata(bundle: HeadBundle, network: HeadNetwork) -> dict[str, str]:
                           "resampling of the kept square; area averaging when shrinking), uint8 NHWC; the "
                           "normalisation is inside the model"),
         "head": json.dumps({"name": bundle.head.name, "type": bundle.head.type}),
+        "decision": json.dumps({**bundle.decision.model_dump(), "unknown": UNKNOWN, "meaning": DECISION}),
         "sources": json.dumps([s.model_dump() for s in bundle.sources]),
         "fitted_on_precision": network.precision,
         "versions": json.dumps({**bundle.versions, "transfer-pipeline": pipeline.__version__, "onnx": onnx.__version__,

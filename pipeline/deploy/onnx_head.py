@@ -19,10 +19,14 @@ import warnings
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from sklearn.base import BaseEstimator
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 
 from pipeline.core.errors import PipelineError, first_line
+from pipeline.deploy.onnx_calibration import one_vs_rest, temperature
+from pipeline.heads.calibration import TemperatureScaling
 
 OPSET = 18  # the default domain's opset, for the backbone's graph and the head's alike
 ML_OPSET = 3  # ai.onnx.ml, which skl2onnx's converters use
@@ -36,25 +40,43 @@ class ExportError(PipelineError):
 def head_graph(pipeline: Pipeline, dim: int, name: str) -> onnx.ModelProto:
     """`pipeline` (fitted, reading `dim` features) as an ONNX model `features -> probabilities`; a head whose
     steps cannot be converted is refused with the step named (`name`: the head, for the message)."""
-    final = pipeline.steps[-1][1]
+    return _graph(pipeline.steps[:-1], pipeline.steps[-1][1], dim, name, scores=False)
+
+
+def _graph(steps: list, final: BaseEstimator, dim: int, name: str, scores: bool) -> onnx.ModelProto:
+    """`steps` then `final` as a model writing `probabilities`: the probabilities, or with `scores` what
+    sklearn's calibration reads from `final` (its decision_function where it has one, else predict_proba;
+    two columns for two classes, the second being the one sklearn reads)."""
+    classes = len(final.classes_)
+    if isinstance(final, TemperatureScaling):
+        return temperature(_graph(steps, final.estimator_, dim, name, False), final.temperature_, classes)
+    if isinstance(final, CalibratedClassifierCV):
+        if len(final.calibrated_classifiers_) != 1 or final.method not in ("sigmoid", "isotonic"):
+            raise ExportError(f"head {name!r}: only a calibration with ensemble=False by sigmoid or isotonic can "
+                              f"be exported, not {len(final.calibrated_classifiers_)} calibrated classifiers by "
+                              f"{final.method!r}")
+        calibrated = final.calibrated_classifiers_[0]
+        base = _graph(steps, calibrated.estimator, dim, name, scores=True)
+        return one_vs_rest(base, final.method, calibrated.calibrators, classes)
     if isinstance(final, KNeighborsClassifier) and final.weights == "distance":
-        if len(pipeline.steps) != 1 or final.metric != "cosine":
-            steps = " -> ".join(type(step).__name__ for _, step in pipeline.steps)
+        if steps or final.metric != "cosine":
+            names = " -> ".join(type(step).__name__ for _, step in [*steps, ("", final)])
             raise ExportError(f"head {name!r}: only a kNN head made by this pipeline (cosine distance, no steps "
-                              f"before it) can be exported, not {steps} with metric {final.metric!r}")
+                              f"before it) can be exported, not {names} with metric {final.metric!r}")
         return _knn_graph(final, dim)
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
+    raw = scores and hasattr(final, "decision_function")  # skl2onnx's raw scores: decision_function's columns
     try:
         with warnings.catch_warnings():  # sklearn's FutureWarnings on attributes skl2onnx reads (SVC's probA_)
             warnings.simplefilter("ignore", FutureWarning)
-            model = to_onnx(pipeline, initial_types=[(INPUT, FloatTensorType([None, dim]))],
-                            options={id(final): {"zipmap": False}},
+            model = to_onnx(Pipeline([*steps, ("final", final)]), initial_types=[(INPUT, FloatTensorType([None, dim]))],
+                            options={id(final): {"zipmap": False, **({"raw_scores": True} if raw else {})}},
                             target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET})
     except Exception as exc:  # skl2onnx's verdict: no converter or shape calculator for one of the steps
-        steps = ", ".join(type(s).__name__ for _, s in pipeline.steps)
-        raise ExportError(f"head {name!r} ({steps}) cannot be exported to ONNX: {type(exc).__name__}: "
+        names = ", ".join(type(s).__name__ for _, s in [*steps, ("", final)])
+        raise ExportError(f"head {name!r} ({names}) cannot be exported to ONNX: {type(exc).__name__}: "
                           f"{first_line(exc)}") from None
     return _only_output(model, OUTPUT)
 

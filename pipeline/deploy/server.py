@@ -2,8 +2,10 @@
 
 - `POST /predict`: one or several images as multipart form files (any field names), or the bytes of one
   image as the body. Answers `{"predictions": [{"name", "class", "probabilities": {class: p}}]}`, one per
-  image in request order. A body over the size limit is answered 413, too many images or an image that
-  cannot be decoded 400, with the reason (and which image) in `detail`.
+  image in request order; `class` is decided by the head's rule (`unknown` below a reject threshold, with
+  `top_class` and `top_probability` beside it for such a head). A body over the size limit is answered
+  413, too many images or an image that cannot be decoded 400, with the reason (and which image) in
+  `detail`.
 - `GET /health`: `{"status": "ok", ...}` with the queue and batch counters.
 - `GET /model`: the head (name, type, classes, sources, precision, metrics), what each input expects, the
   limits and batching, and the library versions.
@@ -63,10 +65,15 @@ class Predictor:
         return list(self.bundle.pipeline.predict_proba(self.network.features(batches)))
 
     def answer(self, row: np.ndarray, name: str | None) -> dict[str, Any]:
-        """One image's answer. The hook for a head that may decline to choose (a reject or unknown option):
-        its decision goes here, as `class` (None when it declines) beside the unchanged probabilities."""
-        return {"name": name, "class": self.classes[int(row.argmax())],
-                "probabilities": {c: float(p) for c, p in zip(self.classes, row, strict=True)}}
+        """One image's answer, decided by the head's rule (`HeadBundle.decide`, as `pipeline predict`): `class`
+        is the chosen class or `unknown` below a reject threshold, and a head with one also gives
+        `top_class` and `top_probability` (what it would have said); the probabilities are unchanged."""
+        decision = self.bundle.decide(row[np.newaxis])
+        label = int(decision.label[0])
+        answer: dict[str, Any] = {"name": name, "class": decision.answers(self.classes)[0]}
+        if self.bundle.decision.reject_threshold is not None:
+            answer.update(top_class=self.classes[label], top_probability=float(decision.top_probability[0]))
+        return {**answer, "probabilities": {c: float(p) for c, p in zip(self.classes, row, strict=True)}}
 
     def describe(self, settings: ServeSettings) -> dict[str, Any]:
         import pipeline
@@ -77,7 +84,8 @@ class Predictor:
                 "classes": self.classes, "backbones": [s.model_dump() for s in bundle.sources],
                 "precision": self.network.precision, "device": self.network.device,
                 "inputs": {name: g.describe() for name, g in self.network.inputs.items()},
-                "metrics": bundle.metrics.model_dump(), "limits": asdict(settings),
+                "metrics": bundle.metrics.model_dump(), "decision": bundle.decision.model_dump(),
+                "limits": asdict(settings),
                 "versions": {"fitted with": bundle.versions,
                              "serving with": {"transfer-pipeline": pipeline.__version__, **libraries}}}
 
