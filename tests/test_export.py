@@ -38,7 +38,10 @@ HEADS = {  # name -> (type, sources, options)
 CALIBRATED = {f"{name}_{method}": (head_type, sources, {**options, "calibration": method})
               for name, (head_type, sources, options) in HEADS.items() if name != "selected"
               for method in CALIBRATIONS if method != HEAD_OPTIONS[head_type]["calibration"]}
-REJECT = {"reject": ("logistic_regression", [f"{TINY}:head"], {"C": 1.0, "reject": {"coverage": 0.5}})}
+# strongly regularised, uncalibrated: probabilities spread around the threshold (calibrated heads give these
+# separable tiny classes probabilities of 1)
+REJECT = {"reject": ("logistic_regression", [f"{TINY}:head"],
+                     {"C": 0.001, "calibration": "none", "reject": {"coverage": 0.5}})}
 
 
 def fitted_heads(root: Path, heads: dict, precision: str = "fp32", out_of_core: tuple[str, ...] = ()) -> dict:
@@ -198,6 +201,8 @@ def test_metadata_names_classes_and_preprocessing_and_the_cli_writes_the_model(s
                                                      "interpolation": "bilinear", "layout": "NHWC uint8 RGB",
                                                      "shape": [None, 32, 32, 3]}}
     assert json.loads(meta["head"]) == {"name": "logreg", "type": "logistic_regression"}
+    decision = json.loads(meta["decision"])
+    assert decision["reject_threshold"] is None and decision["binary_threshold"] is None
     assert meta["fitted_on_precision"] == "fp32" and "scikit-learn" in json.loads(meta["versions"])
     assert [o.name for o in model.graph.output] == ["probabilities"]
     (images,) = model.graph.input
@@ -250,8 +255,51 @@ def test_the_standalone_example_runs_without_this_package_and_agrees(saved):
     got = np.array([[a["probabilities"][c] for c in classes] for a in answers])
     assert [a["class"] for a in answers] == [classes[i] for i in expected.argmax(1)]
     assert np.abs(got - expected).max() <= 1e-3
+    assert all("top_class" not in a for a in answers)  # no reject threshold: the class alone
     blocked = subprocess_output(["-c", "import sys; sys.modules['pipeline'] = None; import pipeline"])
     assert "ModuleNotFoundError" in blocked or "ImportError" in blocked  # the blocker works
+
+
+def test_the_example_answers_unknown_below_the_reject_threshold_as_predict_does(saved):
+    """A head with reject (coverage 0.5 of its training images): the rule travels in the model's metadata,
+    and the example's answers, top classes and probabilities are `decide`'s on `pipeline predict`'s
+    probabilities."""
+    root, paths, test = saved
+    onnx_path = export_onnx(paths["reject"], root / "reject.onnx").path
+    bundle = load_bundle(paths["reject"])
+    rule = json.loads({p.key: p.value for p in onnx.load(onnx_path).metadata_props}["decision"])
+    assert rule["reject_threshold"] == bundle.decision.reject_threshold is not None and rule["unknown"] == "unknown"
+    images = sorted(test.rglob("*.jpg"))
+    answers = run_example(onnx_path, images)
+    expected, _ = onnx_vs_predict(paths["reject"], onnx_path, test, root / "cache")
+    decisions = bundle.decide(expected)
+    classes = ["class0", "class1", "class2"]
+    assert [a["class"] for a in answers] == decisions.answers(classes)
+    assert 0 < sum(a["class"] == "unknown" for a in answers) < len(answers)  # both kinds of answer
+    assert [a["top_class"] for a in answers] == [classes[i] for i in decisions.label]
+    assert np.abs(np.array([a["top_probability"] for a in answers]) - decisions.top_probability).max() <= 1e-3
+
+
+def test_the_example_applies_a_two_class_threshold_and_a_reject_threshold_as_decide_does():
+    """The example's rule (written out for programs without this package) against `decide` on random
+    probabilities: a tuned two-class threshold, a reject threshold, both, and neither."""
+    import runpy
+
+    from pipeline.heads.decision import DecisionRule, decide
+
+    example = runpy.run_path(str(EXAMPLE))
+    rng = np.random.default_rng(0)
+    for classes, rule in ((["a", "b"], DecisionRule(binary_threshold=0.3)),
+                          (["a", "b"], DecisionRule(binary_threshold=0.7, reject_threshold=0.6)),
+                          (["a", "b", "c"], DecisionRule(reject_threshold=0.5)), (["a", "b", "c"], DecisionRule())):
+        proba = rng.dirichlet(np.ones(len(classes)), 200).astype(np.float32)
+        decisions = decide(rule, proba)
+        meta = {**rule.model_dump(), "unknown": "unknown"}
+        got = [example["answer"](row, classes, meta) for row in proba]
+        assert [a["class"] for a in got] == decisions.answers(classes)
+        if rule.reject_threshold is not None:
+            assert [a["top_class"] for a in got] == [classes[i] for i in decisions.label]
+            assert "unknown" in decisions.answers(classes)
 
 
 def subprocess_output(args: list[str]) -> str:
