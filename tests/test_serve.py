@@ -22,7 +22,7 @@ from pipeline.heads.bundle import load_bundle
 from pipeline.heads.predict import feature_options, predict_with
 
 from .conftest import TINY, TINY_WIDE, make_folder
-from .test_export import fitted_heads
+from .test_export import REJECT, fitted_heads
 
 CLASSES = ["class0", "class1", "class2"]
 LIMITS = ServeSettings(max_batch=8, max_wait_ms=30.0, max_request_mb=0.05, max_images=4)
@@ -53,10 +53,10 @@ class RunningServer:
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     paths = fitted_heads(root, {"fusion": ("pca_fusion", [f"{TINY}:head", f"{TINY_WIDE}:head"],
-                                           {"components": 4, "C": 1.0})})
+                                           {"components": 4, "C": 1.0}), **REJECT})
     test = make_folder(root / "test", classes=3, per_class=3, start_seed=200)
     server = RunningServer(paths["fusion"], LIMITS)
-    yield root, paths["fusion"], test, server
+    yield root, paths, test, server
     server.stop()
 
 
@@ -71,7 +71,8 @@ def rows(answer: dict) -> np.ndarray:
 
 
 def test_health_and_model_describe_the_head(served):
-    _root, model, _test, server = served
+    _root, paths, _test, server = served
+    model = paths["fusion"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     described = httpx.get(f"{server.url}/model").json()
     assert described["classes"] == CLASSES and described["head"] == {"name": "fusion", "type": "pca_fusion"}
@@ -83,7 +84,8 @@ def test_health_and_model_describe_the_head(served):
 
 
 def test_multipart_and_raw_bytes_answer_as_pipeline_predict_does(served):
-    root, model, test, server = served
+    root, models, test, server = served
+    model = models["fusion"]
     paths, expected = expected_probabilities(model, test, root / "cache")
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[:4]]
     answer = httpx.post(f"{server.url}/predict", files=files)
@@ -91,14 +93,15 @@ def test_multipart_and_raw_bytes_answer_as_pipeline_predict_does(served):
     assert [p["name"] for p in answer.json()["predictions"]] == [p.name for p in paths[:4]]
     assert np.abs(rows(answer.json()) - expected[:4]).max() <= 1e-5
     assert [p["class"] for p in answer.json()["predictions"]] == [CLASSES[i] for i in expected[:4].argmax(1)]
+    assert all("top_class" not in p for p in answer.json()["predictions"])  # no reject threshold
     raw = httpx.post(f"{server.url}/predict", content=paths[5].read_bytes(),
                      headers={"content-type": "image/jpeg"}).json()
     assert raw["predictions"][0]["name"] is None and np.abs(rows(raw)[0] - expected[5]).max() <= 1e-5
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
-    root, model, test, server = served
-    paths, expected = expected_probabilities(model, test, root / "cache")
+    root, models, test, server = served
+    paths, expected = expected_probabilities(models["fusion"], test, root / "cache")
     before = httpx.get(f"{server.url}/health").json()
 
     def ask(i: int) -> np.ndarray:
@@ -114,6 +117,32 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
     assert after["batches"] - before["batches"] < 16  # some requests shared a forward pass
 
 
+def test_a_head_with_reject_answers_unknown_with_the_top_class_and_probability_beside_it(served):
+    """The server decides as `pipeline predict` does (`HeadBundle.decide`): below the reject threshold the
+    class is unknown, and every answer of such a head gives the top class and its probability."""
+    root, models, test, _server = served
+    paths, expected = expected_probabilities(models["reject"], test, root / "cache")
+    bundle = load_bundle(models["reject"])
+    decisions = bundle.decide(expected)
+    server = RunningServer(models["reject"], LIMITS)
+    try:
+        described = httpx.get(f"{server.url}/model").json()
+        assert described["decision"]["reject_threshold"] == bundle.decision.reject_threshold is not None
+        answers = []
+        for start in range(0, len(paths), LIMITS.max_images):
+            files = [("f", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[start:start + LIMITS.max_images]]
+            answer = httpx.post(f"{server.url}/predict", files=files, timeout=60)
+            assert answer.status_code == 200, answer.text
+            answers += answer.json()["predictions"]
+    finally:
+        server.stop()
+    assert [a["class"] for a in answers] == decisions.answers(CLASSES)
+    assert 0 < sum(a["class"] == "unknown" for a in answers) < len(answers)  # both kinds of answer
+    assert [a["top_class"] for a in answers] == [CLASSES[i] for i in decisions.label]
+    assert np.abs(np.array([a["top_probability"] for a in answers]) - decisions.top_probability).max() <= 1e-5
+    assert np.abs(rows({"predictions": answers}) - expected).max() <= 1e-5
+
+
 def _bomb() -> bytes:
     """A 17 kB PNG of 144 megapixels (over Pillow's limit of about 89): a decompression bomb."""
     from PIL import Image
@@ -125,7 +154,7 @@ def _bomb() -> bytes:
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_requests_are_answered_400_or_413_with_the_reason(served):
-    _root, _model, test, server = served
+    _root, _models, test, server = served
     good = next(test.rglob("*.jpg")).read_bytes()
     cases = {
         "not an image": ([("f", ("a.jpg", good, "image/jpeg")), ("f", ("notes.jpg", b"hello", "image/jpeg"))],
@@ -149,7 +178,8 @@ def test_bad_requests_are_answered_400_or_413_with_the_reason(served):
 
 
 def test_the_serve_command_listens_answers_and_stops_on_ctrl_c(served):
-    _root, model, test, _server = served
+    _root, paths, test, _server = served
+    model = paths["fusion"]
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model", str(model), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -168,7 +198,8 @@ def test_the_serve_command_listens_answers_and_stops_on_ctrl_c(served):
 def test_serve_refuses_bad_settings_and_a_taken_port_in_one_line(served):
     from pipeline.cli.main import main
 
-    _root, model, _test, server = served
+    _root, paths, _test, server = served
+    model = paths["fusion"]
     port = server.url.rsplit(":", 1)[1]
     stderr = io.StringIO()
     sys_stderr, sys.stderr = sys.stderr, stderr
