@@ -8,7 +8,13 @@ off by up to 0.78). That classifier gets its own graph here, sklearn's arithmeti
 distances to the training rows, the k nearest, weights 1/d (or, where a distance is exactly 0, 1 for those
 neighbours and 0 for the others), summed per class and normalised.
 
-Both graphs take `features` (float32, N x dim) and return `probabilities` (float32, N x classes, in the
+A calibrated head's calibration (`TemperatureScaling`, `CalibratedClassifierCV` with ensemble=False,
+nested as an SVM with a calibration nests them) is the graph of the classifier inside with the
+calibration's nodes after it (`onnx_calibration`): the classifier's probabilities, or for sklearn's
+sigmoid and isotonic maps what sklearn reads from it (decision_function where it has one: skl2onnx's raw
+scores; else predict_proba).
+
+Every graph takes `features` (float32, N x dim) and returns `probabilities` (float32, N x classes, in the
 order of `pipeline.classes_`).
 """
 
