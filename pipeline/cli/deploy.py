@@ -41,10 +41,11 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export", help="write a saved head and its backbone(s) as one ONNX model (images -> probabilities)",
         description="Write a saved head with its backbone(s), their pooling and layers, and the head's "
-                    "standardisation, PCA and classifier as one ONNX model: input a batch of uint8 RGB images "
-                    "(N x crop x crop x 3, after resizing the shorter side and centre-cropping; the normalisation is "
-                    "inside), output the class probabilities. The class names and the preprocessing are in the "
-                    "model's metadata. The model is computed in fp32 and checked against the torch path before it "
+                    "standardisation, PCA, classifier and calibration as one ONNX model: input a batch of uint8 "
+                    "RGB images (N x crop x crop x 3, after resizing the shorter side and centre-cropping; the "
+                    "normalisation is inside), output the class probabilities. The class names, the preprocessing "
+                    "and the head's decision rule (reject and two-class thresholds) are in the model's metadata. "
+                    "The model is computed in fp32 and checked against the torch path before it "
                     "is written. See docs/guide/deploy.md.")
     export.add_argument("--head", required=True, metavar="FILE", help=f"a saved head ({HEAD_SUFFIX})")
     export.add_argument("--out", required=True, metavar="FILE", help="the ONNX model to write (.onnx)")
