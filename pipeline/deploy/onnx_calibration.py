@@ -11,6 +11,11 @@ arithmetic written out:
   `np.interp` on its thresholds with the ends clipped; then two classes: (1 - q, q), more: divided by the
   row's sum, uniform where that sum is 0. (sklearn then sets values in (1, 1 + 1e-5] to 1: both maps stay
   within [0, 1], so there is nothing to do.)
+
+Known limit: temperature scaling of a kNN head (not its default) takes the log of vote shares near 0, so
+float32 against float64 shows where a query is a training image again (cosine distance 0, e.g. the same
+photo at another scale): sklearn's neighbours other than it get weight ~0, the graph's a little more,
+measured up to 0.1 apart on such synthetic duplicates; queries near, not on, training rows agree to 1e-4.
 """
 
 from __future__ import annotations
