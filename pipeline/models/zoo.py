@@ -38,6 +38,9 @@ def register_builtins() -> None:
         register(f"efficientnet_lite{index}", lambda index=index: efficientnet_lite_spec(index))
     for name in TORCHVISION_TAPS:
         register(name, lambda name=name: torchvision_spec(name))
+    from pipeline.models.openclip import register_curated
+
+    register_curated()  # CLIP image towers (pipeline.models.openclip)
 
 
 def _imagenet_categories() -> tuple[str, ...]:
