@@ -185,6 +185,17 @@ def test_a_zero_shot_head_runs_end_to_end_through_run_report_and_predict(tiny_cl
     assert np.mean(correct) == pytest.approx(metrics["heads"]["zs"]["accuracy"])
     np.testing.assert_allclose([sum(float(row[f"p_class{c}"]) for c in range(3)) for row in rows], 1.0, atol=1e-5)
 
+    # The recurring batch job uses it like any head: the same predicted class for every image.
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(json.dumps({"inputs": [str(data / "test")], "heads": {"zs": str(out / "heads" / "zs.skops")},
+                                 "features": {"cache_dir": str(cache)}, "output_dir": str(tmp_path / "batch"),
+                                 "log": str(tmp_path / "runs.jsonl")}))
+    assert main(["batch", str(batch), "--quiet"]) == 0
+    batch_rows = [r for path in (tmp_path / "batch").glob("*/run-*.csv") for r in csv.DictReader(path.open())]
+    predicted = {Path(row["path"]).name + Path(row["path"]).parent.name: row["predicted_class"] for row in rows}
+    assert len(batch_rows) == 9
+    assert {Path(r["path"]).name + Path(r["path"]).parent.name: r["predicted_class"] for r in batch_rows} == predicted
+
 
 def test_a_zero_shot_head_on_a_backbone_without_a_text_tower_is_refused_before_extraction(tiny_clip, tmp_path):
     from pipeline.app.run import run
