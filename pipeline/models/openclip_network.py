@@ -21,7 +21,8 @@ class L2Normalise(nn.Module):
         return nn.functional.normalize(x, dim=-1)
 
 
-def _clip(config: dict, quick_gelu: bool) -> nn.Module:
+def build_clip(config: dict, quick_gelu: bool) -> nn.Module:
+    """A whole (randomly initialised) OpenCLIP CLIP model of this architecture."""
     import open_clip
 
     return open_clip.CLIP(**config, quick_gelu=quick_gelu)
@@ -33,7 +34,7 @@ class ClipImageTower(nn.Module):
 
     def __init__(self, config: dict, quick_gelu: bool) -> None:
         super().__init__()
-        self.visual = _clip(config, quick_gelu).visual  # the text tower is dropped at once
+        self.visual = build_clip(config, quick_gelu).visual  # the text tower is dropped at once
         self.embedding = L2Normalise()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def text_embeddings(config: dict, quick_gelu: bool, weights: Path, prompts: list
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable state dict"
         raise BackboneError(f"cannot read CLIP weights {weights}: {first_line(exc)}") from exc
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    model = _clip(config, quick_gelu)
+    model = build_clip(config, quick_gelu)
     model.visual = None  # only the text tower is used
     try:
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("visual.")})
