@@ -197,10 +197,15 @@ def auto_candidates(candidates: list[str] | None) -> list[str]:
         for name in candidates:
             get_spec(name)
         return list(candidates)
+    from pipeline.models.download import on_disk
+    from pipeline.models.openclip import downloadable
+
     available = []
     for name in list_backbones():
+        remote = downloadable(name)  # only what is on disk: never a download
         try:
-            get_spec(name).locate_weights()
+            if (on_disk(remote) if remote is not None else get_spec(name).locate_weights()) is None:
+                continue
         except PipelineError:
             continue
         available.append(name)

@@ -116,12 +116,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(_args: argparse.Namespace) -> int:
+    from pipeline.models.download import on_disk
+    from pipeline.models.openclip import downloadable
     from pipeline.models.registry import get_spec, list_backbones
 
     for name in list_backbones():
         spec = get_spec(name)
+        remote = downloadable(name)  # listed, never downloaded
         try:
-            weights = str(spec.locate_weights())
+            found = on_disk(remote) if remote is not None else spec.locate_weights()
+            weights = str(found) if found else f"not on disk ({remote.size / 1e6:.0f} MB to download)"
         except PipelineError:
             weights = "weights not on disk (pass --weights PATH; see docs/guide/extract.md)"
         layers = ", ".join(f"{k}:{v.dim}" + ("*" if k == spec.default_layer else "")

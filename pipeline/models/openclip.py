@@ -157,3 +157,10 @@ def text_embeddings(backbone: str, prompts: list[list[str]],
     spec = get_spec(backbone)
     path = resolve_weights(get_spec(spec.parent), None) if spec.parent else resolve_weights(spec, weights)
     return embed(model.config(), model.quick_gelu, path, prompts)
+
+
+def downloadable(backbone: str) -> RemoteFile | None:
+    """The file a CLIP backbone would download (None for any other backbone): listings (`pipeline
+    backbones`, `backbones: auto`) look for it on disk instead of calling `locate_weights`, which downloads."""
+    model = _CLIP.get(backbone)
+    return model.remote if model is not None and model.locate is None else None
