@@ -32,11 +32,18 @@ CONFIG = {"embed_dim": 16,
           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
+def _locate() -> Path:
+    from pipeline.core.errors import BackboneError
+
+    if WEIGHTS_ENV not in os.environ:  # outside the tests that write it
+        raise BackboneError(f"{NAME}: ${WEIGHTS_ENV} is not set")
+    return Path(os.environ[WEIGHTS_ENV])
+
+
 def register_tiny_clip() -> None:
     from pipeline.models.openclip import ClipModel, register_openclip
 
-    register_openclip(NAME, ClipModel(CONFIG, remote=None, source="tiny random CLIP (tests)",
-                                      locate=lambda: Path(os.environ[WEIGHTS_ENV])))
+    register_openclip(NAME, ClipModel(CONFIG, remote=None, source="tiny random CLIP (tests)", locate=_locate))
 
 
 def _reference_model():
@@ -220,3 +227,43 @@ def test_bad_templates_are_refused_with_the_config_line(tmp_path, templates):
     error = config_error(tmp_path, text)
     assert error.startswith(":3:") and "'heads[0].templates' must be a list of texts, each with one {{}}" in error
     assert error.endswith(f"got {templates}")
+
+
+def test_a_clip_checkpoint_in_the_hub_cache_serves_both_towers_offline_and_listings_never_download(
+        tiny_clip, tmp_path, monkeypatch, capsys):
+    """A registered CLIP entry pinned like the curated ones finds its checkpoint in a Hugging Face hub cache
+    layout with downloads off; `pipeline backbones` lists the curated ones as not on disk, downloading nothing."""
+    from pipeline.cli.main import main
+    from pipeline.core.hashing import file_sha256
+    from pipeline.models import download
+    from pipeline.models.openclip import ClipModel, register_openclip, text_embeddings
+    from pipeline.models.weights import load_backbone
+
+    source = Path(os.environ[WEIGHTS_ENV])
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hf" / "models--org--tiny-clip" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(source.read_bytes())
+    for name in ("HF_HOME", "TORCH_HOME"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv(download.OFFLINE_ENV, "1")
+    monkeypatch.delenv(download.WEIGHTS_ENV, raising=False)
+    remote = download.RemoteFile(url="https://127.0.0.1:9/tiny.bin", sha256=file_sha256(source),
+                                 size=source.stat().st_size, file_name="tiny-clip.bin",
+                                 hub=("org/tiny-clip", revision, "open_clip_pytorch_model.bin"))
+    register_openclip("tiny_clip_hub", ClipModel(CONFIG, remote, source="tiny random CLIP in a hub cache"))
+    loaded = load_backbone("tiny_clip_hub")
+    assert loaded.weights_path == snapshot / "open_clip_pytorch_model.bin"
+    embeddings, _ = text_embeddings("tiny_clip_hub", [["a cat."], ["a dog."]])
+    assert embeddings.shape == (2, 16)
+
+    def no_download(*_args, **_kwargs):
+        raise AssertionError("a listing tried to download")
+
+    monkeypatch.setattr(download, "download", no_download)
+    monkeypatch.delenv(download.OFFLINE_ENV)  # downloads allowed: the listing still must not fetch
+    assert main(["backbones"]) == 0
+    listing = capsys.readouterr().out
+    assert f"tiny_clip_hub\n  tiny random CLIP in a hub cache\n  weights: {snapshot}" in listing
+    assert "clip_vit_b16_laion2b\n  OpenCLIP ViT-B/16" in listing and "not on disk (599 MB to download)" in listing
