@@ -19,8 +19,8 @@ from pipeline.models.weights import file_sha256, load_backbone
 from .conftest import FLOWERS, TINY, TINY_WIDE, needs_flowers
 from .tinynet import PLUGIN as TINY_PLUGIN
 
-BUILTIN = ["convnext_tiny", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-           "mobilenet_v3_large", "resnet18", "resnet50", "vgg16"]
+BUILTIN = ["clip_vit_b16_laion2b", "clip_vit_b32_laion2b", "convnext_tiny", "efficientnet_b0", "efficientnet_lite0",
+           "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v3_large", "resnet18", "resnet50", "vgg16"]
 
 
 def test_registry_lists_bundled_and_torchvision_backbones():
@@ -80,7 +80,7 @@ def test_every_layer_has_the_declared_dimension(name):
     network = spec.build().eval()
     tapped = TappedNetwork(network, {k: v.module for k, v in spec.layers.items()})
     with torch.inference_mode():
-        out = tapped(torch.rand(1, 3, 64, 64))
+        out = tapped(torch.rand(1, 3, spec.preprocess.crop, spec.preprocess.crop))  # a ViT takes only its own size
     assert {k: v.shape[1] for k, v in out.items()} == {k: v.dim for k, v in spec.layers.items()}
     assert spec.default_layer in spec.layers
 
