@@ -225,7 +225,7 @@ def test_bad_templates_are_refused_with_the_config_line(tmp_path, templates):
     (tmp_path / "a").mkdir()
     text = f"data: {{train: a, test: a}}\nheads:\n  - {{name: zs, type: zero_shot, templates: {json.dumps(templates)}}}"
     error = config_error(tmp_path, text)
-    assert error.startswith(":3:") and "'heads[0].templates' must be a list of texts, each with one {{}}" in error
+    assert error.startswith(":3:") and "'heads[0].templates' must be a list of texts, each with one {}" in error
     assert error.endswith(f"got {templates}")
 
 
