@@ -38,11 +38,14 @@ TINY_DIMS = {name: layer.dim for name, layer in tinynet.layers(TINY).items()}
 @pytest.fixture(scope="session", autouse=True)
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Write the tiny backbones' weights and register them here and in every process started from here
-    (PIPELINE_PLUGINS; PYTHONPATH so that `tests.tinynet` imports whatever the subprocess's folder)."""
+    (PIPELINE_PLUGINS; PYTHONPATH so that `tests.tinynet` imports whatever the subprocess's folder).
+    Downloads are off (PIPELINE_OFFLINE=1): no test reaches the network; tests/test_download.py turns them
+    on against its own server on 127.0.0.1."""
     folder = tmp_path_factory.mktemp("tinynet")
     tinynet.write_weights(folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(tinynet.WEIGHTS_ENV, str(folder))
+        patch.setenv("PIPELINE_OFFLINE", "1")
         patch.setenv(PLUGINS_ENV, ",".join(filter(None, [os.environ.get(PLUGINS_ENV), tinynet.PLUGIN])))
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         yield TINY

@@ -11,6 +11,7 @@ Command-line options override the config's values.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +33,8 @@ from pipeline.core.schema import (
 from pipeline.features.settings import ExtractSettings
 from pipeline.heads.spec import AnyHead, HeadSpec
 from pipeline.tuning.options import INITS, CompareOptions, FinetuneOptions, TrainSettings
+
+logger = logging.getLogger(__name__)
 
 
 def _none_is_empty(value: Any) -> Any:
@@ -58,7 +61,8 @@ class FeaturesSection(ExtractSettings):
               "LogME on the training split and uses the best")
     candidates: list[str] | None = option(
         None, accepts="a list of backbone names for backbones: auto to rank",
-        about="what backbones: auto ranks (default: every registered backbone whose weights are on disk)")
+        about="what backbones: auto ranks (default: every registered backbone whose weights are on disk, and "
+              "the curated timm zoo when downloads are allowed)")
     layers: list[str] | None = option(
         None, accepts="a list of layer names (NAME or BACKBONE:NAME)",
         about="tap points (default: each backbone's last feature block); a run extracts its heads' sources")
@@ -189,27 +193,31 @@ def extract_settings(config_path: str | os.PathLike | None, data: str | os.PathL
 
 
 def auto_candidates(candidates: list[str] | None) -> list[str]:
-    """What `backbones: auto` chooses from: the config's candidates, else every backbone whose weights
-    are on disk (each checked to be registered before any work)."""
+    """What `backbones: auto` chooses from: the config's candidates, else every backbone whose weights are
+    on disk and, when downloads are allowed, the curated timm zoo too (logging what it will fetch and how
+    much). Each is checked to be registered before any work."""
+    from pipeline.models.download import offline
     from pipeline.models.registry import get_spec, list_backbones
+    from pipeline.models.timm_zoo import CURATED
+    from pipeline.models.weights import weights_on_disk
 
     if candidates:
         for name in candidates:
             get_spec(name)
         return list(candidates)
-    from pipeline.models.download import on_disk
-    from pipeline.models.openclip import downloadable
-
-    available = []
+    available, to_fetch = [], []
     for name in list_backbones():
-        remote = downloadable(name)  # only what is on disk: never a download
-        try:
-            if (on_disk(remote) if remote is not None else get_spec(name).locate_weights()) is None:
-                continue
-        except PipelineError:
-            continue
-        available.append(name)
-    return available
+        spec = get_spec(name)
+        if weights_on_disk(spec) is not None:
+            available.append(name)
+        elif name in CURATED and spec.remote is not None and not offline():
+            to_fetch.append(spec)
+    if to_fetch:
+        total = sum(spec.remote.size for spec in to_fetch) / 1e6
+        logger.info(f"backbones: auto will download {len(to_fetch)} backbones not on disk, about {total:,.0f} MB: "
+                    + ", ".join(f"{s.name} ({s.remote.size / 1e6:,.0f} MB)" for s in to_fetch)
+                    + "; features.candidates lists what to rank, --offline ranks only what is on disk")
+    return available + [spec.name for spec in to_fetch]
 
 
 def head_specs(config: RunConfig) -> list[HeadSpec]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import OutputError, PipelineError
+from pipeline.core.errors import OutputError
 from pipeline.core.names import DEFAULT_BACKBONE
 
 SKIPPED_HELP = "write the CSV of skipped files here (default: none; the first ten are printed)"
@@ -39,6 +39,13 @@ def add_extract_options(parser: argparse.ArgumentParser,
     setting("weights", metavar="PATH")
     add("--skipped", metavar="FILE", help=skipped_help)
     add("--quiet", action="store_true", help="no progress bar")
+    add_offline_option(parser)
+
+
+def add_offline_option(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    parser.add_argument("--offline", action="store_true", default=default,
+                        help="never download weights (as PIPELINE_OFFLINE=1 or HF_HUB_OFFLINE=1): use what is on "
+                             "disk, else fail naming the file and where to put it")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -115,27 +122,50 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_backbones(_args: argparse.Namespace) -> int:
-    from pipeline.models.download import on_disk
-    from pipeline.models.openclip import downloadable
-    from pipeline.models.registry import get_spec, list_backbones
+def _layer_summary(spec: Any) -> str:
+    """Layers as `name:dim`, a transformer's pooled variants folded: `block1..12_{cls,mean,cls_mean}:384`."""
+    import re
 
-    for name in list_backbones():
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    plain = []
+    for name, layer in spec.layers.items():
+        match = re.fullmatch(r"block(\d+)_(\w+)", name)
+        if match and layer.pool:
+            groups.setdefault(("block", layer.pool, layer.dim), []).append(int(match.group(1)))
+        else:
+            plain.append(f"{name}:{layer.dim}" + ("*" if name == spec.default_layer else ""))
+    folded = [f"block{min(ix)}..{max(ix)}_{pool}:{dim}" for (_b, pool, dim), ix in groups.items()]
+    return ", ".join(plain[:1] + folded + plain[1:])
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from pipeline.models.download import offline
+    from pipeline.models.registry import families, get_spec, list_backbones
+    from pipeline.models.weights import weights_on_disk
+
+    for name in args.names or list_backbones():
         spec = get_spec(name)
-        remote = downloadable(name)  # listed, never downloaded
-        try:
-            found = on_disk(remote) if remote is not None else spec.locate_weights()
-            weights = str(found) if found else f"not on disk ({remote.size / 1e6:.0f} MB to download)"
-        except PipelineError:
-            weights = "weights not on disk (pass --weights PATH; see docs/guide/extract.md)"
-        layers = ", ".join(f"{k}:{v.dim}" + ("*" if k == spec.default_layer else "")
-                           for k, v in spec.layers.items())
+        path = weights_on_disk(spec)
+        if path is not None:
+            weights = f"on disk: {path}"
+        elif spec.remote is not None:
+            size = _human_bytes(spec.remote.size) if spec.remote.size else "size unknown"
+            weights = (f"not on disk; {'--offline: not downloadable now' if offline() else 'downloaded on first use'}"
+                       f" ({size}) from {spec.remote.url}")
+        else:
+            weights = "not on disk (pass --weights PATH; see docs/guide/backbones.md)"
         pre = spec.preprocess
-        print(f"{name}\n  {spec.source}\n  weights: {weights}\n  input: resize {pre.resize}, crop {pre.crop}, "
-              f"{pre.interpolation}\n  layers (name:dim, * = default): {layers}")
+        print(f"{name}\n  {spec.source}\n  weights: {weights}")
+        if spec.card is not None:
+            figure = f"; {spec.card.published} ({spec.card.citation})" if spec.card.published else ""
+            print(f"  licence: {spec.card.licence}; {spec.card.params_m:g} M parameters{figure}")
+        print(f"  input: resize {pre.resize}, crop {pre.crop}, {pre.interpolation}\n"
+              f"  layers (name:dim, * = default): {_layer_summary(spec)}")
+    if not args.names:
+        for prefix in families():
+            print(f"{prefix}NAME\n  any timm model with weights on the Hugging Face hub, e.g. {prefix}resnet50.a1_in1k "
+                  "(its hub file, checked against the hub's SHA-256)")
     return 0
-
-
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,5 +193,10 @@ def add_feature_parsers(sub: argparse._SubParsersAction) -> None:
     add_setting(cache, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
     cache.set_defaults(func=cmd_cache)
 
-    backbones = sub.add_parser("backbones", help="list registered backbones, their layers and weights")
+    backbones = sub.add_parser(
+        "backbones", help="list registered backbones: weights on disk or to download, licence, layers",
+        description="List the registered backbones (or the NAMEs given): where their weights are on disk, or "
+                    "what would be downloaded and how large; licence, parameters, the published ImageNet "
+                    "figure with its source, input preprocessing and layers. Nothing is downloaded.")
+    backbones.add_argument("names", nargs="*", metavar="NAME", help="only these (also timm.MODEL names)")
     backbones.set_defaults(func=cmd_backbones)

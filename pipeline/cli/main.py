@@ -126,7 +126,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli.batch import add_batch_parser
-    from pipeline.cli.features import SKIPPED_HELP, add_extract_options, add_feature_parsers
+    from pipeline.cli.features import SKIPPED_HELP, add_extract_options, add_feature_parsers, add_offline_option
     from pipeline.cli.options import add_setting
     from pipeline.cli.training import add_compare_parser, add_finetune_parser
     from pipeline.features.settings import DEVICES, ExtractSettings
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Transfer learning for image classification: pretrained CNN features, "
                                      "cached on disk, reused by classical heads.", epilog=EPILOG)
+    add_offline_option(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_feature_parsers(sub)
@@ -272,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from pipeline.cli.progress import download_bars
+    from pipeline.models.download import OFFLINE_ENV
+
+    if args.offline:  # through the environment, so Dask workers and subprocesses inherit it
+        os.environ[OFFLINE_ENV] = "1"
     try:
-        with _console_log():
+        with _console_log(), download_bars(quiet=getattr(args, "quiet", False)):
             return args.func(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

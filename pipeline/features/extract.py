@@ -323,7 +323,8 @@ def _check_layer_owners(backbones: list[str], layers: Iterable[str] | None) -> N
 def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str) -> CacheKey:
     spec = get_spec(backbone)
     tap = spec.layers[layer]
-    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, tap.module)
+    module = f"{tap.module}#{tap.pool}" if tap.pool else tap.module  # token pooling; feature maps as before
+    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, module)
 
 
 def _provenance(device: str) -> dict:

@@ -16,9 +16,9 @@
 
 The pin is a full SHA-256, or a hex prefix of one (at least 8 digits: torchvision's weight files carry
 the first digits of their SHA-256 in their names, and torch.hub checks exactly that). A hub file without
-a pin (`sha256=None`) must name a commit as its revision: its download is checked against the SHA-256
-the hub reports for that commit's file (the `X-Linked-Etag` of a large file), and is refused when the hub
-answers for another commit. Weights are never made up: no file, no backbone.
+a pin of our own (`sha256=None`) is checked against the SHA-256 the hub states for the file at its
+revision (the `X-Linked-Etag` of a large file); when the revision is a commit, a hub answering for another
+commit is refused. Weights are never made up: no file, no backbone.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,8 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 _HEX = re.compile(r"[0-9a-f]{8,64}")
 
 Progress = Callable[[int, int], None]
+ProgressFactory = Callable[["RemoteFile", str], AbstractContextManager[Progress]]
+_progress_factory: ProgressFactory | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class RemoteFile:
     """A weights file we know how to get, and how to recognise."""
 
     url: str  # where to download it
-    sha256: str | None  # the pin: a full SHA-256 or a hex prefix of >= 8 digits; None: the hub revision's hash
+    sha256: str | None  # the pin: a full SHA-256 or a hex prefix of >= 8 digits; None: the hub's stated hash
     size: int  # bytes, shown to the user
     file_name: str  # name in our cache (the torch hub cache, or a $PIPELINE_WEIGHTS folder)
     hub: tuple[str, str, str] | None = None  # (repo_id, revision, filename) to look up in the HF hub cache
@@ -63,14 +65,21 @@ class RemoteFile:
     def __post_init__(self) -> None:
         if self.sha256 is not None and not _HEX.fullmatch(self.sha256):
             raise ValueError(f"pin {self.sha256!r} of {self.file_name} is not 8 to 64 lower-case hex digits")
-        if self.sha256 is None and (self.hub is None or not _COMMIT.fullmatch(self.hub[1])):
-            raise ValueError(f"{self.file_name} has no SHA-256 pin: it must be a hub file pinned to a commit")
+        if self.sha256 is None and self.hub is None:
+            raise ValueError(f"{self.file_name} has no SHA-256 pin: only a hub file may go without one")
         if not self.file_name or Path(self.file_name).name != self.file_name:
             raise ValueError(f"file name {self.file_name!r} must be a plain name")
 
     def matches(self, sha256: str) -> bool:
         """Whether a file's full SHA-256 satisfies the pin (always, for a hub file pinned by revision)."""
         return self.sha256 is None or sha256.startswith(self.sha256)
+
+
+def set_progress(factory: ProgressFactory | None) -> None:
+    """Report every download without its own `on_progress` through `factory(remote, what)`, a context
+    manager giving a `(done, total)` callback (the CLI's progress bar); None: silent."""
+    global _progress_factory
+    _progress_factory = factory
 
 
 def _flag(name: str) -> bool:
@@ -189,8 +198,13 @@ def download(remote: RemoteFile, what: str, on_progress: Progress | None = None)
     target = target_path(remote)
     folder = make_folder(target.parent)
     tmp = folder / f".{remote.file_name}.{uuid.uuid4().hex[:8]}.part"
+    if on_progress is None and _progress_factory is not None:
+        reporting = _progress_factory(remote, what)
+    else:
+        reporting = nullcontext(on_progress)
     try:
-        digest, expected = _stream(remote, what, tmp, on_progress)
+        with reporting as callback:
+            digest, expected = _stream(remote, what, tmp, callback)
         if not remote.matches(digest) or (expected is not None and digest != expected):
             pin = remote.sha256 or f"{expected} (the hub's for revision {remote.hub and remote.hub[1]})"
             raise BackboneError(f"download of {remote.url} for {what!r} has SHA-256 {digest}, not the pinned "
@@ -245,7 +259,7 @@ def _hub_expectation(remote: RemoteFile, headers, fail: str) -> str | None:
         return None
     commit = headers.get("X-Repo-Commit")
     etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").strip('W/"')
-    if commit != remote.hub[1]:
+    if _COMMIT.fullmatch(remote.hub[1]) and commit != remote.hub[1]:
         raise BackboneError(f"{fail}: the hub answered for revision {commit or '(none stated)'}, not the pinned "
                             f"{remote.hub[1]}")
     if not re.fullmatch(r"[0-9a-f]{64}", etag):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.errors import BackboneError
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.download import RemoteFile, fetch
-from pipeline.models.registry import BackboneSpec, Layer, get_spec, register
+from pipeline.models.registry import BackboneSpec, Card, Layer, get_spec, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,6 +39,7 @@ class ClipModel:
     architecture: str | dict  # an open_clip model config name, or such a config itself
     remote: RemoteFile | None  # None: only through --weights PATH (or a plugin's own locate)
     source: str = ""
+    card: Card | None = None  # licence, image tower's parameters, published figure
     quick_gelu: bool = False  # OpenAI's checkpoints were trained with QuickGELU
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
@@ -78,15 +79,17 @@ CURATED: dict[str, ClipModel] = {
         _hub("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "7288da5a0d6f0b51c4a2b27c624837a9236d0112",
              "1f16b1274ca25493b1f36225efe81d05f66a3f33c487acd1a07c5ba87920de6f", 599,
              "CLIP-ViT-B-16-laion2B-s34B-b88K.bin"),
-        source="OpenCLIP ViT-B/16 trained on LAION-2B (laion2b_s34b_b88k; MIT licence): 70.2% zero-shot "
-               "ImageNet-1k top-1 (model card)"),
+        source="OpenCLIP ViT-B/16 trained on LAION-2B (laion2b_s34b_b88k), image and text towers",
+        card=Card("MIT", 86.2, "70.2% ImageNet zero-shot top-1",
+                  "model card of laion/CLIP-ViT-B-16-laion2B-s34B-b88K (OpenCLIP)")),
     "clip_vit_b32_laion2b": ClipModel(
         "ViT-B-32",
         _hub("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "main",
              "1bd3c7172de5b207ceac554f5ab5266166f3b9baccc9af5989bc801016d080ad", 605,
              "CLIP-ViT-B-32-laion2B-s34B-b79K.bin"),
-        source="OpenCLIP ViT-B/32 trained on LAION-2B (laion2b_s34b_b79k; MIT licence): 66.6% zero-shot "
-               "ImageNet-1k top-1 (model card)"),
+        source="OpenCLIP ViT-B/32 trained on LAION-2B (laion2b_s34b_b79k), image and text towers",
+        card=Card("MIT", 87.8, "66.6% ImageNet zero-shot top-1",
+                  "model card of laion/CLIP-ViT-B-32-laion2B-s34B-b79K (OpenCLIP)")),
 }
 
 _CLIP: dict[str, ClipModel] = {}
@@ -139,7 +142,8 @@ def clip_spec(name: str, model: ClipModel) -> BackboneSpec:
         # open_clip's "shortest" resize mode: the shorter side to the input size, then a centre crop
         preprocess=Preprocess(size, size, model.mean, model.std, model.interpolation),
         layers={EMBEDDING: Layer(EMBEDDING, int(config["embed_dim"]))}, default_layer=EMBEDDING,
-        source=model.source or f"OpenCLIP {model.architecture if isinstance(model.architecture, str) else name}")
+        source=model.source or f"OpenCLIP {model.architecture if isinstance(model.architecture, str) else name}",
+        remote=model.remote if model.locate is None else None, card=model.card)
 
 
 def text_embeddings(backbone: str, prompts: list[list[str]],
@@ -158,9 +162,3 @@ def text_embeddings(backbone: str, prompts: list[list[str]],
     path = resolve_weights(get_spec(spec.parent), None) if spec.parent else resolve_weights(spec, weights)
     return embed(model.config(), model.quick_gelu, path, prompts)
 
-
-def downloadable(backbone: str) -> RemoteFile | None:
-    """The file a CLIP backbone would download (None for any other backbone): listings (`pipeline
-    backbones`, `backbones: auto`) look for it on disk instead of calling `locate_weights`, which downloads."""
-    model = _CLIP.get(backbone)
-    return model.remote if model is not None and model.locate is None else None

@@ -17,7 +17,10 @@ Nothing is built at import, and importing this module imports neither torch nor 
   folders of `PIPELINE_BACKBONES` (default `backbones/`); each names the registered parent whose
   network it fills with its own weights, so it cannot stand alone. A registered name wins.
 
-Weights are never downloaded (see `pipeline.models.weights`).
+- Families: `register_family(prefix, factory)` answers every name starting with `prefix` (`timm.NAME`
+  for any timm model) with `factory(name)`, built on first use like a registered name.
+
+Weights come through `pipeline.models.download` (an explicit file, files on disk, or a pinned download).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import BackboneError, first_line
 from pipeline.images.preprocess import Preprocess
+from pipeline.models.download import RemoteFile, fetch
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,12 +47,30 @@ MANIFEST = "backbone.json"
 MANIFEST_FORMAT = 1
 
 
+POOLS = ("cls", "mean", "cls_mean")  # how a token layer (batch, tokens, dim) becomes one vector
+
+
 @dataclass(frozen=True)
 class Layer:
-    """A tap point: the output of `module` (a dotted path in the network), globally average-pooled."""
+    """A tap point: the output of `module` (a dotted path in the network; "" is the network's own output).
+    A feature map is globally average-pooled; a token sequence is pooled by `pool` (one of POOLS): the
+    class token, the mean of the patch tokens (the `prefix` leading class and register tokens left out),
+    or both concatenated."""
 
     module: str
     dim: int
+    pool: str = ""
+    prefix: int = 0
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a user weighs before downloading: licence, size of the network, the published figure (cited)."""
+
+    licence: str
+    params_m: float  # millions of parameters of the feature network
+    published: str = ""  # e.g. "84.6% ImageNet linear probe"
+    citation: str = ""  # where that figure is published
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,9 @@ class BackboneSpec:
     load_categories: Callable[[], tuple[str, ...]] = field(default=tuple, repr=False)  # class names, on demand
     weights_sha256: str | None = None  # set for saved (fine-tuned) backbones: their file must match it
     parent: str | None = None  # the backbone a saved one was fine-tuned from
+    remote: RemoteFile | None = None  # where its weights are downloaded from, and their pin
+    card: Card | None = None
+    load_network: Callable[[Path], nn.Module] | None = None  # builds it with a weights file (else build + state dict)
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -79,9 +104,15 @@ class BackboneSpec:
         return name
 
 
+def remote_spec_weights(remote: RemoteFile, name: str) -> Callable[[], Path]:
+    """`locate_weights` of a downloadable backbone: on disk, else downloaded when allowed."""
+    return lambda: fetch(remote, name)
+
+
 SpecFactory = Callable[[], BackboneSpec]
 
 _FACTORIES: dict[str, SpecFactory] = {}
+_FAMILIES: dict[str, Callable[[str], BackboneSpec]] = {}
 _SPECS: dict[str, BackboneSpec] = {}  # factories already called
 _LOADED_PLUGINS: set[str] = set()
 _LOCK = threading.RLock()  # a factory may itself ask for another backbone's spec
@@ -95,6 +126,17 @@ def register(name: str, factory: SpecFactory) -> SpecFactory:
         _FACTORIES[name] = factory
         _SPECS.pop(name, None)
     return factory
+
+
+def register_family(prefix: str, factory: Callable[[str], BackboneSpec]) -> None:
+    """Answer every name `prefix + rest` with `factory(name)` (not listed: there may be thousands)."""
+    with _LOCK:
+        _FAMILIES[prefix] = factory
+
+
+def families() -> list[str]:
+    _ensure_registered()
+    return sorted(_FAMILIES)
 
 
 def list_backbones() -> list[str]:
@@ -115,6 +157,10 @@ def get_spec(name: str) -> BackboneSpec:
                 raise BackboneError(f"the factory registered as {name!r} built a backbone named {spec.name!r}")
             _SPECS[name] = spec
             return spec
+        family = next((f for prefix, f in _FAMILIES.items() if name.startswith(prefix)), None)
+        if family is not None:
+            _SPECS[name] = family(name)
+            return _SPECS[name]
     spec = _user_specs().get(name)
     if spec is None:
         raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())} "
@@ -179,7 +225,8 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
         weights = path.parent / manifest["weights"]
         pre = Preprocess(**{**manifest["preprocess"], "mean": tuple(manifest["preprocess"]["mean"]),
                             "std": tuple(manifest["preprocess"]["std"])})
-        layers = {name: Layer(layer["module"], int(layer["dim"])) for name, layer in manifest["layers"].items()}
+        layers = {name: Layer(layer["module"], int(layer["dim"]), layer.get("pool", ""), int(layer.get("prefix", 0)))
+                  for name, layer in manifest["layers"].items()}
         name, parent = manifest["name"], manifest["parent"]
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT}")
@@ -209,5 +256,6 @@ def manifest_for(name: str, parent: BackboneSpec, weights: str, weights_sha256: 
     preprocessing and tap points (fine-tuning changes the weights, not the architecture)."""
     return {"format": MANIFEST_FORMAT, "name": name, "parent": parent.name, "weights": weights,
             "weights_sha256": weights_sha256, "preprocess": parent.preprocess.as_dict(),
-            "layers": {k: {"module": v.module, "dim": v.dim} for k, v in parent.layers.items()},
+            "layers": {k: {"module": v.module, "dim": v.dim, **({"pool": v.pool, "prefix": v.prefix} if v.pool else {})}
+                       for k, v in parent.layers.items()},
             "default_layer": parent.default_layer, **extra}

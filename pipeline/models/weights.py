@@ -1,8 +1,9 @@
 """Backbone weights: finding the file, checksumming it, loading it into the network, saving a new one.
 
-Weights are never downloaded: they come from a registry package, the torch hub cache, or a file
-the user names; a missing file is a `BackboneError` that says where to put it. A state dict is read
-with `weights_only=True`, so a weights file cannot run code.
+Weights come from a file the user names, a registry package (Lite), or `pipeline.models.download`
+(files already on disk, else a pinned download when downloads are allowed); a missing file is a
+`BackboneError` that says where to put it. A state dict is read with `weights_only=True` (or as
+safetensors, by timm), so a weights file cannot run code.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.errors import BackboneError, first_line
+from pipeline.core.errors import BackboneError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256 as _sha256
 from pipeline.core.io import atomic_write, make_folder, write_json_atomic
+from pipeline.models.download import on_disk
 from pipeline.models.registry import MANIFEST, BackboneSpec, get_spec, manifest_for
 
 if TYPE_CHECKING:
@@ -32,6 +34,17 @@ class LoadedBackbone:
     network: nn.Module
     weights_path: Path
     weights_sha256: str
+
+
+def weights_on_disk(spec: BackboneSpec) -> Path | None:
+    """The weights file of `spec` if it is on disk now (never downloads, never hashes: for listings)."""
+    if spec.remote is not None:
+        return on_disk(spec.remote)
+    try:
+        path = spec.locate_weights()
+    except PipelineError:
+        return None
+    return path if path.is_file() else None
 
 
 def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = None) -> Path:
@@ -55,6 +68,10 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None,
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise BackboneError(f"weights {path} for {name!r} differ from the ones this run started with "
                             "(changed file, or another package version on this worker)")
+    if spec.load_network is not None and spec.weights_sha256 is None:  # timm loads its own files
+        network = spec.load_network(path)
+        network.eval().requires_grad_(False)
+        return LoadedBackbone(spec, network, path, file_sha256(path))
     import torch
 
     try:

