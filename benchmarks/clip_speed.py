@@ -1,11 +1,12 @@
-"""CPU cost of the curated CLIP backbones: the image tower's images/s, and the text tower's time to embed a
-zero_shot head's prompts (12 classes x CLIP's 7 default templates).
+"""CPU cost of a zero_shot head's prompts: the curated CLIP text towers embedding 12 classes x CLIP's 7
+default templates (84 prompts, each padded to 77 tokens), as `pipeline.heads.zero_shot.prior_for` does.
 
-    nice -n 10 python benchmarks/clip_speed.py [--rounds 3] [--batch 16] [--json FILE]
+    nice -n 10 python benchmarks/clip_speed.py [--rounds 2] [--threads 1] [--json FILE]
 
-The networks have random weights (no download here): a network runs at the same speed whatever its
-weights. Image towers on preloaded 224 px tensors, fp32 and bf16 autocast, batch `--batch`; entries and
-precisions interleaved within each round; medians over rounds.
+Random weights (no download here: the speed does not depend on the weight values). Entries interleaved
+within each round. Two figures per entry: seconds of wall time, which other jobs on the machine drag out,
+and CPU-seconds of this process (`time.process_time`), which such a load hardly moves (with one thread,
+the time on one idle core). The image towers' speed: `benchmarks/zoo_speed.py --names ...`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
@@ -21,58 +21,38 @@ import torch
 from pipeline.heads.spec import DEFAULT_TEMPLATES
 from pipeline.heads.zero_shot import prompts
 from pipeline.models.openclip import CURATED
-from pipeline.models.openclip_network import ClipImageTower, build_clip
-
-
-def _images_per_s(tower: torch.nn.Module, batch: torch.Tensor, bf16: bool) -> float:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        tower(batch[:2])  # warm-up
-        started = time.perf_counter()
-        tower(batch)
-    return len(batch) / (time.perf_counter() - started)
-
-
-def _prompt_seconds(model: torch.nn.Module, texts: list[str], context_length: int) -> float:
-    import open_clip
-
-    tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
-    with torch.inference_mode():
-        started = time.perf_counter()
-        model.encode_text(tokenizer(texts), normalize=True)
-    return time.perf_counter() - started
+from pipeline.models.openclip_network import build_clip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    classes = [f"class {i}" for i in range(12)]
-    texts = [t for row in prompts(classes, list(DEFAULT_TEMPLATES), {}) for t in row]
+    import open_clip
+
+    torch.set_num_threads(args.threads)
+    texts = [t for row in prompts([f"class {i}" for i in range(12)], list(DEFAULT_TEMPLATES), {}) for t in row]
     models = {}
     for name, entry in CURATED.items():
         config = entry.config()
-        clip = build_clip(config, entry.quick_gelu).eval()
-        models[name] = (ClipImageTower(config, entry.quick_gelu).eval(), clip, config["text_cfg"]["context_length"])
-    batch = torch.randn(args.batch, 3, 224, 224)
-    runs: dict[str, list[float]] = {}
+        tokens = open_clip.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])(texts)
+        models[name] = (build_clip(config, entry.quick_gelu).eval(), tokens)
+    runs: dict[str, dict[str, list[float]]] = {name: {"wall_s": [], "cpu_s": []} for name in models}
     for _ in range(args.rounds):
-        for name, (tower, clip, context) in models.items():
-            for bf16 in (False, True):
-                runs.setdefault(f"{name} image fp32" if not bf16 else f"{name} image bf16", []).append(
-                    _images_per_s(tower, batch, bf16))
-            runs.setdefault(f"{name} prompts s", []).append(_prompt_seconds(clip, texts, context))
-    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "batch": args.batch, "prompts": len(texts),
-              "median": {k: round(statistics.median(v), 2) for k, v in runs.items()},
-              "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()}}
-    for key, value in result["median"].items():
-        print(f"{key:40s} {value:8.2f}   runs: {result['runs'][key]}")
+        for name, (model, tokens) in models.items():
+            with torch.inference_mode():
+                wall, cpu = time.perf_counter(), time.process_time()
+                model.encode_text(tokens, normalize=True)
+                runs[name]["wall_s"].append(round(time.perf_counter() - wall, 2))
+                runs[name]["cpu_s"].append(round(time.process_time() - cpu, 2))
+    for name, figures in runs.items():
+        print(f"{name:24s} {len(texts)} prompts: wall s {figures['wall_s']}, CPU s {figures['cpu_s']}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+            json.dump({"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                       "prompts": len(texts), "runs": runs}, fh, indent=1)
 
 
 if __name__ == "__main__":
