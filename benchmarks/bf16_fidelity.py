@@ -1,10 +1,12 @@
-"""How far bf16 autocast features are from fp32 ones, and what that does to a linear probe.
+"""How far bf16 and OpenVINO features are from torch fp32 ones, and what that does to a linear probe.
 
     python benchmarks/bf16_fidelity.py [--data ../shared/data/flowers12] [--cache cache]
 
-Extracts train and test with both precisions (each into its own cache key, so reruns are free),
-reports per-image cosine similarity and the test accuracy of the same logistic-regression probe
-(the heads' own, C=0.1).
+Extracts train and test with each runtime and precision (torch fp32, the reference; torch bf16 autocast;
+OpenVINO with the bf16 and the f32 precision hint), each into its own cache key, so reruns are free;
+reports per-image cosine similarity to the reference on the test split and the test accuracy of the same
+logistic-regression probe (the heads' own, C=0.1) fitted on each, with the number of test images whose
+predicted class differs from the reference probe's.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pipeline.features.extract import extract
 from pipeline.heads.fit import logistic_regression
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "bf16"), ("openvino", "fp32")]  # reference first
 
 
-def features(folder: Path, backbone: str, precision: str, cache: str):
-    report = extract(folder, [backbone], cache_dir=cache, precision=precision, progress=True)
+def features(folder: Path, backbone: str, runtime: str, precision: str, cache: str):
+    report = extract(folder, [backbone], cache_dir=cache, precision=precision, runtime=runtime, progress=True)
     (fs,) = report.feature_sets.values()
     return fs.features.compute(), fs.labels
 
@@ -38,15 +41,20 @@ def main() -> None:
     args = parser.parse_args()
     data = Path(args.data)
     result: dict = {"backbone": args.backbone}
-    feats = {p: {s: features(data / s, args.backbone, p, args.cache) for s in ("train", "test")}
-             for p in ("fp32", "bf16")}
-    a, b = feats["fp32"]["test"][0], feats["bf16"]["test"][0]
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    result["cosine_min"], result["cosine_mean"] = round(float(cosine.min()), 5), round(float(cosine.mean()), 5)
-    for precision, splits in feats.items():
-        probe = make_pipeline(StandardScaler(), logistic_regression(C=0.1))
-        probe.fit(*splits["train"])
-        result[f"probe_accuracy_{precision}"] = round(float(probe.score(*splits["test"])), 4)
+    predictions, reference = {}, None
+    for runtime, precision in VARIANTS:
+        name = f"{runtime}_{precision}"
+        (x_train, y_train), (x_test, y_test) = (features(data / s, args.backbone, runtime, precision, args.cache)
+                                                for s in ("train", "test"))
+        probe = make_pipeline(StandardScaler(), logistic_regression(C=0.1)).fit(x_train, y_train)
+        predictions[name] = probe.predict(x_test)
+        reference = x_test if reference is None else reference
+        cosine = (x_test * reference).sum(1) / np.linalg.norm(x_test, axis=1) / np.linalg.norm(reference, axis=1)
+        result[name] = {"cosine_min": round(float(cosine.min()), 5), "cosine_mean": round(float(cosine.mean()), 5),
+                        "probe_accuracy": round(float((predictions[name] == y_test).mean()), 4),
+                        "probe_correct": int((predictions[name] == y_test).sum()), "test_images": len(y_test),
+                        "predictions_differing_from_reference": int((predictions[name]
+                                                                     != predictions["torch_fp32"]).sum())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

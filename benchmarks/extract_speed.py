@@ -61,8 +61,8 @@ def model_alone(paths: list[Path], loaded: LoadedBackbone, device: str, precisio
 
 def pipeline_end_to_end(data: Path, backbone: str, device: str, precision: str, batch_size: int) -> float:
     """Into a fresh cache each time, so every image is computed (the first call also loads the model)."""
-    with tempfile.TemporaryDirectory() as cache:
-        report = extract(data, [backbone], cache_dir=cache, device=device, precision=precision,
+    with tempfile.TemporaryDirectory() as cache:  # the torch path, as the model alone (openvino_speed.py: OpenVINO)
+        report = extract(data, [backbone], cache_dir=cache, device=device, precision=precision, runtime="torch",
                          batch_size=batch_size, progress=False)
     return report.images / report.seconds
 

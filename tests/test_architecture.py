@@ -9,7 +9,7 @@ import pytest
 from .conftest import ROOT
 
 # Lowest first: a module may import its own layer and the ones before it, never a later one.
-LAYERS = ["core", "images", "models", "features", "heads", "tuning", "reporting", "app", "cli"]
+LAYERS = ["core", "images", "models", "features", "heads", "deploy", "tuning", "reporting", "app", "cli"]
 MODULES = sorted((ROOT / "pipeline").rglob("*.py"))
 
 

@@ -198,18 +198,18 @@ def test_an_emptied_list_file_means_nothing_new(tmp_path, heads):
 
 
 def test_a_file_rewritten_during_a_run_with_known_content_gets_no_second_row(tmp_path, heads, monkeypatch):
-    """Ids come from hashing before the work and again in extraction; a file that changed between the two
-    to content already predicted is written once only."""
-    import pipeline.app.batch
+    """Ids come from hashing before the work, and decoding checks the bytes against them; a file that
+    changed between the two to content already predicted is written once only."""
+    from pipeline.images.statmemo import StatMemo
 
     data = make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=960)
     config = _config(tmp_path, [data], {"lr": heads / "lr.skops"})
     assert run_batch(config, progress=False).predicted == 2
     copy = data / "class0" / "copy.jpg"
     shutil.copy(data / "class0" / "img0.jpg", copy)
-    real = pipeline.app.batch.hash_files
-    monkeypatch.setattr(pipeline.app.batch, "hash_files",  # what hashing saw before the file was overwritten
-                        lambda paths: ["0" * 16 if p == copy else i for p, i in zip(paths, real(paths), strict=True)])
+    real = StatMemo.ids
+    monkeypatch.setattr(StatMemo, "ids", lambda memo, paths: [  # what hashing saw before the file was overwritten
+        "0" * 16 if p == str(copy) else i for (p, _stat), i in zip(paths, real(memo, paths), strict=True)])
     entry = run_batch(config, progress=False)
     assert (entry.new, entry.predicted) == (1, 0)
     assert len(_by_image(_rows(tmp_path / "batch"))) == 2

@@ -81,7 +81,7 @@ def test_a_shard_task_that_runs_twice_is_harmless(tiny_folder, cache_dir):
     job = ShardJob(backbone=TINY, weights=None, weights_sha256=meta["weights_sha256"],
                    layers=("head",), stores=(str(store.root),), device="cpu", precision=meta["precision"],
                    batch_size=32, shard=shard, paths=tuple(str(p) for p in fs.paths),
-                   image_ids=tuple(fs.image_ids), needed=(frozenset(fs.image_ids),))
+                   image_ids=tuple(fs.image_ids), needed=(frozenset(fs.image_ids),), runtime=meta["runtime"])
     run_shard(job)  # the retry of a task that had in fact finished
     assert len(store.orphans()) == 1 and store.verify() == []
     assert np.array_equal(store.read(fs.image_ids).compute(), x)

@@ -116,7 +116,7 @@ def test_a_head_saved_as_a_plain_dict_by_an_earlier_version_still_loads_when_tru
         load_bundle(path)
     bundle = load_bundle(path, trust_pickle=True)
     assert isinstance(bundle, HeadBundle) and bundle.head.options == {"C": 1.0} and bundle.sources[0].weights is None
-    assert bundle.to_disk() == joblib.load(path) | {"sources": [{**source, "weights": None}]}
+    assert bundle.to_disk() == joblib.load(path) | {"sources": [{**source, "weights": None, "runtime": "torch"}]}
 
 
 def test_every_batch_log_line_has_every_key():

@@ -7,14 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.core.errors import BackboneError, ConfigError
 from pipeline.features.extract import extract
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HeadSpec
+from pipeline.images.data import require_labelled, scan
 from pipeline.models.registry import BACKBONES_ENV, get_spec, list_backbones
 from pipeline.models.weights import load_backbone
-from pipeline.tuning.finetune import FinetuneOptions, blocks, finetune, linear_from_probe, prepare, unfrozen_count
+from pipeline.tuning.finetune import (
+    FinetuneOptions,
+    blocks,
+    finetune,
+    fit_probe,
+    linear_from_probe,
+    prepare,
+    unfrozen_count,
+)
 from pipeline.tuning.training import TrainSettings, train
 
 from .conftest import TINY, make_folder, stage_run_config
@@ -191,7 +201,8 @@ def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeyp
     path = _run_config(folders, tmp_path, "{epochs: 1, batch_size: 4, unfreeze: last:1, probe_C: 1.0, val_fraction: 0}")
     run(path, progress=False)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["finetune"]
-    assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone", "probe_accuracy", "best_epoch"}
+    assert set(metrics) == {"accuracy", "macro_f1", "seconds", "backbone", "probe_accuracy", "best_epoch",
+                            "kept"}
     assert metrics["backbone"] == f"{TINY}_ft_out" and isinstance(metrics["accuracy"], float)
     assert get_spec(f"{TINY}_ft_out").parent == TINY
     page = (tmp_path / "out" / "report.html").read_text()
@@ -199,15 +210,87 @@ def test_run_config_finetune_section_adds_its_metrics(folders, tmp_path, monkeyp
     assert (tmp_path / "out" / "finetune" / "finetune.png").stat().st_size > 10_000
 
 
-def test_starting_weights_are_kept_when_no_epoch_beats_them_on_validation(folders, tmp_path):
-    """Epoch 0 (the probe-initialised network) competes for the best epoch: on these few random images
-    training only overfits, so the run ends where it started, not below it."""
-    result = finetune(_options(folders, tmp_path, train={"epochs": 2}), progress=False)
+def _stripes(root: Path, per_class: int, seed: int) -> Path:
+    """Two classes told apart only by the direction of faint stripes under noise: the tiny random
+    backbone's pooled features barely see it (its probe is near chance), training the blocks does."""
+    y, x = np.mgrid[0:48, 0:48] / 48
+    for c, axis in enumerate((x, y)):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng(seed + 100 * c + i)
+            stripes = (np.sin(axis * 20 + rng.uniform(0, 6)) > 0)[..., None]
+            pixels = rng.uniform(60, 200, 3) * (0.8 + 0.2 * stripes) + rng.normal(0, 30, (48, 48, 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _predicts_with(backbone: str, train: Path, test: Path, tmp_path: Path) -> list[str]:
+    """Fit a head on the saved backbone's features and predict the test folder, as a user does."""
+    import csv
+
+    from pipeline.cli.main import main
+
+    cache, head, out = str(tmp_path / "use-cache"), str(tmp_path / "head.skops"), tmp_path / "predictions.csv"
+    assert main(["fit", "--data", str(train), "--type", "logistic_regression", "--backbone", backbone,
+                 "--out", head, "--cache", cache, "--quiet"]) == 0
+    assert main(["predict", "--model", head, "--data", str(test), "--out", str(out), "--cache", cache,
+                 "--quiet"]) == 0
+    with out.open() as fh:
+        return [row["predicted_class"] for row in csv.DictReader(fh)]
+
+
+def test_a_run_that_cannot_beat_its_probe_keeps_the_probe_and_says_so(folders, tmp_path, monkeypatch, caplog):
+    """lr 1000 wrecks the network in one step: no epoch can beat the probe on the held-out part (the
+    default 20% of the training folder), so the saved backbone is the parent network with the probe,
+    refitted on every training image, as its head; the run says so in the log and finetune.json."""
+    import json
+
+    options = _options(folders, tmp_path, val_fraction=FinetuneOptions("x").val_fraction, unfreeze="all",
+                       train={"epochs": 2, "lr": 1e3})
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = finetune(options, progress=False)
     m = result.metrics
-    assert m["best_epoch"] == 0 and all(r["val_accuracy"] <= m["start_val_accuracy"] for r in m["history"])
+    assert m["kept"] == "probe" and m["best_epoch"] == 0 and m["images"]["val"] == 3
+    assert all(r["val_accuracy"] <= m["start_val_accuracy"] for r in m["history"])
+    assert m["best_val_accuracy"] == m["start_val_accuracy"]
+    assert json.loads((tmp_path / "out" / "finetune.json").read_text())["kept"] == "probe"
+    assert "no trained epoch beat the linear probe" in caplog.text and "keeping the probe" in caplog.text
+    saved = torch.load(result.folder / "weights.pth", weights_only=True)
+    parent = load_backbone(TINY).network.state_dict()
+    assert all(torch.equal(v, parent[k]) for k, v in saved["state_dict"].items())
+    everything = fit_probe(require_labelled(scan(folders / "train"), "train"), TINY, options, progress=False)
+    weight, bias = linear_from_probe(everything, 3)  # the probe of all 12 images, not of the 9 it started from
+    for part, value in (("weight", weight), ("bias", bias)):  # rows in another order: the solver's tolerance
+        torch.testing.assert_close(saved["classifier"][part], value, atol=1e-3, rtol=1e-3)
+    test = extract(folders / "test", TINY, ["head"], folders / "cache", "cpu", "bf16",
+                   progress=False).feature_sets[(TINY, "head")]
+    probe_on_test = float(np.mean(everything.predict(test.features.compute()) == test.labels))
+    assert m["accuracy"] == pytest.approx(probe_on_test, abs=1 / 6)  # the network's bf16 pass: one image at most
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
+    predicted = _predicts_with("tiny_ft", folders / "train", folders / "test", tmp_path)
+    assert len(predicted) == 6 and set(predicted) <= {"class0", "class1", "class2"}
+
+
+def test_a_run_that_beats_its_probe_keeps_its_best_epoch(tmp_path, monkeypatch, caplog):
+    data = tmp_path / "stripes"
+    _stripes(data / "train", 16, 0)
+    _stripes(data / "test", 8, 5000)
+    options = FinetuneOptions(data / "train", data / "test", backbone=TINY, unfreeze="all", probe_C=1.0,
+                              out=tmp_path / "out", name="tiny_stripes", backbones_dir=tmp_path / "backbones",
+                              cache_dir=tmp_path / "cache",
+                              train=TrainSettings(epochs=6, batch_size=8, lr=0.1, patience=6, device="cpu"))
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = finetune(options, progress=False)
+    m = result.metrics
+    assert m["kept"] == "fine-tuned" and m["best_epoch"] >= 1 and "keeping the probe" not in caplog.text
+    assert m["best_val_accuracy"] > m["start_val_accuracy"]
+    assert m["best_val_accuracy"] == max(r["val_accuracy"] for r in m["history"])
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
     parent = load_backbone(TINY).network.state_dict()
-    assert all(torch.equal(v, parent[k]) for k, v in saved.items())
+    assert not all(torch.equal(v, parent[k]) for k, v in saved.items())
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
+    predicted = _predicts_with("tiny_stripes", data / "train", data / "test", tmp_path)
+    assert len(predicted) == 16 and set(predicted) <= {"class0", "class1"}
 
 
 def test_finetune_prints_a_broken_training_image_and_writes_the_skip_list(tmp_path, capsys):

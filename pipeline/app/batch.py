@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
+from pipeline.app.batch_scan import identify
 from pipeline.app.batch_state import (
     SKIP_RECORD,
     BatchLogEntry,
@@ -53,7 +55,7 @@ from pipeline.features.settings import ComputeSettings
 from pipeline.heads.bundle import HeadBundle, PickleRefused, load_bundle
 from pipeline.heads.predict import feature_options, predict_with
 from pipeline.heads.spec import HEAD_SUFFIX, OLD_HEAD_SUFFIX
-from pipeline.images.data import Dataset, hash_files, scan, walk_files
+from pipeline.images.data import Dataset
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 
@@ -181,26 +183,7 @@ def load_heads(config: BatchConfig, trust_pickle: bool = False) -> list[Head]:
 
 # --------------------------------------------------------------------------- the run
 
-def scan_inputs(inputs: list[Path]) -> Dataset:
-    """Every visible file under each folder (recursively, links to folders followed; hidden files and
-    folders, such as uploads in progress, are left alone) and every path of each list file, without
-    labels. Paths are absolute and normalised (`os.path.abspath`: `configs/../incoming` is `incoming`,
-    a symlinked folder keeps its name), so the same file has the same path whatever the config says."""
-    paths: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    for source in inputs:
-        if source.is_dir():
-            found, unused = walk_files(os.path.abspath(source))
-        else:
-            listed = scan(source, allow_empty_list=True)
-            found, unused = listed.paths, listed.skipped
-        paths += [Path(os.path.abspath(p)) for p in found]
-        skipped += [(os.path.abspath(p), reason) for p, reason in unused]
-    paths = list(dict.fromkeys(paths))
-    return Dataset(paths, np.full(len(paths), -1), [], list(dict(skipped).items()))
-
-
-def _predict_head(head: Head, pending: list[Path], done: set[str], config: BatchConfig, run_id: str,
+def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], config: BatchConfig, run_id: str,
                   bar: tqdm) -> HeadRun:
     """Stream one head's pending images chunk by chunk into `OUTPUT/<head>/run-<run_id>.csv`, committed
     atomically once complete; memory holds one chunk's features at a time. Rows are checked against
@@ -219,8 +202,9 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
                              *[f"p_{c}" for c in head.bundle.classes]])
             for start in range(0, len(pending), config.chunk_size):
                 chunk = pending[start:start + config.chunk_size]
-                predictions = predict_with(head.bundle, Dataset(chunk, np.full(len(chunk), -1), [], []),
-                                           progress=False, **options, **head.options)
+                data = Dataset([Path(path) for _i, path in chunk], np.full(len(chunk), -1), [], [],
+                               ids=[image_id for image_id, _path in chunk])  # checked against the bytes decoded
+                predictions = predict_with(head.bundle, data, progress=False, **options, **head.options)
                 for row in predictions.rows():
                     if row[1] not in done:  # row: path, image id, ...
                         done.add(row[1])
@@ -242,29 +226,29 @@ def _predict_head(head: Head, pending: list[Path], done: set[str], config: Batch
     return result
 
 
-def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry,
-          progress: bool) -> tuple[dict[str, str], set[str]]:
+def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress: bool, rehash: bool,
+          on_scan: Callable[[int, bool], None] | None) -> tuple[dict[str, str], set[str]]:
     """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone;
     returns every skipped file with its reason, and every path looked at."""
-    dataset = scan_inputs(config.inputs)
-    scanned = {str(p) for p in dataset.paths} | {path for path, _ in dataset.skipped}
-    skipped = dict(dataset.skipped)
-    entry.seen = len(dataset.paths) + len(dataset.skipped)
-    ids = hash_files(dataset.paths)
-    skipped.update((str(p), "unreadable file") for p, i in zip(dataset.paths, ids, strict=True) if i is None)
+    found = identify(config.inputs, config.features.cache_dir, rehash, on_scan)
+    skipped = found.skipped
+    scanned = set(found.paths) | set(skipped)
+    entry.seen = len(found.paths) + len(skipped)
+    entry.opened = found.opened
+    skipped.update((path, "unreadable file") for path, i in zip(found.paths, found.ids, strict=True) if i is None)
     entry.skipped, entry.skipped_files = _skips(skipped)
-    copies: dict[str, list[Path]] = {}  # content id -> every path with that content, the first predicts
-    for path, image_id in zip(dataset.paths, ids, strict=True):
-        if image_id is not None:
-            copies.setdefault(image_id, []).append(path)
-    first_path = {image_id: paths[0] for image_id, paths in copies.items()}
-    later_copies = {str(paths[0]): paths[1:] for paths in copies.values() if len(paths) > 1}
+    first_path: dict[str, str] = {}  # content id -> the first path with that content, which predicts
+    later_copies: dict[str, list[Path]] = {}  # that first path -> the other paths with its content
+    for path, image_id in zip(found.paths, found.ids, strict=True):
+        if image_id is not None and first_path.setdefault(image_id, path) != path:
+            later_copies.setdefault(first_path[image_id], []).append(Path(path))
+    del found
     done = {head.name: predicted_ids(config.output_dir / head.name, head.sha256) for head in heads}
-    pending = {head.name: [p for i, p in first_path.items() if i not in done[head.name]] for head in heads}
+    pending = {head.name: [(i, p) for i, p in first_path.items() if i not in done[head.name]] for head in heads}
     # A file an earlier run reported as broken, unchanged since, is tried again but is not news.
     known = known_skips(config.output_dir)
-    entry.new = len({path for paths in pending.values() for path in paths if not still_broken(known, str(path))})
-    entry.failed = len({path for paths in pending.values() for path in paths})
+    entry.new = len({path for paths in pending.values() for _i, path in paths if not still_broken(known, path)})
+    entry.failed = len({path for paths in pending.values() for _i, path in paths})
     with tqdm(total=sum(map(len, pending.values())), unit="img", desc="batch",
               disable=None if progress else True) as bar:
         for i, head in enumerate(heads):
@@ -274,7 +258,7 @@ def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry,
             entry.heads[head.name].file = path_text(result.file) if result.file else None
             entry.predicted += result.rows
             entry.computed += result.computed
-            entry.failed = len({path for later in heads[i + 1:] for path in pending[later.name]})
+            entry.failed = len({path for later in heads[i + 1:] for _i, path in pending[later.name]})
             skipped.update(result.skipped)
             skipped.update(_skipped_copies(result.skipped, later_copies))
             entry.skipped, entry.skipped_files = _skips(skipped)
@@ -295,9 +279,11 @@ def _skips(skipped: dict[str, str]) -> tuple[int, list[SkippedFile]]:
 
 
 def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | None = None, on_lock: str = "wait",
-              progress: bool = True, trust_pickle: bool = False) -> BatchLogEntry:
+              progress: bool = True, trust_pickle: bool = False, rehash: bool = False,
+              on_scan: Callable[[int, bool], None] | None = None) -> BatchLogEntry:
     """One batch run (of a config file, or of one already loaded); returns its log entry (`exit_code`
-    says how it went).
+    says how it went). Files the stat memo has seen unchanged are not read (`rehash` reads them all);
+    `on_scan(files, done)` hears how many files the scan has identified so far, and when it is done.
 
     Config and head errors raise before anything is written; a run that fails once working is logged
     with status "failed" (what it committed is kept) and, for a bug, re-raised."""
@@ -315,8 +301,8 @@ def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | Non
         entry = BatchLogEntry.begin(new_run_id(), {h.name: HeadLog(file=None, sha256=h.sha256, rows=0) for h in heads})
         entry.scheduler = config.features.scheduler
         try:
-            skipped, scanned = _work(config, heads, entry, progress)
-            new = record_skips(config.output_dir, skipped, scanned)
+            skipped, scanned = _work(config, heads, entry, progress, rehash, on_scan)
+            new = record_skips(config.output_dir, skipped, scanned, os.path.abspath(config.path))
             entry.new_skipped, entry.new_skipped_files = _skips({path: skipped[path] for path in new})
             entry.status, entry.exit_code = ("partial", EXIT_PARTIAL) if entry.new_skipped else ("ok", EXIT_OK)
         except Exception as exc:

@@ -109,6 +109,7 @@ class BatchLogEntry(_Record):
     started: str | None
     ended: str | None
     seen: int | None  # files looked at, skipped ones included
+    opened: int | None  # files read to identify them: new or changed since the stat memo saw them
     new: int | None  # images (by content) some head had not predicted yet
     skipped: int | None
     failed: int | None  # new images left unpredicted by a failure
@@ -129,18 +130,19 @@ class BatchLogEntry(_Record):
     @classmethod
     def begin(cls, run_id: str, heads: dict[str, HeadLog]) -> BatchLogEntry:
         """The entry of a run starting now, in this process; filled in as the run goes."""
-        return cls(run_id=run_id, status="running", started=now(), ended=None, seen=0, new=0, skipped=0, failed=0,
-                   computed=0, new_skipped=None, predicted=0, seconds=None, exit_code=None, heads=heads,
+        return cls(run_id=run_id, status="running", started=now(), ended=None, seen=0, opened=0, new=0, skipped=0,
+                   failed=0, computed=0, new_skipped=None, predicted=0, seconds=None, exit_code=None, heads=heads,
                    skipped_files=[], new_skipped_files=None, scheduler=None, host=platform.node(), pid=os.getpid(),
                    error=None, note=None)
 
     @classmethod
     def recovered(cls, run_id: str, heads: dict[str, HeadLog], ended: str, note: str) -> BatchLogEntry:
         """The entry of a run killed after writing its files, before its log line: what the files say."""
-        return cls(run_id=run_id, status="recovered", started=None, ended=ended, seen=None, new=None, skipped=None,
-                   failed=None, computed=None, new_skipped=None, predicted=sum(h.rows for h in heads.values()),
-                   seconds=None, exit_code=None, heads=heads, skipped_files=None, new_skipped_files=None,
-                   scheduler=None, host=None, pid=None, error=None, note=note)
+        return cls(run_id=run_id, status="recovered", started=None, ended=ended, seen=None, opened=None, new=None,
+                   skipped=None, failed=None, computed=None, new_skipped=None,
+                   predicted=sum(h.rows for h in heads.values()), seconds=None, exit_code=None, heads=heads,
+                   skipped_files=None, new_skipped_files=None, scheduler=None, host=None, pid=None,
+                   error=None, note=note)
 
 
 def append_log(log: Path, entry: BatchLogEntry) -> None:
@@ -223,19 +225,28 @@ def still_broken(known: dict[str, dict], path: str) -> bool:
     return isinstance(state, dict) and state.get("file") is not None and state["file"] == _file_state(path)
 
 
-def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -> list[str]:
+def _state(state: object) -> object:
+    """What says whether a skip is news: its reason and the file's state, not which config recorded it."""
+    return {k: v for k, v in state.items() if k != "config"} if isinstance(state, dict) else state
+
+
+def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str], config: str) -> list[str]:
     """Merge this run's skips into OUTPUT/skipped.json and return those no earlier run reported. A file
     that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once, and
-    again only if it changes (size or mtime) or fails for another reason. Entries of files this run did
-    not look at (another config sharing the folder) stay, unless the file was deleted since; those it
-    read fine leave."""
+    again only if it changes (size or mtime) or fails for another reason. Each entry names the config
+    (its absolute path) whose run recorded it. Entries this run did not look at leave when that config
+    was this one (the path is no longer in any of its inputs) or when the file was deleted; those of
+    another config sharing the folder stay; those it read fine leave."""
     record = output_dir / SKIP_RECORD
     known = known_skips(output_dir)
-    current = {path: {"reason": reason, "file": _file_state(path)} for path, reason in skipped.items()}
-    new = [path for path, state in current.items() if known.get(os.path.abspath(path)) != state]
+    current = {os.path.abspath(path): {"reason": reason, "file": _file_state(path), "config": config}
+               for path, reason in skipped.items()}
+    new = [path for path in skipped
+           if _state(known.get(os.path.abspath(path))) != _state(current[os.path.abspath(path)])]
     looked_at = {os.path.abspath(path) for path in scanned}
-    kept = {path: state for path, state in known.items() if path not in looked_at and not _deleted(state, path)}
-    merged = kept | {os.path.abspath(path): state for path, state in current.items()}
+    kept = {path: state for path, state in known.items() if path not in looked_at and not _deleted(state, path)
+            and not (isinstance(state, dict) and state.get("config") == config)}
+    merged = kept | current
     if merged != known:
         try:
             # The exact names, to map back to the files on the next run: a name that is not valid UTF-8
@@ -243,7 +254,7 @@ def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str]) -
             write_json_atomic(record, merged, ensure_ascii=True)
         except OutputError as exc:  # the predictions are committed: say so, and report every skip as new
             logger.warning(f"warning: {path_text(str(exc))}")
-            return list(current)
+            return list(skipped)
     return new
 
 

@@ -90,8 +90,7 @@ class FinetuneSection(Section):
                              about="each earlier block learns at this factor times the next block's rate")
     weight_decay: NonNegativeFinite = option(_FT_TRAIN.weight_decay, accepts=_NON_NEGATIVE, about="AdamW weight decay")
     epochs: PositiveInt = option(_FT_TRAIN.epochs, accepts="a positive integer",
-                                 about="epochs to train: exactly these without a validation split, at most these "
-                                       "with one")
+                                 about="epochs to train (fewer only when patience stops the run early)")
     warmup: NonNegativeFinite = option(_FT_TRAIN.warmup, accepts=_NON_NEGATIVE,
                                        about="epochs of linear warm-up before cosine decay")
     label_smoothing: Fraction = option(_FT_TRAIN.label_smoothing, accepts=_FRACTION,
@@ -106,11 +105,12 @@ class FinetuneSection(Section):
     train_bn: bool = option(dataclass_default(FinetuneOptions, "train_bn"), accepts="true or false",
                             about="let BatchNorm layers of unfrozen blocks learn and update statistics")
     val_fraction: Fraction = option(dataclass_default(FinetuneOptions, "val_fraction"), accepts=_FRACTION,
-                                 about="stratified share of the training folder held out to pick the best epoch "
-                                       "and stop early; 0 for none: train every epoch, keep the last")
+                                 about="stratified share of the training folder held out to choose what is kept: "
+                                       "the best epoch, or the linear probe when no epoch beats it there; 0 for "
+                                       "none: train every epoch, keep the last")
     patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
-                                   about="with a validation split: epochs without a better validation accuracy "
-                                         "before stopping")
+                                   about="with a held-out part: epochs without a better held-out accuracy "
+                                         "before stopping (the default equals the default epochs: no early stopping)")
     batch_size: PositiveInt = option(_FT_TRAIN.batch_size, accepts="a positive integer", about="images per step")
     seed: Seed = option(_FT_TRAIN.seed, accepts=_SEED, about="seed of the split, shuffling and augmentation")
     name: str | None = option(None, accepts="the id of the saved backbone",

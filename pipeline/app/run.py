@@ -80,6 +80,7 @@ class FinetuneScores(_Record):
     backbone: str  # the saved backbone's id
     probe_accuracy: float | None
     best_epoch: int
+    kept: str  # fine-tuned | probe (no epoch beat it on the held-out part) | initial
 
 
 class CompareRow(_Record):

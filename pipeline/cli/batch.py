@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,8 @@ from pipeline.core.paths import path_text
 if TYPE_CHECKING:
     from pipeline.app.batch_state import BatchLogEntry
 
-BATCH_HELP = """The recurring job: scan the config's inputs, extract features only for images the cache lacks,
+BATCH_HELP = """The recurring job: scan the config's inputs (a file whose size, mtime, inode and device are as the
+cache's stat memo last saw them is not read again), extract features only for images the cache lacks,
 apply each saved head to the images it has not predicted yet, write OUTPUT/<head>/run-<run_id>.csv and
 append one JSON line to the log. Safe to start from cron or a systemd timer: runs take a lock, and a run
 killed at any moment is finished by the next one without duplicate rows.
@@ -35,8 +38,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     config = load_batch_config(args.config)
     try:
-        entry = run_batch(config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet,
-                          trust_pickle=args.trust_pickle)
+        with _scan_bar(args.quiet) as on_scan:
+            entry = run_batch(config, scheduler=args.scheduler, on_lock=args.on_lock, progress=not args.quiet,
+                              trust_pickle=args.trust_pickle, rehash=args.rehash, on_scan=on_scan)
     except LockBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LOCKED
@@ -46,10 +50,36 @@ def cmd_batch(args: argparse.Namespace) -> int:
     fresh = "" if entry.new_skipped is None else f" ({entry.new_skipped} new)"
     print(f"run {entry.run_id}: {entry.status} | files seen: {entry.seen} | new: {entry.new} | "
           f"predicted: {entry.predicted} | skipped: {entry.skipped}{fresh} | "
-          f"failed: {entry.failed} | feature rows computed: {entry.computed} | {entry.seconds:.1f} s")
+          f"failed: {entry.failed} | files read: {entry.opened} | feature rows computed: {entry.computed} | "
+          f"{entry.seconds:.1f} s")
     if entry.error:
         print(f"error: {entry.error}", file=sys.stderr)
     return entry.exit_code
+
+
+@contextmanager
+def _scan_bar(quiet: bool) -> Iterator[Callable[[int, bool], None] | None]:
+    """The scan's progress (files found and identified so far), drawn on stderr from the scan's first
+    block (after the lock and the heads) to its end."""
+    if quiet:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bars: list[tqdm] = []
+
+    def show(files: int, done: bool) -> None:
+        if not bars:
+            bars.append(tqdm(unit=" files", desc="scan", disable=None))
+        bars[0].update(files - bars[0].n)
+        if done:
+            bars[0].close()
+
+    try:
+        yield show
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _print_batch_skips(entry: BatchLogEntry, record: Path) -> None:
@@ -77,5 +107,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--trust-pickle", action="store_true",
                        help="also load heads saved by an earlier version (.joblib, a pickle): loading one runs any "
                             "code the file holds, so only for files you trust (as the config's trust_pickle: true)")
-    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--rehash", action="store_true",
+                       help="read and hash every input file, even those the cache's stat memo has seen unchanged "
+                            "(size, mtime, inode, device), and remember the ids again")
+    batch.add_argument("--quiet", action="store_true", help="no progress bars")
     batch.set_defaults(func=cmd_batch)

@@ -19,7 +19,7 @@ def add_extract_options(parser: argparse.ArgumentParser,
                         ) -> None:
     """Each option overrides the config's value (its default is the config's, then the settings')."""
     from pipeline.cli.options import add_setting
-    from pipeline.features.settings import DEVICES, PRECISIONS, ExtractSettings
+    from pipeline.features.settings import DEVICES, PRECISIONS, RUNTIMES, ExtractSettings
 
     add = parser.add_argument
     add("--data", metavar="PATH",
@@ -33,6 +33,7 @@ def add_extract_options(parser: argparse.ArgumentParser,
     setting("cache_dir", "--cache", metavar="DIR")
     setting("device", choices=DEVICES)
     setting("precision", choices=PRECISIONS)
+    setting("runtime", choices=RUNTIMES)
     setting("batch_size", metavar="N", type=int)
     setting("shard_size", metavar="N", type=int)
     setting("scheduler", metavar="ADDRESS")
@@ -171,8 +172,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The extract options given on the command line (None: not given, the config's value stands)."""
     return {"backbones": args.backbone, "layers": args.layer, "cache_dir": args.cache, "device": args.device,
-            "precision": args.precision, "batch_size": args.batch_size, "shard_size": args.shard_size,
-            "scheduler": args.scheduler, "weights": args.weights}
+            "precision": args.precision, "runtime": args.runtime, "batch_size": args.batch_size,
+            "shard_size": args.shard_size, "scheduler": args.scheduler, "weights": args.weights}
 
 
 def add_feature_parsers(sub: argparse._SubParsersAction) -> None:

@@ -126,6 +126,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli.batch import add_batch_parser
+    from pipeline.cli.deploy import add_deploy_parsers
     from pipeline.cli.features import SKIPPED_HELP, add_extract_options, add_feature_parsers, add_offline_option
     from pipeline.cli.options import add_setting
     from pipeline.cli.training import add_compare_parser, add_finetune_parser
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(sub)
     add_compare_parser(sub)
+    add_deploy_parsers(sub)
 
     demo = sub.add_parser("demo", help="end-to-end demo on scikit-learn's bundled digits (no download)")
     add_setting(demo, ExtractSettings, "cache_dir", "--cache", metavar="DIR")

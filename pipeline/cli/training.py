@@ -22,19 +22,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                               args.cache, args.resume, settings)
 
     def report(epoch: int, record: dict) -> None:
-        val = f", validation accuracy {record['val_accuracy']:.1%}" if "val_accuracy" in record else ""
+        val = f", held-out accuracy {record['val_accuracy']:.1%}" if "val_accuracy" in record else ""
         print(f"epoch {epoch}/{settings.epochs}: loss {record['loss']:.4f}{val} ({record['seconds']:.1f} s)")
 
     result = run_finetune(options, progress=not args.quiet, on_epoch=report)
     report_skips(result.skipped, args.skipped)
     m = result.metrics
-    if m["best_epoch"] == 0:
-        print(f"no epoch beat the starting weights on the validation split ({m['start_val_accuracy']:.1%}): "
-              "the saved backbone keeps them (with LP-FT: the parent network and the probe as its head)")
+    if m["kept"] == "initial":
+        print(f"no epoch beat the starting weights on the held-out part ({m['start_val_accuracy']:.1%}): "
+              "the saved backbone keeps them")
+    elif m["kept"] == "fine-tuned" and m["start_val_accuracy"] is not None:
+        print(f"kept epoch {m['best_epoch']}: held-out accuracy {m['best_val_accuracy']:.1%} against "
+              f"{m['start_val_accuracy']:.1%} for the starting weights ({m['images']['val']} held-out images)")
     if m.get("probe_accuracy") is not None:
         print(f"linear probe alone (the LP-FT starting point): test accuracy {m['probe_accuracy']:.1%}")
     if "accuracy" in m:
-        print(f"fine-tuned (best epoch {m['best_epoch']}): test accuracy {m['accuracy']:.1%}, "
+        what = "kept the probe" if m["kept"] == "probe" else f"fine-tuned (best epoch {m['best_epoch']})"
+        print(f"{what}: test accuracy {m['accuracy']:.1%}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"saved backbone {result.backbone!r} in {result.folder} ({m['seconds']:.0f} s); "
           f"metrics: {Path(args.out) / 'finetune.json'}; figure: {Path(args.out) / 'finetune.png'}")
@@ -65,8 +69,10 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="Stage 3: unfreeze the last blocks of a backbone (or all, or none) and train it with a new "
                     "linear layer, started from the stage-2 linear probe on cached features (LP-FT). AdamW with "
                     "warm-up and cosine decay, discriminative learning rates, train-only augmentation, BatchNorm "
-                    "frozen, optional early stopping on a validation split, a checkpoint each epoch (--resume). "
-                    "The result is saved as a new backbone that extract, rank and the heads use by its name.")
+                    "frozen, a checkpoint each epoch (--resume). Never below its own probe: a stratified part of "
+                    "the training folder (--val-fraction) is held out, and when no epoch beats the probe there "
+                    "the probe is kept (refitted on every training image) and the run says so. The result is "
+                    "saved as a new backbone that extract, rank and the heads use by its name.")
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")
     add("--test", metavar="DIR", help="labelled test folder: reports test accuracy of the probe and the fine-tuned net")

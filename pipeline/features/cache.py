@@ -7,6 +7,7 @@ Layout of `CACHE/<key>/` (the folder's name ends in the key's digest):
     features.zarr/<shard>-<tag>   a (rows, dim) float32 zarr v3 array; attribute `image_ids` names the rows
     shards/<shard>.json           the completion record, written last: rows, ids, SHA-256 of the data, and
                                   `checksum`, a SHA-256 over all of that and the key's digest
+    index.sqlite                  image id -> (shard, row), derived from the records (`features/index.py`)
 
 A shard is present only when its record exists, passes its checksum (so its ids are the ones written, in
 the order written, for this key) and names an array that is there; its data is checked against the
@@ -37,6 +38,15 @@ import numpy as np
 from pipeline.core.errors import CacheError, OutputError, first_line
 from pipeline.core.hashing import bytes_sha256
 from pipeline.core.io import fsync_dir, write_json_atomic
+from pipeline.features.index import CacheIndex, ShardInfo, forget_index, open_index
+from pipeline.features.records import (
+    RECORD_FORMAT,
+    UNREADABLE,
+    array_sha256,
+    load_array,
+    read_record,
+    record_checksum,
+)
 from pipeline.images.decode import DECODER
 
 if TYPE_CHECKING:
@@ -45,12 +55,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # of the key: part of every key's digest, so changing it recomputes every cache
-RECORD_FORMAT = 2  # of the completion records; 2 added `checksum` (over the ids and the key's digest)
 _STAGING = ".staging"
 _ORPHAN_GRACE_S = 3600  # gc leaves younger unrecorded arrays alone: a running task may be committing them
-_ARRAY_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
 _KEY_NAME = re.compile(r"[^.].*-[0-9a-f]{16}")
-_UNREADABLE = "completion record is unreadable"
 _META_UNREADABLE = "meta.json cannot be read"  # a permission, not damage: gc leaves the key alone
 
 
@@ -66,48 +73,20 @@ class CacheKey:
     dim: int
     module: str = ""  # the tapped module inside the network, in case a layer name is ever remapped
     decoder: str = DECODER
+    runtime: str = "torch"  # what ran the network (features.device.resolve_runtime)
 
     @property
     def digest(self) -> str:
-        text = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        fields_ = asdict(self)
+        if self.runtime == "torch":  # keys made before there was a choice of runtime keep their digest
+            del fields_["runtime"]
+        text = json.dumps({**fields_, "format": FORMAT_VERSION}, sort_keys=True)
         return bytes_sha256(text.encode())[:16]
 
     @property
     def dirname(self) -> str:
-        return f"{self.backbone}-{self.layer}-{self.precision}-{self.digest}"
-
-
-def array_sha256(array: np.ndarray) -> str:
-    return bytes_sha256(np.ascontiguousarray(array, dtype="<f4").tobytes())
-
-
-def record_checksum(key_digest: str, record: dict) -> str:
-    """SHA-256 over every field of a completion record but `checksum` itself (the data's SHA-256, the
-    row count, the image ids in row order, the array's name) and the digest of the key the record
-    belongs to: reordered or exchanged ids, or a record copied into another key's folder, fail it."""
-    fields_ = {name: value for name, value in record.items() if name != "checksum"}
-    return bytes_sha256(json.dumps([key_digest, fields_], sort_keys=True).encode())
-
-
-def _record_problem(shard: str, record: object, key_digest: str) -> str | None:
-    """Why a record is not trusted, or None. Every field must have the right type and agree with the
-    others and with the checksum; the array name must be one this code writes, so a tampered record
-    cannot point gc elsewhere."""
-    if not isinstance(record, dict):
-        return _UNREADABLE
-    if "checksum" not in record and "format" not in record:
-        return ("completion record of an older version (its checksum does not cover the image ids); "
-                "the next extract computes the shard again")
-    ids, rows = record.get("image_ids"), record.get("rows")
-    if not (record.get("format") == RECORD_FORMAT and isinstance(record.get("checksum"), str)
-            and isinstance(record.get("array"), str) and _ARRAY_NAME.fullmatch(record["array"]) is not None
-            and record["array"].startswith(shard) and isinstance(rows, int) and isinstance(record.get("dim"), int)
-            and isinstance(record.get("sha256"), str) and isinstance(ids, list) and len(ids) == rows
-            and all(isinstance(i, str) for i in ids)):
-        return _UNREADABLE
-    if record["checksum"] != record_checksum(key_digest, record):
-        return "completion record does not match its checksum (its image ids or fields were changed)"
-    return None
+        runtime = "" if self.runtime == "torch" else f"{self.runtime}-"
+        return f"{self.backbone}-{self.layer}-{self.precision}-{runtime}{self.digest}"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -119,21 +98,6 @@ def _fsync_tree(root: Path) -> None:
 
 def _tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-def _load_array(path: Path, record: dict) -> np.ndarray:
-    """Read one shard and prove it is the one the record describes."""
-    try:
-        import zarr
-
-        data = zarr.open_array(store=str(path), mode="r")[:]
-    except Exception as exc:  # zarr/numcodecs raise many types for damaged files
-        raise CacheError(f"shard {path} is unreadable ({type(exc).__name__}: {exc}); "
-                         "run `pipeline cache verify` then `pipeline cache gc`") from exc
-    if data.shape != (record["rows"], record["dim"]) or array_sha256(data) != record["sha256"]:
-        raise CacheError(f"shard {path} does not match its completion record (changed or truncated "
-                         "since written); run `pipeline cache gc` to drop it, the next run recomputes it")
-    return data
 
 
 class FeatureStore:
@@ -216,7 +180,7 @@ class FeatureStore:
         except ValueError as exc:
             return f"meta.json is not valid JSON ({first_line(exc)})"
         try:
-            key = CacheKey(**{f.name: meta[f.name] for f in fields(CacheKey)})
+            key = CacheKey(**{f.name: meta[f.name] for f in fields(CacheKey) if f.name in meta})
             matches = key.dirname == self.root.name
         except (KeyError, TypeError, ValueError):
             matches = False
@@ -235,12 +199,7 @@ class FeatureStore:
 
     def _read_record(self, path: Path) -> tuple[dict | None, str | None]:
         """(the record, None) if it is trusted, else (None, why not)."""
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None, _UNREADABLE
-        problem = _record_problem(path.stem, record, self.digest)
-        return (record, None) if problem is None else (None, problem)
+        return read_record(path, self.digest)
 
     def _scan(self) -> tuple[dict[str, dict], dict[Path, str]]:
         """One pass over the records: (trusted records by shard id, record files that are not, with why)."""
@@ -257,17 +216,18 @@ class FeatureStore:
         """Completion records by shard id; a damaged record counts as absent (its shard is redone)."""
         return self._scan()[0]
 
-    def _index_of(self, records: dict[str, dict]) -> dict[str, tuple[str, int]]:
-        index: dict[str, tuple[str, int]] = {}
-        for shard, record in records.items():
-            if (self.arrays / record["array"] / "zarr.json").is_file():  # a deleted array is redone
-                for row, image_id in enumerate(record["image_ids"]):
-                    index.setdefault(image_id, (shard, row))
-        return index
+    @property
+    def lookup(self) -> CacheIndex:
+        """This key's index (content id -> shard, row), opened once per process and kept up to date."""
+        return open_index(self.root, self._read_record)
 
     def index(self) -> dict[str, tuple[str, int]]:
         """image id -> (shard id, row) over all committed shards whose array is on disk."""
-        return self._index_of(self.records())
+        return self.lookup.everything()
+
+    def have(self, image_ids: Iterable[str]) -> set[str]:
+        """Those of `image_ids` the cache holds, found through the index (no record is read)."""
+        return set(self.lookup.locate(image_ids))
 
     def write_shard(self, shard: str, image_ids: list[str], features: np.ndarray, seconds: float | None = None) -> None:
         """Commit one shard atomically; a second commit of the same shard id is harmless.
@@ -298,48 +258,56 @@ class FeatureStore:
         write_json_atomic(self.records_dir / f"{shard}.json", record)
 
     def read(self, image_ids: list[str]) -> da.Array:
-        """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read."""
+        """Rows for `image_ids` in that order, as a lazy Dask array; each shard is checked when read,
+        against its record (the data's SHA-256, and the ids of the rows the index pointed to)."""
         import dask
         import dask.array as da
 
-        records = self.records()
-        index = self._index_of(records)
-        missing = [i for i in image_ids if i not in index]
+        located = self.lookup.locate(image_ids)
+        missing = [i for i in image_ids if i not in located]
         if missing:
             raise CacheError(f"{len(missing)} images are not in cache {self.root.name} "
                              f"(first: {missing[0]}); run `pipeline extract` first")
         dim = self.meta["dim"]  # checked against the folder's digest, which every record covers
         if not image_ids:
             return da.zeros((0, dim), dtype=np.float32)
+        wanted: dict[str, dict[int, str]] = {}
+        for image_id, (shard, row) in located.items():
+            wanted.setdefault(shard, {})[row] = image_id
+        shards = self.lookup.shards(sorted(wanted))
         parts, offsets, total = [], {}, 0
-        for shard in sorted({index[i][0] for i in image_ids}):
-            record = records[shard]
-            loaded = dask.delayed(_load_array, pure=True)(self.arrays / record["array"], record)
-            parts.append(da.from_delayed(loaded, shape=(record["rows"], dim), dtype=np.float32))
-            offsets[shard], total = total, total + record["rows"]
-        positions = np.fromiter((offsets[index[i][0]] + index[i][1] for i in image_ids), dtype=np.int64,
+        for shard in sorted(wanted):
+            info = shards[shard]
+            loaded = dask.delayed(_load_checked, pure=True)(self, info, tuple(sorted(wanted[shard].items())))
+            parts.append(da.from_delayed(loaded, shape=(info.rows, dim), dtype=np.float32))
+            offsets[shard], total = total, total + info.rows
+        positions = np.fromiter((offsets[located[i][0]] + located[i][1] for i in image_ids), dtype=np.int64,
                                 count=len(image_ids))
         return da.concatenate(parts)[positions]
 
-    def _damage(self) -> tuple[dict[str, tuple[dict, str]], dict[Path, str]]:
-        """(shard -> (record, why) for shards that fail their check, record files not trusted -> why)."""
+    def _damage(self) -> tuple[dict[str, tuple[dict, str]], dict[Path, str], list[str]]:
+        """(shard -> (record, why) for shards that fail their check, record files not trusted -> why,
+        where the index disagrees with the records)."""
         records, untrusted = self._scan()
+        index_problems = self.lookup.problems(records) if self.records_dir.is_dir() else []
         damaged = {}
         for shard, record in records.items():
             try:
-                _load_array(self.arrays / record["array"], record)
+                load_array(self.arrays / record["array"], record)
             except CacheError as exc:
                 damaged[shard] = (record, str(exc).split(";")[0])
-        return damaged, untrusted
+        return damaged, untrusted, index_problems
 
     def verify(self) -> list[str]:
         """One line per problem: meta.json missing, unreadable or not this key's; a shard that changed, is
-        truncated or unreadable; a record that is broken, fails its checksum or is of the first format."""
+        truncated or unreadable; a record that is broken, fails its checksum or is of the first format; an
+        index that disagrees with the records."""
         meta_problem = self._meta_problem()
-        damaged, untrusted = self._damage()
+        damaged, untrusted, index_problems = self._damage()
         return ([f"{self.root.name}: {meta_problem}"] if meta_problem else []) + (
             [f"{self.root.name}: shard {shard}: {why}" for shard, (_record, why) in damaged.items()]
-            + [f"{self.root.name}: shard {p.stem}: {why}" for p, why in untrusted.items()])
+            + [f"{self.root.name}: shard {p.stem}: {why}" for p, why in untrusted.items()]
+            + [f"{self.root.name}: {why}" for why in index_problems])
 
     def orphans(self, min_age_s: float = 0.0) -> list[Path]:
         """Arrays no record points to (a task that ran twice, or died between rename and record)."""
@@ -353,7 +321,8 @@ class FeatureStore:
     def gc(self) -> list[str]:
         """Drop damaged shards (so the next run recomputes them) and old leftovers; return what went.
 
-        Each record is read again just before it is removed, so a shard that a concurrent run has just
+        An index that disagrees with the records is deleted (the next run rebuilds it from them). Each
+        record is read again just before it is removed, so a shard that a concurrent run has just
         committed again is left alone. A key whose meta.json is missing or not its own goes whole (a key
         folder is created with its meta.json, so this is damage, not a store being created); one whose
         meta.json cannot be read (no permission) is left for a person to look at."""
@@ -363,8 +332,11 @@ class FeatureStore:
                 return []
             shutil.rmtree(self.root, ignore_errors=True)
             return [f"{self.root.name}: unreadable key ({meta_problem})"]
-        damaged, untrusted = self._damage()
+        damaged, untrusted, index_problems = self._damage()
         removed = []
+        if index_problems:
+            forget_index(self.root)
+            removed.append(f"{self.root.name}: index ({len(index_problems)} shards disagreed; rebuilt on the next run)")
         for shard, (record, _why) in damaged.items():
             path = self.records_dir / f"{shard}.json"
             if (self._read_record(path)[0] or {}).get("array") == record["array"]:
@@ -374,7 +346,7 @@ class FeatureStore:
         for path, why in untrusted.items():
             if self._read_record(path)[0] is None:
                 path.unlink(missing_ok=True)
-                removed.append(f"{self.root.name}: unreadable record {path.stem}" if why == _UNREADABLE
+                removed.append(f"{self.root.name}: unreadable record {path.stem}" if why == UNREADABLE
                                else f"{self.root.name}: untrusted record {path.stem} ({why})")
         for orphan in self.orphans(_ORPHAN_GRACE_S):
             shutil.rmtree(orphan, ignore_errors=True)
@@ -397,6 +369,17 @@ class FeatureStore:
                 "precision": meta["precision"], "dim": meta["dim"], "shards": len(records),
                 "rows": sum(r["rows"] for r in records.values()), "bytes": _tree_size(self.root),
                 "images_per_second": _images_per_second(records.values())}
+
+
+def _load_checked(store: FeatureStore, info: ShardInfo, rows: tuple[tuple[int, str], ...]) -> np.ndarray:
+    """A shard's data, proved to be what its record describes, with `rows` (row, image id) as the record
+    has them: an index that is wrong fails the read instead of handing out another image's features."""
+    record, problem = store._read_record(store.records_dir / f"{info.shard}.json")
+    if record is None or record["array"] != info.array or any(
+            row >= record["rows"] or record["image_ids"][row] != image_id for row, image_id in rows):
+        raise CacheError(f"cache {store.root.name}: the index disagrees with the record of shard {info.shard}"
+                         f"{f' ({problem})' if problem else ''}; run `pipeline cache verify` then `pipeline cache gc`")
+    return load_array(store.arrays / record["array"], record)
 
 
 def _images_per_second(records: Iterable[dict]) -> float | None:

@@ -14,7 +14,6 @@ import importlib.metadata
 import logging
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +30,8 @@ from pipeline.core.hashing import bytes_sha256
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.paths import path_text
 from pipeline.features.cache import CacheKey, FeatureStore
-from pipeline.features.settings import DEFAULTS, DEVICES, PRECISIONS
+from pipeline.features.device import resolve_device, resolve_precision, resolve_runtime
+from pipeline.features.settings import DEFAULTS
 from pipeline.images.data import Dataset, hash_files, scan
 from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
@@ -44,58 +44,6 @@ if TYPE_CHECKING:
     from pipeline.models.taps import TappedNetwork
 
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- device and precision
-
-def _nvidia_driver_present() -> bool:
-    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
-
-
-def cuda_available() -> bool:
-    """`torch.cuda.is_available()`, without importing torch (a second or two) on a machine with no
-    NVIDIA driver, where the answer can only be no."""
-    if "torch" not in sys.modules and not _nvidia_driver_present():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_device(device: str, local: bool = True) -> str:
-    """`local=False` when a cluster will run the work: its workers, not this machine, need the GPU."""
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if device == "cuda" and local and not cuda_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    return device
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 autocast several times faster than fp32 on a CPU."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision != "auto":
-        return precision
-    if device == "cuda":  # with no local GPU (a cluster's GPU workers), assume bf16 as every GPU since Ampere
-        if not cuda_available():
-            return "bf16"
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
 
 # --------------------------------------------------------------------------- shard tasks
 
@@ -115,6 +63,7 @@ class ShardJob:
     paths: tuple[str, ...]  # absolute, so a worker in another folder finds them
     image_ids: tuple[str, ...]
     needed: tuple[frozenset[str], ...]  # per store, the ids of this shard that store still lacks
+    runtime: str  # "torch", or "openvino" (features/openvino_runtime.py) on the CPU
 
 
 @dataclass
@@ -188,10 +137,13 @@ def forward(network: TappedNetwork, pre: Preprocess, images: np.ndarray,
     return {layer: out.float().cpu().numpy() for layer, out in outputs.items()}
 
 
-def _decode_threads(device: str) -> int:
-    """On a CPU the network already keeps every core busy and decoding costs about a tenth of a
-    forward pass, so one thread keeps ahead; more would only steal cycles. A GPU leaves the CPU free."""
-    return 1 if device == "cpu" else max(2, min(8, os.cpu_count() or 2))
+def _decode_threads(job: ShardJob) -> int:
+    """On a CPU torch eager keeps every core busy and decoding costs about a tenth of a forward pass,
+    so one thread keeps ahead; more would only steal cycles. OpenVINO's forward pass is about three
+    times shorter, and a GPU leaves the CPU free: there decoding needs a thread per core."""
+    if job.device == "cpu" and job.runtime == "torch":
+        return 1
+    return max(2, min(8, os.cpu_count() or 2))
 
 
 def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -> ShardResult:
@@ -200,7 +152,14 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
         from pipeline.features import gpu
 
         return gpu.run_shard(job, on_progress)
-    network, pre = _network(job)
+    if job.runtime == "openvino":
+        from pipeline.features.openvino_runtime import network_for
+
+        embed = network_for(job)
+        pre = embed.preprocess
+    else:
+        network, pre = _network(job)
+        embed = functools.partial(forward, network, pre, device=job.device, precision=job.precision)
     started = time.perf_counter()  # after loading: the records keep the steady-state cost per image
     good_ids: list[str] = []
     failed: dict[str, str] = {}
@@ -208,13 +167,13 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
     pending: list[np.ndarray] = []
 
     def flush() -> None:
-        for layer, feats in forward(network, pre, np.stack(pending), job.device, job.precision).items():
+        for layer, feats in embed(np.stack(pending)).items():
             chunks[layer].append(feats)
         if on_progress:
             on_progress(len(pending))
         pending.clear()
 
-    with ThreadPoolExecutor(_decode_threads(job.device)) as pool:
+    with ThreadPoolExecutor(_decode_threads(job)) as pool:
         decoded = pool.map(lambda item: decode(Path(item[0]), pre, item[1]), zip(job.paths, job.image_ids, strict=True))
         for image_id, image in zip(job.image_ids, decoded, strict=True):
             if isinstance(image, str):
@@ -320,21 +279,23 @@ def _check_layer_owners(backbones: list[str], layers: Iterable[str] | None) -> N
                               f"({', '.join(backbones)})")
 
 
-def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str) -> CacheKey:
+def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str, runtime: str = "torch") -> CacheKey:
     spec = get_spec(backbone)
     tap = spec.layers[layer]
     module = f"{tap.module}#{tap.pool}" if tap.pool else tap.module  # token pooling; feature maps as before
-    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, module)
+    return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, module,
+                    runtime=runtime)
 
 
-def _provenance(device: str) -> dict:
+def _provenance(device: str, runtime: str = "torch") -> dict:
     """Written into meta.json beside the key: what made the numbers, for a person reading the cache."""
     import cv2
     import PIL
 
     version = importlib.metadata.version  # torch's own version, without importing it
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device, "torch": version("torch"),
-            "torchvision": version("torchvision"), "pillow": PIL.__version__, "opencv": cv2.__version__}
+            "torchvision": version("torchvision"), "pillow": PIL.__version__, "opencv": cv2.__version__,
+            **({"openvino": version("openvino")} if runtime == "openvino" else {})}
 
 
 def _plan(ids: list[str], paths: list[Path], shard_size: int) -> list[tuple[str, list[str], list[str]]]:
@@ -351,7 +312,8 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
             layers: Iterable[str] | None = None, cache_dir: str | os.PathLike = DEFAULTS.cache_dir,
             device: str = DEFAULTS.device, precision: str = DEFAULTS.precision, batch_size: int = DEFAULTS.batch_size,
             shard_size: int = DEFAULTS.shard_size, scheduler: str | None = DEFAULTS.scheduler,
-            weights: str | os.PathLike | None = DEFAULTS.weights, progress: bool = True) -> ExtractReport:
+            weights: str | os.PathLike | None = DEFAULTS.weights, progress: bool = True,
+            runtime: str = DEFAULTS.runtime) -> ExtractReport:
     """Embed every image of `data` with each backbone, computing only what the cache lacks (the
     settings' defaults are `pipeline.features.settings.ExtractSettings`).
 
@@ -367,24 +329,28 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     weights_path = Path(weights).absolute() if weights is not None else None
     shas = {name: file_sha256(resolve_weights(get_spec(name), weights_path))
             for name in backbones}
-    device = resolve_device(device, local=scheduler is None)
+    # OpenVINO runs on the CPU: a head whose features it made extracts there even where a GPU is present
+    device = "cpu" if runtime == "openvino" and device == "auto" else resolve_device(device, local=scheduler is None)
     precision = resolve_precision(precision, device)
+    runtime = resolve_runtime(runtime, device)
     cache_dir = Path(cache_dir).absolute()
     dataset = data if isinstance(data, Dataset) else scan(data)
     _warn_about_classes(dataset)
     started = time.perf_counter()
     report = ExtractReport(images=len(dataset.paths), skipped=list(dataset.skipped))
 
-    ids = hash_files(dataset.paths)
+    ids = dataset.ids if dataset.ids is not None else hash_files(dataset.paths)
     usable = [i for i, image_id in enumerate(ids) if image_id is not None]
     report.skipped += [(str(dataset.paths[i]), "unreadable file") for i, v in enumerate(ids) if v is None]
     failed: dict[str, str] = {}  # image id -> reason; every copy of a failed image is skipped
     all_stores = {}
     for backbone in backbones:
-        stores = [FeatureStore.create(cache_dir, cache_key(backbone, shas[backbone], layer, precision),
-                                      _provenance(device)) for layer in layer_plan[backbone]]
+        used = _runtime_used(runtime, cache_dir, backbone, weights_path, shas[backbone], layer_plan[backbone],
+                             precision)
+        stores = [FeatureStore.create(cache_dir, cache_key(backbone, shas[backbone], layer, precision, used),
+                                      _provenance(device, used)) for layer in layer_plan[backbone]]
         all_stores[backbone] = stores
-        present = [set(store.index()) for store in stores]
+        present = [store.have(ids[i] for i in usable) for store in stores]
         todo: dict[str, Path] = {}  # id -> first path with that content, in dataset order
         for i in usable:
             if any(ids[i] not in have for have in present):
@@ -395,7 +361,7 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
             needed = tuple(frozenset(i for i in chunk_ids if i not in have) for have in present)
             jobs.append(ShardJob(backbone, str(weights_path) if weights_path else None, shas[backbone],
                                  tuple(layer_plan[backbone]), tuple(str(s.root) for s in stores), device,
-                                 precision, batch_size, shard, tuple(paths), tuple(chunk_ids), needed))
+                                 precision, batch_size, shard, tuple(paths), tuple(chunk_ids), needed, used))
         with tqdm(total=len(todo), unit="img", desc=backbone, disable=None if progress else True) as bar:
             for result in _run_jobs(jobs, scheduler, bar):
                 report.computed += result.computed
@@ -406,6 +372,19 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
         report.feature_sets.update(_feature_sets(dataset, ids, rows, stores, backbone, layer_plan[backbone]))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _runtime_used(runtime: str, cache_dir: Path, backbone: str, weights: Path | None, sha: str, layers: list[str],
+                  precision: str) -> str:
+    """The runtime that computes this backbone's features: OpenVINO falls back to torch (logged) for a
+    network it cannot run. Trying costs a conversion, done here only when the OpenVINO keys are new to
+    the cache (the local scheduler then reuses the converted network)."""
+    if runtime != "openvino" or all((cache_dir / cache_key(backbone, sha, layer, precision, runtime).dirname
+                                     / "meta.json").is_file() for layer in layers):
+        return runtime
+    from pipeline.features.openvino_runtime import NetworkId, runtime_for  # imports torch and OpenVINO
+
+    return runtime_for(NetworkId(backbone, str(weights) if weights else None, sha, tuple(layers), precision))
 
 
 def _warn_about_classes(dataset: Dataset) -> None:

@@ -12,6 +12,7 @@ from pipeline.core.schema import Section, one_of, option
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
+RUNTIMES = ("auto", "torch", "openvino")
 
 
 class ComputeSettings(Section):
@@ -36,6 +37,10 @@ class ExtractSettings(ComputeSettings):
     precision: Literal[PRECISIONS] = option(
         "auto", accepts=one_of(PRECISIONS),
         about="auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32 (part of the cache key)")
+    runtime: Literal[RUNTIMES] = option(
+        "auto", accepts=one_of(RUNTIMES),
+        about="what runs the network: auto = OpenVINO on a CPU, torch on CUDA; a backbone OpenVINO cannot "
+              "convert falls back to torch, logged (the runtime used is part of the cache key)")
     weights: Annotated[str | None, AfterValidator(from_config_folder("features.weights"))] = option(
         None, accepts="a local state-dict path (in a config file relative to its folder), or null",
         about="a local state dict for the (single) backbone, instead of its registered weights")

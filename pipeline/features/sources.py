@@ -23,6 +23,7 @@ class SourceMeta(BaseModel):
     precision: str
     weights_sha256: str
     weights: str | None = None  # a custom weights file (absolute), if the features were made with one
+    runtime: str = "torch"  # what ran the network (heads saved before there was a choice: torch)
 
 
 def feature_set(sets: dict[tuple[str, str], FeatureSet], source: str) -> FeatureSet:
@@ -44,6 +45,7 @@ def source_meta(sets: dict[tuple[str, str], FeatureSet], sources: list[str], cac
         fs = feature_set(sets, source)
         meta = FeatureStore(cache_dir / fs.cache_key).meta
         out.append(SourceMeta(backbone=fs.backbone, layer=fs.layer, cache_key=fs.cache_key,
-                              precision=meta["precision"], weights_sha256=meta["weights_sha256"],
+                              precision=meta["precision"], runtime=meta.get("runtime", "torch"),
+                              weights_sha256=meta["weights_sha256"],
                               weights=str(Path(weights).absolute()) if weights else None))
     return out

@@ -25,7 +25,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, layer: str | None = None,
                  cache_dir: str = DEFAULTS.cache_dir, device: str = DEFAULTS.device,
                  precision: str = DEFAULTS.precision, batch_size: int = DEFAULTS.batch_size,
-                 scheduler: str | None = DEFAULTS.scheduler, progress: bool = False) -> None:
+                 scheduler: str | None = DEFAULTS.scheduler, progress: bool = False,
+                 runtime: str = DEFAULTS.runtime) -> None:
         self.backbone = backbone
         self.layer = layer
         self.cache_dir = cache_dir
@@ -34,6 +35,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.scheduler = scheduler
         self.progress = progress
+        self.runtime = runtime
 
     def fit(self, X: object = None, y: object = None) -> FeatureExtractor:
         """Nothing is learned (the backbone is frozen); this validates the settings up front."""
@@ -42,7 +44,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.layer_ = spec.layer(self.layer)
         self.n_features_out_ = spec.layers[self.layer_].dim
         # The precision is part of the cache key, so it is fixed here; the device is chosen again
-        # at transform time, so a fitted pipeline moves between GPU and CPU machines.
+        # at transform time, so a fitted pipeline moves between GPU and CPU machines (and so is the
+        # runtime: `auto` is OpenVINO on a CPU, torch on CUDA).
         self.precision_ = resolve_precision(self.precision, resolve_device(self.device))
         return self
 
@@ -54,7 +57,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         dataset = Dataset(paths, np.full(len(paths), -1), [], [])
         report = extract(dataset, [self.backbone_], [f"{self.backbone_}:{self.layer_}"], self.cache_dir,
                          self.device, self.precision_, self.batch_size, scheduler=self.scheduler,
-                         progress=self.progress)
+                         progress=self.progress, runtime=self.runtime)
         if report.skipped:
             path, reason = report.skipped[0]
             raise DataError(f"cannot embed {len(report.skipped)} of {len(paths)} files "

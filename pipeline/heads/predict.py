@@ -48,22 +48,24 @@ class Predictions:
 
 def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
     """The `extract` options that remake the head's training features (backbones, layers, precision,
-    weights), checked against this installation so that nothing is computed with the wrong ones."""
+    runtime, weights), checked against this installation so that nothing is computed with the wrong ones."""
     sources = bundle.sources
-    precisions = {s.precision for s in sources}
-    if len(precisions) != 1:
-        raise BundleError(f"{model}: its feature sources mix precisions {sorted(precisions)}")
-    precision = precisions.pop()
+    precisions, runtimes = {s.precision for s in sources}, {s.runtime for s in sources}
+    if len(precisions) != 1 or len(runtimes) != 1:
+        raise BundleError(f"{model}: its feature sources mix precisions or runtimes "
+                          f"{sorted(precisions)} {sorted(runtimes)}")
+    precision, runtime = precisions.pop(), runtimes.pop()
     weights = sources[0].weights
     for source in sources:  # the same features as in training, or nothing is computed at all
         spec = get_spec(source.backbone)
         sha = file_sha256(resolve_weights(spec, weights))
-        key = cache_key(source.backbone, sha, source.layer, precision).dirname
+        key = cache_key(source.backbone, sha, source.layer, precision, runtime).dirname
         if key != source.cache_key:
             raise BundleError(f"{model} was trained on features {source.cache_key}, but this installation "
                               f"makes {key} (different weights, preprocessing or decoder): refit the head")
     return {"backbones": list(dict.fromkeys(s.backbone for s in sources)),
-            "layers": [f"{s.backbone}:{s.layer}" for s in sources], "precision": precision, "weights": weights}
+            "layers": [f"{s.backbone}:{s.layer}" for s in sources], "precision": precision, "runtime": runtime,
+            "weights": weights}
 
 
 def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULTS.cache_dir,

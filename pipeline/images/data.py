@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,7 @@ class Dataset:
     class_names: list[str]
     skipped: list[tuple[str, str]]  # (path, reason) for files rejected while scanning
     source: Path | None = None  # the folder or list scanned, for messages
+    ids: list[str | None] | None = None  # content ids of `paths` when the caller already has them
 
     @property
     def empty_classes(self) -> list[str]:
@@ -74,27 +76,56 @@ def _entries(folder: Path) -> tuple[list[tuple[Path, tuple[int, int]]], list[Pat
     files, and a reason for every other entry. Hidden names (a leading dot: uploads in progress, editor
     and notebook leftovers) are left alone. Raises OSError when `folder` itself cannot be listed."""
     folders, files, skipped = [], [], []
-    with os.scandir(folder) as listing:
-        names = sorted(entry.name for entry in listing)
-    for name in names:
-        if name.startswith("."):
-            continue
-        path = folder / name
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            skipped.append((str(path), _unusable(path, exc)))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            folders.append((path, (info.st_dev, info.st_ino)))
-        elif stat.S_ISREG(info.st_mode):
-            files.append(path)
+    for path, found in _classified(str(folder), _visible_names(folder)):
+        if isinstance(found, str):
+            skipped.append((path, found))
+        elif isinstance(found, FileStat):
+            files.append(Path(path))
         else:
-            skipped.append((str(path), f"not a regular file ({_kind(info.st_mode)})"))
+            folders.append((Path(path), found))
     return folders, files, skipped
 
 
-def _identity(folder: Path) -> tuple[int, int]:
+class FileStat(NamedTuple):
+    """What tells whether a file changed without opening it: size, modification time, inode and device."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> FileStat:
+        return cls(info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
+
+
+def _visible_names(folder: str | os.PathLike) -> list[str]:
+    """The folder's names without hidden ones, sorted; the only list a scan holds per folder."""
+    with os.scandir(folder) as listing:
+        return sorted(entry.name for entry in listing if not entry.name.startswith("."))
+
+
+def _classified(folder: str, names: list[str]) -> Iterator[tuple[str, FileStat | tuple[int, int] | str]]:
+    """Each name of `folder` as a path, links followed: a regular file's `FileStat`, a sub-folder's
+    (device, inode), or why the entry is not used. Paths are strings: a scan of a million files makes
+    no `Path` objects."""
+    prefix = folder.rstrip("/") + "/"
+    for name in names:
+        path = prefix + name
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            yield path, _unusable(path, exc)
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            yield path, (info.st_dev, info.st_ino)
+        elif stat.S_ISREG(info.st_mode):
+            yield path, FileStat.of(info)
+        else:
+            yield path, f"not a regular file ({_kind(info.st_mode)})"
+
+
+def _identity(folder: str | os.PathLike) -> tuple[int, int]:
     info = os.stat(folder)
     return info.st_dev, info.st_ino
 
@@ -102,34 +133,51 @@ def _identity(folder: Path) -> tuple[int, int]:
 _LOOP = "symbolic link loop (leads back to a folder that contains it)"
 
 
+def iter_files(folder: str | os.PathLike, on_skip: Callable[[str, str], None],
+               above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[str, FileStat]]:
+    """Every regular file under `folder` (its path as a string) with its `FileStat`, streamed in sorted
+    order (that of `sorted()` on the paths as `Path`: depth first, the names of each folder in order),
+    following links to folders but never round a loop. `on_skip(path, reason)` hears of everything else
+    that is not used: links whose target is missing, link loops, folders that cannot be read, pipes and
+    devices; nothing is dropped without a reason, except hidden names. Memory holds the sorted names of
+    the folders on the current path only. `above`: the (device, inode) of folders that contain `folder`."""
+    folder = str(Path(folder))  # normalised as a Path would be: `a/./b/` is `a/b`
+    try:
+        top = above | {_identity(folder)}
+        stack = [(folder, top, _classified(folder, _visible_names(folder)))]
+    except OSError as exc:
+        on_skip(str(folder), f"unreadable folder: {exc.strerror or exc}")
+        return
+    while stack:
+        _current, ancestors, entries = stack[-1]
+        item = next(entries, None)
+        if item is None:
+            stack.pop()
+            continue
+        path, found = item
+        if isinstance(found, str):
+            on_skip(path, found)
+        elif isinstance(found, FileStat):
+            yield path, found
+        elif found in ancestors:
+            on_skip(path, _LOOP)
+        else:
+            try:
+                names = _visible_names(path)
+            except OSError as exc:
+                on_skip(path, f"unreadable folder: {exc.strerror or exc}")
+                continue
+            stack.append((path, ancestors | {found}, _classified(path, names)))
+
+
 def walk_files(folder: str | os.PathLike, above: frozenset[tuple[int, int]] = frozenset()) -> tuple[
         list[Path], list[tuple[str, str]]]:
-    """Every regular file under `folder`, sorted, following links to folders but never round a loop, and
-    a `(path, reason)` for everything else that is not used: links whose target is missing, link loops,
-    folders that cannot be read, pipes and devices. Nothing under `folder` is dropped without a reason,
-    except hidden names. `above`: the (device, inode) of folders that contain `folder`."""
-    folder = Path(folder)
-    files: list[Path] = []
+    """`iter_files` gathered: every regular file under `folder`, sorted, and a sorted `(path, reason)`
+    for everything else that is not used."""
     skipped: list[tuple[str, str]] = []
-    try:
-        stack = [(folder, above | {_identity(folder)})]
-    except OSError as exc:
-        return [], [(str(folder), f"unreadable folder: {exc.strerror or exc}")]
-    while stack:
-        current, ancestors = stack.pop()
-        try:
-            folders, found, unusable = _entries(current)
-        except OSError as exc:
-            skipped.append((str(current), f"unreadable folder: {exc.strerror or exc}"))
-            continue
-        files += found
-        skipped += unusable
-        for sub, identity in folders:
-            if identity in ancestors:
-                skipped.append((str(sub), _LOOP))
-            else:
-                stack.append((sub, ancestors | {identity}))
-    return sorted(files), sorted(skipped)
+    files = [Path(path) for path, _stat in iter_files(folder, lambda path, reason: skipped.append((path, reason)),
+                                                      above)]
+    return files, sorted(skipped)
 
 
 def scan(source: str | os.PathLike, allow_empty_list: bool = False) -> Dataset:

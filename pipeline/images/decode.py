@@ -231,6 +231,13 @@ def decode(path: Path, pre: Preprocess, expected_id: str | None = None) -> np.nd
     return _decode_stream(io.BytesIO(data), pre, len(data))
 
 
+def decode_bytes(data: bytes, pre: Preprocess) -> np.ndarray | str:
+    """`decode` for an image held in memory (an upload, say): the same checks and limits, no content id."""
+    if not data:
+        return "empty file"
+    return _decode_stream(io.BytesIO(data), pre, len(data))
+
+
 def _decode_open_file(path: Path, pre: Preprocess, expected_id: str | None) -> np.ndarray | str:
     """`decode` for a large file: decoded from the open file, then its bytes (from that same open file)
     checked against `expected_id`, so what was decoded is what was hashed."""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import BackboneError, first_line
 from pipeline.images.preprocess import Preprocess
-from pipeline.models.download import RemoteFile, fetch
+from pipeline.models.download import RemoteFile
 
 if TYPE_CHECKING:
     from torch import nn
@@ -104,11 +104,6 @@ class BackboneSpec:
         return name
 
 
-def remote_spec_weights(remote: RemoteFile, name: str) -> Callable[[], Path]:
-    """`locate_weights` of a downloadable backbone: on disk, else downloaded when allowed."""
-    return lambda: fetch(remote, name)
-
-
 SpecFactory = Callable[[], BackboneSpec]
 
 _FACTORIES: dict[str, SpecFactory] = {}
@@ -163,7 +158,8 @@ def get_spec(name: str) -> BackboneSpec:
             return _SPECS[name]
     spec = _user_specs().get(name)
     if spec is None:
-        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())} "
+        raise BackboneError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}, and "
+                            f"{', '.join(p + 'NAME' for p in sorted(_FAMILIES))} "
                             f"(saved backbones are looked up in {', '.join(map(str, backbone_dirs()))}; "
                             f"set {BACKBONES_ENV} to search elsewhere)")
     return spec

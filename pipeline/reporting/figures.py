@@ -94,8 +94,8 @@ def per_class_figure(precision: np.ndarray, recall: np.ndarray, classes: list[st
 
 
 def finetune_figure(metrics: dict, path: Path) -> Path:
-    """Training loss (and validation accuracy, with a validation split) per epoch, and the test accuracy
-    of the linear probe the run started from against the fine-tuned network's."""
+    """Training loss (and held-out accuracy, with a held-out part) per epoch, and the test accuracy of
+    the linear probe the run started from against what was kept (an epoch, or the refitted probe)."""
     history = metrics["history"]
     epochs = [h["epoch"] for h in history]
     fig, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]},
@@ -105,18 +105,21 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
     curve.set_ylabel("training loss (label-smoothed cross-entropy)")
     curve.set_xticks([0, *epochs])
     curve.grid(alpha=0.3)
-    curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: epoch {metrics['best_epoch']}")
+    kept = ("the linear probe (no epoch beat it on the held-out part)" if metrics.get("kept") == "probe"
+            else f"epoch {metrics['best_epoch']}")
+    curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: {kept}")
     legend_axis = curve
     if metrics.get("start_val_accuracy") is not None:
         legend_axis = curve.twinx()
         legend_axis.plot([0, *epochs], [metrics["start_val_accuracy"], *[h.get("val_accuracy") for h in history]],
-                         "s--", color="#dd8452", label="validation accuracy (epoch 0: the starting weights)")
-        legend_axis.set_ylabel("validation accuracy")
+                         "s--", color="#dd8452", label="held-out accuracy (epoch 0: the starting weights)")
+        legend_axis.set_ylabel("held-out accuracy (part of the training folder)")
         legend_axis.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
     handles = [h for ax in dict.fromkeys((curve, legend_axis)) for h in ax.get_legend_handles_labels()[0]]
     legend_axis.legend(handles=handles, loc="best", fontsize=8)
     curve.set_title(f"training: {metrics['backbone']}")
-    scores = [("linear probe alone", metrics.get("probe_accuracy")), ("fine-tuned", metrics.get("accuracy"))]
+    final = "kept: the probe, refitted" if metrics.get("kept") == "probe" else "fine-tuned"
+    scores = [("linear probe alone", metrics.get("probe_accuracy")), (final, metrics.get("accuracy"))]
     scores = [(name, value) for name, value in scores if value is not None]
     if scores:
         values = [value for _, value in scores]

@@ -12,6 +12,7 @@ the one after it. BatchNorm layers stay in eval mode with frozen affine paramete
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -37,6 +38,7 @@ from pipeline.models.weights import load_backbone, resolve_weights, save_backbon
 from pipeline.tuning.options import INITS, FinetuneOptions
 from pipeline.tuning.training import Images, decode_images, predict_logits, square, train
 
+logger = logging.getLogger(__name__)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -256,7 +258,7 @@ class Prepared:
     blocks: int
     classes: list[str]
     fit_set: Images
-    val_set: Images | None
+    val_set: Images | None  # the held-out part of the training folder (the probe guard), None with val_fraction 0
     test: tuple[Images, Dataset] | None
     skipped: list[tuple[str, str]]  # (path, reason): training files left out, by the scan or the decoding
     probe: object = None  # the fitted stage-2 Pipeline, with init="probe"
@@ -288,7 +290,7 @@ def prepare(options: FinetuneOptions, progress: bool = True) -> Prepared:
         prepared.probe = fit_probe(Dataset(fit_set.paths, fit_set.labels, classes, []), options.backbone, options,
                                    progress)
         if test is not None:
-            prepared.probe_accuracy = _probe_test_accuracy(prepared.probe, test[1], options, progress)
+            prepared.probe_accuracy = probe_accuracy(prepared.probe, test[1], options, progress)
     prepared.model, prepared.groups, prepared.blocks = build_model(
         loaded.network, parent, len(classes), prepared.probe, options.unfreeze, settings.lr, options.lr_decay,
         options.train_bn)
@@ -304,9 +306,35 @@ class FinetuneResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training, then test files
 
 
+def keep_probe(p: Prepared, options: FinetuneOptions, progress: bool = True) -> None:
+    """No trained epoch beat the probe on the held-out part: the model is the parent network with the
+    probe as its head. The probe is refitted on every training image (the held-out part too, cheap on
+    cached features) and folded into the classifier; the network keeps the parent's weights."""
+    images = [p.fit_set] + ([p.val_set] if p.val_set is not None else [])
+    every = Dataset([path for i in images for path in i.paths], np.concatenate([i.labels for i in images]),
+                    p.classes, [])
+    p.probe = fit_probe(every, options.backbone, options, progress)
+    weight, bias = linear_from_probe(p.probe, len(p.classes))
+    with torch.no_grad():
+        p.model.classifier.weight.copy_(weight.to(p.model.classifier.weight.device))
+        p.model.classifier.bias.copy_(bias.to(p.model.classifier.bias.device))
+
+
+def kept(init: str, best_epoch: int) -> str:
+    """What the saved backbone holds: "fine-tuned" (an epoch's weights), "probe" (LP-FT whose probe no
+    epoch beat on the held-out part) or "initial" (a random head no epoch beat)."""
+    if best_epoch:
+        return "fine-tuned"
+    return "probe" if init == "probe" else "initial"
+
+
 def finetune(options: FinetuneOptions, progress: bool = True,
              on_epoch: Callable[[int, dict], None] | None = None) -> FinetuneResult:
-    """Fine-tune, evaluate on `options.test` if given, and register the result as a new backbone."""
+    """Fine-tune, evaluate on `options.test` if given, and register the result as a new backbone.
+
+    With a held-out part (`val_fraction` > 0) the epoch kept is the best on it, the probe (epoch 0)
+    included: when no epoch beats the probe, the probe is kept (refitted on every training image) and
+    the run says so; otherwise the best epoch is kept as trained on the rest (no second training)."""
     started = time.perf_counter()
     p = prepare(options, progress)
     settings = options.train
@@ -315,9 +343,16 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                    "init": options.init, "train_bn": options.train_bn, "val_fraction": options.val_fraction}
     result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, settings, out / "checkpoint.pt",
                    options.resume, fingerprint, on_epoch, progress)
-    metrics = {"backbone": p.name, "parent": options.backbone, "classes": p.classes,
+    outcome = kept(options.init, result.best_epoch)
+    if outcome == "probe":
+        logger.info(f"no trained epoch beat the linear probe on the held-out part of the training folder "
+                    f"({result.start_val_accuracy:.1%}, {len(p.val_set.labels)} images): keeping the probe "
+                    "(the frozen backbone with the probe, refitted on every training image, as its head)")
+        keep_probe(p, options, progress)
+    metrics = {"backbone": p.name, "parent": options.backbone, "classes": p.classes, "kept": outcome,
                "trainable_parameters": sum(t.numel() for g in p.groups for t in g["params"]), "blocks": p.blocks,
                "best_epoch": result.best_epoch, "start_val_accuracy": result.start_val_accuracy,
+               "best_val_accuracy": _best_val(result),
                "stopped_early": result.stopped_early,
                "resumed_from_epoch": result.resumed_from, "train_seconds": round(result.seconds, 3),
                "history": result.history, "probe_accuracy": p.probe_accuracy,
@@ -331,7 +366,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
         metrics["macro_f1"] = float(f1_score(p.test[0].labels, predicted, average="macro"))
     state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
              "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
-    summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch")}
+    summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch", "kept")}
     folder = save_backbone(_backbones_root(options), p.name, p.parent, state,
                                     {"classes": p.classes, "finetune": summary})
     metrics["seconds"] = round(time.perf_counter() - started, 3)
@@ -339,7 +374,14 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     return FinetuneResult(p.name, folder, metrics, p.skipped + p.test_skipped)
 
 
-def _probe_test_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool) -> float:
+def _best_val(result) -> float | None:
+    """Held-out accuracy of the epoch kept (epoch 0: the starting weights); None without a held-out part."""
+    if result.best_epoch == 0:
+        return result.start_val_accuracy
+    return result.history[result.best_epoch - 1].get("val_accuracy")
+
+
+def probe_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool = True) -> float:
     """The linear probe alone on the test split (cached features): what fine-tuning has to beat."""
     layer = get_spec(options.backbone).default_layer
     fs = extract(test, options.backbone, [layer], options.cache_dir, options.train.device, options.train.precision,

@@ -1,0 +1,171 @@
+"""Choosing the fine-tuning and fusion defaults by cross-validation inside the TRAINING folders of
+flowers12, dtd10 and intel6 (no test folder is read).
+
+    nice -n 10 python benchmarks/select_defaults.py fusion   [--folds 3] [--cache /work/shared-cache]
+    nice -n 10 python benchmarks/select_defaults.py finetune [--folds 3] [--run-folds 1] [--epochs 4]
+    nice -n 10 python benchmarks/select_defaults.py refit    [--folds 3]
+
+fusion: stratified K-fold CV of each training folder on cached head-layer features (no forward pass):
+    PCA fusion (pca_then_concat, C by the head's own inner CV) for a few (sources, components)
+    candidates, beside the Lite0 logistic-regression probe; a candidate's score is its mean fold accuracy.
+finetune: the same folds, but each candidate is a whole `finetune` run with the probe guard on (a
+    stratified part of the fold's training images held out to choose between the linear probe and the
+    trained epochs), scored on the fold's held-out images. `--run-folds R` runs only the first R folds
+    of the K (compute: one fold of one set is a few minutes of 2 shared CPU cores per candidate). The
+    run also scores the probe refitted on the fold's whole training part: the cheap half of the
+    "refit on everything after choosing" question.
+
+refit: when the guard keeps the probe, is it better refitted on the whole training part? The same
+    folds, Lite0's cached features: the probe (logistic regression, C by CV) fitted on the 80% that
+    `finetune` trains on (its stratified split, seed 0) against the probe fitted on all of it.
+
+Prints a table per part and writes runs/bench/select_defaults_<part>.json after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from resplit import pooled, write_split
+from sklearn.metrics import accuracy_score
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.features.extract import extract
+from pipeline.heads.fit import fit_head
+from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SETS = ("flowers12", "dtd10", "intel6")
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+# (label, head type, sources, options): the reference probe, then the fusion candidates.
+FUSION = [("logreg lite0", "logistic_regression", LITES[:1], {})] + [
+    (f"fusion {'+'.join(s[-1] for s in sources)} k={k}", "pca_fusion", sources, {"components": k})
+    for sources, k in ((LITES, 64), (LITES, 128), (LITES, 256), (LITES[1:], 128))]
+# (label, unfreeze, lr): every candidate runs the same epochs with LP-FT and the probe guard.
+FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3), ("last:3 lr1e-3", "last:3", 1e-3), ("last:6 lr3e-4", "last:6", 3e-4)]
+
+
+def folds(labels: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return list(StratifiedKFold(k, shuffle=True, random_state=0).split(labels, labels))
+
+
+def _save(args: argparse.Namespace, rows: list[dict]) -> None:
+    out = Path(args.out or ROOT / "runs" / "bench" / f"select_defaults_{args.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args), "runs": rows}, indent=1, default=str))
+
+
+def fusion(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name in args.sets:
+        report = extract(DATA / name / "train", LITES, ["head"], cache_dir=args.cache, progress=False)
+        assert report.computed == 0, f"{name}: features were not all in {args.cache}"
+        sets = {b: report.feature_sets[(b, "head")] for b in LITES}
+        y = sets[LITES[0]].labels
+        X = {b: sets[b].features.compute() for b in LITES}
+        for label, head_type, sources, options in FUSION:
+            started, scores = time.perf_counter(), []
+            for train, held in folds(y, args.folds):
+                features = np.hstack([X[s] for s in sources])
+                spec = HeadSpec(label, head_type, sources, {**HEAD_OPTIONS[head_type], **options})
+                fitted = fit_head(spec, features[train], y[train], [X[s].shape[1] for s in sources])
+                scores.append(float(accuracy_score(y[held], fitted.pipeline.predict(features[held]))))
+            rows.append({"set": name, "candidate": label, "folds": scores, "mean": float(np.mean(scores)),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(f"{name:<10} {label:<22} CV {np.mean(scores):.2%}  ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+            _save(args, rows)
+    return rows
+
+
+def finetune_cv(args: argparse.Namespace) -> list[dict]:
+    from pipeline.images.data import require_labelled, scan
+    from pipeline.tuning.finetune import finetune, fit_probe, probe_accuracy
+    from pipeline.tuning.options import FinetuneOptions, TrainSettings
+
+    rows = []
+    # candidate before set: when compute runs out, the candidates done have every set
+    for fold in range(args.run_folds):
+        for label, unfreeze, lr in FINETUNE:
+            for name in args.sets:
+                paths, labels, classes = pooled(DATA / name, parts=("train",))
+                split = folds(labels, args.folds)[fold]
+                with tempfile.TemporaryDirectory(prefix="select-") as work:
+                    data = write_split(paths, labels, classes, split, Path(work) / "data")
+                    options = FinetuneOptions(
+                        data / "train", data / "test", unfreeze=unfreeze, out=Path(work) / "run", name="cv",
+                        backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
+                        train=TrainSettings(epochs=args.epochs, lr=lr, patience=args.epochs))
+                    m = finetune(options, progress=False).metrics
+                    whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
+                    refit = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
+                rows.append({"set": name, "fold": fold, "candidate": label, "accuracy": m["accuracy"],
+                             "probe_accuracy": m["probe_accuracy"], "probe_refit_accuracy": refit,
+                             "kept": m["kept"], "best_epoch": m["best_epoch"],
+                             "val": [m["start_val_accuracy"], *[h["val_accuracy"] for h in m["history"]]],
+                             "seconds": m["seconds"]})
+                print(f"{name:<10} fold {fold} {label:<14} final {m['accuracy']:.2%} (kept {m['kept']}, epoch "
+                      f"{m['best_epoch']})  probe {m['probe_accuracy']:.2%}  probe refit {refit:.2%}  "
+                      f"({m['seconds']:.0f} s)", flush=True)
+                _save(args, rows)
+    return rows
+
+
+def refit(args: argparse.Namespace) -> list[dict]:
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.tuning.options import VAL_FRACTION
+
+    rows = []
+    for name in args.sets:
+        report = extract(DATA / name / "train", LITES[:1], ["head"], cache_dir=args.cache, progress=False)
+        assert report.computed == 0, f"{name}: features were not all in {args.cache}"
+        fs = report.feature_sets[(LITES[0], "head")]
+        X, y = fs.features.compute(), fs.labels
+        spec = HeadSpec("probe", "logistic_regression", LITES[:1], dict(HEAD_OPTIONS["logistic_regression"]))
+        scores: dict[str, list[float]] = {"probe on 80%": [], "probe on 100%": []}
+        for train, held in folds(y, args.folds):
+            part = train_test_split(train, test_size=VAL_FRACTION, stratify=y[train], random_state=0)[0]
+            for label, rows_ in (("probe on 80%", part), ("probe on 100%", train)):
+                fitted = fit_head(spec, X[rows_], y[rows_], [X.shape[1]])
+                scores[label].append(float(accuracy_score(y[held], fitted.pipeline.predict(X[held]))))
+        for label, v in scores.items():
+            rows.append({"set": name, "candidate": label, "folds": v, "mean": float(np.mean(v))})
+            print(f"{name:<10} {label:<14} CV {np.mean(v):.2%}  {[round(x, 4) for x in v]}", flush=True)
+        _save(args, rows)
+    return rows
+
+
+def table(rows: list[dict], score: str) -> None:
+    candidates = list(dict.fromkeys(r["candidate"] for r in rows))
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    print(f"\n{'candidate':<22}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
+    for c in candidates:
+        means = [np.mean([r[score] for r in rows if r["set"] == s and r["candidate"] == c]) for s in sets]
+        print(f"{c:<22}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("fusion", "finetune", "refit"))
+    parser.add_argument("--sets", nargs="+", default=list(SETS))
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--run-folds", type=int, default=1, help="finetune: run the first R of the K folds")
+    parser.add_argument("--epochs", type=int, default=4, help="finetune: epochs of every candidate")
+    parser.add_argument("--cache", default="/work/shared-cache")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.part in ("fusion", "refit"):
+        table((fusion if args.part == "fusion" else refit)(args), "mean")
+    else:
+        table(finetune_cv(args), "accuracy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Deploying a saved head: one ONNX model from images to probabilities, and a prediction server."""

@@ -1,0 +1,177 @@
+"""The stat memo: content ids remembered by what `stat` says of a file, so an unchanged file is never opened.
+
+One SQLite table (WAL mode) per feature cache, `CACHE/stat-memo.sqlite`: (folder, name) -> size,
+mtime_ns, inode, device, content id, and a check over all of these. A file whose stat matches its row
+has that id without being read; any difference (rewritten, touched, replaced by a rename, moved to
+another disk) reads and hashes it again. It is a cache of the cache: deleting it costs one full read
+on the next run, and a memo that is not a database, fails SQLite's check, or holds a row whose check
+does not match is rebuilt or re-hashed, never trusted. Writes happen in the process that scans (the
+batch client, not Dask workers), inside short transactions; WAL and a busy timeout let several
+processes share one memo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pipeline.core.errors import first_line
+from pipeline.images.data import FileStat, hash_file
+
+logger = logging.getLogger(__name__)
+
+MEMO_NAME = "stat-memo.sqlite"
+_SCHEMA = 2  # 2: CRC-32 row checks (1 held SHA-256 text)
+_STAT = struct.Struct("<qqQQ")  # size, mtime_ns, inode, device
+_BUSY_TIMEOUT_S = 60.0
+_SETTLE_NS = 2 * 10**9  # a file modified this recently is hashed but not remembered (see `_remember`)
+_CREATE = """CREATE TABLE IF NOT EXISTS memo (
+    dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL, dev INTEGER NOT NULL, id TEXT NOT NULL, checksum INTEGER NOT NULL,
+    PRIMARY KEY (dir, name)) WITHOUT ROWID"""
+
+
+def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
+    """A bit flipped anywhere in a row (its id above all) fails this CRC-32, and the file is read again.
+    It guards against damage, not against someone who can write the cache (and so every record too)."""
+    return zlib.crc32(b"\0".join([folder, name, _STAT.pack(*stat), image_id.encode()]))
+
+
+def _files(paths: list[tuple[str, FileStat]]) -> dict[bytes, list[tuple[int, bytes]]]:
+    """Positions in `paths` by folder, with the file's name, as the memo keys them (bytes: any name)."""
+    folders: dict[bytes, list[tuple[int, bytes]]] = {}
+    for i, (path, _stat) in enumerate(paths):
+        folder, _, name = path.encode("utf-8", "surrogateescape").rpartition(b"/")  # os.fsencode, faster
+        folders.setdefault(folder, []).append((i, name))
+    return folders
+
+
+class StatMemo:
+    """Content ids of files by their stat; `ids` returns them, reading only files that are new or changed.
+
+    `path=None` keeps no memo (every file is read); `rehash=True` reads every file, and rewrites its row."""
+
+    def __init__(self, path: str | os.PathLike | None, rehash: bool = False,
+                 hasher: Callable[[Path], str] = hash_file) -> None:
+        self.path = Path(path) if path is not None else None
+        self.rehash = rehash
+        self.hasher = hasher
+        self.hits = self.hashed = 0
+        self.started_ns = time.time_ns()
+        self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection | None:
+        """The memo's database, created if needed; one that is damaged is deleted and made anew. Without
+        a usable file (a read-only cache, say) there is no memo: every file is hashed, as before."""
+        if self.path is None:
+            return None
+        for attempt in range(2):
+            try:
+                db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            except sqlite3.Error as exc:
+                logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
+                return None
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(_CREATE)
+                if db.execute("PRAGMA user_version").fetchone()[0] not in (0, _SCHEMA):
+                    raise sqlite3.DatabaseError("written by another version")
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("failed its integrity check")
+                db.execute(f"PRAGMA user_version={_SCHEMA}")
+                return db
+            except sqlite3.DatabaseError as exc:
+                db.close()
+                if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc) or attempt:
+                    logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
+                    return None
+                logger.warning(f"warning: the stat memo {self.path} is damaged ({first_line(exc)}); rebuilt")
+                self.delete()
+        return None
+
+    def delete(self) -> None:
+        """Remove the memo's files (it is rebuilt as files are hashed)."""
+        assert self.path is not None
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def __enter__(self) -> StatMemo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _known(self, folder: bytes, names: list[bytes]) -> dict[bytes, tuple[FileStat, str]]:
+        """The rows of `names` in `folder` whose check passes: one range query per folder and batch."""
+        if self.db is None or self.rehash:
+            return {}
+        rows = self.db.execute("SELECT name, size, mtime_ns, ino, dev, id, checksum FROM memo "
+                               "WHERE dir = ? AND name BETWEEN ? AND ?", (folder, min(names), max(names)))
+        wanted = set(names)
+        known = {}
+        for name, size, mtime_ns, ino, dev, image_id, check in rows:
+            if name in wanted:
+                stat = FileStat(size, mtime_ns, ino, dev)
+                if check == _checksum(folder, name, stat, image_id):
+                    known[name] = (stat, image_id)
+        return known
+
+    def ids(self, paths: list[tuple[str, FileStat]], workers: int = 4) -> list[str | None]:
+        """Content ids of `paths` (absolute, each with the stat a scan just took), in order; None where a
+        file cannot be read. Files whose stat matches the memo are not opened."""
+        ids: list[str | None] = [None] * len(paths)
+        todo: list[tuple[int, bytes, bytes]] = []
+        for folder, entries in _files(paths).items():
+            known = self._known(folder, [name for _i, name in entries])
+            for i, name in entries:
+                row = known.get(name)
+                if row is not None and row[0] == paths[i][1]:
+                    ids[i] = row[1]
+                else:
+                    todo.append((i, folder, name))
+        self.hits += len(paths) - len(todo)
+        self.hashed += len(todo)
+
+        def one(i: int) -> str | None:
+            try:
+                return self.hasher(Path(paths[i][0]))
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(workers) as pool:
+            for (i, _folder, _name), image_id in zip(todo, pool.map(one, [t[0] for t in todo]), strict=True):
+                ids[i] = image_id
+        self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
+        return ids
+
+    def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> None:
+        """Store new ids; the stat is the one taken before the file was read, so a file written while it
+        was hashed has a row that no longer matches, and is read again next time. A file modified in the
+        last two seconds is not remembered: the file system's clock ticks coarsely, and a rewrite of the
+        same size within the same tick would leave its stat as it was."""
+        rows = [row for row in rows if row[2].mtime_ns < self.started_ns - _SETTLE_NS]
+        if self.db is None or not rows:
+            return
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                    [(folder, name, *stat, image_id, _checksum(folder, name, stat, image_id))
+                                     for folder, name, stat, image_id in rows])
+        except sqlite3.Error as exc:  # a full disk, say: the ids are right, only the next run reads again
+            logger.warning(f"warning: the stat memo {self.path} was not updated ({first_line(exc)})")
