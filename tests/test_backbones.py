@@ -12,6 +12,7 @@ from pipeline.core.errors import BackboneError
 from pipeline.features.extract import forward
 from pipeline.images.preprocess import Preprocess
 from pipeline.models import registry
+from pipeline.models.openclip import clip_backbones
 from pipeline.models.registry import BACKBONES_ENV, PLUGINS_ENV, get_spec, list_backbones, register
 from pipeline.models.taps import TappedNetwork, tapped
 from pipeline.models.timm_zoo import CURATED
@@ -20,7 +21,8 @@ from pipeline.models.weights import file_sha256, load_backbone
 from .conftest import FLOWERS, TINY, TINY_WIDE, needs_flowers
 from .tinynet import PLUGIN as TINY_PLUGIN
 
-BUILTIN = sorted(["convnext_tiny", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+BUILTIN = sorted(["clip_vit_b16_laion2b", "clip_vit_b32_laion2b", "convnext_tiny", "efficientnet_b0",
+                  "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
                   "mobilenet_v3_large", "resnet18", "resnet50", "vgg16", "clip_vitb16", "convnext_small_22k",
                   "convnext_tiny_22k", "dinov2_vitb14_reg", "dinov2_vits14_reg", "efficientnetv2_s_21k",
                   "eva02_small", "siglip_vitb16"])
@@ -78,7 +80,7 @@ def test_a_plugin_that_cannot_load_is_a_one_line_error(monkeypatch, capsys, entr
 
 
 # The large timm networks take seconds each to build at random: one transformer and one CNN stay fast.
-_SLOW_TO_BUILD = set(CURATED) - {"dinov2_vits14_reg", "convnext_tiny_22k"}
+_SLOW_TO_BUILD = set(CURATED) - {"dinov2_vits14_reg", "convnext_tiny_22k"} | {"clip_vit_b16_laion2b"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_TO_BUILD else n
@@ -87,7 +89,8 @@ def test_every_layer_has_the_declared_dimension(name):
     spec = get_spec(name)
     network = spec.build().eval()
     tapped = TappedNetwork(network, dict(spec.layers))
-    size = spec.preprocess.crop if spec.load_network else 64  # timm's transformers take one input size
+    # timm's and OpenCLIP's transformers take one input size
+    size = spec.preprocess.crop if spec.load_network or name in clip_backbones() else 64
     with torch.inference_mode():
         out = tapped(torch.rand(1, 3, size, size))
     assert {k: v.shape[1] for k, v in out.items()} == {k: v.dim for k, v in spec.layers.items()}

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("finetune: {warmup: false}\n", ":1:20: 'finetune.warmup' must be a finite number >= 0, got False"),
     ("heads:\n  - {name: a, type: svm}\n  - {name: b, type: knn, n_neighbors: [3, 0]}\n",
      ":3:39: 'heads[1].n_neighbors' must be a positive integer or a list of them, got [3, 0]"),
-    ("heads:\n  - {name: a}\n", ":2:5: 'heads[0].type' is required: logistic_regression, svm, knn or pca_fusion"),
+    ("heads:\n  - {name: a}\n",
+     ":2:5: 'heads[0].type' is required: logistic_regression, svm, knn, pca_fusion or zero_shot"),
     ("heads:\n  - {name: a, type: svm, C: [true]}\n", ":2:29: 'heads[0].C' must be a finite positive number or a "
                                                       "list of them, got [True]"),
     ("compare: {seeds: [0, x]}\n", ":1:22: 'compare.seeds' must be a list of seeds, each an integer from 0 to "
@@ -70,7 +71,8 @@ def test_a_grid_or_a_single_value(tmp_path):
     path.write_text("heads:\n  - {name: a, type: logistic_regression, C: 1}\n"
                     "  - {name: b, type: svm, gamma: [scale]}\n")
     a, b = RunConfig.load(path).heads
-    assert a.options()["C"] == 1.0 and b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
+    assert a.options()["C"] == 1.0 and a.options()["zero_shot_prior"] is None
+    assert b.options()["gamma"] == ["scale"] and b.options()["C"] == [0.1, 1.0, 10.0]
     assert (a.options()["calibration"], b.options()["calibration"]) == ("temperature", "none")  # the SVM has Platt
     assert (HEAD_OPTIONS["knn"]["calibration"], HEAD_OPTIONS["pca_fusion"]["calibration"]) == ("sigmoid", "temperature")
 

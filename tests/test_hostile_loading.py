@@ -248,6 +248,7 @@ def _fitted_pipelines() -> dict[str, object]:
     import dask.array as da
 
     from pipeline.heads.outofcore import fit_incremental
+    from pipeline.heads.zero_shot import ZeroShotClassifier
 
     rng = np.random.default_rng(0)
     pipelines = {}
@@ -270,6 +271,12 @@ def _fitted_pipelines() -> dict[str, object]:
             spec = HeadSpec("h", head_type, ["a", "b"], {**HEAD_OPTIONS[head_type], "components": 4})
             sources = [da.from_array(X, chunks=20), da.from_array(X2, chunks=20)]
             pipelines[f"out_of_core_{head_type}/{classes}"] = fit_incremental(spec, sources, y, block_rows=20).pipeline
+        # zero_shot and a logistic regression with a zero_shot_prior: class embeddings as plain arrays
+        prior = ZeroShotClassifier(rng.normal(size=(classes, 20)), 100.0)
+        for head_type, options in (("zero_shot", {}), ("logistic_regression", {"C": 1.0, "zero_shot_prior": 0.5})):
+            spec = HeadSpec("h", head_type, ["a", "b"], {**HEAD_OPTIONS[head_type], **options})
+            fitted = fit_head(spec, np.hstack([X, X2]), y, [12, 8], prior=prior)
+            pipelines[f"{head_type}_prior/{classes}"] = fitted.pipeline
     return pipelines
 
 

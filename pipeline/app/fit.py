@@ -14,6 +14,7 @@ from pipeline.features.settings import DEFAULTS
 from pipeline.features.sources import feature_set, matrix, source_meta
 from pipeline.heads.bundle import HeadBundle, save_bundle
 from pipeline.heads.fit import FittedHead, fit_head
+from pipeline.heads.zero_shot import check_source, prior_for
 from pipeline.images.data import require_labelled, scan
 
 
@@ -40,12 +41,14 @@ def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: s
     config = RunConfig.parse({"data": {"train": str(Path(data).absolute())}, "heads": [head],
                               "features": {"backbones": backbones, "cache_dir": cache_dir}}, "command line")
     (spec,) = head_specs(config)
+    check_source(spec)
     dataset = require_labelled(scan(config.data["train"]), f"--data {data}")
     report = extract(dataset, progress=progress, **{**config.features.model_dump(exclude={"candidates"}),
                                                     "layers": spec.sources})
     X, dims = matrix(report.feature_sets, spec.sources)
     first = feature_set(report.feature_sets, spec.sources[0])
-    fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names)
+    fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names,
+                      prior=prior_for(spec, first.class_names))
     path = save_bundle(out, HeadBundle.of(fitted, first.class_names,
                                           source_meta(report.feature_sets, spec.sources, Path(cache_dir))))
     return FitResult(fitted, path, report.skipped)

@@ -42,6 +42,7 @@ from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.heads.outofcore import fit_incremental, matrix_bytes, predict_proba_blocks
 from pipeline.heads.rank import RankRow, rank, table
 from pipeline.heads.spec import HEAD_SUFFIX
+from pipeline.heads.zero_shot import check_source, prior_for
 from pipeline.images.data import Dataset, require_labelled, scan, test_labels
 from pipeline.tuning.compare import CompareOptions, compare_rows
 from pipeline.tuning.finetune import FinetuneOptions
@@ -223,6 +224,8 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
         config = config.model_copy(update={"features": chosen})
         specs = head_specs(config)
         features["backbones"] = chosen.backbones
+    for spec in specs:  # a zero-shot head's backbone is checked before any extraction
+        check_source(spec)
     features["backbones"] = features["backbones"] or [DEFAULT_BACKBONE]
     features["layers"] = sorted({s for spec in specs for s in spec.sources})
     cache_dir = Path(features["cache_dir"])
@@ -245,14 +248,16 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
         train_sources = [feature_set(train_sets, s).features for s in spec.sources]
         test_sources = [feature_set(test_sets, s).features for s in spec.sources]
         before = None
-        if matrix_bytes(train_sources) > budget:
+        prior = prior_for(spec, classes, features["weights"])
+        if matrix_bytes(train_sources) > budget and prior is None:  # zero-shot classifiers are fitted in memory
             logger.info(f"{spec.name}: training features exceed memory_budget_mb={config.memory_budget_mb}; "
                         "fitting out of core, block by block")
             fitted = _out_of_core_rule(fit_incremental(spec, train_sources, y_train))
             proba = predict_proba_blocks(fitted.pipeline, test_sources)
         else:
             X_train, dims = matrix(train_sets, spec.sources)
-            fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"], class_names=classes)
+            fitted = fit_head(spec, X_train, y_train, dims, scheduler=features["scheduler"], class_names=classes,
+                              prior=prior)
             X_test = matrix(test_sets, spec.sources)[0]
             proba = fitted.pipeline.predict_proba(X_test)
             plain = uncalibrated(fitted.pipeline, fitted.calibration)

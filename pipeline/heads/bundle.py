@@ -76,6 +76,8 @@ TRUSTED_TYPES: frozenset[str] = frozenset({
     # out-of-core heads (pipeline.heads.outofcore): SGD with log-loss, incremental PCA
     "sklearn.linear_model._stochastic_gradient.SGDClassifier", "sklearn._loss._loss.CyHalfBinomialLoss",
     "sklearn.decomposition._incremental_pca.IncrementalPCA", "pipeline.heads.outofcore.FusedIncrementalPCA",
+    # zero_shot (class embeddings and a scale: arrays and numbers), and the zero_shot_prior of logistic_regression
+    "pipeline.heads.zero_shot.ZeroShotClassifier", "pipeline.heads.zero_shot.ZeroShotBlend",
 })
 
 

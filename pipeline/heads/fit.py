@@ -30,6 +30,7 @@ from pipeline.heads.calibration import StratifiedFolds, calibrated
 from pipeline.heads.decision import DecisionRule
 from pipeline.heads.spec import HEAD_TYPES, HeadSpec
 from pipeline.heads.trust_options import UNKNOWN
+from pipeline.heads.zero_shot import ZeroShotBlend, ZeroShotClassifier, needs_prior
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +103,30 @@ def _check_grid(spec: HeadSpec, grid: dict[str, list], rows: int, folds: bool, w
                        f"more than {images}")
 
 
-def build_head(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, dict[str, list]]:
-    """The unfitted Pipeline and its grid; `rows` is the fewest training rows it will be fitted on."""
-    pipe, grid = _build(spec, dims, rows)
+def build_head(spec: HeadSpec, dims: list[int], rows: int,
+               prior: ZeroShotClassifier | None = None) -> tuple[Pipeline, dict[str, list]]:
+    """The unfitted Pipeline and its grid; `rows` is the fewest training rows it will be fitted on, `prior`
+    the zero-shot classifier of a head that needs one (`pipeline.heads.zero_shot.prior_for`)."""
+    pipe, grid = _build(spec, dims, rows, prior)
     if spec.options.get("class_weight") is not None:
+        if prior is not None:
+            raise ConfigError(f"head {spec.name!r}: class_weight does not combine with zero_shot_prior; "
+                              "remove one of them")
         pipe.set_params(clf__class_weight=spec.options["class_weight"])
     return pipe, grid
 
 
-def _build(spec: HeadSpec, dims: list[int], rows: int) -> tuple[Pipeline, dict[str, list]]:
+def _build(spec: HeadSpec, dims: list[int], rows: int,
+           prior: ZeroShotClassifier | None) -> tuple[Pipeline, dict[str, list]]:
     opts = spec.options
+    if needs_prior(spec) and prior is None:
+        raise ConfigError(f"head {spec.name!r} ({spec.type}) needs the class embeddings of its CLIP backbone's "
+                          "text tower (pipeline.heads.zero_shot.prior_for)")
+    if spec.type == "zero_shot":  # nothing to choose, nothing learned
+        return Pipeline([("clf", prior)]), {}
+    if spec.type == "logistic_regression" and prior is not None:
+        pipe = Pipeline([("clf", ZeroShotBlend(prior))])
+        return pipe, {"clf__C": _as_list(opts["C"]), "clf__weight": _as_list(opts["zero_shot_prior"])}
     if spec.type == "logistic_regression":
         pipe = Pipeline([("scale", StandardScaler()), ("clf", logistic_regression())])
         return pipe, {"clf__C": _as_list(opts["C"])}
@@ -197,21 +212,23 @@ def _decision(spec: HeadSpec, final: Pipeline, X: np.ndarray, y: np.ndarray,
 
 
 def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], scheduler: str | None = None,
-             n_jobs: int | None = None, class_names: list[str] | None = None) -> FittedHead:
+             n_jobs: int | None = None, class_names: list[str] | None = None,
+             prior: ZeroShotClassifier | None = None) -> FittedHead:
     """Cross-validate, then fit the best setting on all training rows with its calibration and decision
     rule; folds go to Dask when `scheduler`.
 
     A grid with a single setting leaves nothing to choose (its `cv_accuracy` is then None); with
     calibration none and no reject coverage or tuned threshold it is fitted once without any folds:
-    that is the fast path for a head whose settings are already known."""
+    that is the fast path for a head whose settings are already known. A zero_shot head has no setting
+    at all. `prior`: see `build_head`."""
     started = time.perf_counter()
     _check_trust(spec, y, class_names)
-    _, grid = build_head(spec, dims, len(y))
+    _, grid = build_head(spec, dims, len(y), prior)
     _check_grid(spec, grid, len(y), folds=False, warn=False)  # refused when no setting fits the data at all
     single = all(len(values) == 1 for values in grid.values())
     cv = _cv(y, class_names) if _needs_cv(spec, single) else None
     rows = _smallest_fold(None if single else cv, y)
-    pipeline, grid = build_head(spec, dims, rows)
+    pipeline, grid = build_head(spec, dims, rows, prior)
     _check_grid(spec, grid, rows, folds=not single)
     try:
         if single:

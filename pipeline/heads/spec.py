@@ -21,6 +21,12 @@ Grid = Annotated[list[T], Field(min_length=1)]
 SOURCE = "BACKBONE or BACKBONE:LAYER"
 HEAD_SUFFIX = ".skops"  # a saved head's file (pipeline.heads.bundle): heads/<name>.skops
 OLD_HEAD_SUFFIX = ".joblib"  # a head saved by an earlier version (a pickle: loads only with --trust-pickle)
+# CLIP's prompt ensemble for ImageNet, the 7-template subset its authors selected (CLIP repository,
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb): "{}" is replaced by the class's words.
+DEFAULT_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                     "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
+Template = Annotated[str, Field(pattern=r"^[^{}]*\{\}[^{}]*$")]
+UnitInterval = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 _SOURCE_ABOUT = ("the features it reads (default: the first of features.backbones at its default layer); "
                  "a backbone must be among features.backbones")
 
@@ -50,6 +56,11 @@ class LogisticRegressionHead(WeightedOptions, TrustOptions, HeadOptions):
     C: PositiveFinite | Grid[PositiveFinite] = option(
         [0.01, 0.1, 1.0, 10.0], accepts="a finite positive number or a list of them",
         about="inverse regularisation strength; a list is a grid for cross-validation")
+    zero_shot_prior: UnitInterval | Grid[UnitInterval] | None = option(
+        None, accepts="a number in [0, 1], a list of them, or null",
+        about="pool the regression with the zero-shot classifier of its CLIP backbone (default prompts): the "
+              "zero-shot classifier's weight in log space, 0 the regression alone; a list is a grid for "
+              "cross-validation; null: no prior. Needs a CLIP backbone's embedding layer")
 
 
 class SvmHead(WeightedOptions, TrustOptions, HeadOptions):
@@ -104,8 +115,23 @@ class PcaFusionHead(WeightedOptions, TrustOptions, HeadOptions):
         about="inverse regularisation strength; a list is a grid for cross-validation")
 
 
-HEAD_MODELS: tuple[type[HeadOptions], ...] = (LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead)
-AnyHead = Annotated[Union[LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead],  # noqa: UP007
+class ZeroShotHead(HeadOptions):
+    """CLIP zero-shot classification: prompts made of the class folder names, embedded by the text tower of
+    the source's CLIP backbone; no training image is used."""
+
+    type: Literal["zero_shot"]
+    source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT + "; a CLIP backbone's embedding layer")
+    templates: Annotated[list[Template], Field(min_length=1)] = option(
+        list(DEFAULT_TEMPLATES), accepts="a list of texts, each with one {} and no other braces",
+        about="the prompts of each class, {} standing for its words; the class embedding is the mean of their "
+              "normalised embeddings (default: CLIP's 7-template ImageNet ensemble)")
+    class_prompts: dict[str, str] = option(
+        {}, accepts="a mapping of class folder name to words",
+        about="the words that stand for a class in its prompts (default: its folder name, '_' and '-' as spaces)")
+
+
+HEAD_MODELS: tuple[type[HeadOptions], ...] = (LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead, ZeroShotHead)
+AnyHead = Annotated[Union[LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead, ZeroShotHead],  # noqa: UP007
                     Discriminator("type")]
 HEAD_TYPES: dict[str, type[HeadOptions]] = {get_args(m.model_fields["type"].annotation)[0]: m for m in HEAD_MODELS}
 # type -> its options' defaults (`source`/`sources` among them), from the models above.

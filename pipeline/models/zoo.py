@@ -47,6 +47,9 @@ def register_builtins() -> None:
     for name in TORCHVISION_TAPS:
         register(name, lambda name=name: torchvision_spec(name))
     register_timm()
+    from pipeline.models.openclip import register_curated
+
+    register_curated()  # CLIP image and text towers (pipeline.models.openclip)
 
 
 def _imagenet_categories() -> tuple[str, ...]:
