@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from set_features import set_features
 from sklearn.metrics import accuracy_score
 
-from pipeline.features.extract import extract
 from pipeline.heads.decision import decide
 from pipeline.heads.fit import fit_head
 from pipeline.heads.scores import balanced_accuracy
@@ -62,11 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in args.sets:
-        data = {}
-        for split in ("train", "test"):
-            fs = extract(Path(args.data) / name / split, [BACKBONE], ["head"], cache_dir=args.cache,
-                         progress=False).feature_sets[(BACKBONE, "head")]
-            data[split] = (fs.features.compute(), fs.labels)
+        data = set_features(args.data, name, BACKBONE, args.cache)
         (X, y), (X_test, y_test) = data["train"], data["test"]
         classes = np.unique(y)
         few = np.random.default_rng(args.seed).choice(classes, size=len(classes) // 2, replace=False)

@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from set_features import set_features
 from sklearn.covariance import LedoitWolf
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.features.extract import extract
 from pipeline.heads.decision import decide
 from pipeline.heads.fit import fit_head
 from pipeline.heads.scores import auroc
@@ -93,11 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in args.sets:
-        sets = {}
-        for split in ("train", "test"):
-            fs = extract(Path(args.data) / name / split, [BACKBONE], ["head"], cache_dir=args.cache,
-                         progress=False).feature_sets[(BACKBONE, "head")]
-            sets[split] = (fs.features.compute(), fs.labels)
+        sets = set_features(args.data, name, BACKBONE, args.cache)
         for seed in args.seeds:
             row = one_split(name, sets, seed)
             rows.append(row)
