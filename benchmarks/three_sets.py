@@ -55,11 +55,11 @@ def heads(sets: dict, count: int) -> dict[str, list[float]]:
     return scores
 
 
-def lpft(name: str, split_count: int, runs: int, cache: str) -> list[dict]:
+def lpft(name: str, split_count: int, runs: int, cache: str, first: int = 0) -> list[dict]:
     paths, labels, classes = pooled(DATA / name)
     test_size = len(pooled(DATA / name, parts=("test",))[1])
     rows = []
-    for i, split in enumerate(resampled_indices(labels, test_size=test_size, count=split_count)[:runs]):
+    for i, split in list(enumerate(resampled_indices(labels, test_size=test_size, count=split_count)))[first:runs]:
         work = Path(tempfile.mkdtemp(prefix="three-sets-"))
         try:
             data = write_split(paths, labels, classes, split, work / "data")
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["flowers12", "dtd10", "intel6"])
     parser.add_argument("--resamples", type=int, default=3, help="re-drawn splits for the heads")
     parser.add_argument("--finetune-resamples", type=int, default=1, help="of those, how many also fine-tune")
+    parser.add_argument("--from-split", type=int, default=0,
+                        help="LP-FT: start at this split (splits are the same in every run: resume a series)")
     parser.add_argument("--part", choices=("heads", "lpft", "both"), default="both",
                         help="heads only, LP-FT only (separate processes can run the sets side by side), or both")
     parser.add_argument("--cache", default="/work/shared-cache")
@@ -95,7 +97,7 @@ def main() -> None:
         for label, v in scores.items():
             print(f"{name:<10} {label:<18} mean {np.mean(v):.2%} (sd {np.std(v):.2%}, {len(v)} splits)", flush=True)
     for name in args.sets if args.part != "heads" else []:
-        runs = lpft(name, args.resamples, args.finetune_resamples, args.cache)
+        runs = lpft(name, args.resamples, args.finetune_resamples, args.cache, args.from_split)
         result["sets"].setdefault(name, {})["lpft"] = {"runs": runs, "accuracy": _stats([r["accuracy"] for r in runs]),
                                         "own_probe": _stats([r["probe_accuracy"] for r in runs])}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
