@@ -4,6 +4,7 @@ read), the streaming scan, and the pruning of skipped.json."""
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 
 from pipeline.app.batch import run_batch
+from pipeline.app.batch_heads import CHECKED_HEADS, HeadUnusable
 from pipeline.cli.main import main
 from pipeline.core.errors import CacheError
+from pipeline.core.hashing import file_sha256
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
 from pipeline.features.index import INDEX_NAME
@@ -146,6 +149,59 @@ def test_the_streaming_scan_gives_sorted_paths_and_reports_progress(tmp_path, he
     entry = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.skops"}), progress=False,
                       on_scan=lambda files, done: counts.append((files, done)))
     assert entry.predicted == 3 and counts[-1] == (3, True) and all(not done for _n, done in counts[:-1])
+
+
+_RERUN = """
+import json, sys
+from pipeline.cli.main import main
+code = main(["batch", sys.argv[1], "--quiet"])
+print(json.dumps({"code": code, "imported": [m for m in ("torch", "sklearn", "skops") if m in sys.modules]}))
+"""
+
+
+def _rerun(config: Path) -> dict:
+    """`pipeline batch CONFIG` in a fresh process: its exit code and which heavy libraries it imported."""
+    done = subprocess.run([sys.executable, "-c", _RERUN, str(config)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path, heads):
+    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=800))
+    head = tmp_path / "model.skops"
+    for suffix in ("", ".sha256"):
+        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    config = _config(tmp_path, [data], {"lr": head})
+    assert run_batch(config, progress=False).predicted == 3
+    record = tmp_path / "batch" / "predictions" / CHECKED_HEADS
+    assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
+    assert _rerun(config) == {"code": 0, "imported": []}  # no torch, scikit-learn or skops
+
+    for suffix in ("", ".sha256"):  # another head under the same name: loaded before the run, predicts all
+        shutil.copy(heads / f"knn.skops{suffix}", f"{head}{suffix}")
+    assert _rerun(config) == {"code": 0, "imported": ["torch", "sklearn", "skops"]}
+    assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
+    log = tmp_path / "batch" / "runs.jsonl"
+    assert json.loads(log.read_text().splitlines()[-1])["predicted"] == 3
+
+    head.write_bytes(b"not a head")  # a changed file is never taken on the record's word
+    assert main(["batch", str(config), "--quiet"]) == 2 and len(log.read_text().splitlines()) == 3
+
+
+def test_a_head_checked_earlier_is_loaded_when_it_has_work_and_fails_then_if_unusable(tmp_path, heads):
+    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=810))
+    head = tmp_path / "model.skops"
+    for suffix in ("", ".sha256"):
+        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    config = _config(tmp_path, [data], {"lr": head})
+    assert run_batch(config, progress=False).predicted == 2
+    Path(f"{head}.sha256").write_text("0" * 64)  # the head's own bytes are as the record says, its check fails
+    log = tmp_path / "batch" / "runs.jsonl"
+    assert run_batch(config, progress=False).exit_code == 0  # nothing to predict: the head is not loaded
+    make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=810)  # one new image
+    with pytest.raises(HeadUnusable, match="sha256"):
+        run_batch(config, progress=False)
+    assert len(log.read_text().splitlines()) == 2 and len(list((tmp_path / "batch" / "predictions").glob("*/*"))) == 1
 
 
 def test_skipped_json_drops_paths_its_config_no_longer_lists(tmp_path, heads):
