@@ -9,14 +9,16 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.app import batch_scan
 from pipeline.app.batch import run_batch
 from pipeline.app.batch_heads import CHECKED_HEADS, HeadUnusable
+from pipeline.app.batch_scan import identify
 from pipeline.cli.main import main
 from pipeline.core.errors import CacheError
 from pipeline.core.hashing import file_sha256
@@ -202,6 +204,71 @@ def test_a_head_checked_earlier_is_loaded_when_it_has_work_and_fails_then_if_unu
     with pytest.raises(HeadUnusable, match="sha256"):
         run_batch(config, progress=False)
     assert len(log.read_text().splitlines()) == 2 and len(list((tmp_path / "batch" / "predictions").glob("*/*"))) == 1
+
+
+def _memo_rows(cache: Path) -> set[str]:
+    """The files the cache's stat memo has a row of."""
+    with closing(sqlite3.connect(cache / MEMO_NAME)) as db:
+        return {os.fsdecode(folder + b"/" + name) for folder, name in db.execute("SELECT dir, name FROM memo")}
+
+
+def test_the_memo_forgets_deleted_files_once_a_scan_completes(tmp_path, monkeypatch):
+    root, other = tmp_path / "incoming", tmp_path / "other"
+    names = ["a/1.jpg", "a/2.jpg", "a/b/3.jpg", "a/d/6.jpg", "c/4.jpg", "a-z/5.jpg"]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"image %d" % i)
+    (other / "7.jpg").parent.mkdir()
+    (other / "7.jpg").write_bytes(b"image 7")  # another input sharing the cache, not scanned below
+    _settled(root), _settled(other)
+    cache = tmp_path / "cache"
+    identify([root, other], cache)
+    everything = {str(root / name) for name in names} | {str(other / "7.jpg")}
+    assert _memo_rows(cache) == everything
+
+    (root / "a" / "2.jpg").unlink()
+    shutil.rmtree(root / "c")
+    monkeypatch.setattr(batch_scan, "BLOCK", 2)
+
+    def stop(files: int, done: bool) -> None:
+        if files >= 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # a run that stops before its scan ends prunes nothing
+        identify([root], cache, on_progress=stop)
+    assert _memo_rows(cache) == everything
+
+    (root / "a" / "d").rename(tmp_path / "unmounted")  # a link to a folder that is not there: rows kept
+    (root / "a" / "d").symlink_to(tmp_path / "unmounted")
+    found = identify([root], cache)
+    assert found.opened == 0 and sorted(found.paths) == sorted(str(root / n) for n in ["a/1.jpg", "a/b/3.jpg",
+                                                                                     "a/d/6.jpg", "a-z/5.jpg"])
+    (tmp_path / "unmounted").rename(tmp_path / "elsewhere")
+    found = identify([root], cache)
+    assert str(root / "a" / "d") in found.skipped
+    assert _memo_rows(cache) == everything - {str(root / "a" / "2.jpg"), str(root / "c" / "4.jpg")}
+
+
+def test_extract_identifies_files_through_the_memo(tmp_path, capsys):
+    data = _settled(make_folder(tmp_path / "data", classes=2, per_class=3, start_seed=820))
+    cache = tmp_path / "cache"
+    args = ["extract", "--data", str(data), "--backbone", TINY, "--cache", str(cache), "--quiet"]
+    assert main(args) == 0 and "files read: 6 |" in capsys.readouterr().out
+    with counting_opens(data) as opened:
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert opened == [] and "files read: 0 |" in out and "rows reused: 6" in out
+    with counting_opens(data) as opened:
+        assert main([*args, "--rehash"]) == 0
+    assert len(opened) == 6 and "files read: 6 |" in capsys.readouterr().out
+
+    (data / "class0" / "img0.jpg").unlink()
+    changed = data / "class1" / "img1.jpg"
+    changed.write_bytes((data / "class1" / "img2.jpg").read_bytes())  # a copy: 4 distinct images
+    _settled(data, changed)
+    with counting_opens(data) as opened:
+        assert main(args) == 0
+    assert opened == [str(changed)] and "images: 5 | rows computed: 0 | rows reused: 4" in capsys.readouterr().out
+    assert _memo_rows(cache) == {str(p) for p in data.rglob("*.jpg")}
 
 
 def test_skipped_json_drops_paths_its_config_no_longer_lists(tmp_path, heads):

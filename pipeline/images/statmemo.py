@@ -8,6 +8,11 @@ on the next run, and a memo that is not a database, fails SQLite's check, or hol
 does not match is rebuilt or re-hashed, never trusted. Writes happen in the process that scans (the
 batch client, not Dask workers), inside short transactions; WAL and a busy timeout let several
 processes share one memo.
+
+Rows of deleted files are pruned: every file `ids` sees goes into a temporary table of the connection
+(gone with it), and once the scan of a folder has completed, `prune` deletes in one SQL statement the
+rows under that folder the scan did not see, except under entries it could not read (an unreadable
+folder keeps its rows until it is readable again). A run that stops before its scan ends prunes nothing.
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ import sqlite3
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.core.errors import first_line
-from pipeline.images.data import FileStat, hash_file
+from pipeline.images.data import Dataset, FileStat, hash_file
 
 logger = logging.getLogger(__name__)
 
 MEMO_NAME = "stat-memo.sqlite"
+BLOCK = 4096  # files identified at a time (one memo query per folder and block)
 _SCHEMA = 2  # 2: CRC-32 row checks (1 held SHA-256 text)
 _STAT = struct.Struct("<qqQQ")  # size, mtime_ns, inode, device
 _BUSY_TIMEOUT_S = 60.0
@@ -37,6 +43,11 @@ _CREATE = """CREATE TABLE IF NOT EXISTS memo (
     dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL, dev INTEGER NOT NULL, id TEXT NOT NULL, checksum INTEGER NOT NULL,
     PRIMARY KEY (dir, name)) WITHOUT ROWID"""
+# What this connection's `ids` saw; temporary: a run that ends early (a kill included) leaves nothing.
+_SEEN = "CREATE TEMP TABLE seen (dir BLOB NOT NULL, name BLOB NOT NULL, PRIMARY KEY (dir, name)) WITHOUT ROWID"
+# Rows under one folder that the scan did not see: the folder itself, then the range of `folder/...`.
+_UNSEEN = """SELECT dir, name FROM memo WHERE (dir = ? OR (dir >= ? AND dir < ?))
+    AND NOT EXISTS (SELECT 1 FROM temp.seen AS s WHERE s.dir = memo.dir AND s.name = memo.name)"""
 
 
 def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
@@ -45,13 +56,38 @@ def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
     return zlib.crc32(b"\0".join([folder, name, _STAT.pack(*stat), image_id.encode()]))
 
 
+def _encoded(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")  # os.fsencode, faster
+
+
+def memo_path(cache_dir: str | os.PathLike) -> Path | None:
+    """The cache's stat memo, its folder created if need be; None where it cannot be (a read-only place)."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError:
+        return None
+    return Path(cache_dir) / MEMO_NAME
+
+
 def _files(paths: list[tuple[str, FileStat]]) -> dict[bytes, list[tuple[int, bytes]]]:
     """Positions in `paths` by folder, with the file's name, as the memo keys them (bytes: any name)."""
     folders: dict[bytes, list[tuple[int, bytes]]] = {}
     for i, (path, _stat) in enumerate(paths):
-        folder, _, name = path.encode("utf-8", "surrogateescape").rpartition(b"/")  # os.fsencode, faster
+        folder, _, name = _encoded(path).rpartition(b"/")
         folders.setdefault(folder, []).append((i, name))
     return folders
+
+
+def _under(row: tuple[bytes, bytes], spare: set[bytes]) -> bool:
+    """Whether the file of a memo row (folder, name) is one of `spare` or lies under one of them."""
+    folder, name = row
+    if folder + b"/" + name in spare:
+        return True
+    while folder:
+        if folder in spare:
+            return True
+        folder = folder.rpartition(b"/")[0]
+    return False
 
 
 class StatMemo:
@@ -88,6 +124,7 @@ class StatMemo:
                 if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise sqlite3.DatabaseError("failed its integrity check")
                 db.execute(f"PRAGMA user_version={_SCHEMA}")
+                db.execute(_SEEN)
                 return db
             except sqlite3.DatabaseError as exc:
                 db.close()
@@ -136,7 +173,8 @@ class StatMemo:
         file cannot be read. Files whose stat matches the memo are not opened."""
         ids: list[str | None] = [None] * len(paths)
         todo: list[tuple[int, bytes, bytes]] = []
-        for folder, entries in _files(paths).items():
+        folders = _files(paths)
+        for folder, entries in folders.items():
             known = self._known(folder, [name for _i, name in entries])
             for i, name in entries:
                 row = known.get(name)
@@ -146,6 +184,7 @@ class StatMemo:
                     todo.append((i, folder, name))
         self.hits += len(paths) - len(todo)
         self.hashed += len(todo)
+        self._saw(folders)
 
         def one(i: int) -> str | None:
             try:
@@ -158,6 +197,34 @@ class StatMemo:
                 ids[i] = image_id
         self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
         return ids
+
+    def _saw(self, folders: dict[bytes, list[tuple[int, bytes]]]) -> None:
+        if self.db is not None:
+            self.db.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?, ?)",
+                                [(folder, name) for folder, entries in folders.items() for _i, name in entries])
+
+    def prune(self, folders: Iterable[str], spared: Iterable[str] = ()) -> int:
+        """Delete the rows of files under `folders` (absolute, normalised) that `ids` has not seen since
+        the memo was opened: call it once the scan of those folders is complete. Rows of files under
+        `spared` (what the scan could not read: a folder, a link to one) stay. Returns the rows deleted."""
+        if self.db is None:
+            return 0
+        spare = {_encoded(path) for path in spared}
+        stale = []
+        for folder in folders:
+            top = _encoded(folder).rstrip(b"/")
+            for row in self.db.execute(_UNSEEN, (top, top + b"/", top + b"0")):  # "0" follows "/"
+                if not spare or not _under(row, spare):
+                    stale.append(row)
+        if stale:
+            try:
+                with self.db:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    self.db.executemany("DELETE FROM memo WHERE dir = ? AND name = ?", stale)
+            except sqlite3.Error as exc:  # they are pruned on a later run
+                logger.warning(f"warning: the stat memo {self.path} was not pruned ({first_line(exc)})")
+                return 0
+        return len(stale)
 
     def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> None:
         """Store new ids; the stat is the one taken before the file was read, so a file written while it
@@ -175,3 +242,27 @@ class StatMemo:
                                      for folder, name, stat, image_id in rows])
         except sqlite3.Error as exc:  # a full disk, say: the ids are right, only the next run reads again
             logger.warning(f"warning: the stat memo {self.path} was not updated ({first_line(exc)})")
+
+
+def dataset_ids(dataset: Dataset, cache_dir: str | os.PathLike, rehash: bool = False) -> tuple[list[str | None], int]:
+    """Content ids of a scanned dataset's files (None: unreadable) through the cache's stat memo, and how
+    many files were read to hash them; a scanned folder's rows of files it no longer holds are pruned."""
+    ids: list[str | None] = []
+    with StatMemo(memo_path(cache_dir), rehash) as memo:
+        for start in range(0, len(dataset.paths), BLOCK):
+            block: list[tuple[str, FileStat]] = []
+            places: list[int] = []  # where each of `block` goes in this block's ids
+            paths = dataset.paths[start:start + BLOCK]
+            for i, path in enumerate(paths):
+                try:
+                    block.append((os.path.abspath(path), FileStat.of(os.stat(path))))
+                    places.append(i)
+                except OSError:
+                    continue
+            found: list[str | None] = [None] * len(paths)
+            for i, image_id in zip(places, memo.ids(block), strict=True):
+                found[i] = image_id
+            ids += found
+        if dataset.source is not None and dataset.source.is_dir():
+            memo.prune([os.path.abspath(dataset.source)], [os.path.abspath(path) for path, _why in dataset.skipped])
+        return ids, memo.hashed
