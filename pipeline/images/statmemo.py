@@ -9,10 +9,12 @@ does not match is rebuilt or re-hashed, never trusted. Writes happen in the proc
 batch client, not Dask workers), inside short transactions; WAL and a busy timeout let several
 processes share one memo.
 
-Rows of deleted files are pruned: every file `ids` sees goes into a temporary table of the connection
-(gone with it), and once the scan of a folder has completed, `prune` deletes in one SQL statement the
-rows under that folder the scan did not see, except under entries it could not read (an unreadable
-folder keeps its rows until it is readable again). A run that stops before its scan ends prunes nothing.
+Rows of deleted files are pruned, at next to no cost on an unchanged run: `ids` counts, per folder,
+the files it saw that have a row. Once the scan of a folder tree has completed, `prune` counts the
+rows of each folder under it (one grouped query); a folder with more rows than seen files, or one the
+scan never entered, has its rows checked one by one, and those whose file no longer exists are
+deleted. Rows under entries the scan could not read (an unreadable folder, a link to a disk that is
+not mounted) stay. A run that stops before its scan ends prunes nothing.
 """
 
 from __future__ import annotations
@@ -43,11 +45,9 @@ _CREATE = """CREATE TABLE IF NOT EXISTS memo (
     dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL, dev INTEGER NOT NULL, id TEXT NOT NULL, checksum INTEGER NOT NULL,
     PRIMARY KEY (dir, name)) WITHOUT ROWID"""
-# What this connection's `ids` saw; temporary: a run that ends early (a kill included) leaves nothing.
-_SEEN = "CREATE TEMP TABLE seen (dir BLOB NOT NULL, name BLOB NOT NULL, PRIMARY KEY (dir, name)) WITHOUT ROWID"
-# Rows under one folder that the scan did not see: the folder itself, then the range of `folder/...`.
-_UNSEEN = """SELECT dir, name FROM memo WHERE (dir = ? OR (dir >= ? AND dir < ?))
-    AND NOT EXISTS (SELECT 1 FROM temp.seen AS s WHERE s.dir = memo.dir AND s.name = memo.name)"""
+# Rows per folder under a tree (`dir` from "top/" up to "top0": "0" follows "/"); the top folder alone.
+_COUNTS = "SELECT dir, COUNT(*) FROM memo WHERE dir >= ? AND dir < ? GROUP BY dir"
+_COUNT = "SELECT dir, COUNT(*) FROM memo WHERE dir = ? GROUP BY dir"
 
 
 def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
@@ -101,6 +101,7 @@ class StatMemo:
         self.rehash = rehash
         self.hasher = hasher
         self.hits = self.hashed = 0
+        self.present: dict[bytes, int] = {}  # folder -> files `ids` saw there that have a row (see `prune`)
         self.started_ns = time.time_ns()
         self.db = self._open()
 
@@ -124,7 +125,6 @@ class StatMemo:
                 if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise sqlite3.DatabaseError("failed its integrity check")
                 db.execute(f"PRAGMA user_version={_SCHEMA}")
-                db.execute(_SEEN)
                 return db
             except sqlite3.DatabaseError as exc:
                 db.close()
@@ -153,29 +153,33 @@ class StatMemo:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _known(self, folder: bytes, names: list[bytes]) -> dict[bytes, tuple[FileStat, str]]:
-        """The rows of `names` in `folder` whose check passes: one range query per folder and batch."""
-        if self.db is None or self.rehash:
-            return {}
+    def _known(self, folder: bytes, names: list[bytes]) -> tuple[dict[bytes, tuple[FileStat, str]], set[bytes]]:
+        """The rows of `names` in `folder` whose check passes (none with `rehash`), and the names that
+        have a row at all: one range query per folder and batch."""
+        if self.db is None:
+            return {}, set()
         rows = self.db.execute("SELECT name, size, mtime_ns, ino, dev, id, checksum FROM memo "
                                "WHERE dir = ? AND name BETWEEN ? AND ?", (folder, min(names), max(names)))
         wanted = set(names)
-        known = {}
+        known, present = {}, set()
         for name, size, mtime_ns, ino, dev, image_id, check in rows:
             if name in wanted:
+                present.add(name)
                 stat = FileStat(size, mtime_ns, ino, dev)
-                if check == _checksum(folder, name, stat, image_id):
+                if not self.rehash and check == _checksum(folder, name, stat, image_id):
                     known[name] = (stat, image_id)
-        return known
+        return known, present
 
     def ids(self, paths: list[tuple[str, FileStat]], workers: int = 4) -> list[str | None]:
         """Content ids of `paths` (absolute, each with the stat a scan just took), in order; None where a
         file cannot be read. Files whose stat matches the memo are not opened."""
         ids: list[str | None] = [None] * len(paths)
         todo: list[tuple[int, bytes, bytes]] = []
-        folders = _files(paths)
-        for folder, entries in folders.items():
-            known = self._known(folder, [name for _i, name in entries])
+        had_row: set[tuple[bytes, bytes]] = set()
+        for folder, entries in _files(paths).items():
+            known, present = self._known(folder, [name for _i, name in entries])
+            self.present[folder] = self.present.get(folder, 0) + len(present)
+            had_row.update((folder, name) for name in present)
             for i, name in entries:
                 row = known.get(name)
                 if row is not None and row[0] == paths[i][1]:
@@ -184,7 +188,6 @@ class StatMemo:
                     todo.append((i, folder, name))
         self.hits += len(paths) - len(todo)
         self.hashed += len(todo)
-        self._saw(folders)
 
         def one(i: int) -> str | None:
             try:
@@ -195,27 +198,31 @@ class StatMemo:
         with ThreadPoolExecutor(workers) as pool:
             for (i, _folder, _name), image_id in zip(todo, pool.map(one, [t[0] for t in todo]), strict=True):
                 ids[i] = image_id
-        self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
+        stored = self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
+        for folder, name, _stat, _id in stored:
+            if (folder, name) not in had_row:
+                self.present[folder] = self.present.get(folder, 0) + 1
         return ids
 
-    def _saw(self, folders: dict[bytes, list[tuple[int, bytes]]]) -> None:
-        if self.db is not None:
-            self.db.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?, ?)",
-                                [(folder, name) for folder, entries in folders.items() for _i, name in entries])
-
     def prune(self, folders: Iterable[str], spared: Iterable[str] = ()) -> int:
-        """Delete the rows of files under `folders` (absolute, normalised) that `ids` has not seen since
-        the memo was opened: call it once the scan of those folders is complete. Rows of files under
-        `spared` (what the scan could not read: a folder, a link to one) stay. Returns the rows deleted."""
+        """Delete the rows of files under `folders` (absolute, normalised) that no longer exist: call it
+        once `ids` has seen every file of those folder trees. Only folders with more rows than files
+        seen there (or none seen) are looked at, row by row; rows under `spared` (what the scan could
+        not read: a folder, a link to one) stay. Returns the number of rows deleted."""
         if self.db is None:
             return 0
         spare = {_encoded(path) for path in spared}
-        stale = []
+        counts = []
         for folder in folders:
             top = _encoded(folder).rstrip(b"/")
-            for row in self.db.execute(_UNSEEN, (top, top + b"/", top + b"0")):  # "0" follows "/"
-                if not spare or not _under(row, spare):
-                    stale.append(row)
+            counts += self.db.execute(_COUNT, (top,)).fetchall() + self.db.execute(_COUNTS, (top + b"/", top + b"0")
+                                                                                   ).fetchall()
+        stale = []
+        for folder, rows in counts:
+            if rows > self.present.get(folder, 0):
+                names = self.db.execute("SELECT name FROM memo WHERE dir = ?", (folder,)).fetchall()
+                stale += [(folder, name) for (name,) in names if not os.path.lexists(folder + b"/" + name)
+                          and not _under((folder, name), spare)]
         if stale:
             try:
                 with self.db:
@@ -226,14 +233,14 @@ class StatMemo:
                 return 0
         return len(stale)
 
-    def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> None:
+    def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> list[tuple[bytes, bytes, FileStat, str]]:
         """Store new ids; the stat is the one taken before the file was read, so a file written while it
         was hashed has a row that no longer matches, and is read again next time. A file modified in the
         last two seconds is not remembered: the file system's clock ticks coarsely, and a rewrite of the
         same size within the same tick would leave its stat as it was."""
         rows = [row for row in rows if row[2].mtime_ns < self.started_ns - _SETTLE_NS]
         if self.db is None or not rows:
-            return
+            return []
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -242,6 +249,8 @@ class StatMemo:
                                      for folder, name, stat, image_id in rows])
         except sqlite3.Error as exc:  # a full disk, say: the ids are right, only the next run reads again
             logger.warning(f"warning: the stat memo {self.path} was not updated ({first_line(exc)})")
+            return []
+        return rows
 
 
 def dataset_ids(dataset: Dataset, cache_dir: str | os.PathLike, rehash: bool = False) -> tuple[list[str | None], int]:
