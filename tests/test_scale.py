@@ -3,6 +3,7 @@ the cache index (rebuilt when missing, followed when stale, checked by `cache ve
 read), the streaming scan, and the pruning of skipped.json."""
 
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -28,11 +29,12 @@ from pipeline.features.index import INDEX_NAME
 from pipeline.images.data import content_id, iter_files, walk_files
 from pipeline.images.statmemo import MEMO_NAME, StatMemo
 
-from . import test_batch
+from . import test_batch, test_hostile_disk
 from .conftest import TINY, make_folder
 from .test_batch import _config
 
 heads = test_batch.heads  # the fixture of tests/test_batch.py: two heads fitted with the tiny backbone
+tiny_disk = test_hostile_disk.tiny_disk  # a real 200 KB tmpfs
 
 _OPENED: list[str] | None = None  # while a `counting_opens` block runs: every file Python opens
 
@@ -246,6 +248,22 @@ def test_the_memo_forgets_deleted_files_once_a_scan_completes(tmp_path, monkeypa
     found = identify([root], cache)
     assert str(root / "a" / "d") in found.skipped
     assert _memo_rows(cache) == everything - {str(root / "a" / "2.jpg"), str(root / "c" / "4.jpg")}
+
+
+def test_a_full_disk_leaves_the_memo_as_it_is(tmp_path, tiny_disk, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"image %d" % i)
+    _settled(folder)
+    cache = tiny_disk / "cache"
+    assert identify([folder], cache).opened == 3
+    filler = test_hostile_disk._fill(tiny_disk)
+    assert identify([folder], cache).opened == 3  # no memo while the disk is full: every file is read
+    assert "no stat memo" in caplog.text and "damaged" not in caplog.text
+    filler.unlink()
+    assert identify([folder], cache).opened == 0  # and the memo is still there, not deleted as if damaged
 
 
 def test_extract_identifies_files_through_the_memo(tmp_path, capsys):

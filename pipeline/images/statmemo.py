@@ -107,14 +107,15 @@ class StatMemo:
 
     def _open(self) -> sqlite3.Connection | None:
         """The memo's database, created if needed; one that is damaged is deleted and made anew. Without
-        a usable file (a read-only cache, say) there is no memo: every file is hashed, as before."""
+        a usable file (a read-only cache, a full disk) there is no memo, and every file is hashed, as
+        before: a note, not a warning (the run's `files read` says it), and the file is left as it is."""
         if self.path is None:
             return None
         for attempt in range(2):
             try:
                 db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
             except sqlite3.Error as exc:
-                logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
+                logger.info(f"no stat memo ({self.path}: {first_line(exc)}); every file is read")
                 return None
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -128,7 +129,10 @@ class StatMemo:
                 return db
             except sqlite3.DatabaseError as exc:
                 db.close()
-                if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc) or attempt:
+                if isinstance(exc, sqlite3.OperationalError):  # read-only, a full disk, busy: not damage, kept
+                    logger.info(f"no stat memo ({self.path}: {first_line(exc)}); every file is read")
+                    return None
+                if attempt:
                     logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
                     return None
                 logger.warning(f"warning: the stat memo {self.path} is damaged ({first_line(exc)}); rebuilt")
