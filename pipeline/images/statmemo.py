@@ -9,12 +9,13 @@ does not match is rebuilt or re-hashed, never trusted. Writes happen in the proc
 batch client, not Dask workers), inside short transactions; WAL and a busy timeout let several
 processes share one memo.
 
-Rows of deleted files are pruned, at next to no cost on an unchanged run: `ids` counts, per folder,
-the files it saw that have a row. Once the scan of a folder tree has completed, `prune` counts the
-rows of each folder under it (one grouped query); a folder with more rows than seen files, or one the
-scan never entered, has its rows checked one by one, and those whose file no longer exists are
-deleted. Rows under entries the scan could not read (an unreadable folder, a link to a disk that is
-not mounted) stay. A run that stops before its scan ends prunes nothing.
+Rows of deleted files are pruned, at next to no cost on an unchanged run. The range query that looks
+up a folder's files a block at a time also meets the rows in that range that were not asked for (in a
+folder scanned in order: files deleted since); once the scan of a folder tree has completed, `prune`
+adds each folder's rows outside the ranges asked about and every row of a folder never asked about
+(one index search per folder), and deletes those whose file no longer exists. Rows under entries the
+scan could not read (an unreadable folder, a link to a disk that is not mounted) stay. A run that
+stops before its scan ends prunes nothing.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ _CREATE = """CREATE TABLE IF NOT EXISTS memo (
     dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL, dev INTEGER NOT NULL, id TEXT NOT NULL, checksum INTEGER NOT NULL,
     PRIMARY KEY (dir, name)) WITHOUT ROWID"""
-# Rows per folder under a tree (`dir` from "top/" up to "top0": "0" follows "/"); the top folder alone.
-_COUNTS = "SELECT dir, COUNT(*) FROM memo WHERE dir >= ? AND dir < ? GROUP BY dir"
-_COUNT = "SELECT dir, COUNT(*) FROM memo WHERE dir = ? GROUP BY dir"
+# The first folder after a given one, up to a bound: one index search (a tree's folders: "top/" to "top0").
+_NEXT_FOLDER = "SELECT dir FROM memo WHERE dir > ? AND dir < ? ORDER BY dir LIMIT 1"
 
 
 def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
@@ -101,7 +101,9 @@ class StatMemo:
         self.rehash = rehash
         self.hasher = hasher
         self.hits = self.hashed = 0
-        self.present: dict[bytes, int] = {}  # folder -> files `ids` saw there that have a row (see `prune`)
+        # For `prune`: per folder, the name ranges `ids` asked about; rows in them it was not asked for.
+        self.ranges: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self.unasked: set[tuple[bytes, bytes]] = set()
         self.started_ns = time.time_ns()
         self.db = self._open()
 
@@ -157,33 +159,34 @@ class StatMemo:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _known(self, folder: bytes, names: list[bytes]) -> tuple[dict[bytes, tuple[FileStat, str]], set[bytes]]:
-        """The rows of `names` in `folder` whose check passes (none with `rehash`), and the names that
-        have a row at all: one range query per folder and batch."""
+    def _known(self, folder: bytes, names: list[bytes]) -> dict[bytes, tuple[FileStat, str]]:
+        """The rows of `names` in `folder` whose check passes (none with `rehash`): one range query per
+        folder and batch. The range is noted, and so is every row in it that is not one of `names` (for
+        `prune`: in a folder scanned in order, a file deleted since)."""
         if self.db is None:
-            return {}, set()
+            return {}
+        low, high = min(names), max(names)
+        self.ranges.setdefault(folder, []).append((low, high))
         rows = self.db.execute("SELECT name, size, mtime_ns, ino, dev, id, checksum FROM memo "
-                               "WHERE dir = ? AND name BETWEEN ? AND ?", (folder, min(names), max(names)))
+                               "WHERE dir = ? AND name BETWEEN ? AND ?", (folder, low, high))
         wanted = set(names)
-        known, present = {}, set()
+        known = {}
         for name, size, mtime_ns, ino, dev, image_id, check in rows:
-            if name in wanted:
-                present.add(name)
-                stat = FileStat(size, mtime_ns, ino, dev)
-                if not self.rehash and check == _checksum(folder, name, stat, image_id):
-                    known[name] = (stat, image_id)
-        return known, present
+            if name not in wanted:
+                self.unasked.add((folder, name))
+                continue
+            stat = FileStat(size, mtime_ns, ino, dev)
+            if not self.rehash and check == _checksum(folder, name, stat, image_id):
+                known[name] = (stat, image_id)
+        return known
 
     def ids(self, paths: list[tuple[str, FileStat]], workers: int = 4) -> list[str | None]:
         """Content ids of `paths` (absolute, each with the stat a scan just took), in order; None where a
         file cannot be read. Files whose stat matches the memo are not opened."""
         ids: list[str | None] = [None] * len(paths)
         todo: list[tuple[int, bytes, bytes]] = []
-        had_row: set[tuple[bytes, bytes]] = set()
         for folder, entries in _files(paths).items():
-            known, present = self._known(folder, [name for _i, name in entries])
-            self.present[folder] = self.present.get(folder, 0) + len(present)
-            had_row.update((folder, name) for name in present)
+            known = self._known(folder, [name for _i, name in entries])
             for i, name in entries:
                 row = known.get(name)
                 if row is not None and row[0] == paths[i][1]:
@@ -202,31 +205,29 @@ class StatMemo:
         with ThreadPoolExecutor(workers) as pool:
             for (i, _folder, _name), image_id in zip(todo, pool.map(one, [t[0] for t in todo]), strict=True):
                 ids[i] = image_id
-        stored = self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
-        for folder, name, _stat, _id in stored:
-            if (folder, name) not in had_row:
-                self.present[folder] = self.present.get(folder, 0) + 1
+        self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
         return ids
 
     def prune(self, folders: Iterable[str], spared: Iterable[str] = ()) -> int:
         """Delete the rows of files under `folders` (absolute, normalised) that no longer exist: call it
-        once `ids` has seen every file of those folder trees. Only folders with more rows than files
-        seen there (or none seen) are looked at, row by row; rows under `spared` (what the scan could
-        not read: a folder, a link to one) stay. Returns the number of rows deleted."""
+        once `ids` has seen every file of those folder trees. The rows looked at are those `ids` met
+        without being asked for them, those of each folder outside the name ranges `ids` asked about,
+        and every row of a folder it never asked about; each is deleted if its file is gone, unless it
+        lies under `spared` (what the scan could not read: a folder, a link to one). An unchanged run
+        costs one index search per folder. Returns the number of rows deleted."""
         if self.db is None:
             return 0
+        tops = [_encoded(folder).rstrip(b"/") for folder in folders]
+        rows = {(folder, name) for folder, name in self.unasked
+                if any(folder == top or folder.startswith(top + b"/") for top in tops)}
+        for top in tops:
+            rows.update(self._outside(top))
+            below = top + b"/"
+            while found := self.db.execute(_NEXT_FOLDER, (below, top + b"0")).fetchone():  # "0" follows "/"
+                below = found[0]
+                rows.update(self._outside(below))
         spare = {_encoded(path) for path in spared}
-        counts = []
-        for folder in folders:
-            top = _encoded(folder).rstrip(b"/")
-            counts += self.db.execute(_COUNT, (top,)).fetchall() + self.db.execute(_COUNTS, (top + b"/", top + b"0")
-                                                                                   ).fetchall()
-        stale = []
-        for folder, rows in counts:
-            if rows > self.present.get(folder, 0):
-                names = self.db.execute("SELECT name FROM memo WHERE dir = ?", (folder,)).fetchall()
-                stale += [(folder, name) for (name,) in names if not os.path.lexists(folder + b"/" + name)
-                          and not _under((folder, name), spare)]
+        stale = [row for row in rows if not os.path.lexists(row[0] + b"/" + row[1]) and not _under(row, spare)]
         if stale:
             try:
                 with self.db:
@@ -237,14 +238,32 @@ class StatMemo:
                 return 0
         return len(stale)
 
-    def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> list[tuple[bytes, bytes, FileStat, str]]:
+    def _outside(self, folder: bytes) -> set[tuple[bytes, bytes]]:
+        """The rows of `folder` outside the name ranges `ids` asked about (all of them if none)."""
+        assert self.db is not None
+        bounds: list[bytes | None] = [None]  # gaps between the ranges, merged, as (after, before) pairs
+        for low, high in sorted(self.ranges.get(folder, [])):
+            if bounds[-1] is None or low > bounds[-1]:
+                bounds += [low, high]
+            else:
+                bounds[-1] = max(bounds[-1], high)
+        bounds.append(None)
+        rows = set()
+        for after, before in zip(bounds[::2], bounds[1::2], strict=True):
+            query = "SELECT name FROM memo WHERE dir = ?" + (" AND name > ?" if after is not None else "") + \
+                (" AND name < ?" if before is not None else "")
+            rows.update((folder, name) for (name,) in self.db.execute(
+                query, [folder, *(b for b in (after, before) if b is not None)]))
+        return rows
+
+    def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> None:
         """Store new ids; the stat is the one taken before the file was read, so a file written while it
         was hashed has a row that no longer matches, and is read again next time. A file modified in the
         last two seconds is not remembered: the file system's clock ticks coarsely, and a rewrite of the
         same size within the same tick would leave its stat as it was."""
         rows = [row for row in rows if row[2].mtime_ns < self.started_ns - _SETTLE_NS]
         if self.db is None or not rows:
-            return []
+            return
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -253,8 +272,6 @@ class StatMemo:
                                      for folder, name, stat, image_id in rows])
         except sqlite3.Error as exc:  # a full disk, say: the ids are right, only the next run reads again
             logger.warning(f"warning: the stat memo {self.path} was not updated ({first_line(exc)})")
-            return []
-        return rows
 
 
 def dataset_ids(dataset: Dataset, cache_dir: str | os.PathLike, rehash: bool = False) -> tuple[list[str | None], int]:
