@@ -250,6 +250,24 @@ def test_the_memo_forgets_deleted_files_once_a_scan_completes(tmp_path, monkeypa
     assert _memo_rows(cache) == everything - {str(root / "a" / "2.jpg"), str(root / "c" / "4.jpg")}
 
 
+def test_pruning_keeps_the_rows_of_files_met_out_of_order(tmp_path, monkeypatch):
+    root = tmp_path / "incoming"
+    root.mkdir()
+    for i in range(6):
+        (root / f"{i}.jpg").write_bytes(b"image %d" % i)
+    _settled(root)
+    listing = tmp_path / "list.txt"  # the list comes first, out of order: each block's range holds others
+    listing.write_text("\n".join(str(root / f"{i}.jpg") for i in (0, 5, 1, 4, 2, 3)))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(batch_scan, "BLOCK", 2)
+    identify([listing, root], cache)
+    assert identify([listing, root], cache).opened == 0 and len(_memo_rows(cache)) == 6
+    (root / "4.jpg").unlink()
+    listing.write_text("\n".join(str(root / f"{i}.jpg") for i in (0, 5, 1, 2, 3)))
+    assert identify([listing, root], cache).opened == 0
+    assert _memo_rows(cache) == {str(root / f"{i}.jpg") for i in (0, 1, 2, 3, 5)}
+
+
 def test_a_full_disk_leaves_the_memo_as_it_is(tmp_path, tiny_disk, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     folder = tmp_path / "incoming"
