@@ -95,12 +95,11 @@ def environment(code: Path, weights: Path) -> dict:
             "PIPELINE_PLUGINS": "benchmarks.tiny_backbone:register", "PIPELINE_TINY_WEIGHTS": str(weights)}
 
 
-def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str) -> dict:
-    """One `pipeline batch` subprocess (of the code at `code`): its log entry, wall time, peak RSS,
-    files opened under `images`, and whether torch was imported."""
-    report = config.parent / "child.json"
+def command(args: list[str], images: Path, report: Path, env: dict, code: Path = ROOT) -> tuple[float, dict]:
+    """One `pipeline ARGS` subprocess (of the code at `code`) under the audit hook: its wall time, and
+    what the child reported (files opened under `images`, forward passes, torch imported, peak RSS)."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, "batch", str(config), "--quiet", *extra], cwd=code,
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=code,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**env, "SCALE_IMAGES": str(images), "SCALE_REPORT": str(report)})
     code_ = proc.wait()
@@ -108,12 +107,26 @@ def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str)
     error = proc.stderr.read().decode()[-2000:]
     proc.stderr.close()
     if code_ != 0:
-        raise SystemExit(f"pipeline batch failed ({code_}): {error}")
+        raise SystemExit(f"pipeline {args[0]} failed ({code_}): {error}")
+    return wall, json.loads(report.read_text())
+
+
+def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str) -> dict:
+    """One `pipeline batch` subprocess (of the code at `code`): its log entry, wall time, peak RSS,
+    files opened under `images`, and whether torch was imported."""
+    wall, child = command(["batch", str(config), "--quiet", *extra], images, config.parent / "child.json", env, code)
     entry = json.loads(Path(json.loads(config.read_text())["log"]).read_text().splitlines()[-1])
-    child = json.loads(report.read_text())
     return {"seen": entry["seen"], "predicted": entry["predicted"], "computed": entry["computed"],
             "seconds": entry["seconds"], "wall_seconds": round(wall, 2), "peak_rss_mb": child["peak_mb"],
             "files_opened": child["opened"], "forward_passes": child["forwards"], "torch_imported": child["torch"]}
+
+
+def extract_run(images: Path, cache: Path, env: dict, code: Path = ROOT) -> dict:
+    """One `pipeline extract` subprocess over `images` (its thousand-file folders are its classes) with
+    `scale_tiny` into `cache`: wall time, peak RSS, files opened under `images`."""
+    wall, child = command(["extract", "--data", str(images), "--backbone", "scale_tiny", "--cache", str(cache),
+                           "--quiet"], images, cache.parent / "extract-child.json", env, code)
+    return {"wall_seconds": round(wall, 2), "peak_rss_mb": child["peak_mb"], "files_opened": child["opened"]}
 
 
 def write_config(folder: Path, images: Path, head: Path, cache: Path | None = None) -> Path:
@@ -296,10 +309,12 @@ def against_base(work: Path, base: str, photos: Path, count: int, head: Path, we
     return result
 
 
-def reruns_against(size: int, work: Path, base: str, rounds: int, head: Path, weights: Path) -> dict:
+def reruns_against(size: int, work: Path, base: str, rounds: int, head: Path, weights: Path,
+                   extract: bool = False) -> dict:
     """Unchanged reruns of `pipeline batch` over `size` files with this code and with `base`
     (`checkout`), `rounds` times in the order before, this, this, before, on one output folder and cache
-    (made by a first run with this code when missing); then the scan and the stat memo alone the same way."""
+    (made by a first run with this code when missing); then the scan and the stat memo alone the same
+    way; with `extract`, unchanged `pipeline extract` runs too (on a cache of their own)."""
     base_code = checkout(work, base)
     images = work / f"images_{size}"
     if not (images / f"{(size - 1) // 1000:04d}" / f"{size - 1:07d}.jpg").is_file():
@@ -322,6 +337,16 @@ def reruns_against(size: int, work: Path, base: str, rounds: int, head: Path, we
             code = base_code if name == "before" else ROOT
             result["identify"][name].append(_identify(images, folder / "cache", code, weights))
             print(f"{size} identify only, {name}: {json.dumps(result['identify'][name][-1])}", flush=True)
+    if extract:
+        cache = folder / "extract-cache"
+        if not cache.is_dir():
+            print(f"{size} extract, first: {json.dumps(extract_run(images, cache, environment(ROOT, weights)))}")
+        result["extract"] = {"before": [], "this": []}
+        for _ in range(rounds):
+            for name in ("before", "this", "this", "before"):
+                code = base_code if name == "before" else ROOT
+                result["extract"][name].append(extract_run(images, cache, environment(code, weights), code))
+                print(f"{size} unchanged extract, {name}: {json.dumps(result['extract'][name][-1])}", flush=True)
     return result
 
 
@@ -343,6 +368,8 @@ def main() -> None:
                         help="instead: unchanged reruns of each size with this code and with git revision REV, "
                              "interleaved (made after a first run with this code, in --work/rerun_SIZE)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --rerun-base (each: REV, this, this, REV)")
+    parser.add_argument("--extract", action="store_true",
+                        help="with --rerun-base: also unchanged `pipeline extract` runs over the same files")
     parser.add_argument("--out", default=str(ROOT / "runs/bench/scale.json"))
     args = parser.parse_args()
     work = Path(args.work).absolute()
@@ -358,7 +385,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
         if args.rerun_base:
-            results["sizes"][str(size)] = reruns_against(size, work, args.rerun_base, args.rounds, head, weights)
+            results["sizes"][str(size)] = reruns_against(size, work, args.rerun_base, args.rounds, head, weights,
+                                                         args.extract)
         elif args.reruns:  # the folders of an earlier run of this script: unchanged reruns only
             config = work / f"run_{size}" / "batch.yaml"
             results["sizes"][str(size)] = {"unchanged_reruns": [
