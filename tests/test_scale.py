@@ -180,6 +180,9 @@ def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path,
     record = tmp_path / "batch" / "predictions" / CHECKED_HEADS
     assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
     assert _rerun(config) == {"code": 0, "imported": []}  # no torch, scikit-learn or skops
+    record.write_text("{not json")  # a damaged record vouches for nothing: the head is loaded, the record made anew
+    assert _rerun(config) == {"code": 0, "imported": ["torch", "sklearn", "skops"]}
+    assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
 
     for suffix in ("", ".sha256"):  # another head under the same name: loaded before the run, predicts all
         shutil.copy(heads / f"knn.skops{suffix}", f"{head}{suffix}")
@@ -188,8 +191,9 @@ def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path,
     log = tmp_path / "batch" / "runs.jsonl"
     assert json.loads(log.read_text().splitlines()[-1])["predicted"] == 3
 
+    logged = log.read_text()
     head.write_bytes(b"not a head")  # a changed file is never taken on the record's word
-    assert main(["batch", str(config), "--quiet"]) == 2 and len(log.read_text().splitlines()) == 3
+    assert main(["batch", str(config), "--quiet"]) == 2 and log.read_text() == logged
 
 
 def test_a_head_checked_earlier_is_loaded_when_it_has_work_and_fails_then_if_unusable(tmp_path, heads):
