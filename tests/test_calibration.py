@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.core.errors import ConfigError
 from pipeline.heads.calibration import StratifiedFolds, TemperatureScaling, fit_temperature, uncalibrated
 from pipeline.heads.decision import DecisionRule, decide
-from pipeline.heads.fit import fit_head
+from pipeline.heads.fit import checked_threshold, fit_head
 from pipeline.heads.scores import (
     accuracy_coverage,
     auroc,
@@ -125,11 +125,40 @@ def test_a_tuned_two_class_threshold_is_saved_and_used_by_decide():
     tuned = fit_head(_spec("logistic_regression", C=1.0, calibration="none", tune_threshold=True), X[:2000],
                      y[:2000], [10])
     threshold = tuned.decision.binary_threshold
-    assert 0 < threshold < 0.5  # the rare class needs less than an even chance
+    assert 0 < threshold < 0.5 and tuned.threshold_refused is None  # the rare class needs less than an even chance
     proba = tuned.pipeline.predict_proba(X_test)
     labels = decide(tuned.decision, proba).label
     np.testing.assert_array_equal(labels, (proba[:, 1] >= threshold).astype(int))
     assert balanced_accuracy(y_test, labels) > balanced_accuracy(y_test, plain.pipeline.predict(X_test)) + 0.05
+
+
+@pytest.mark.parametrize(("best", "score", "at_half", "kept", "reason"), [
+    (0.999, 1.0, 0.994, 0.5, "the tuned threshold 0.999 was refused and 0.5 kept: it is within 0.01 of 1"),
+    (0.004, 0.9, 0.5, 0.5, "the tuned threshold 0.004 was refused and 0.5 kept: it is within 0.01 of 0"),
+    (0.3, 0.9, 0.9, 0.5, "does not beat 0.5 on the cross-validation folds (balanced accuracy 0.900, at 0.5 0.900)"),
+    (0.3, 0.95, 0.9, 0.3, None),
+])
+def test_a_degenerate_tuned_threshold_is_refused(best, score, at_half, kept, reason):
+    thresholds = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    scores = np.array([0.5, score, at_half, 0.7, 0.5])
+    threshold, refused = checked_threshold(best, score, thresholds, scores)
+    assert threshold == kept
+    assert (refused is None) == (reason is None) and (reason is None or reason in refused)
+
+
+def test_tune_threshold_keeps_half_when_the_folds_are_already_separated_and_says_so(caplog):
+    """Five rare images far from 100 common ones: every fold scores a perfect balanced accuracy at 0.5, so
+    the tuned threshold (the lowest of the perfect ones, about 0.13) cannot beat it and is refused."""
+    rng = np.random.default_rng(0)
+    shift = np.eye(5)[0] * 8
+    X = np.vstack([rng.normal(size=(95, 5)), shift * 0.5 + rng.normal(scale=0.1, size=(5, 5)),
+                   shift + rng.normal(scale=0.3, size=(5, 5))])
+    y = np.r_[np.zeros(100, int), np.ones(5, int)]
+    with caplog.at_level("WARNING", logger="pipeline.heads.fit"):
+        tuned = fit_head(_spec("logistic_regression", C=1.0, calibration="none", tune_threshold=True), X, y, [5])
+    assert tuned.decision.binary_threshold == 0.5
+    assert "was refused and 0.5 kept: it does not beat 0.5 on the cross-validation folds" in tuned.threshold_refused
+    assert f"head 'h': {tuned.threshold_refused}" in caplog.text
 
 
 def test_tune_threshold_is_refused_for_more_than_two_classes_and_unknown_is_a_reserved_class():

@@ -13,7 +13,14 @@ from pydantic import Discriminator, Field, PositiveInt
 
 from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.schema import NonNegativeFinite, PositiveFinite, SafeName, Section, option
-from pipeline.heads.trust_options import CALIBRATIONS, TrustOptions, WeightedOptions, calibration_option
+from pipeline.heads.trust_options import (
+    CALIBRATIONS,
+    RejectOptions,
+    TrustOptions,
+    WeightedOptions,
+    calibration_option,
+    reject_option,
+)
 
 T = TypeVar("T")
 # The values cross-validation chooses from; a head option takes one value (fitted once, no CV) or a Grid.
@@ -128,6 +135,11 @@ class ZeroShotHead(HeadOptions):
     class_prompts: dict[str, str] = option(
         {}, accepts="a mapping of class folder name to words",
         about="the words that stand for a class in its prompts (default: its folder name, '_' and '-' as spaces)")
+    # It learns nothing from the training images, so it has nothing to recalibrate on; reject needs none
+    calibration: Literal["none"] = option(
+        "none", accepts="none (a zero_shot head learns nothing from the training images)",
+        about="its probabilities are CLIP's softmax over the prompts' similarities, never recalibrated")
+    reject: RejectOptions | None = reject_option()
 
 
 HEAD_MODELS: tuple[type[HeadOptions], ...] = (LogisticRegressionHead, SvmHead, KnnHead, PcaFusionHead, ZeroShotHead)

@@ -47,13 +47,16 @@ def calibration_option(default: str) -> Any:
                         "Platt (sigmoid), isotonic regression, one temperature for all classes, or none")
 
 
+def reject_option() -> Any:
+    return option(None, accepts="{threshold: P} or {coverage: C}, each between 0 and 1",
+                  about=f"answer {UNKNOWN!r} (with the top class and probability beside it) below a top probability")
+
+
 class TrustOptions(Section):
     """Calibration, reject and the two-class threshold: for every head fitted on labelled features."""
 
     calibration: Literal[CALIBRATIONS] = calibration_option(DEFAULT_CALIBRATION)  # type: ignore[valid-type]
-    reject: RejectOptions | None = option(
-        None, accepts="{threshold: P} or {coverage: C}, each between 0 and 1",
-        about=f"answer {UNKNOWN!r} (with the top class and probability beside it) below a top probability")
+    reject: RejectOptions | None = reject_option()
     tune_threshold: bool = option(
         False, accepts="true or false",
         about="two-class heads: the decision threshold on the second class's probability that maximises "
