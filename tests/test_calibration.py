@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 
+from pipeline.app.scoring import head_scores, score_head
 from pipeline.core.errors import ConfigError
 from pipeline.heads.calibration import StratifiedFolds, TemperatureScaling, fit_temperature, uncalibrated
 from pipeline.heads.decision import DecisionRule, decide
@@ -132,33 +133,37 @@ def test_a_tuned_two_class_threshold_is_saved_and_used_by_decide():
     assert balanced_accuracy(y_test, labels) > balanced_accuracy(y_test, plain.pipeline.predict(X_test)) + 0.05
 
 
-@pytest.mark.parametrize(("best", "score", "at_half", "kept", "reason"), [
-    (0.999, 1.0, 0.994, 0.5, "the tuned threshold 0.999 was refused and 0.5 kept: it is within 0.01 of 1"),
-    (0.004, 0.9, 0.5, 0.5, "the tuned threshold 0.004 was refused and 0.5 kept: it is within 0.01 of 0"),
-    (0.3, 0.9, 0.9, 0.5, "does not beat 0.5 on the cross-validation folds (balanced accuracy 0.900, at 0.5 0.900)"),
-    (0.3, 0.95, 0.9, 0.3, None),
+@pytest.mark.parametrize(("best", "kept", "reason"), [
+    (0.999, 0.5, "the tuned threshold 0.999 was refused and 0.5 kept: it is within 0.01 of 1"),
+    (0.004, 0.5, "the tuned threshold 0.004 was refused and 0.5 kept: it is within 0.01 of 0"),
+    (0.95, 0.5, "the tuned threshold 0.950 was refused and 0.5 kept: it is at the end of the range of the"),
+    (0.02, 0.5, "the tuned threshold 0.020 was refused and 0.5 kept: it is at the end of the range of the"),
+    (0.3, 0.3, None),
+    (0.94, 0.94, None),
 ])
-def test_a_degenerate_tuned_threshold_is_refused(best, score, at_half, kept, reason):
-    thresholds = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-    scores = np.array([0.5, score, at_half, 0.7, 0.5])
-    threshold, refused = checked_threshold(best, score, thresholds, scores)
+def test_a_degenerate_tuned_threshold_is_refused(best, kept, reason):
+    threshold, refused = checked_threshold(best, np.array([0.02, 0.3, 0.5, 0.95]))
     assert threshold == kept
     assert (refused is None) == (reason is None) and (reason is None or reason in refused)
 
 
-def test_tune_threshold_keeps_half_when_the_folds_are_already_separated_and_says_so(caplog):
-    """Five rare images far from 100 common ones: every fold scores a perfect balanced accuracy at 0.5, so
-    the tuned threshold (the lowest of the perfect ones, about 0.13) cannot beat it and is refused."""
+def test_tune_threshold_refuses_the_highest_probability_of_the_folds_and_says_so(caplog):
+    """Five rare images far out, five common ones just short of them, an almost unregularised regression:
+    every fold scores perfectly only when the threshold sits at its rare image's probability (0.987), which
+    no new rare image would reach. The fit keeps 0.5 and says why: in the log and in metrics.json's record."""
     rng = np.random.default_rng(0)
-    shift = np.eye(5)[0] * 8
-    X = np.vstack([rng.normal(size=(95, 5)), shift * 0.5 + rng.normal(scale=0.1, size=(5, 5)),
-                   shift + rng.normal(scale=0.3, size=(5, 5))])
+    shift = np.eye(5)[0] * 12
+    X = np.vstack([rng.normal(size=(95, 5)), shift * 0.95 + rng.normal(scale=0.1, size=(5, 5)),
+                   shift + rng.normal(scale=0.1, size=(5, 5))])
     y = np.r_[np.zeros(100, int), np.ones(5, int)]
     with caplog.at_level("WARNING", logger="pipeline.heads.fit"):
-        tuned = fit_head(_spec("logistic_regression", C=1.0, calibration="none", tune_threshold=True), X, y, [5])
+        tuned = fit_head(_spec("logistic_regression", C=1000.0, calibration="none", tune_threshold=True), X, y, [5])
     assert tuned.decision.binary_threshold == 0.5
-    assert "was refused and 0.5 kept: it does not beat 0.5 on the cross-validation folds" in tuned.threshold_refused
+    assert tuned.threshold_refused == ("the tuned threshold 0.987 was refused and 0.5 kept: it is at the end of "
+                                       "the range of the cross-validated probabilities")
     assert f"head 'h': {tuned.threshold_refused}" in caplog.text
+    scores = head_scores(score_head(tuned, tuned.pipeline.predict_proba(X), None, y), y).model_dump()
+    assert scores["decision_threshold"] == 0.5 and scores["decision_threshold_refused"] == tuned.threshold_refused
 
 
 def test_tune_threshold_is_refused_for_more_than_two_classes_and_unknown_is_a_reserved_class():

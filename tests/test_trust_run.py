@@ -141,19 +141,3 @@ def test_without_tracking_mlflow_is_never_imported(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert not (tmp_path / "out" / "mlflow").exists()
 
-
-def test_a_refused_tuned_threshold_is_in_metrics_with_its_reason(tmp_path):
-    """Two classes the tiny backbone tells apart on every fold: no threshold beats 0.5, so 0.5 is kept and
-    metrics.json says why."""
-    train = make_folder(tmp_path / "train", classes=2, per_class=6)
-    test = make_folder(tmp_path / "test", classes=2, per_class=3, start_seed=100)
-    config = tmp_path / "run.yaml"
-    config.write_text(BASE % (train, test, TINY, tmp_path / "cache", tmp_path / "out")
-                      + "heads:\n  - {name: lr, type: logistic_regression, C: 1.0, calibration: none,"
-                        " tune_threshold: true}\n")
-    run(config, progress=False)
-    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())["heads"]["lr"]
-    assert saved["decision_threshold"] == 0.5
-    assert saved["decision_threshold_refused"].startswith("the tuned threshold ")
-    assert "was refused and 0.5 kept" in saved["decision_threshold_refused"]
-    assert load_bundle(tmp_path / "out" / "heads" / "lr.skops").decision.binary_threshold == 0.5

@@ -192,18 +192,15 @@ def _final(spec: HeadSpec, pipeline: Pipeline, cv: StratifiedFolds | None) -> Pi
 THRESHOLD_MARGIN = 0.01  # a tuned threshold this close to 0 or 1 answers (nearly) every image with one class
 
 
-def checked_threshold(best: float, best_score: float, thresholds: np.ndarray,
-                      scores: np.ndarray) -> tuple[float, str | None]:
-    """The tuned two-class threshold `best` (mean cross-validated balanced accuracy `best_score`, the curve
-    `scores` over `thresholds`), or 0.5 and why when it is degenerate: within THRESHOLD_MARGIN of 0 or 1
-    (an edge of the folds' probabilities, e.g. the one rare image of a fold at 0.9999), or no better than
-    0.5 on the folds."""
-    at_half = float(np.interp(0.5, thresholds, scores))
+def checked_threshold(best: float, thresholds: np.ndarray) -> tuple[float, str | None]:
+    """The tuned two-class threshold `best`, or 0.5 and why when it is degenerate: within THRESHOLD_MARGIN
+    of 0 or 1, or at an end of `thresholds` (the range of the folds' probabilities), where it gives the
+    second class to only the surest image of a fold, or to all of them: a fold whose one rare image sits at
+    0.9999 scores perfectly there, and a new image of that class almost never reaches it."""
     if min(best, 1 - best) <= THRESHOLD_MARGIN:
         reason = f"it is within {THRESHOLD_MARGIN} of {round(best)}"
-    elif best_score <= at_half:
-        reason = (f"it does not beat 0.5 on the cross-validation folds (balanced accuracy {best_score:.3f}, "
-                  f"at 0.5 {at_half:.3f})")
+    elif best <= thresholds[0] or best >= thresholds[-1]:
+        reason = "it is at the end of the range of the cross-validated probabilities"
     else:
         return best, None
     return 0.5, f"the tuned threshold {best:.3f} was refused and 0.5 kept: {reason}"
@@ -219,9 +216,8 @@ def _decision(spec: HeadSpec, final: Pipeline, X: np.ndarray, y: np.ndarray,
         tuner = TunedThresholdClassifierCV(final, scoring="balanced_accuracy", response_method="predict_proba",
                                            cv=cv, store_cv_results=True).fit(X, y)
         fitted = tuner.estimator_
-        rule.binary_threshold, refused = checked_threshold(float(tuner.best_threshold_), float(tuner.best_score_),
-                                                           tuner.cv_results_["thresholds"],
-                                                           tuner.cv_results_["scores"])
+        rule.binary_threshold, refused = checked_threshold(float(tuner.best_threshold_),
+                                                           tuner.cv_results_["thresholds"])
         if refused:
             logger.warning(f"head {spec.name!r}: {refused}")
     else:
