@@ -75,8 +75,8 @@ class SvmHead(WeightedOptions, TrustOptions, HeadOptions):
 
     type: Literal["svm"]
     # measured by cross-validation inside the training folders (benchmarks/RESULTS.md, "Calibration"): its Platt
-    # scaling alone is over- or under-confident (mean ECE 0.117); sigmoid on top of it has the lowest log-loss in
-    # 7 of 8 folds (ECE 0.028), for six times the SVM fits of the final model
+    # scaling alone is over- or under-confident (mean ECE 0.111); sigmoid on top of it has the lowest log-loss in
+    # 7 of 9 folds (ECE 0.034), for six times the SVM fits of the final model
     calibration: Literal[CALIBRATIONS] = calibration_option("sigmoid")  # type: ignore[valid-type]
     source: str | None = option(None, accepts=SOURCE, about=_SOURCE_ABOUT)
     kernel: Literal["linear", "rbf"] = option("rbf", accepts="linear or rbf", about="the SVM's kernel")
