@@ -1,8 +1,12 @@
 """`pipeline batch` at 100k and 1M files: first run, unchanged rerun, +1% new files, peak RSS, files
 opened and forward passes on the rerun, the cache index's opening time, a 2-worker LocalCluster run, and
-a 10k-photo first run against the code before the stat memo and index (a git worktree of that commit).
+a 10k-photo first run against the code before the stat memo and index (`git archive` of that commit).
 
     nice -n 10 python benchmarks/scale.py --sizes 100000 1000000 [--work /work/scale-data] [--base REV]
+    nice -n 10 python benchmarks/scale.py --sizes 20000 100000 --rerun-base REV --work /tmp/scale
+
+The second form compares unchanged reruns (and the scan and stat memo alone) with revision REV,
+interleaved, on one folder and cache.
 
 The images are N distinct tiny JPEGs (32x32, one noise picture, each copy with its number in a JPEG
 comment, so every file has its own content id), written by this script under --work (never committed),
@@ -91,12 +95,11 @@ def environment(code: Path, weights: Path) -> dict:
             "PIPELINE_PLUGINS": "benchmarks.tiny_backbone:register", "PIPELINE_TINY_WEIGHTS": str(weights)}
 
 
-def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str) -> dict:
-    """One `pipeline batch` subprocess (of the code at `code`): its log entry, wall time, peak RSS,
-    files opened under `images`, and whether torch was imported."""
-    report = config.parent / "child.json"
+def command(args: list[str], images: Path, report: Path, env: dict, code: Path = ROOT) -> tuple[float, dict]:
+    """One `pipeline ARGS` subprocess (of the code at `code`) under the audit hook: its wall time, and
+    what the child reported (files opened under `images`, forward passes, torch imported, peak RSS)."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, "batch", str(config), "--quiet", *extra], cwd=code,
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=code,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**env, "SCALE_IMAGES": str(images), "SCALE_REPORT": str(report)})
     code_ = proc.wait()
@@ -104,12 +107,26 @@ def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str)
     error = proc.stderr.read().decode()[-2000:]
     proc.stderr.close()
     if code_ != 0:
-        raise SystemExit(f"pipeline batch failed ({code_}): {error}")
+        raise SystemExit(f"pipeline {args[0]} failed ({code_}): {error}")
+    return wall, json.loads(report.read_text())
+
+
+def batch(config: Path, images: Path, env: dict, code: Path = ROOT, *extra: str) -> dict:
+    """One `pipeline batch` subprocess (of the code at `code`): its log entry, wall time, peak RSS,
+    files opened under `images`, and whether torch was imported."""
+    wall, child = command(["batch", str(config), "--quiet", *extra], images, config.parent / "child.json", env, code)
     entry = json.loads(Path(json.loads(config.read_text())["log"]).read_text().splitlines()[-1])
-    child = json.loads(report.read_text())
     return {"seen": entry["seen"], "predicted": entry["predicted"], "computed": entry["computed"],
             "seconds": entry["seconds"], "wall_seconds": round(wall, 2), "peak_rss_mb": child["peak_mb"],
             "files_opened": child["opened"], "forward_passes": child["forwards"], "torch_imported": child["torch"]}
+
+
+def extract_run(images: Path, cache: Path, env: dict, code: Path = ROOT) -> dict:
+    """One `pipeline extract` subprocess over `images` (its thousand-file folders are its classes) with
+    `scale_tiny` into `cache`: wall time, peak RSS, files opened under `images`."""
+    wall, child = command(["extract", "--data", str(images), "--backbone", "scale_tiny", "--cache", str(cache),
+                           "--quiet"], images, cache.parent / "extract-child.json", env, code)
+    return {"wall_seconds": round(wall, 2), "peak_rss_mb": child["peak_mb"], "files_opened": child["opened"]}
 
 
 def write_config(folder: Path, images: Path, head: Path, cache: Path | None = None) -> Path:
@@ -200,7 +217,18 @@ print(json.dumps({"files": len(found.paths), "seconds": round(time.perf_counter(
 """
 
 
-def identify_only(size: int, work: Path, env: dict) -> dict:
+def _identify(images: Path, cache: Path, code: Path, weights: Path) -> dict:
+    """The scan and the stat memo alone (`batch_scan.identify`) in a fresh process of `code`'s pipeline."""
+    proc = subprocess.Popen([sys.executable, "-c", _IDENTIFY, str(images), str(cache)], cwd=code,
+                            env=environment(code, weights), stdout=subprocess.PIPE)
+    if proc.wait() != 0:
+        raise SystemExit(f"identify failed ({proc.returncode})")
+    result = json.loads(proc.stdout.read())
+    proc.stdout.close()
+    return result
+
+
+def identify_only(size: int, work: Path, weights: Path) -> dict:
     """The part of a rerun that grows with the inputs, alone: scanning `size` files and identifying them
     through a fresh stat memo (every file hashed), then again (the memo's unchanged rerun), each in a
     fresh process with its peak RSS. Reading earlier predictions back and the heads are left out."""
@@ -212,12 +240,7 @@ def identify_only(size: int, work: Path, env: dict) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     result = {}
     for name in ("memo_filled", "unchanged"):
-        proc = subprocess.Popen([sys.executable, "-c", _IDENTIFY, str(images), str(cache)], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE)
-        if proc.wait() != 0:
-            raise SystemExit(f"identify failed ({proc.returncode})")
-        result[name] = json.loads(proc.stdout.read())
-        proc.stdout.close()
+        result[name] = _identify(images, cache, ROOT, weights)
         print(f"{size} identify only, {name}: {json.dumps(result[name])}", flush=True)
     return result
 
@@ -259,13 +282,20 @@ def measure(size: int, work: Path, head: Path, env: dict, cluster: bool) -> dict
     return result
 
 
+def checkout(work: Path, rev: str) -> Path:
+    """The tree of git revision `rev` under `work` (`git archive`: a plain copy, no worktree to clean up)."""
+    code = work / f"code-{rev}"
+    if not code.is_dir():
+        code.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    return code
+
+
 def against_base(work: Path, base: str, photos: Path, count: int, head: Path, weights: Path) -> dict:
-    """A first run over `count` photo copies with this code and with `base` (a git worktree), twice each,
+    """A first run over `count` photo copies with this code and with `base` (`checkout`), twice each,
     in the order before, this, this, before (a load that drifts during the benchmark cancels out)."""
-    base_code = work / "base-code"
-    if not base_code.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_code), base], check=True,
-                       stdout=subprocess.DEVNULL)
+    base_code = checkout(work, base)
     images = work / f"photos_{count}"
     if not images.is_dir():
         replicate_photos(sorted(p for s in ("train", "test") for p in (photos / s).rglob("*.jpg")), images, count)
@@ -276,6 +306,47 @@ def against_base(work: Path, base: str, photos: Path, count: int, head: Path, we
         run["ms_per_image"] = round(1000 * run["seconds"] / run["predicted"], 3)
         result[name].append(run)
         print(f"{count} photos, first run, {name}: {json.dumps(run)}", flush=True)
+    return result
+
+
+def reruns_against(size: int, work: Path, base: str, rounds: int, head: Path, weights: Path,
+                   extract: bool = False) -> dict:
+    """Unchanged reruns of `pipeline batch` over `size` files with this code and with `base`
+    (`checkout`), `rounds` times in the order before, this, this, before, on one output folder and cache
+    (made by a first run with this code when missing); then the scan and the stat memo alone the same
+    way; with `extract`, unchanged `pipeline extract` runs too (on a cache of their own)."""
+    base_code = checkout(work, base)
+    images = work / f"images_{size}"
+    if not (images / f"{(size - 1) // 1000:04d}" / f"{size - 1:07d}.jpg").is_file():
+        make_images(images, 0, size)
+    shutil.rmtree(images / "extra", ignore_errors=True)
+    folder = work / f"rerun_{size}"
+    config = folder / "batch.yaml"
+    if not (folder / "runs.jsonl").is_file():
+        write_config(folder, images, head)
+        time.sleep(2.5)  # the memo does not remember files modified in the last two seconds
+        print(f"{size} first run: {json.dumps(batch(config, images, environment(ROOT, weights)))}", flush=True)
+    result: dict = {"base": base, "batch": {"before": [], "this": []}, "identify": {"before": [], "this": []}}
+    for _ in range(rounds):
+        for name in ("before", "this", "this", "before"):
+            code = base_code if name == "before" else ROOT
+            result["batch"][name].append(batch(config, images, environment(code, weights), code))
+            print(f"{size} unchanged rerun, {name}: {json.dumps(result['batch'][name][-1])}", flush=True)
+    for _ in range(rounds):
+        for name in ("before", "this", "this", "before"):
+            code = base_code if name == "before" else ROOT
+            result["identify"][name].append(_identify(images, folder / "cache", code, weights))
+            print(f"{size} identify only, {name}: {json.dumps(result['identify'][name][-1])}", flush=True)
+    if extract:
+        cache = folder / "extract-cache"
+        if not cache.is_dir():
+            print(f"{size} extract, first: {json.dumps(extract_run(images, cache, environment(ROOT, weights)))}")
+        result["extract"] = {"before": [], "this": []}
+        for _ in range(rounds):
+            for name in ("before", "this", "this", "before"):
+                code = base_code if name == "before" else ROOT
+                result["extract"][name].append(extract_run(images, cache, environment(code, weights), code))
+                print(f"{size} unchanged extract, {name}: {json.dumps(result['extract'][name][-1])}", flush=True)
     return result
 
 
@@ -293,6 +364,12 @@ def main() -> None:
                         help="also time the scan and the stat memo alone at these sizes")
     parser.add_argument("--index-rows", type=int, nargs="*", default=[],
                         help="also time the index alone on a synthetic cache of these many rows")
+    parser.add_argument("--rerun-base", metavar="REV",
+                        help="instead: unchanged reruns of each size with this code and with git revision REV, "
+                             "interleaved (made after a first run with this code, in --work/rerun_SIZE)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --rerun-base (each: REV, this, this, REV)")
+    parser.add_argument("--extract", action="store_true",
+                        help="with --rerun-base: also unchanged `pipeline extract` runs over the same files")
     parser.add_argument("--out", default=str(ROOT / "runs/bench/scale.json"))
     args = parser.parse_args()
     work = Path(args.work).absolute()
@@ -307,7 +384,10 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
-        if args.reruns:  # the folders of an earlier run of this script: unchanged reruns only
+        if args.rerun_base:
+            results["sizes"][str(size)] = reruns_against(size, work, args.rerun_base, args.rounds, head, weights,
+                                                         args.extract)
+        elif args.reruns:  # the folders of an earlier run of this script: unchanged reruns only
             config = work / f"run_{size}" / "batch.yaml"
             results["sizes"][str(size)] = {"unchanged_reruns": [
                 batch(config, work / f"images_{size}", env) for _ in range(args.reruns)]}
@@ -316,7 +396,7 @@ def main() -> None:
             results["sizes"][str(size)] = measure(size, work, head, env, size == args.cluster_size)
         out.write_text(json.dumps(results, indent=1))
     for size in args.identify_only:
-        results.setdefault("identify_only", {})[str(size)] = identify_only(size, work, env)
+        results.setdefault("identify_only", {})[str(size)] = identify_only(size, work, weights)
         out.write_text(json.dumps(results, indent=1))
     for rows in args.index_rows:
         results.setdefault("synthetic_index", {})[str(rows)] = synthetic_index(rows, work, env)

@@ -3,31 +3,38 @@ the cache index (rebuilt when missing, followed when stale, checked by `cache ve
 read), the streaming scan, and the pruning of skipped.json."""
 
 import json
+import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.app import batch_scan
 from pipeline.app.batch import run_batch
+from pipeline.app.batch_heads import CHECKED_HEADS, HeadUnusable
+from pipeline.app.batch_scan import identify
 from pipeline.cli.main import main
 from pipeline.core.errors import CacheError
+from pipeline.core.hashing import file_sha256
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract
 from pipeline.features.index import INDEX_NAME
 from pipeline.images.data import content_id, iter_files, walk_files
 from pipeline.images.statmemo import MEMO_NAME, StatMemo
 
-from . import test_batch
+from . import test_batch, test_hostile_disk
 from .conftest import TINY, make_folder
 from .test_batch import _config
 
 heads = test_batch.heads  # the fixture of tests/test_batch.py: two heads fitted with the tiny backbone
+tiny_disk = test_hostile_disk.tiny_disk  # a real 200 KB tmpfs
 
 _OPENED: list[str] | None = None  # while a `counting_opens` block runs: every file Python opens
 
@@ -146,6 +153,162 @@ def test_the_streaming_scan_gives_sorted_paths_and_reports_progress(tmp_path, he
     entry = run_batch(_config(tmp_path, [data], {"lr": heads / "lr.skops"}), progress=False,
                       on_scan=lambda files, done: counts.append((files, done)))
     assert entry.predicted == 3 and counts[-1] == (3, True) and all(not done for _n, done in counts[:-1])
+
+
+_RERUN = """
+import json, sys
+from pipeline.cli.main import main
+code = main(["batch", sys.argv[1], "--quiet"])
+print(json.dumps({"code": code, "imported": [m for m in ("torch", "sklearn", "skops") if m in sys.modules]}))
+"""
+
+
+def _rerun(config: Path) -> dict:
+    """`pipeline batch CONFIG` in a fresh process: its exit code and which heavy libraries it imported."""
+    done = subprocess.run([sys.executable, "-c", _RERUN, str(config)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path, heads):
+    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=800))
+    head = tmp_path / "model.skops"
+    for suffix in ("", ".sha256"):
+        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    config = _config(tmp_path, [data], {"lr": head})
+    assert run_batch(config, progress=False).predicted == 3
+    record = tmp_path / "batch" / "predictions" / CHECKED_HEADS
+    assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
+    assert _rerun(config) == {"code": 0, "imported": []}  # no torch, scikit-learn or skops
+    record.write_text("{not json")  # a damaged record vouches for nothing: the head is loaded, the record made anew
+    assert _rerun(config) == {"code": 0, "imported": ["torch", "sklearn", "skops"]}
+    assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
+
+    for suffix in ("", ".sha256"):  # another head under the same name: loaded before the run, predicts all
+        shutil.copy(heads / f"knn.skops{suffix}", f"{head}{suffix}")
+    assert _rerun(config) == {"code": 0, "imported": ["torch", "sklearn", "skops"]}
+    assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
+    log = tmp_path / "batch" / "runs.jsonl"
+    assert json.loads(log.read_text().splitlines()[-1])["predicted"] == 3
+
+    logged = log.read_text()
+    head.write_bytes(b"not a head")  # a changed file is never taken on the record's word
+    assert main(["batch", str(config), "--quiet"]) == 2 and log.read_text() == logged
+
+
+def test_a_head_checked_earlier_is_loaded_when_it_has_work_and_fails_then_if_unusable(tmp_path, heads):
+    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=810))
+    head = tmp_path / "model.skops"
+    for suffix in ("", ".sha256"):
+        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    config = _config(tmp_path, [data], {"lr": head})
+    assert run_batch(config, progress=False).predicted == 2
+    Path(f"{head}.sha256").write_text("0" * 64)  # the head's own bytes are as the record says, its check fails
+    log = tmp_path / "batch" / "runs.jsonl"
+    assert run_batch(config, progress=False).exit_code == 0  # nothing to predict: the head is not loaded
+    make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=810)  # one new image
+    with pytest.raises(HeadUnusable, match="sha256"):
+        run_batch(config, progress=False)
+    assert len(log.read_text().splitlines()) == 2 and len(list((tmp_path / "batch" / "predictions").glob("*/*"))) == 1
+
+
+def _memo_rows(cache: Path) -> set[str]:
+    """The files the cache's stat memo has a row of."""
+    with closing(sqlite3.connect(cache / MEMO_NAME)) as db:
+        return {os.fsdecode(folder + b"/" + name) for folder, name in db.execute("SELECT dir, name FROM memo")}
+
+
+def test_the_memo_forgets_deleted_files_once_a_scan_completes(tmp_path, monkeypatch):
+    root, other = tmp_path / "incoming", tmp_path / "other"
+    names = ["a/1.jpg", "a/2.jpg", "a/b/3.jpg", "a/d/6.jpg", "c/4.jpg", "a-z/5.jpg"]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"image %d" % i)
+    (other / "7.jpg").parent.mkdir()
+    (other / "7.jpg").write_bytes(b"image 7")  # another input sharing the cache, not scanned below
+    _settled(root), _settled(other)
+    cache = tmp_path / "cache"
+    identify([root, other], cache)
+    everything = {str(root / name) for name in names} | {str(other / "7.jpg")}
+    assert _memo_rows(cache) == everything
+
+    (root / "a" / "2.jpg").unlink()
+    shutil.rmtree(root / "c")
+    monkeypatch.setattr(batch_scan, "BLOCK", 2)
+
+    def stop(files: int, done: bool) -> None:
+        if files >= 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # a run that stops before its scan ends prunes nothing
+        identify([root], cache, on_progress=stop)
+    assert _memo_rows(cache) == everything
+
+    (root / "a" / "d").rename(tmp_path / "unmounted")  # a link to a folder that is not there: rows kept
+    (root / "a" / "d").symlink_to(tmp_path / "unmounted")
+    found = identify([root], cache)
+    assert found.opened == 0 and sorted(found.paths) == sorted(str(root / n) for n in ["a/1.jpg", "a/b/3.jpg",
+                                                                                     "a/d/6.jpg", "a-z/5.jpg"])
+    (tmp_path / "unmounted").rename(tmp_path / "elsewhere")
+    found = identify([root], cache)
+    assert str(root / "a" / "d") in found.skipped
+    assert _memo_rows(cache) == everything - {str(root / "a" / "2.jpg"), str(root / "c" / "4.jpg")}
+
+
+def test_pruning_keeps_the_rows_of_files_met_out_of_order(tmp_path, monkeypatch):
+    root = tmp_path / "incoming"
+    root.mkdir()
+    for i in range(6):
+        (root / f"{i}.jpg").write_bytes(b"image %d" % i)
+    _settled(root)
+    listing = tmp_path / "list.txt"  # the list comes first, out of order: each block's range holds others
+    listing.write_text("\n".join(str(root / f"{i}.jpg") for i in (0, 5, 1, 4, 2, 3)))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(batch_scan, "BLOCK", 2)
+    identify([listing, root], cache)
+    assert identify([listing, root], cache).opened == 0 and len(_memo_rows(cache)) == 6
+    (root / "4.jpg").unlink()
+    listing.write_text("\n".join(str(root / f"{i}.jpg") for i in (0, 5, 1, 2, 3)))
+    assert identify([listing, root], cache).opened == 0
+    assert _memo_rows(cache) == {str(root / f"{i}.jpg") for i in (0, 1, 2, 3, 5)}
+
+
+def test_a_full_disk_leaves_the_memo_as_it_is(tmp_path, tiny_disk, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"image %d" % i)
+    _settled(folder)
+    cache = tiny_disk / "cache"
+    assert identify([folder], cache).opened == 3
+    filler = test_hostile_disk._fill(tiny_disk)
+    assert identify([folder], cache).opened == 3  # no memo while the disk is full: every file is read
+    assert "no stat memo" in caplog.text and "damaged" not in caplog.text
+    filler.unlink()
+    assert identify([folder], cache).opened == 0  # and the memo is still there, not deleted as if damaged
+
+
+def test_extract_identifies_files_through_the_memo(tmp_path, capsys):
+    data = _settled(make_folder(tmp_path / "data", classes=2, per_class=3, start_seed=820))
+    cache = tmp_path / "cache"
+    args = ["extract", "--data", str(data), "--backbone", TINY, "--cache", str(cache), "--quiet"]
+    assert main(args) == 0 and "files read: 6 |" in capsys.readouterr().out
+    with counting_opens(data) as opened:
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert opened == [] and "files read: 0 |" in out and "rows reused: 6" in out
+    with counting_opens(data) as opened:
+        assert main([*args, "--rehash"]) == 0
+    assert len(opened) == 6 and "files read: 6 |" in capsys.readouterr().out
+
+    (data / "class0" / "img0.jpg").unlink()
+    changed = data / "class1" / "img1.jpg"
+    changed.write_bytes((data / "class1" / "img2.jpg").read_bytes())  # a copy: 4 distinct images
+    _settled(data, changed)
+    with counting_opens(data) as opened:
+        assert main(args) == 0
+    assert opened == [str(changed)] and "images: 5 | rows computed: 0 | rows reused: 4" in capsys.readouterr().out
+    assert _memo_rows(cache) == {str(p) for p in data.rglob("*.jpg")}
 
 
 def test_skipped_json_drops_paths_its_config_no_longer_lists(tmp_path, heads):

@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, PositiveInt
 from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
+from pipeline.app.batch_heads import Head, HeadUnusable, load_head, open_heads
 from pipeline.app.batch_scan import identify
 from pipeline.app.batch_state import (
     SKIP_RECORD,
@@ -46,14 +47,11 @@ from pipeline.app.batch_state import (
 )
 from pipeline.core.configfile import ConfigFile, from_config_folder, near_config
 from pipeline.core.errors import ConfigError, OutputError, PipelineError, first_line
-from pipeline.core.hashing import file_sha256
 from pipeline.core.io import WRITE_ERRNOS, fsync_dir, make_folder, writing
 from pipeline.core.names import SAFE_NAME_RULE
 from pipeline.core.paths import path_text
 from pipeline.core.schema import SafeName, key_path, option, problem
 from pipeline.features.settings import ComputeSettings
-from pipeline.heads.bundle import HeadBundle, PickleRefused, load_bundle
-from pipeline.heads.predict import feature_options, predict_with, prediction_columns
 from pipeline.heads.spec import HEAD_SUFFIX, OLD_HEAD_SUFFIX
 from pipeline.images.data import Dataset
 
@@ -146,39 +144,11 @@ def load_batch_config(path: str | os.PathLike) -> BatchConfig:
 
 
 @dataclass
-class Head:
-    name: str
-    path: Path
-    sha256: str  # the head's identity: a refitted or replaced file predicts every image again
-    bundle: HeadBundle
-    options: dict  # extract() options that remake its training features
-
-
-@dataclass
 class HeadRun:
     rows: int = 0
     file: Path | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     computed: int = 0
-
-
-def load_heads(config: BatchConfig, trust_pickle: bool = False) -> list[Head]:
-    """Every head loaded and its features checked against this installation. Called under the lock, so a
-    run that waited for another one applies the head files as they are when it starts. A format-1 head
-    (a pickle) loads only with `trust_pickle` or the config's `trust_pickle: true`."""
-    heads = []
-    for name, path in config.heads.items():
-        try:
-            sha = file_sha256(path)
-        except OSError as exc:
-            raise config.error(("heads",), f"'heads.{name}': cannot read {path}: {exc.strerror or exc}") from None
-        try:
-            bundle = load_bundle(path, trust_pickle or config.trust_pickle)
-        except PickleRefused as exc:
-            where = ("heads", name if isinstance(config.raw["heads"], dict) else list(config.heads).index(name))
-            raise config.error(where, f"'heads.{name}': {exc} (in this config: trust_pickle: true)") from None
-        heads.append(Head(name, path, sha, bundle, feature_options(bundle, path)))
-    return heads
 
 
 # --------------------------------------------------------------------------- the run
@@ -190,6 +160,9 @@ def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], co
     `done` (grown as they are written) by the id extraction computed, so a file rewritten during the
     run with content already predicted does not give a second row. A full disk or read-only folder is
     an `OutputError` naming the run file, and leaves no part of it."""
+    from pipeline.heads.predict import predict_with, prediction_columns  # scikit-learn: only to predict
+
+    assert head.bundle is not None, "loaded by _work"
     result = HeadRun()
     folder = make_folder(config.output_dir / head.name)
     final = folder / f"run-{run_id}.csv"
@@ -226,9 +199,10 @@ def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], co
 
 
 def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress: bool, rehash: bool,
-          on_scan: Callable[[int, bool], None] | None) -> tuple[dict[str, str], set[str]]:
+          trust_pickle: bool, on_scan: Callable[[int, bool], None] | None) -> tuple[dict[str, str], set[str]]:
     """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone;
-    returns every skipped file with its reason, and every path looked at."""
+    returns every skipped file with its reason, and every path looked at. A head not loaded yet is
+    loaded once it has images to predict, before the first prediction (`HeadUnusable` if it cannot be)."""
     found = identify(config.inputs, config.features.cache_dir, rehash, on_scan)
     skipped = found.skipped
     scanned = set(found.paths) | set(skipped)
@@ -248,11 +222,15 @@ def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress
     known = known_skips(config.output_dir)
     entry.new = len({path for paths in pending.values() for _i, path in paths if not still_broken(known, path)})
     entry.failed = len({path for paths in pending.values() for _i, path in paths})
+    for head in heads:
+        if pending[head.name] and head.bundle is None:
+            load_head(head, config, trust_pickle)
     with tqdm(total=sum(map(len, pending.values())), unit="img", desc="batch",
               disable=None if progress else True) as bar:
         for i, head in enumerate(heads):
             bar.set_description(head.name)
-            result = _predict_head(head, pending[head.name], done[head.name], config, entry.run_id, bar)
+            result = HeadRun() if not pending[head.name] else \
+                _predict_head(head, pending[head.name], done[head.name], config, entry.run_id, bar)
             entry.heads[head.name].rows = result.rows
             entry.heads[head.name].file = path_text(result.file) if result.file else None
             entry.predicted += result.rows
@@ -284,13 +262,15 @@ def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | Non
     says how it went). Files the stat memo has seen unchanged are not read (`rehash` reads them all);
     `on_scan(files, done)` hears how many files the scan has identified so far, and when it is done.
 
-    Config and head errors raise before anything is written; a run that fails once working is logged
-    with status "failed" (what it committed is kept) and, for a bug, re-raised."""
+    Config and head errors raise before anything is written (a head already checked by an earlier run
+    is loaded only when it has something to predict, and one that has become unusable since, its
+    backbone uninstalled say, raises then, before any prediction); a run that fails once working is
+    logged with status "failed" (what it committed is kept) and, for a bug, re-raised."""
     config = config_path if isinstance(config_path, BatchConfig) else load_batch_config(config_path)
     if scheduler:
         config.features.scheduler = scheduler
     with batch_lock(config.output_dir, on_lock):
-        heads = load_heads(config, trust_pickle)
+        heads = open_heads(config, trust_pickle)
         check_log(config.log)
         try:
             recover(config.output_dir, config.log)
@@ -300,10 +280,12 @@ def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | Non
         entry = BatchLogEntry.begin(new_run_id(), {h.name: HeadLog(file=None, sha256=h.sha256, rows=0) for h in heads})
         entry.scheduler = config.features.scheduler
         try:
-            skipped, scanned = _work(config, heads, entry, progress, rehash, on_scan)
+            skipped, scanned = _work(config, heads, entry, progress, rehash, trust_pickle, on_scan)
             new = record_skips(config.output_dir, skipped, scanned, os.path.abspath(config.path))
             entry.new_skipped, entry.new_skipped_files = _skips({path: skipped[path] for path in new})
             entry.status, entry.exit_code = ("partial", EXIT_PARTIAL) if entry.new_skipped else ("ok", EXIT_OK)
+        except HeadUnusable:  # a config error, found late: nothing was predicted, and nothing is logged
+            raise
         except Exception as exc:
             entry.status, entry.exit_code, entry.error = "failed", EXIT_FAILED, path_text(first_line(exc))
             if not isinstance(exc, PipelineError | OSError):

@@ -14,9 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 from pipeline.images.data import FileStat, iter_files, scan
-from pipeline.images.statmemo import MEMO_NAME, StatMemo
-
-BLOCK = 4096  # files identified at a time (one memo query per folder and block)
+from pipeline.images.statmemo import BLOCK, StatMemo, memo_path
 
 
 @dataclass
@@ -60,20 +58,12 @@ def _found(inputs: list[Path], skipped: dict[str, str]) -> Iterator[tuple[str, F
             yield text, stat
 
 
-def memo_path(cache_dir: str | os.PathLike) -> Path | None:
-    """The cache's stat memo, its folder created if need be; None where it cannot be (a read-only place)."""
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError:
-        return None
-    return Path(cache_dir) / MEMO_NAME
-
-
 def identify(inputs: list[Path], cache_dir: str | os.PathLike, rehash: bool = False,
              on_progress: Callable[[int, bool], None] | None = None) -> Inputs:
     """Scan `inputs` and identify every file by content, opening only those the cache's stat memo has
     not seen as they are now (every file with `rehash`). `on_progress(files, done)` hears the running
-    count when the scan starts, after each block, and once more with `done` at the end."""
+    count when the scan starts, after each block, and once more with `done` at the end. Once the scan
+    is complete, the memo forgets the files under each input folder that it did not find (deleted)."""
     result = Inputs()
     if on_progress:
         on_progress(0, False)
@@ -84,6 +74,7 @@ def identify(inputs: list[Path], cache_dir: str | os.PathLike, rehash: bool = Fa
             result.ids += memo.ids(block)
             if on_progress:
                 on_progress(len(result.paths), False)
+        memo.prune([os.path.abspath(source) for source in inputs if source.is_dir()], result.skipped)
         result.opened = memo.hashed
     if on_progress:
         on_progress(len(result.paths), True)

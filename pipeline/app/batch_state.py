@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.app.batch_heads import CHECKED_HEADS
 from pipeline.core.errors import ConfigError, OutputError, PipelineError
 from pipeline.core.io import write_json_atomic, writing
 from pipeline.core.paths import path_text
@@ -174,7 +175,8 @@ def read_log(log: Path) -> list[dict]:
 def recover(output_dir: Path, log: Path) -> None:
     """Under the lock: drop temporary files of killed runs, and log runs whose files were committed but
     whose own log line was never written (killed between the two), so the log accounts for every file."""
-    for tmp in [*output_dir.glob("*/.run-*.csv.tmp"), *output_dir.glob(f".{SKIP_RECORD}.*.tmp")]:
+    for tmp in [*output_dir.glob("*/.run-*.csv.tmp"), *output_dir.glob(f".{SKIP_RECORD}.*.tmp"),
+                *output_dir.glob(f".{CHECKED_HEADS}.*.tmp")]:
         tmp.unlink(missing_ok=True)
     logged = {e.get("run_id") for e in read_log(log)}
     unlogged: dict[str, list[Path]] = {}

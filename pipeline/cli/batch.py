@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 BATCH_HELP = """The recurring job: scan the config's inputs (a file whose size, mtime, inode and device are as the
 cache's stat memo last saw them is not read again), extract features only for images the cache lacks,
-apply each saved head to the images it has not predicted yet, write OUTPUT/<head>/run-<run_id>.csv and
+apply each saved head to the images it has not predicted yet (a head is loaded only when it has some,
+or when OUTPUT/.heads.json has not seen its file as it is now), write OUTPUT/<head>/run-<run_id>.csv and
 append one JSON line to the log. Safe to start from cron or a systemd timer: runs take a lock, and a run
 killed at any moment is finished by the next one without duplicate rows.
 
@@ -24,7 +25,9 @@ exit codes:
   0  done: every image predicted (or nothing was new)
   1  failed while working; logged with status "failed", committed files are kept, the next run resumes;
      also when the run's log line cannot be written (a full disk): the error on stderr says so
-  2  the config or a head file is unusable: nothing ran, nothing was logged
+  2  the config or a head file is unusable: nothing was predicted or logged (a head an earlier run
+     checked, unchanged since, is loaded only when it has images to predict: one that has become
+     unusable, its backbone uninstalled say, is found then, after the scan)
   3  partial: files were skipped that no earlier run reported (unreadable, not images; the first 20 are
      in the log line, all in OUTPUT/skipped.json), all others predicted; a file that stays broken is
      reported once (OUTPUT/skipped.json remembers it)

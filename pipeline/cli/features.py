@@ -60,7 +60,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     for split, folder in sources.items():
         if len(sources) > 1:
             print(f"== {split}: {folder}")
-        report = extract(folder, progress=not args.quiet, **settings)
+        report = extract(folder, progress=not args.quiet, rehash=args.rehash, **settings)
         for (backbone, layer), fs in report.feature_sets.items():
             print(f"{backbone} [{layer}]: {fs.features.shape[0]} x {fs.features.shape[1]} features "
                   f"in {Path(settings['cache_dir']) / fs.cache_key}")
@@ -183,8 +183,13 @@ def add_feature_parsers(sub: argparse._SubParsersAction) -> None:
 
     extract = sub.add_parser("extract", help="embed images with frozen backbones into the feature cache",
                              description="Embed images with frozen pretrained backbones into the sharded "
-                                         "feature cache; only images missing from the cache are computed.")
+                                         "feature cache; only images missing from the cache are computed. A file "
+                                         "whose size, mtime, inode and device are as the cache's stat memo last "
+                                         "saw them is not read again to identify it.")
     add_extract_options(extract)
+    extract.add_argument("--rehash", action="store_true",
+                         help="read and hash every input file, even those the cache's stat memo has seen unchanged "
+                              "(size, mtime, inode, device), and remember the ids again")
     extract.set_defaults(func=cmd_extract)
 
     cache = sub.add_parser("cache", help="list, verify or clean the feature cache",

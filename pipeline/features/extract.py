@@ -32,9 +32,10 @@ from pipeline.core.paths import path_text
 from pipeline.features.cache import CacheKey, FeatureStore
 from pipeline.features.device import resolve_device, resolve_precision, resolve_runtime
 from pipeline.features.settings import DEFAULTS
-from pipeline.images.data import Dataset, hash_files, scan
+from pipeline.images.data import Dataset, scan
 from pipeline.images.decode import decode
 from pipeline.images.preprocess import Preprocess
+from pipeline.images.statmemo import dataset_ids
 from pipeline.models.registry import get_spec
 from pipeline.models.weights import file_sha256, load_backbone, resolve_weights
 
@@ -246,6 +247,7 @@ class ExtractReport:
     images: int
     computed: int = 0
     reused: int = 0
+    opened: int = 0  # files read to identify them: new or changed since the stat memo saw them
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     feature_sets: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
@@ -256,8 +258,8 @@ class ExtractReport:
 
     def summary(self) -> str:
         return (f"images: {self.images} | rows computed: {self.computed} | rows reused: {self.reused} | "
-                f"files skipped: {len(self.skipped)} | {self.images_per_second:.1f} images/s "
-                f"({self.seconds:.1f} s)")
+                f"files skipped: {len(self.skipped)} | files read: {self.opened} | "
+                f"{self.images_per_second:.1f} images/s ({self.seconds:.1f} s)")
 
 
 def layers_for(backbone: str, layers: Iterable[str] | None) -> list[str]:
@@ -313,9 +315,11 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
             device: str = DEFAULTS.device, precision: str = DEFAULTS.precision, batch_size: int = DEFAULTS.batch_size,
             shard_size: int = DEFAULTS.shard_size, scheduler: str | None = DEFAULTS.scheduler,
             weights: str | os.PathLike | None = DEFAULTS.weights, progress: bool = True,
-            runtime: str = DEFAULTS.runtime) -> ExtractReport:
+            runtime: str = DEFAULTS.runtime, rehash: bool = False) -> ExtractReport:
     """Embed every image of `data` with each backbone, computing only what the cache lacks (the
-    settings' defaults are `pipeline.features.settings.ExtractSettings`).
+    settings' defaults are `pipeline.features.settings.ExtractSettings`). Files are identified through
+    the cache's stat memo (`pipeline.images.statmemo`): one whose size, mtime, inode and device are as
+    the memo last saw them is not read again (`rehash` reads every file).
 
     Everything that can be wrong with the arguments (names, layers, weights files) is checked before
     the first image is touched."""
@@ -339,7 +343,10 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     started = time.perf_counter()
     report = ExtractReport(images=len(dataset.paths), skipped=list(dataset.skipped))
 
-    ids = dataset.ids if dataset.ids is not None else hash_files(dataset.paths)
+    if dataset.ids is not None:
+        ids = dataset.ids
+    else:
+        ids, report.opened = dataset_ids(dataset, cache_dir, rehash)
     usable = [i for i, image_id in enumerate(ids) if image_id is not None]
     report.skipped += [(str(dataset.paths[i]), "unreadable file") for i, v in enumerate(ids) if v is None]
     failed: dict[str, str] = {}  # image id -> reason; every copy of a failed image is skipped

@@ -8,6 +8,14 @@ on the next run, and a memo that is not a database, fails SQLite's check, or hol
 does not match is rebuilt or re-hashed, never trusted. Writes happen in the process that scans (the
 batch client, not Dask workers), inside short transactions; WAL and a busy timeout let several
 processes share one memo.
+
+Rows of deleted files are pruned, at next to no cost on an unchanged run. The range query that looks
+up a folder's files a block at a time also meets the rows in that range that were not asked for (in a
+folder scanned in order: files deleted since); once the scan of a folder tree has completed, `prune`
+adds each folder's rows outside the ranges asked about and every row of a folder never asked about
+(one index search per folder), and deletes those whose file no longer exists. Rows under entries the
+scan could not read (an unreadable folder, a link to a disk that is not mounted) stay. A run that
+stops before its scan ends prunes nothing.
 """
 
 from __future__ import annotations
@@ -19,16 +27,17 @@ import sqlite3
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.core.errors import first_line
-from pipeline.images.data import FileStat, hash_file
+from pipeline.images.data import Dataset, FileStat, hash_file
 
 logger = logging.getLogger(__name__)
 
 MEMO_NAME = "stat-memo.sqlite"
+BLOCK = 4096  # files identified at a time (one memo query per folder and block)
 _SCHEMA = 2  # 2: CRC-32 row checks (1 held SHA-256 text)
 _STAT = struct.Struct("<qqQQ")  # size, mtime_ns, inode, device
 _BUSY_TIMEOUT_S = 60.0
@@ -37,6 +46,8 @@ _CREATE = """CREATE TABLE IF NOT EXISTS memo (
     dir BLOB NOT NULL, name BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     ino INTEGER NOT NULL, dev INTEGER NOT NULL, id TEXT NOT NULL, checksum INTEGER NOT NULL,
     PRIMARY KEY (dir, name)) WITHOUT ROWID"""
+# The first folder after a given one, up to a bound: one index search (a tree's folders: "top/" to "top0").
+_NEXT_FOLDER = "SELECT dir FROM memo WHERE dir > ? AND dir < ? ORDER BY dir LIMIT 1"
 
 
 def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
@@ -45,13 +56,38 @@ def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
     return zlib.crc32(b"\0".join([folder, name, _STAT.pack(*stat), image_id.encode()]))
 
 
+def _encoded(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")  # os.fsencode, faster
+
+
+def memo_path(cache_dir: str | os.PathLike) -> Path | None:
+    """The cache's stat memo, its folder created if need be; None where it cannot be (a read-only place)."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError:
+        return None
+    return Path(cache_dir) / MEMO_NAME
+
+
 def _files(paths: list[tuple[str, FileStat]]) -> dict[bytes, list[tuple[int, bytes]]]:
     """Positions in `paths` by folder, with the file's name, as the memo keys them (bytes: any name)."""
     folders: dict[bytes, list[tuple[int, bytes]]] = {}
     for i, (path, _stat) in enumerate(paths):
-        folder, _, name = path.encode("utf-8", "surrogateescape").rpartition(b"/")  # os.fsencode, faster
+        folder, _, name = _encoded(path).rpartition(b"/")
         folders.setdefault(folder, []).append((i, name))
     return folders
+
+
+def _under(row: tuple[bytes, bytes], spare: set[bytes]) -> bool:
+    """Whether the file of a memo row (folder, name) is one of `spare` or lies under one of them."""
+    folder, name = row
+    if folder + b"/" + name in spare:
+        return True
+    while folder:
+        if folder in spare:
+            return True
+        folder = folder.rpartition(b"/")[0]
+    return False
 
 
 class StatMemo:
@@ -65,19 +101,23 @@ class StatMemo:
         self.rehash = rehash
         self.hasher = hasher
         self.hits = self.hashed = 0
+        # For `prune`: per folder, the name ranges `ids` asked about; rows in them it was not asked for.
+        self.ranges: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self.unasked: set[tuple[bytes, bytes]] = set()
         self.started_ns = time.time_ns()
         self.db = self._open()
 
     def _open(self) -> sqlite3.Connection | None:
         """The memo's database, created if needed; one that is damaged is deleted and made anew. Without
-        a usable file (a read-only cache, say) there is no memo: every file is hashed, as before."""
+        a usable file (a read-only cache, a full disk) there is no memo, and every file is hashed, as
+        before: a note, not a warning (the run's `files read` says it), and the file is left as it is."""
         if self.path is None:
             return None
         for attempt in range(2):
             try:
                 db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
             except sqlite3.Error as exc:
-                logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
+                logger.info(f"no stat memo ({self.path}: {first_line(exc)}); every file is read")
                 return None
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -91,7 +131,10 @@ class StatMemo:
                 return db
             except sqlite3.DatabaseError as exc:
                 db.close()
-                if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc) or attempt:
+                if isinstance(exc, sqlite3.OperationalError):  # read-only, a full disk, busy: not damage, kept
+                    logger.info(f"no stat memo ({self.path}: {first_line(exc)}); every file is read")
+                    return None
+                if attempt:
                     logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
                     return None
                 logger.warning(f"warning: the stat memo {self.path} is damaged ({first_line(exc)}); rebuilt")
@@ -117,18 +160,24 @@ class StatMemo:
         self.close()
 
     def _known(self, folder: bytes, names: list[bytes]) -> dict[bytes, tuple[FileStat, str]]:
-        """The rows of `names` in `folder` whose check passes: one range query per folder and batch."""
-        if self.db is None or self.rehash:
+        """The rows of `names` in `folder` whose check passes (none with `rehash`): one range query per
+        folder and batch. The range is noted, and so is every row in it that is not one of `names` (for
+        `prune`: in a folder scanned in order, a file deleted since)."""
+        if self.db is None:
             return {}
+        low, high = min(names), max(names)
+        self.ranges.setdefault(folder, []).append((low, high))
         rows = self.db.execute("SELECT name, size, mtime_ns, ino, dev, id, checksum FROM memo "
-                               "WHERE dir = ? AND name BETWEEN ? AND ?", (folder, min(names), max(names)))
+                               "WHERE dir = ? AND name BETWEEN ? AND ?", (folder, low, high))
         wanted = set(names)
         known = {}
         for name, size, mtime_ns, ino, dev, image_id, check in rows:
-            if name in wanted:
-                stat = FileStat(size, mtime_ns, ino, dev)
-                if check == _checksum(folder, name, stat, image_id):
-                    known[name] = (stat, image_id)
+            if name not in wanted:
+                self.unasked.add((folder, name))
+                continue
+            stat = FileStat(size, mtime_ns, ino, dev)
+            if not self.rehash and check == _checksum(folder, name, stat, image_id):
+                known[name] = (stat, image_id)
         return known
 
     def ids(self, paths: list[tuple[str, FileStat]], workers: int = 4) -> list[str | None]:
@@ -159,6 +208,54 @@ class StatMemo:
         self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
         return ids
 
+    def prune(self, folders: Iterable[str], spared: Iterable[str] = ()) -> int:
+        """Delete the rows of files under `folders` (absolute, normalised) that no longer exist: call it
+        once `ids` has seen every file of those folder trees. The rows looked at are those `ids` met
+        without being asked for them, those of each folder outside the name ranges `ids` asked about,
+        and every row of a folder it never asked about; each is deleted if its file is gone, unless it
+        lies under `spared` (what the scan could not read: a folder, a link to one). An unchanged run
+        costs one index search per folder. Returns the number of rows deleted."""
+        if self.db is None:
+            return 0
+        tops = [_encoded(folder).rstrip(b"/") for folder in folders]
+        rows = {(folder, name) for folder, name in self.unasked
+                if any(folder == top or folder.startswith(top + b"/") for top in tops)}
+        for top in tops:
+            rows.update(self._outside(top))
+            below = top + b"/"
+            while found := self.db.execute(_NEXT_FOLDER, (below, top + b"0")).fetchone():  # "0" follows "/"
+                below = found[0]
+                rows.update(self._outside(below))
+        spare = {_encoded(path) for path in spared}
+        stale = [row for row in rows if not os.path.lexists(row[0] + b"/" + row[1]) and not _under(row, spare)]
+        if stale:
+            try:
+                with self.db:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    self.db.executemany("DELETE FROM memo WHERE dir = ? AND name = ?", stale)
+            except sqlite3.Error as exc:  # they are pruned on a later run
+                logger.warning(f"warning: the stat memo {self.path} was not pruned ({first_line(exc)})")
+                return 0
+        return len(stale)
+
+    def _outside(self, folder: bytes) -> set[tuple[bytes, bytes]]:
+        """The rows of `folder` outside the name ranges `ids` asked about (all of them if none)."""
+        assert self.db is not None
+        bounds: list[bytes | None] = [None]  # gaps between the ranges, merged, as (after, before) pairs
+        for low, high in sorted(self.ranges.get(folder, [])):
+            if bounds[-1] is None or low > bounds[-1]:
+                bounds += [low, high]
+            else:
+                bounds[-1] = max(bounds[-1], high)
+        bounds.append(None)
+        rows = set()
+        for after, before in zip(bounds[::2], bounds[1::2], strict=True):
+            query = "SELECT name FROM memo WHERE dir = ?" + (" AND name > ?" if after is not None else "") + \
+                (" AND name < ?" if before is not None else "")
+            rows.update((folder, name) for (name,) in self.db.execute(
+                query, [folder, *(b for b in (after, before) if b is not None)]))
+        return rows
+
     def _remember(self, rows: list[tuple[bytes, bytes, FileStat, str]]) -> None:
         """Store new ids; the stat is the one taken before the file was read, so a file written while it
         was hashed has a row that no longer matches, and is read again next time. A file modified in the
@@ -175,3 +272,27 @@ class StatMemo:
                                      for folder, name, stat, image_id in rows])
         except sqlite3.Error as exc:  # a full disk, say: the ids are right, only the next run reads again
             logger.warning(f"warning: the stat memo {self.path} was not updated ({first_line(exc)})")
+
+
+def dataset_ids(dataset: Dataset, cache_dir: str | os.PathLike, rehash: bool = False) -> tuple[list[str | None], int]:
+    """Content ids of a scanned dataset's files (None: unreadable) through the cache's stat memo, and how
+    many files were read to hash them; a scanned folder's rows of files it no longer holds are pruned."""
+    ids: list[str | None] = []
+    with StatMemo(memo_path(cache_dir), rehash) as memo:
+        for start in range(0, len(dataset.paths), BLOCK):
+            block: list[tuple[str, FileStat]] = []
+            places: list[int] = []  # where each of `block` goes in this block's ids
+            paths = dataset.paths[start:start + BLOCK]
+            for i, path in enumerate(paths):
+                try:
+                    block.append((os.path.abspath(path), FileStat.of(os.stat(path))))
+                    places.append(i)
+                except OSError:
+                    continue
+            found: list[str | None] = [None] * len(paths)
+            for i, image_id in zip(places, memo.ids(block), strict=True):
+                found[i] = image_id
+            ids += found
+        if dataset.source is not None and dataset.source.is_dir():
+            memo.prune([os.path.abspath(dataset.source)], [os.path.abspath(path) for path, _why in dataset.skipped])
+        return ids, memo.hashed
