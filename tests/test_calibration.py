@@ -11,10 +11,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 
+from pipeline.app.scoring import head_scores, score_head
 from pipeline.core.errors import ConfigError
 from pipeline.heads.calibration import StratifiedFolds, TemperatureScaling, fit_temperature, uncalibrated
 from pipeline.heads.decision import DecisionRule, decide
-from pipeline.heads.fit import fit_head
+from pipeline.heads.fit import checked_threshold, fit_head
 from pipeline.heads.scores import (
     accuracy_coverage,
     auroc,
@@ -125,11 +126,44 @@ def test_a_tuned_two_class_threshold_is_saved_and_used_by_decide():
     tuned = fit_head(_spec("logistic_regression", C=1.0, calibration="none", tune_threshold=True), X[:2000],
                      y[:2000], [10])
     threshold = tuned.decision.binary_threshold
-    assert 0 < threshold < 0.5  # the rare class needs less than an even chance
+    assert 0 < threshold < 0.5 and tuned.threshold_refused is None  # the rare class needs less than an even chance
     proba = tuned.pipeline.predict_proba(X_test)
     labels = decide(tuned.decision, proba).label
     np.testing.assert_array_equal(labels, (proba[:, 1] >= threshold).astype(int))
     assert balanced_accuracy(y_test, labels) > balanced_accuracy(y_test, plain.pipeline.predict(X_test)) + 0.05
+
+
+@pytest.mark.parametrize(("best", "kept", "reason"), [
+    (0.999, 0.5, "the tuned threshold 0.999 was refused and 0.5 kept: it is within 0.01 of 1"),
+    (0.004, 0.5, "the tuned threshold 0.004 was refused and 0.5 kept: it is within 0.01 of 0"),
+    (0.95, 0.5, "the tuned threshold 0.950 was refused and 0.5 kept: it is at the end of the range of the"),
+    (0.02, 0.5, "the tuned threshold 0.020 was refused and 0.5 kept: it is at the end of the range of the"),
+    (0.3, 0.3, None),
+    (0.94, 0.94, None),
+])
+def test_a_degenerate_tuned_threshold_is_refused(best, kept, reason):
+    threshold, refused = checked_threshold(best, np.array([0.02, 0.3, 0.5, 0.95]))
+    assert threshold == kept
+    assert (refused is None) == (reason is None) and (reason is None or reason in refused)
+
+
+def test_tune_threshold_refuses_the_highest_probability_of_the_folds_and_says_so(caplog):
+    """Five rare images far out, five common ones just short of them, an almost unregularised regression:
+    every fold scores perfectly only when the threshold sits at its rare image's probability (0.987), which
+    no new rare image would reach. The fit keeps 0.5 and says why: in the log and in metrics.json's record."""
+    rng = np.random.default_rng(0)
+    shift = np.eye(5)[0] * 12
+    X = np.vstack([rng.normal(size=(95, 5)), shift * 0.95 + rng.normal(scale=0.1, size=(5, 5)),
+                   shift + rng.normal(scale=0.1, size=(5, 5))])
+    y = np.r_[np.zeros(100, int), np.ones(5, int)]
+    with caplog.at_level("WARNING", logger="pipeline.heads.fit"):
+        tuned = fit_head(_spec("logistic_regression", C=1000.0, calibration="none", tune_threshold=True), X, y, [5])
+    assert tuned.decision.binary_threshold == 0.5
+    assert tuned.threshold_refused == ("the tuned threshold 0.987 was refused and 0.5 kept: it is at the end of "
+                                       "the range of the cross-validated probabilities")
+    assert f"head 'h': {tuned.threshold_refused}" in caplog.text
+    scores = head_scores(score_head(tuned, tuned.pipeline.predict_proba(X), None, y), y).model_dump()
+    assert scores["decision_threshold"] == 0.5 and scores["decision_threshold_refused"] == tuned.threshold_refused
 
 
 def test_tune_threshold_is_refused_for_more_than_two_classes_and_unknown_is_a_reserved_class():

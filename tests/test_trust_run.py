@@ -140,3 +140,37 @@ def test_without_tracking_mlflow_is_never_imported(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert not (tmp_path / "out" / "mlflow").exists()
+
+
+
+def test_pipeline_fit_takes_the_trust_options_as_flags(tmp_path, capsys):
+    from sklearn.calibration import CalibratedClassifierCV
+
+    from pipeline.cli.main import main
+
+    train = make_folder(tmp_path / "train", classes=3, per_class=6)
+    model = tmp_path / "lr.skops"
+    common = ["fit", "--data", str(train), "--backbone", TINY, "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main([*common, "--type", "logistic_regression", "--out", str(model), "--calibration", "isotonic",
+                 "--reject-coverage", "0.8", "--class-weight", "balanced"]) == 0
+    assert "; calibration isotonic; unknown below " in capsys.readouterr().out
+    bundle = load_bundle(model)
+    assert bundle.decision.reject_coverage == 0.8 and bundle.decision.reject_threshold is not None
+    clf = bundle.pipeline.named_steps["clf"]
+    assert isinstance(clf, CalibratedClassifierCV) and clf.method == "isotonic"
+    assert clf.calibrated_classifiers_[0].estimator.class_weight == "balanced"
+    assert main([*common, "--type", "knn", "--out", str(tmp_path / "k.skops"), "--reject-threshold", "0.7"]) == 0
+    assert load_bundle(tmp_path / "k.skops").decision.reject_threshold == 0.7
+
+    for flags, expected in ((["--type", "logistic_regression", "--reject-threshold", "1.5"],
+                             "'heads[0].reject.threshold' must be a number between 0 and 1 (both excluded), got 1.5"),
+                            (["--type", "knn", "--class-weight", "balanced"], "unknown key 'heads[0].class_weight'"),
+                            (["--type", "logistic_regression", "--tune-threshold"],
+                             "tune_threshold is for two-class heads, and the training folder has 3 classes")):
+        assert main([*common, *flags, "--out", str(tmp_path / "bad.skops")]) != 0
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):  # argparse: one of the two
+        main([*common, "--type", "knn", "--out", str(tmp_path / "x.skops"), "--reject-threshold", "0.5",
+              "--reject-coverage", "0.9"])
+    assert "not allowed with argument --reject-threshold" in capsys.readouterr().err

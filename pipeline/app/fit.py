@@ -27,14 +27,15 @@ class FitResult:
 
 def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: str = "head",
         backbones: list[str] | None = None, sources: list[str] | None = None, cache_dir: str = DEFAULTS.cache_dir,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, options: dict | None = None) -> FitResult:
     """Fit a head of `head_type` on the labelled folder `data` and save it at `out`.
 
     `sources` are `BACKBONE[:LAYER]` (several for a pca_fusion head; default: the first backbone's
-    default layer); `backbones` default to those the sources name, else the default backbone. The head's
-    options are checked exactly as a run config's `heads:` entry."""
+    default layer); `backbones` default to those the sources name, else the default backbone. `options`
+    are more keys of the head (calibration, reject, class_weight, tune_threshold), checked exactly as a run
+    config's `heads:` entry."""
     backbones = backbones or list(dict.fromkeys(s.split(":")[0] for s in sources or [])) or [DEFAULT_BACKBONE]
-    head: dict = {"name": name, "type": head_type}
+    head: dict = {**(options or {}), "name": name, "type": head_type}
     if sources:
         fusion = head_type == "pca_fusion"  # a single-source head takes one source as a string
         head["sources" if fusion else "source"] = sources if fusion or len(sources) > 1 else sources[0]

@@ -55,6 +55,7 @@ class HeadScores(Record):
     calibration: CalibrationScores
     reject: RejectScores | None = None
     decision_threshold: float | None = None  # two-class heads with tune_threshold
+    decision_threshold_refused: str | None = None  # why the tuned threshold was refused (0.5 kept)
 
 
 @dataclass
@@ -92,4 +93,5 @@ def head_scores(result: HeadResult, y_test: np.ndarray) -> HeadScores:
     return HeadScores(accuracy=result.accuracy, macro_f1=result.macro_f1, balanced_accuracy=result.balanced_accuracy,
                       fit_seconds=round(fitted.fit_seconds, 3), cv_accuracy=fitted.cv_accuracy,
                       best_params=fitted.best_params, type=fitted.spec.type, sources=fitted.spec.sources,
-                      calibration=calibration, reject=reject, decision_threshold=rule.binary_threshold)
+                      calibration=calibration, reject=reject, decision_threshold=rule.binary_threshold,
+                      decision_threshold_refused=fitted.threshold_refused)

@@ -38,17 +38,54 @@ def _skip_list(args: argparse.Namespace, skipped: list[tuple[str, str]], default
     report_skips(skipped, Path(args.skipped) if args.skipped else default)
 
 
+def _trust_options(args: argparse.Namespace) -> dict:
+    """The head keys the trust flags of `pipeline fit` give (none for a flag left out)."""
+    options = {key: value for key, value in (("calibration", args.calibration), ("class_weight", args.class_weight),
+                                             ("tune_threshold", args.tune_threshold or None)) if value is not None}
+    reject = {key: value for key, value in (("threshold", args.reject_threshold),
+                                            ("coverage", args.reject_coverage)) if value is not None}
+    return {**options, **({"reject": reject} if reject else {})}
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from pipeline.app.fit import fit
 
     result = fit(args.data, args.type, args.out, args.name, args.backbone, args.source, args.cache,
-                 progress=not args.quiet)
+                 progress=not args.quiet, options=_trust_options(args))
     _skip_list(args, result.skipped)
-    cv = result.fitted.cv_accuracy
-    score = "no cross-validation (one setting)" if cv is None else f"cross-validated accuracy {cv:.1%}"
-    print(f"{result.fitted.spec.name}: {score} ({result.fitted.fit_seconds:.1f} s); "
+    fitted = result.fitted
+    score = ("no cross-validation (one setting)" if fitted.cv_accuracy is None
+             else f"cross-validated accuracy {fitted.cv_accuracy:.1%}")
+    rule = fitted.decision
+    decides = "".join([f"; calibration {fitted.calibration}" if fitted.calibration != "none" else "",
+                       f"; unknown below {rule.reject_threshold:.3f}" if rule.reject_threshold is not None else "",
+                       f"; threshold {rule.binary_threshold:.3f}" if rule.binary_threshold is not None else ""])
+    print(f"{fitted.spec.name}: {score}{decides} ({fitted.fit_seconds:.1f} s); "
           f"saved {result.path} and {result.path.name}.sha256")
     return 0
+
+
+def _trust_flags(parser: argparse.ArgumentParser) -> None:
+    """`pipeline fit`'s flags for the trust options of a head (docs/guide/trust.md)."""
+    from pipeline.heads.spec import HEAD_TYPES
+    from pipeline.heads.trust_options import CALIBRATIONS, UNKNOWN
+
+    defaults = ", ".join(f"{name} {model.model_fields['calibration'].default}" for name, model in HEAD_TYPES.items())
+    parser.add_argument("--calibration", choices=CALIBRATIONS,
+                        help="recalibrate the probabilities on cross-validated predictions of the folder: Platt "
+                             f"(sigmoid), isotonic, one temperature, or none (default per type: {defaults})")
+    reject = parser.add_mutually_exclusive_group()
+    reject.add_argument("--reject-threshold", type=float, metavar="P",
+                        help=f"answer {UNKNOWN!r} (top class and probability beside it) when the top probability "
+                             "is below P, between 0 and 1")
+    reject.add_argument("--reject-coverage", type=float, metavar="C",
+                        help=f"answer {UNKNOWN!r} below the threshold that keeps the share C (between 0 and 1) of "
+                             "the folder's images, on cross-validated probabilities")
+    parser.add_argument("--class-weight", choices=["balanced"],
+                        help="weigh each class inversely to its images (logistic_regression, svm, pca_fusion)")
+    parser.add_argument("--tune-threshold", action="store_true",
+                        help="two classes: the threshold on the second class's probability that maximises "
+                             "cross-validated balanced accuracy, instead of 0.5 (a degenerate one is refused)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -164,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source", action="append", metavar="BACKBONE[:LAYER]",
                      help="feature source(s); several for pca_fusion (default: the first backbone's default layer)")
     add_setting(fit, ExtractSettings, "cache_dir", "--cache", metavar="DIR")
+    _trust_flags(fit)
     fit.add_argument("--out", required=True, metavar="FILE", help=f"where to save the head ({HEAD_SUFFIX})")
     fit.add_argument("--skipped", metavar="FILE", help=SKIPPED_HELP)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -153,6 +153,7 @@ class FittedHead:
     fit_seconds: float
     decision: DecisionRule = field(default_factory=DecisionRule)
     calibration: str = "none"  # the method applied (out-of-core heads have none)
+    threshold_refused: str | None = None  # why a tuned two-class threshold was refused (0.5 kept instead)
 
 
 def _needs_cv(spec: HeadSpec, single: bool) -> bool:
@@ -188,16 +189,37 @@ def _final(spec: HeadSpec, pipeline: Pipeline, cv: StratifiedFolds | None) -> Pi
     return final
 
 
+THRESHOLD_MARGIN = 0.01  # a tuned threshold this close to 0 or 1 answers (nearly) every image with one class
+
+
+def checked_threshold(best: float, thresholds: np.ndarray) -> tuple[float, str | None]:
+    """The tuned two-class threshold `best`, or 0.5 and why when it is degenerate: within THRESHOLD_MARGIN
+    of 0 or 1, or at an end of `thresholds` (the range of the folds' probabilities), where it gives the
+    second class to only the surest image of a fold, or to all of them: a fold whose one rare image sits at
+    0.9999 scores perfectly there, and a new image of that class almost never reaches it."""
+    if min(best, 1 - best) <= THRESHOLD_MARGIN:
+        reason = f"it is within {THRESHOLD_MARGIN} of {round(best)}"
+    elif best <= thresholds[0] or best >= thresholds[-1]:
+        reason = "it is at the end of the range of the cross-validated probabilities"
+    else:
+        return best, None
+    return 0.5, f"the tuned threshold {best:.3f} was refused and 0.5 kept: {reason}"
+
+
 def _decision(spec: HeadSpec, final: Pipeline, X: np.ndarray, y: np.ndarray,
-              cv: StratifiedFolds | None) -> tuple[Pipeline, DecisionRule]:
-    """Fit `final` on every row, with the two-class threshold tuned on its folds (tune_threshold), and
-    turn a reject coverage into a threshold on its out-of-fold top probabilities."""
+              cv: StratifiedFolds | None) -> tuple[Pipeline, DecisionRule, str | None]:
+    """Fit `final` on every row, with the two-class threshold tuned on its folds (tune_threshold; a degenerate
+    one refused, and why), and turn a reject coverage into a threshold on its out-of-fold top probabilities."""
     opts = spec.options
-    rule = DecisionRule()
+    rule, refused = DecisionRule(), None
     if opts.get("tune_threshold"):
         tuner = TunedThresholdClassifierCV(final, scoring="balanced_accuracy", response_method="predict_proba",
-                                           cv=cv).fit(X, y)
-        fitted, rule.binary_threshold = tuner.estimator_, float(tuner.best_threshold_)
+                                           cv=cv, store_cv_results=True).fit(X, y)
+        fitted = tuner.estimator_
+        rule.binary_threshold, refused = checked_threshold(float(tuner.best_threshold_),
+                                                           tuner.cv_results_["thresholds"])
+        if refused:
+            logger.warning(f"head {spec.name!r}: {refused}")
     else:
         fitted = final.fit(X, y)
     reject = opts.get("reject") or {}
@@ -208,7 +230,7 @@ def _decision(spec: HeadSpec, final: Pipeline, X: np.ndarray, y: np.ndarray,
         rule.reject_coverage = float(reject["coverage"])
         # answer the `coverage` most confident share of the training rows, as their held-out folds saw them
         rule.reject_threshold = float(np.quantile(top, 1 - rule.reject_coverage, method="higher"))
-    return fitted, rule
+    return fitted, rule, refused
 
 
 def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], scheduler: str | None = None,
@@ -247,8 +269,8 @@ def fit_head(spec: HeadSpec, X: np.ndarray, y: np.ndarray, dims: list[int], sche
                     search.fit(X, y)
             best_params, cv_accuracy = search.best_params_, float(search.best_score_)
             pipeline.set_params(**best_params)
-        fitted, rule = _decision(spec, _final(spec, pipeline, cv), X, y, cv)
+        fitted, rule, refused = _decision(spec, _final(spec, pipeline, cv), X, y, cv)
     except ValueError as exc:  # scikit-learn's verdict on this data with these settings
         raise ConfigError(f"head {spec.name!r} cannot be fitted: {first_line(exc)}") from None
     return FittedHead(spec, fitted, best_params, cv_accuracy, time.perf_counter() - started, rule,
-                      spec.options.get("calibration", "none"))
+                      spec.options.get("calibration", "none"), refused)

@@ -14,9 +14,10 @@ from pydantic import Field, model_validator
 from pipeline.core.schema import Section, one_of, option, problem
 
 CALIBRATIONS = ("none", "sigmoid", "isotonic", "temperature")
-# Chosen by benchmarks/calibration.py (benchmarks/RESULTS.md, "Calibration"): for logistic regression the
-# lowest mean test log-loss and ECE over flowers12, dtd10 and intel6 with the Lite0/1/2 features. kNN
-# (sigmoid) and the SVM (none: Platt scaling) have their own defaults in pipeline.heads.spec.
+# Chosen by benchmarks/calibration.py (benchmarks/RESULTS.md, "Calibration"), by cross-validation inside the
+# training folders of flowers12, dtd10 and intel6 with the Lite0/1/2 features: for logistic regression and the
+# PCA fusion the lowest mean log-loss and ECE. kNN and the SVM (sigmoid both) have their own defaults in
+# pipeline.heads.spec.
 DEFAULT_CALIBRATION = "temperature"
 UNKNOWN = "unknown"  # the answer below a head's reject threshold: no class folder may be named so
 OpenFraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
@@ -47,13 +48,16 @@ def calibration_option(default: str) -> Any:
                         "Platt (sigmoid), isotonic regression, one temperature for all classes, or none")
 
 
+def reject_option() -> Any:
+    return option(None, accepts="{threshold: P} or {coverage: C}, each between 0 and 1",
+                  about=f"answer {UNKNOWN!r} (with the top class and probability beside it) below a top probability")
+
+
 class TrustOptions(Section):
     """Calibration, reject and the two-class threshold: for every head fitted on labelled features."""
 
     calibration: Literal[CALIBRATIONS] = calibration_option(DEFAULT_CALIBRATION)  # type: ignore[valid-type]
-    reject: RejectOptions | None = option(
-        None, accepts="{threshold: P} or {coverage: C}, each between 0 and 1",
-        about=f"answer {UNKNOWN!r} (with the top class and probability beside it) below a top probability")
+    reject: RejectOptions | None = reject_option()
     tune_threshold: bool = option(
         False, accepts="true or false",
         about="two-class heads: the decision threshold on the second class's probability that maximises "
