@@ -1,12 +1,14 @@
 """How far bf16 and OpenVINO features are from torch fp32 ones, and what that does to a linear probe.
 
     python benchmarks/bf16_fidelity.py [--data ../shared/data/flowers12] [--cache cache]
+        [--variants torch_fp32,openvino_bf16]
 
 Extracts train and test with each runtime and precision (torch fp32, the reference; torch bf16 autocast;
 OpenVINO with the bf16 and the f32 precision hint), each into its own cache key, so reruns are free;
 reports per-image cosine similarity to the reference on the test split and the test accuracy of the same
 logistic-regression probe (the heads' own, C=0.1) fitted on each, with the number of test images whose
-predicted class differs from the reference probe's.
+predicted class differs from the reference probe's. `--variants` picks some of them (the reference is always
+computed).
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--cache", default=str(ROOT / "cache"))
     parser.add_argument("--out", default=str(ROOT / "runs/bench/bf16_fidelity.json"))
+    parser.add_argument("--variants", default=",".join(f"{r}_{p}" for r, p in VARIANTS),
+                        help="comma-separated RUNTIME_PRECISION names (default: all four)")
     args = parser.parse_args()
+    chosen = {"torch_fp32", *args.variants.split(",")}
+    unknown = chosen - {f"{r}_{p}" for r, p in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     data = Path(args.data)
     result: dict = {"backbone": args.backbone}
     predictions, reference = {}, None
     for runtime, precision in VARIANTS:
         name = f"{runtime}_{precision}"
+        if name not in chosen:
+            continue
         (x_train, y_train), (x_test, y_test) = (features(data / s, args.backbone, runtime, precision, args.cache)
                                                 for s in ("train", "test"))
         probe = make_pipeline(StandardScaler(), logistic_regression(C=0.1)).fit(x_train, y_train)

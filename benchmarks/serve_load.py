@@ -7,9 +7,10 @@ Starts `pipeline serve --model HEAD --port 0` in its own process and, `--rounds`
 test split each time), p50 and p99 latency; (b) load: `--clients` clients (threads, each with its own
 HTTP connection) send `--requests` single-image requests each as fast as answers come, throughput in
 images/s and p50/p99 latency; (c) the runtime alone: the server's computation (`Predictor.probabilities`,
-the torch path at the head's precision) on decoded images in memory, batches of 32, in this process while
-the server is idle. The load's throughput is compared with (c). Every loop is bounded; the server is
-stopped at the end. Prints medians and writes runs/bench/serve_load.json.
+at the head's precision on the runtime the server uses, OpenVINO for a head fitted on OpenVINO features) on
+decoded images in memory, batches of 32, in this process while the server is idle. The load's throughput is
+compared with (c). Every loop is bounded; the server is stopped at the end. Prints medians and writes
+runs/bench/serve_load.json.
 """
 
 from __future__ import annotations
@@ -111,11 +112,13 @@ def main() -> None:
     print(f"{args.clients} clients: {summary['load_images_per_s']:.1f} images/s (p50 {summary['load_p50_ms']:.1f} ms, "
           f"p99 {summary['load_p99_ms']:.1f} ms); runtime alone {summary['runtime_alone_per_s']:.1f} images/s; "
           f"ratio {ratio:.2f}")
+    print(f"runtime: {predictor.network.runtimes}, precision {predictor.network.precision}")
     print(f"server batches: {health['batches']} for {health['images']} images "
           f"({health['images'] / max(health['batches'], 1):.1f} a batch)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"head": args.head, "precision": predictor.network.precision,
+                               "runtime": predictor.network.runtimes,
                                "machine": platform.processor() or platform.machine(), "summary": summary,
                                "ratio": ratio, "rounds": rounds, "server": health}, indent=1))
     print(f"wrote {out}")

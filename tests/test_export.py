@@ -44,12 +44,14 @@ REJECT = {"reject": ("logistic_regression", [f"{TINY}:head"],
                      {"C": 0.001, "calibration": "none", "reject": {"coverage": 0.5}})}
 
 
-def fitted_heads(root: Path, heads: dict, precision: str = "fp32", out_of_core: tuple[str, ...] = ()) -> dict:
+def fitted_heads(root: Path, heads: dict, precision: str = "fp32", out_of_core: tuple[str, ...] = (),
+                 runtime: str = "auto") -> dict:
     """Each head of `heads` fitted on fp32 features of a small train folder and saved: name -> path."""
     train = make_folder(root / "train", classes=3, per_class=6)
     sources = sorted({s for _t, srcs, _o in heads.values() for s in srcs})
     backbones = list(dict.fromkeys(s.split(":")[0] for s in sources))
-    report = extract(train, backbones, layers=sources, cache_dir=root / "cache", precision=precision, progress=False)
+    report = extract(train, backbones, layers=sources, cache_dir=root / "cache", precision=precision, progress=False,
+                     runtime=runtime)
     paths = {}
     for name, (head_type, srcs, options) in heads.items():
         spec = HeadSpec(name, head_type, srcs, {**HEAD_OPTIONS[head_type], **options})

@@ -18,6 +18,7 @@ from pipeline.features import openvino_runtime
 from pipeline.features.device import resolve_runtime
 from pipeline.features.extract import cache_key, extract
 from pipeline.models.registry import BackboneSpec, Layer, get_spec, register
+from pipeline.models.weights import file_sha256, resolve_weights
 
 from . import tinynet
 from .conftest import FLOWERS, TINY, make_folder, needs_flowers
@@ -107,6 +108,26 @@ def test_the_compiled_network_is_made_once_per_process(tmp_path):
     extract(data, TINY, ["stage2"], cache_dir=tmp_path / "b", precision="fp32", runtime="openvino",
             shard_size=3, progress=False)
     assert openvino_runtime.conversions - before == 1  # four shards, then three (a layer no other test asks for)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_features_are_the_same_to_the_bit_however_the_batches_are_split_across_streams(precision):
+    """`extract` runs whole batches on parallel streams (`map`), the server splits a batch across them
+    (`__call__`): every row is the same to the bit as the image alone, so the cache key need not say how."""
+    images = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    layers = ("stage1", "head")
+    sha = file_sha256(resolve_weights(get_spec(TINY)))
+    network = openvino_runtime.compiled_network(openvino_runtime.NetworkId(TINY, None, sha, layers, precision))
+    assert network.streams == torch.get_num_threads()
+    alone = [network(images[i:i + 1]) for i in range(len(images))]
+    whole = network(images)
+    mapped = list(network.map([images[:4], images[4:5], images[5:]]))
+    assert len(mapped) == 3
+    for layer in layers:
+        one_by_one = np.concatenate([rows[layer] for rows in alone])
+        assert one_by_one.dtype == np.float32 and one_by_one.shape[0] == len(images)
+        assert np.array_equal(whole[layer], one_by_one)
+        assert np.array_equal(np.concatenate([rows[layer] for rows in mapped]), one_by_one)
 
 
 class _Cummax(nn.Module):

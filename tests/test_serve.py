@@ -80,7 +80,23 @@ def test_health_and_model_describe_the_head(served):
     assert described["inputs"]["images"]["center_crop"] == 32 and described["precision"] == "fp32"
     assert described["limits"]["max_images"] == 4 and described["model"] == str(model)
     assert {"scikit-learn", "torch"} <= set(described["versions"]["fitted with"])
-    assert {"transfer-pipeline", "fastapi", "uvicorn"} <= set(described["versions"]["serving with"])
+    assert {"transfer-pipeline", "fastapi", "uvicorn", "openvino"} <= set(described["versions"]["serving with"])
+    # fitted on OpenVINO features (the runtime `auto` picks on a CPU), so served by OpenVINO
+    assert [s["runtime"] for s in described["backbones"]] == ["openvino", "openvino"]
+    assert described["runtime"] == {TINY: "openvino", TINY_WIDE: "openvino"}
+
+
+def test_a_head_fitted_on_torch_features_is_served_by_torch(tmp_path):
+    """The server computes features with the runtime the head was fitted on (OpenVINO's differ from
+    torch's in the last bits), so a torch head is served by torch and answers as `pipeline predict`."""
+    model = fitted_heads(tmp_path, {"probe": ("logistic_regression", [f"{TINY}:head"], {})}, runtime="torch")["probe"]
+    test = make_folder(tmp_path / "test", classes=3, per_class=2, start_seed=300)
+    paths, expected = expected_probabilities(model, test, tmp_path / "cache")
+    predictor = Predictor(model)
+    assert predictor.network.runtimes == {TINY: "torch"}
+    assert predictor.describe(LIMITS)["runtime"] == {TINY: "torch"}
+    got = predictor.probabilities([predictor.decode(p.read_bytes()) for p in paths])
+    assert np.abs(np.array(got) - expected).max() <= 1e-6
 
 
 def test_multipart_and_raw_bytes_answer_as_pipeline_predict_does(served):

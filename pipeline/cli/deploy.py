@@ -54,8 +54,9 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
     serve = sub.add_parser(
         "serve", help="serve a saved head over HTTP (POST /predict, GET /health, GET /model)",
-        description="Serve a saved head over HTTP with FastAPI and uvicorn, computing features with the torch path "
-                    "at the head's precision (as `pipeline predict` does). POST /predict takes one or several images "
+        description="Serve a saved head over HTTP with FastAPI and uvicorn, computing features with the runtime "
+                    "(OpenVINO or torch) and precision the head's features came from, as `pipeline predict` does "
+                    "(GET /model says which runtime). POST /predict takes one or several images "
                     "(multipart form fields, or the raw bytes of one image as the body) and answers the classes and "
                     "probabilities per image; concurrent requests are batched. See docs/guide/deploy.md.")
     serve.add_argument("--model", required=True, metavar="FILE", help=f"a saved head ({HEAD_SUFFIX})")

@@ -6,8 +6,12 @@ cache keys by `feature_options`, so nothing runs with other weights or preproces
 fitted on) and takes one uint8 NHWC batch per input geometry: backbones whose resize, crop and
 interpolation agree share an input (the common case: one input, `images`).
 
-- `features` is the serving path: `pipeline.features.extract.forward`, the very code extraction runs, at
-  the head's precision (bf16 autocast where the head was fitted on bf16 features).
+- `features` is the serving path: the very code extraction runs, at the head's precision. With
+  `runtime="auto"` (the server's) that is the runtime the head's features came from: OpenVINO's compiled
+  network (`pipeline.features.openvino_runtime`, the same to the bit as extraction's) for a head fitted
+  on OpenVINO features, falling back to torch, logged, where OpenVINO cannot run the backbone or the
+  device is CUDA; else `pipeline.features.extract.forward` (bf16 autocast where the head was fitted on
+  bf16 features). `runtimes` says which ran each backbone.
 - `module` is the export path: the same networks and normalisation as a plain fp32 `nn.Module` from the
   uint8 batches to the feature row, for `torch.onnx.export`.
 """
@@ -21,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.core.errors import ConfigError
 from pipeline.features.extract import forward, resolve_device
+from pipeline.features.openvino_runtime import CompiledNetwork, NetworkId, compiled_network, runtime_for
 from pipeline.heads.bundle import HeadBundle
 from pipeline.heads.predict import feature_options
 from pipeline.images.preprocess import Preprocess
@@ -56,16 +62,22 @@ class _Backbone:
     network: TappedNetwork
     preprocess: Preprocess
     input: str  # the name of the input it reads
+    compiled: CompiledNetwork | None  # OpenVINO's network where it computes the features, else None (torch)
 
 
 class HeadNetwork:
-    """The loaded backbones of a head (see the module's docstring); `device` is extraction's (auto, cpu, cuda)."""
+    """The loaded backbones of a head (see the module's docstring); `device` is extraction's (auto, cpu, cuda);
+    `runtime` is "torch" (export: the torch modules) or "auto" (serving: the runtime of the head's features)."""
 
-    def __init__(self, bundle: HeadBundle, model: str | os.PathLike, device: str = "cpu") -> None:
+    def __init__(self, bundle: HeadBundle, model: str | os.PathLike, device: str = "cpu",
+                 runtime: str = "torch") -> None:
+        if runtime not in ("auto", "torch"):
+            raise ConfigError(f"runtime must be auto or torch, not {runtime!r}")
         options = feature_options(bundle, model)  # refuses a head whose features this installation cannot make
         self.bundle = bundle
         self.precision: str = options["precision"]
         self.device = resolve_device(device)
+        openvino = runtime == "auto" and options["runtime"] == "openvino" and self.device == "cpu"
         self.sources = [(s.backbone, s.layer) for s in bundle.sources]
         geometries = list(dict.fromkeys(Geometry.of(get_spec(name).preprocess) for name in options["backbones"]))
         self.inputs: dict[str, Geometry] = {self._input_name(g, len(geometries)): g for g in geometries}
@@ -77,7 +89,10 @@ class HeadNetwork:
             layers = list(dict.fromkeys(layer for backbone, layer in self.sources if backbone == name))
             network = tapped(loaded, layers).to(self.device, memory_format=torch.channels_last).eval()
             pre = loaded.spec.preprocess
-            self.backbones.append(_Backbone(name, network, pre, names[Geometry.of(pre)]))
+            key = NetworkId(name, options["weights"], sha, tuple(layers), self.precision)
+            compiled = compiled_network(key) if openvino and runtime_for(key) == "openvino" else None
+            self.backbones.append(_Backbone(name, network, pre, names[Geometry.of(pre)], compiled))
+        self.runtimes = {b.name: "torch" if b.compiled is None else "openvino" for b in self.backbones}
         self.dim = sum(get_spec(backbone).layers[layer].dim for backbone, layer in self.sources)
 
     @staticmethod
@@ -93,8 +108,12 @@ class HeadNetwork:
         """One uint8 NHWC batch per input -> the head's feature rows (float32), as extraction computes them."""
         outputs: dict[tuple[str, str], np.ndarray] = {}
         for backbone in self.backbones:
-            for layer, rows in forward(backbone.network, backbone.preprocess, batches[backbone.input], self.device,
-                                       self.precision).items():
+            images = batches[backbone.input]
+            if backbone.compiled is not None:
+                rows_per_layer = backbone.compiled(images)
+            else:
+                rows_per_layer = forward(backbone.network, backbone.preprocess, images, self.device, self.precision)
+            for layer, rows in rows_per_layer.items():
                 outputs[(backbone.name, layer)] = rows
         return np.hstack([outputs[source] for source in self.sources])
 

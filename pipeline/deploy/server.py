@@ -7,12 +7,14 @@
   413, too many images or an image that cannot be decoded 400, with the reason (and which image) in
   `detail`.
 - `GET /health`: `{"status": "ok", ...}` with the queue and batch counters.
-- `GET /model`: the head (name, type, classes, sources, precision, metrics), what each input expects, the
-  limits and batching, and the library versions.
+- `GET /model`: the head (name, type, classes, sources, precision, metrics), the runtime of each backbone,
+  what each input expects, the limits and batching, and the library versions.
 
-Features come from the torch path at the head's precision (`HeadNetwork.features`, the code extraction
-runs), so answers match `pipeline predict`. Decoding runs in the request's worker thread; the network runs
-in batches collected across requests (`Batcher`).
+Features come from the runtime the head's features came from, at the head's precision (`HeadNetwork.features`
+with runtime auto, the code extraction runs: OpenVINO for a head fitted on OpenVINO features, torch where
+OpenVINO cannot run), so answers match `pipeline predict`; `GET /model` says which runtime runs each
+backbone. Decoding runs in the request's worker thread; the network runs in batches collected across
+requests (`Batcher`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Predictor:
     def __init__(self, model: str | os.PathLike, device: str = "cpu", trust_pickle: bool = False) -> None:
         self.model = str(model)
         self.bundle: HeadBundle = load_bundle(model, trust_pickle)
-        self.network = HeadNetwork(self.bundle, model, device)
+        self.network = HeadNetwork(self.bundle, model, device, runtime="auto")
         self.classes = [self.bundle.classes[int(i)] for i in self.bundle.pipeline.classes_]
         self.geometries = {name: self.network.preprocess_for(name) for name in self.network.inputs}
 
@@ -80,9 +82,11 @@ class Predictor:
 
         bundle = self.bundle
         libraries = {name: importlib.metadata.version(name) for name in ("torch", "fastapi", "uvicorn")}
+        if "openvino" in self.network.runtimes.values():
+            libraries["openvino"] = importlib.metadata.version("openvino")
         return {"model": self.model, "head": {"name": bundle.head.name, "type": bundle.head.type},
                 "classes": self.classes, "backbones": [s.model_dump() for s in bundle.sources],
-                "precision": self.network.precision, "device": self.network.device,
+                "precision": self.network.precision, "device": self.network.device, "runtime": self.network.runtimes,
                 "inputs": {name: g.describe() for name, g in self.network.inputs.items()},
                 "metrics": bundle.metrics.model_dump(), "decision": bundle.decision.model_dump(),
                 "limits": asdict(settings),

@@ -16,7 +16,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,29 +153,23 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
         from pipeline.features import gpu
 
         return gpu.run_shard(job, on_progress)
-    if job.runtime == "openvino":
+    embed_batches: Callable[[Iterable[np.ndarray]], Iterable[dict[str, np.ndarray]]]
+    if job.runtime == "openvino":  # batches run asynchronously, overlapping the decoding of the next ones
         from pipeline.features.openvino_runtime import network_for
 
-        embed = network_for(job)
-        pre = embed.preprocess
+        compiled = network_for(job)
+        embed_batches, pre = compiled.map, compiled.preprocess
     else:
         network, pre = _network(job)
-        embed = functools.partial(forward, network, pre, device=job.device, precision=job.precision)
+        embed_batches = functools.partial(map, functools.partial(forward, network, pre, device=job.device,
+                                                                 precision=job.precision))
     started = time.perf_counter()  # after loading: the records keep the steady-state cost per image
     good_ids: list[str] = []
     failed: dict[str, str] = {}
     chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in job.layers}
-    pending: list[np.ndarray] = []
 
-    def flush() -> None:
-        for layer, feats in embed(np.stack(pending)).items():
-            chunks[layer].append(feats)
-        if on_progress:
-            on_progress(len(pending))
-        pending.clear()
-
-    with ThreadPoolExecutor(_decode_threads(job)) as pool:
-        decoded = pool.map(lambda item: decode(Path(item[0]), pre, item[1]), zip(job.paths, job.image_ids, strict=True))
+    def batches(decoded: Iterable[np.ndarray | str]) -> Iterator[np.ndarray]:
+        pending: list[np.ndarray] = []
         for image_id, image in zip(job.image_ids, decoded, strict=True):
             if isinstance(image, str):
                 failed[image_id] = image
@@ -185,9 +179,18 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
             pending.append(image)
             good_ids.append(image_id)
             if len(pending) == job.batch_size:
-                flush()
+                yield np.stack(pending)
+                pending.clear()
         if pending:
-            flush()
+            yield np.stack(pending)
+
+    with ThreadPoolExecutor(_decode_threads(job)) as pool:
+        decoded = pool.map(lambda item: decode(Path(item[0]), pre, item[1]), zip(job.paths, job.image_ids, strict=True))
+        for features in embed_batches(batches(decoded)):
+            for layer, feats in features.items():
+                chunks[layer].append(feats)
+            if on_progress:
+                on_progress(len(feats))
     per_image = (time.perf_counter() - started) / max(len(good_ids), 1)
     for layer, store, needed in zip(job.layers, job.stores, job.needed, strict=True):
         rows = [i for i, image_id in enumerate(good_ids) if image_id in needed]

@@ -4,10 +4,13 @@
 threads and returns the pooled output of each tap point, in the job's layer order: the conversion to
 float, the NCHW view and the normalisation are in the graph, so OpenVINO fuses them into the first
 convolution. The model is compiled for the CPU with the precision hint of the run's `precision` (bf16
-where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses) and as
-many threads as torch would use (so a Dask worker started with OMP_NUM_THREADS=1 uses one core), and kept
-for the life of the process: every later shard, and every task of a Dask worker, reuses it. Each thread
-gets its own infer request, so a multi-threaded worker may run several batches at once.
+where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses) as one
+single-threaded stream per thread torch would use (so a Dask worker started with OMP_NUM_THREADS=1 uses
+one core), and kept for the life of the process: every later shard, and every task of a Dask worker,
+reuses it. Batches run asynchronously, one per stream at a time (`CompiledNetwork.map`): decoding and
+the network overlap, and a stream held up by another thread (a decoding thread, another process) holds
+up only itself, where the threads of one parallel pass all wait for the slowest at every layer. Each
+calling thread gets its own infer requests, so a multi-threaded worker may run several batches at once.
 
 A backbone that OpenVINO cannot convert or compile (an operation it lacks) is computed by torch:
 `runtime_for` finds out in the process that plans the extraction, before any cache key is made, logs
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,22 +54,62 @@ class NetworkId:
 
 
 class CompiledNetwork:
-    """A compiled model and one infer request per calling thread."""
+    """A compiled model run as `streams` independent single-threaded streams; each calling thread gets its own
+    queue of infer requests (one per stream).
+
+    Every output is the same to the bit whatever the streams, threads or batch size (a test checks), so
+    `map` and `__call__` may split and overlap the work freely."""
 
     def __init__(self, compiled: Any, layers: tuple[str, ...], preprocess: Preprocess) -> None:
         self.compiled = compiled
         self.layers = layers
         self.preprocess = preprocess
+        self.streams: int = compiled.get_property("NUM_STREAMS")
         self._local = threading.local()
 
+    def _queue(self) -> Any:
+        import openvino as ov
+
+        queue = getattr(self._local, "queue", None)
+        if queue is None:
+            queue = self._local.queue = ov.AsyncInferQueue(self.compiled, self.streams)
+        return queue
+
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """uint8 NHWC batches -> pooled float32 features per layer, one dict per batch in order. Up to `streams`
+        batches run at once, asynchronously: the caller prepares the next batch (and OpenVINO releases the
+        GIL) while the network runs, and blocks only when every stream is busy."""
+        queue = self._queue()
+        done: dict[int, dict[str, np.ndarray]] = {}
+        running: dict[int, np.ndarray] = {}  # inputs shared with OpenVINO, kept alive until their request ends
+
+        def finished(request: Any, index: int) -> None:
+            done[index] = {layer: np.array(request.get_output_tensor(i).data, dtype=np.float32)
+                           for i, layer in enumerate(self.layers)}
+            running.pop(index, None)
+
+        queue.set_callback(finished)
+        submitted = ready = 0
+        try:
+            for batch in batches:
+                running[submitted] = np.ascontiguousarray(batch)
+                queue.start_async({0: running[submitted]}, submitted, share_inputs=True)
+                submitted += 1
+                while ready in done:
+                    yield done.pop(ready)
+                    ready += 1
+        finally:  # no request of this call may outlive it (a later call's callback would see its indices)
+            queue.wait_all()
+        while ready in done:
+            yield done.pop(ready)
+            ready += 1
+        if ready != submitted:
+            raise RuntimeError(f"OpenVINO answered {ready} of {submitted} batches")
+
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """A uint8 NHWC batch -> pooled float32 features per layer."""
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        request.infer({0: np.ascontiguousarray(images)})
-        return {layer: np.array(request.get_output_tensor(i).data, dtype=np.float32)
-                for i, layer in enumerate(self.layers)}
+        """A uint8 NHWC batch -> pooled float32 features per layer, split across the streams."""
+        parts = list(self.map(np.array_split(images, min(self.streams, len(images)))))
+        return {layer: np.concatenate([part[layer] for part in parts]) for layer in self.layers}
 
 
 _COMPILED: dict[NetworkId, CompiledNetwork] = {}
@@ -105,9 +149,10 @@ def _convert(key: NetworkId) -> CompiledNetwork:
     finally:  # a failed conversion leaves the root logger at ERROR (OpenVINO 2026.4), hiding every warning
         logging.root.setLevel(root_level)
     # torch's thread count: every core in a plain process, one in a Dask nanny's worker (OMP_NUM_THREADS=1)
+    threads = torch.get_num_threads()
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": HINTS[key.precision],
-                                                      "PERFORMANCE_HINT": "LATENCY",
-                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+                                                      "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads,
+                                                      "INFERENCE_NUM_THREADS": threads})
     network = CompiledNetwork(compiled, key.layers, pre)
     network(np.zeros((1, pre.crop, pre.crop, 3), dtype=np.uint8))  # an operation that fails only when run
     return network
