@@ -209,8 +209,9 @@ class Found:
 
 
 def _stream(scan: Scan, done: list[PredictedIds], known: dict[str, dict]) -> Found:
-    """Stream `scan`, testing each block's ids against what every head has predicted; only the paths of
-    content some head lacks are kept, the first path of each content (which predicts) and its copies."""
+    """Stream `scan`, testing each block's ids against what earlier runs of every head predicted; only
+    the paths of content some head lacks are kept: the first path of each content (which predicts) and
+    its copies."""
     found = Found()
     for paths, ids in scan:
         found.looked_at.update(path for path in paths if path in known)
@@ -219,7 +220,7 @@ def _stream(scan: Scan, done: list[PredictedIds], known: dict[str, dict]) -> Fou
         block = digests([image_id for _path, image_id in readable])
         lacking = np.zeros(len(readable), dtype=bool)
         for predicted in done:
-            lacking |= ~predicted.contains(block)
+            lacking |= ~predicted.by_earlier_runs(block)
         for k in np.flatnonzero(lacking):
             path, image_id = readable[k]
             if found.first_path.setdefault(image_id, path) != path:
@@ -228,10 +229,10 @@ def _stream(scan: Scan, done: list[PredictedIds], known: dict[str, dict]) -> Fou
 
 
 def _lacking(first_path: dict[str, str], done: PredictedIds) -> list[tuple[str, str]]:
-    """(id, path) of each content in `first_path` that `done` does not hold, in scan order."""
+    """(id, path) of each content in `first_path` that earlier runs did not predict, in scan order."""
     ids = list(first_path)
-    return [(image_id, first_path[image_id]) for image_id, has in zip(ids, done.contains(digests(ids)), strict=True)
-            if not has]
+    predicted = done.by_earlier_runs(digests(ids))
+    return [(image_id, first_path[image_id]) for image_id, has in zip(ids, predicted, strict=True) if not has]
 
 
 def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress: bool, rehash: bool,

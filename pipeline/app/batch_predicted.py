@@ -27,24 +27,20 @@ def digests(ids: list[str]) -> np.ndarray:
 
 
 class PredictedIds:
-    """A set of image ids: sorted digests read from run files, and those added by this run."""
+    """A set of image ids: sorted digests read back from earlier runs' files, and those this run adds."""
 
-    def __init__(self, known: np.ndarray) -> None:
-        self.known = known  # sorted, unique, of `DIGEST`
+    def __init__(self, earlier: np.ndarray) -> None:
+        self.earlier = earlier  # sorted, unique, of `DIGEST`
         self.added: set[str] = set()
 
-    def contains(self, ids: np.ndarray) -> np.ndarray:
-        """For each of `ids` (digests), whether it is in the set (as a boolean array)."""
-        found = np.zeros(len(ids), dtype=bool)
-        if len(self.known):
-            places = np.minimum(np.searchsorted(self.known, ids), len(self.known) - 1)
-            found = self.known[places] == ids
-        if self.added:
-            found |= np.isin(ids, digests(sorted(self.added)))
-        return found
+    def by_earlier_runs(self, ids: np.ndarray) -> np.ndarray:
+        """For each of `ids` (digests), whether an earlier run predicted it (a boolean array)."""
+        if not len(self.earlier):
+            return np.zeros(len(ids), dtype=bool)
+        return self.earlier[np.minimum(np.searchsorted(self.earlier, ids), len(self.earlier) - 1)] == ids
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self.added or bool(self.contains(digests([image_id]))[0])
+        return image_id in self.added or bool(self.by_earlier_runs(digests([image_id]))[0])
 
     def add(self, image_id: str) -> None:
         self.added.add(image_id)
