@@ -28,7 +28,8 @@ from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
 from pipeline.app.batch_heads import Head, HeadUnusable, load_head, open_heads
-from pipeline.app.batch_scan import identify
+from pipeline.app.batch_predicted import PredictedIds, digests, predicted_ids
+from pipeline.app.batch_scan import Scan
 from pipeline.app.batch_state import (
     SKIP_RECORD,
     BatchLogEntry,
@@ -40,7 +41,6 @@ from pipeline.app.batch_state import (
     known_skips,
     new_run_id,
     now,
-    predicted_ids,
     record_skips,
     recover,
     still_broken,
@@ -153,7 +153,7 @@ class HeadRun:
 
 # --------------------------------------------------------------------------- the run
 
-def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], config: BatchConfig, run_id: str,
+def _predict_head(head: Head, pending: list[tuple[str, str]], done: PredictedIds, config: BatchConfig, run_id: str,
                   bar: tqdm) -> HeadRun:
     """Stream one head's pending images chunk by chunk into `OUTPUT/<head>/run-<run_id>.csv`, committed
     atomically once complete; memory holds one chunk's features at a time. Rows are checked against
@@ -198,28 +198,61 @@ def _predict_head(head: Head, pending: list[tuple[str, str]], done: set[str], co
     return result
 
 
+@dataclass
+class Found:
+    """What a batch run keeps of its scan: nothing per file that every head has predicted already."""
+
+    first_path: dict[str, str] = field(default_factory=dict)  # content id some head lacks -> its first path
+    later_copies: dict[str, list[Path]] = field(default_factory=dict)  # that first path -> its copies
+    unreadable: list[str] = field(default_factory=list)
+    looked_at: set[str] = field(default_factory=set)  # paths of the skip record that the scan met
+
+
+def _stream(scan: Scan, done: list[PredictedIds], known: dict[str, dict]) -> Found:
+    """Stream `scan`, testing each block's ids against what earlier runs of every head predicted; only
+    the paths of content some head lacks are kept: the first path of each content (which predicts) and
+    its copies."""
+    found = Found()
+    for paths, ids in scan:
+        found.looked_at.update(path for path in paths if path in known)
+        readable = [(path, image_id) for path, image_id in zip(paths, ids, strict=True) if image_id is not None]
+        found.unreadable += [path for path, image_id in zip(paths, ids, strict=True) if image_id is None]
+        block = digests([image_id for _path, image_id in readable])
+        lacking = np.zeros(len(readable), dtype=bool)
+        for predicted in done:
+            lacking |= ~predicted.by_earlier_runs(block)
+        for k in np.flatnonzero(lacking):
+            path, image_id = readable[k]
+            if found.first_path.setdefault(image_id, path) != path:
+                found.later_copies.setdefault(found.first_path[image_id], []).append(Path(path))
+    return found
+
+
+def _lacking(first_path: dict[str, str], done: PredictedIds) -> list[tuple[str, str]]:
+    """(id, path) of each content in `first_path` that earlier runs did not predict, in scan order."""
+    ids = list(first_path)
+    predicted = done.by_earlier_runs(digests(ids))
+    return [(image_id, first_path[image_id]) for image_id, has in zip(ids, predicted, strict=True) if not has]
+
+
 def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress: bool, rehash: bool,
           trust_pickle: bool, on_scan: Callable[[int, bool], None] | None) -> tuple[dict[str, str], set[str]]:
     """Fills `entry` as it goes, so a run that fails midway logs what it saw, skipped and left undone;
-    returns every skipped file with its reason, and every path looked at. A head not loaded yet is
-    loaded once it has images to predict, before the first prediction (`HeadUnusable` if it cannot be)."""
-    found = identify(config.inputs, config.features.cache_dir, rehash, on_scan)
-    skipped = found.skipped
-    scanned = set(found.paths) | set(skipped)
-    entry.seen = len(found.paths) + len(skipped)
-    entry.opened = found.opened
-    skipped.update((path, "unreadable file") for path, i in zip(found.paths, found.ids, strict=True) if i is None)
-    entry.skipped, entry.skipped_files = _skips(skipped)
-    first_path: dict[str, str] = {}  # content id -> the first path with that content, which predicts
-    later_copies: dict[str, list[Path]] = {}  # that first path -> the other paths with its content
-    for path, image_id in zip(found.paths, found.ids, strict=True):
-        if image_id is not None and first_path.setdefault(image_id, path) != path:
-            later_copies.setdefault(first_path[image_id], []).append(Path(path))
-    del found
+    returns every skipped file with its reason, and every path of the skip record that it looked at. A
+    head not loaded yet is loaded once it has images to predict, before the first prediction
+    (`HeadUnusable` if it cannot be)."""
     done = {head.name: predicted_ids(config.output_dir / head.name, head.sha256) for head in heads}
-    pending = {head.name: [(i, p) for i, p in first_path.items() if i not in done[head.name]] for head in heads}
     # A file an earlier run reported as broken, unchanged since, is tried again but is not news.
     known = known_skips(config.output_dir)
+    scan = Scan(config.inputs, config.features.cache_dir, rehash, on_scan)
+    found = _stream(scan, list(done.values()), known)
+    skipped = scan.skipped
+    entry.seen = scan.files + len(skipped)
+    entry.opened = scan.opened
+    found.looked_at.update(skipped)
+    skipped.update((path, "unreadable file") for path in found.unreadable)
+    entry.skipped, entry.skipped_files = _skips(skipped)
+    pending = {head.name: _lacking(found.first_path, done[head.name]) for head in heads}
     entry.new = len({path for paths in pending.values() for _i, path in paths if not still_broken(known, path)})
     entry.failed = len({path for paths in pending.values() for _i, path in paths})
     for head in heads:
@@ -237,9 +270,9 @@ def _work(config: BatchConfig, heads: list[Head], entry: BatchLogEntry, progress
             entry.computed += result.computed
             entry.failed = len({path for later in heads[i + 1:] for _i, path in pending[later.name]})
             skipped.update(result.skipped)
-            skipped.update(_skipped_copies(result.skipped, later_copies))
+            skipped.update(_skipped_copies(result.skipped, found.later_copies))
             entry.skipped, entry.skipped_files = _skips(skipped)
-    return skipped, scanned
+    return skipped, found.looked_at
 
 
 def _skipped_copies(skipped: dict[str, str], later_copies: dict[str, list[Path]]) -> dict[str, str]:
@@ -280,8 +313,8 @@ def run_batch(config_path: str | os.PathLike | BatchConfig, scheduler: str | Non
         entry = BatchLogEntry.begin(new_run_id(), {h.name: HeadLog(file=None, sha256=h.sha256, rows=0) for h in heads})
         entry.scheduler = config.features.scheduler
         try:
-            skipped, scanned = _work(config, heads, entry, progress, rehash, trust_pickle, on_scan)
-            new = record_skips(config.output_dir, skipped, scanned, os.path.abspath(config.path))
+            skipped, looked_at = _work(config, heads, entry, progress, rehash, trust_pickle, on_scan)
+            new = record_skips(config.output_dir, skipped, looked_at, os.path.abspath(config.path))
             entry.new_skipped, entry.new_skipped_files = _skips({path: skipped[path] for path in new})
             entry.status, entry.exit_code = ("partial", EXIT_PARTIAL) if entry.new_skipped else ("ok", EXIT_OK)
         except HeadUnusable:  # a config error, found late: nothing was predicted, and nothing is logged

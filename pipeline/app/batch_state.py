@@ -75,16 +75,6 @@ def run_files(output_dir: Path) -> list[Path]:
     return sorted(output_dir.glob("*/run-*.csv"))
 
 
-def predicted_ids(folder: Path, sha256: str) -> set[str]:
-    """Image ids whose latest prediction under this head name came from this exact file. Run files sort
-    by time, so a head refitted and then put back predicts again what the other version predicted."""
-    latest: dict[str, str | None] = {}
-    for path in sorted(folder.glob("run-*.csv")):
-        with open(path, newline="") as fh:
-            latest.update((row["image_id"], row.get("head_sha256")) for row in csv.DictReader(fh))
-    return {image_id for image_id, sha in latest.items() if sha == sha256}
-
-
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
@@ -232,21 +222,22 @@ def _state(state: object) -> object:
     return {k: v for k, v in state.items() if k != "config"} if isinstance(state, dict) else state
 
 
-def record_skips(output_dir: Path, skipped: dict[str, str], scanned: set[str], config: str) -> list[str]:
+def record_skips(output_dir: Path, skipped: dict[str, str], looked_at: set[str], config: str) -> list[str]:
     """Merge this run's skips into OUTPUT/skipped.json and return those no earlier run reported. A file
     that stays broken would otherwise make every scheduled run exit 3 forever; it is reported once, and
     again only if it changes (size or mtime) or fails for another reason. Each entry names the config
     (its absolute path) whose run recorded it. Entries this run did not look at leave when that config
     was this one (the path is no longer in any of its inputs) or when the file was deleted; those of
-    another config sharing the folder stay; those it read fine leave."""
+    another config sharing the folder stay; those it read fine leave. `looked_at`: the paths this run
+    found in its inputs, or at least those of them that the record holds."""
     record = output_dir / SKIP_RECORD
     known = known_skips(output_dir)
     current = {os.path.abspath(path): {"reason": reason, "file": _file_state(path), "config": config}
                for path, reason in skipped.items()}
     new = [path for path in skipped
            if _state(known.get(os.path.abspath(path))) != _state(current[os.path.abspath(path)])]
-    looked_at = {os.path.abspath(path) for path in scanned}
-    kept = {path: state for path, state in known.items() if path not in looked_at and not _deleted(state, path)
+    met = {os.path.abspath(path) for path in looked_at}
+    kept = {path: state for path, state in known.items() if path not in met and not _deleted(state, path)
             and not (isinstance(state, dict) and state.get("config") == config)}
     merged = kept | current
     if merged != known:
