@@ -56,6 +56,11 @@ def _checksum(folder: bytes, name: bytes, stat: FileStat, image_id: str) -> int:
     return zlib.crc32(b"\0".join([folder, name, _STAT.pack(*stat), image_id.encode()]))
 
 
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds the lock for now."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (5, 6)
+
+
 def _encoded(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape")  # os.fsencode, faster
 
@@ -113,7 +118,9 @@ class StatMemo:
         before: a note, not a warning (the run's `files read` says it), and the file is left as it is."""
         if self.path is None:
             return None
-        for attempt in range(2):
+        damaged = False
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
             try:
                 db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
             except sqlite3.Error as exc:
@@ -131,15 +138,20 @@ class StatMemo:
                 return db
             except sqlite3.DatabaseError as exc:
                 db.close()
+                if _busy(exc) and time.monotonic() < deadline:
+                    # another process is creating the memo or switching it to WAL: SQLite reports some of those
+                    # lock conflicts at once, without waiting out the busy timeout
+                    time.sleep(0.05)
+                    continue
                 if isinstance(exc, sqlite3.OperationalError):  # read-only, a full disk, busy: not damage, kept
                     logger.info(f"no stat memo ({self.path}: {first_line(exc)}); every file is read")
                     return None
-                if attempt:
+                if damaged:
                     logger.warning(f"warning: no stat memo ({self.path}: {first_line(exc)}); every file is read")
                     return None
                 logger.warning(f"warning: the stat memo {self.path} is damaged ({first_line(exc)}); rebuilt")
                 self.delete()
-        return None
+                damaged = True
 
     def delete(self) -> None:
         """Remove the memo's files (it is rebuilt as files are hashed)."""
