@@ -39,6 +39,12 @@ def heads(tmp_path_factory):
     return root
 
 
+def _place_head(heads: Path, name: str, head: Path) -> None:
+    """Copy the saved head `name` (and its .sha256 sidecar) to `head`, replacing what is there."""
+    for suffix in ("", ".sha256"):
+        shutil.copy(heads / f"{name}{suffix}", f"{head}{suffix}")
+
+
 def _config(tmp_path: Path, inputs, heads: dict, name="batch", **features) -> Path:
     out = tmp_path / name
     config = {"inputs": [str(p) for p in inputs], "heads": {k: str(v) for k, v in heads.items()},
@@ -87,8 +93,7 @@ def test_unchanged_rerun_computes_nothing_and_appends_nothing(tmp_path, heads):
 def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp_path, heads):
     data = make_folder(tmp_path / "incoming", classes=2, per_class=4, start_seed=600)
     head = tmp_path / "model.skops"
-    for suffix in ("", ".sha256"):
-        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    _place_head(heads, "lr.skops", head)
     config = _config(tmp_path, [data], {"lr": head})
     run_batch(config, progress=False)
     added = make_folder(data / "day2", classes=1, per_class=3, start_seed=700)
@@ -100,13 +105,11 @@ def test_added_files_are_processed_exactly_and_a_changed_head_predicts_again(tmp
     assert sorted(r["path"] for r in new_rows) == sorted(str(p) for p in (added / "class0").iterdir())
     assert len(_by_image(_rows(tmp_path / "batch"))) == 11
 
-    for suffix in ("", ".sha256"):  # the head file is replaced: every image is predicted again
-        shutil.copy(heads / f"knn.skops{suffix}", f"{head}{suffix}")
+    _place_head(heads, "knn.skops", head)  # the head file is replaced: every image is predicted again
     third = run_batch(config, progress=False)
     assert (third.new, third.predicted) == (11, 11)
     assert third.heads["lr"].sha256 != second.heads["lr"].sha256
-    for suffix in ("", ".sha256"):  # put back: the latest rows came from the other file, so again
-        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    _place_head(heads, "lr.skops", head)  # put back: the latest rows came from the other file, so again
     assert run_batch(config, progress=False).predicted == 11
     assert run_batch(config, progress=False).predicted == 0
 

@@ -31,7 +31,7 @@ from pipeline.images.statmemo import MEMO_NAME, StatMemo
 
 from . import test_batch, test_hostile_disk
 from .conftest import TINY, make_folder
-from .test_batch import _config
+from .test_batch import _config, _place_head
 
 heads = test_batch.heads  # the fixture of tests/test_batch.py: two heads fitted with the tiny backbone
 tiny_disk = test_hostile_disk.tiny_disk  # a real 200 KB tmpfs
@@ -173,8 +173,7 @@ def _rerun(config: Path) -> dict:
 def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path, heads):
     data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=800))
     head = tmp_path / "model.skops"
-    for suffix in ("", ".sha256"):
-        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    _place_head(heads, "lr.skops", head)
     config = _config(tmp_path, [data], {"lr": head})
     assert run_batch(config, progress=False).predicted == 3
     record = tmp_path / "batch" / "predictions" / CHECKED_HEADS
@@ -184,8 +183,7 @@ def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path,
     assert _rerun(config) == {"code": 0, "imported": ["torch", "sklearn", "skops"]}
     assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
 
-    for suffix in ("", ".sha256"):  # another head under the same name: loaded before the run, predicts all
-        shutil.copy(heads / f"knn.skops{suffix}", f"{head}{suffix}")
+    _place_head(heads, "knn.skops", head)  # another head under the same name: loaded before the run, predicts all
     assert _rerun(config) == {"code": 0, "imported": ["torch", "sklearn", "skops"]}
     assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
     log = tmp_path / "batch" / "runs.jsonl"
@@ -199,8 +197,7 @@ def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path,
 def test_a_head_checked_earlier_is_loaded_when_it_has_work_and_fails_then_if_unusable(tmp_path, heads):
     data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=810))
     head = tmp_path / "model.skops"
-    for suffix in ("", ".sha256"):
-        shutil.copy(heads / f"lr.skops{suffix}", f"{head}{suffix}")
+    _place_head(heads, "lr.skops", head)
     config = _config(tmp_path, [data], {"lr": head})
     assert run_batch(config, progress=False).predicted == 2
     Path(f"{head}.sha256").write_text("0" * 64)  # the head's own bytes are as the record says, its check fails
