@@ -112,9 +112,11 @@ def test_the_compiled_network_is_made_once_per_process(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_features_are_the_same_to_the_bit_however_the_batches_are_split_across_streams(precision):
-    """`extract` runs whole batches on parallel streams (`map`), the server splits a batch across them
-    (`__call__`): every row is the same to the bit as the image alone, so the cache key need not say how."""
-    images = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    """`extract` runs batches on parallel streams as requests of at most REQUEST_IMAGES images (`map`), the
+    server splits a batch across them (`__call__`): every row is the same to the bit as the image alone, so
+    the cache key need not say how."""
+    assert openvino_runtime.REQUEST_IMAGES < 18  # the last batch below runs as several requests
+    images = np.random.default_rng(0).integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)
     layers = ("stage1", "head")
     sha = file_sha256(resolve_weights(get_spec(TINY)))
     network = openvino_runtime.compiled_network(openvino_runtime.NetworkId(TINY, None, sha, layers, precision))
@@ -122,7 +124,7 @@ def test_features_are_the_same_to_the_bit_however_the_batches_are_split_across_s
     alone = [network(images[i:i + 1]) for i in range(len(images))]
     whole = network(images)
     mapped = list(network.map([images[:4], images[4:5], images[5:]]))
-    assert len(mapped) == 3
+    assert [len(rows["head"]) for rows in mapped] == [4, 1, 18]
     for layer in layers:
         one_by_one = np.concatenate([rows[layer] for rows in alone])
         assert one_by_one.dtype == np.float32 and one_by_one.shape[0] == len(images)

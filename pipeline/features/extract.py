@@ -154,11 +154,13 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
 
         return gpu.run_shard(job, on_progress)
     embed_batches: Callable[[Iterable[np.ndarray]], Iterable[dict[str, np.ndarray]]]
+    batch_size = job.batch_size
     if job.runtime == "openvino":  # batches run asynchronously, overlapping the decoding of the next ones
-        from pipeline.features.openvino_runtime import network_for
+        from pipeline.features.openvino_runtime import REQUEST_IMAGES, network_for
 
         compiled = network_for(job)
         embed_batches, pre = compiled.map, compiled.preprocess
+        batch_size = min(batch_size, REQUEST_IMAGES)  # a request starts as soon as its images are decoded
     else:
         network, pre = _network(job)
         embed_batches = functools.partial(map, functools.partial(forward, network, pre, device=job.device,
@@ -178,7 +180,7 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
                 continue
             pending.append(image)
             good_ids.append(image_id)
-            if len(pending) == job.batch_size:
+            if len(pending) == batch_size:
                 yield np.stack(pending)
                 pending.clear()
         if pending:

@@ -7,10 +7,11 @@ convolution. The model is compiled for the CPU with the precision hint of the ru
 where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses) as one
 single-threaded stream per thread torch would use (so a Dask worker started with OMP_NUM_THREADS=1 uses
 one core), and kept for the life of the process: every later shard, and every task of a Dask worker,
-reuses it. Batches run asynchronously, one per stream at a time (`CompiledNetwork.map`): decoding and
-the network overlap, and a stream held up by another thread (a decoding thread, another process) holds
-up only itself, where the threads of one parallel pass all wait for the slowest at every layer. Each
-calling thread gets its own infer requests, so a multi-threaded worker may run several batches at once.
+reuses it. Batches run asynchronously as requests of at most `REQUEST_IMAGES` images, two queued per
+stream (`CompiledNetwork.map`): decoding and the network overlap, and a stream held up by another
+thread (a decoding thread, another process) holds up only itself, where the threads of one parallel
+pass all wait for the slowest at every layer. Each calling thread gets its own infer requests, so a
+multi-threaded worker may run several batches at once.
 
 A backbone that OpenVINO cannot convert or compile (an operation it lacks) is computed by torch:
 `runtime_for` finds out in the process that plans the extraction, before any cache key is made, logs
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HINTS = {"bf16": "bf16", "fp32": "f32"}  # the project's precision -> OpenVINO's INFERENCE_PRECISION_HINT
+# Images per infer request, whatever the batch size asked: small requests keep every stream busy to the end
+# of a shard (a stream left with the last big batch runs it while the others wait) and start the network
+# sooner after decoding begins. benchmarks/openvino_speed.py measured the sizes (RESULTS.md).
+REQUEST_IMAGES = 8
 
 
 @dataclass(frozen=True)
@@ -72,39 +77,50 @@ class CompiledNetwork:
 
         queue = getattr(self._local, "queue", None)
         if queue is None:
-            queue = self._local.queue = ov.AsyncInferQueue(self.compiled, self.streams)
+            # two requests per stream: a stream that finishes one starts the next at once, without waiting
+            # for this process's threads (the GIL) to hand it over
+            queue = self._local.queue = ov.AsyncInferQueue(self.compiled, 2 * self.streams)
         return queue
 
     def map(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """uint8 NHWC batches -> pooled float32 features per layer, one dict per batch in order. Up to `streams`
-        batches run at once, asynchronously: the caller prepares the next batch (and OpenVINO releases the
-        GIL) while the network runs, and blocks only when every stream is busy."""
+        """uint8 NHWC batches -> pooled float32 features per layer, one dict per batch in order. Each batch
+        runs as requests of at most `REQUEST_IMAGES` images, two queued per stream, asynchronously: the
+        caller prepares the next batch (and OpenVINO releases the GIL) while the network runs, and blocks
+        only when every request is queued or running."""
         queue = self._queue()
         done: dict[int, dict[str, np.ndarray]] = {}
         running: dict[int, np.ndarray] = {}  # inputs shared with OpenVINO, kept alive until their request ends
+        parts: list[int] = []  # requests per batch, in order
 
         def finished(request: Any, index: int) -> None:
             done[index] = {layer: np.array(request.get_output_tensor(i).data, dtype=np.float32)
                            for i, layer in enumerate(self.layers)}
             running.pop(index, None)
 
+        def answered() -> Iterator[dict[str, np.ndarray]]:
+            nonlocal ready
+            while parts and all(ready + k in done for k in range(parts[0])):
+                pieces = [done.pop(ready + k) for k in range(parts[0])]
+                ready += parts.pop(0)
+                yield pieces[0] if len(pieces) == 1 else {
+                    layer: np.concatenate([piece[layer] for piece in pieces]) for layer in self.layers}
+
         queue.set_callback(finished)
         submitted = ready = 0
         try:
             for batch in batches:
-                running[submitted] = np.ascontiguousarray(batch)
-                queue.start_async({0: running[submitted]}, submitted, share_inputs=True)
-                submitted += 1
-                while ready in done:
-                    yield done.pop(ready)
-                    ready += 1
+                starts = range(0, len(batch), REQUEST_IMAGES)
+                parts.append(len(starts))
+                for start in starts:
+                    running[submitted] = np.ascontiguousarray(batch[start:start + REQUEST_IMAGES])
+                    queue.start_async({0: running[submitted]}, submitted, share_inputs=True)
+                    submitted += 1
+                yield from answered()
         finally:  # no request of this call may outlive it (a later call's callback would see its indices)
             queue.wait_all()
-        while ready in done:
-            yield done.pop(ready)
-            ready += 1
+        yield from answered()
         if ready != submitted:
-            raise RuntimeError(f"OpenVINO answered {ready} of {submitted} batches")
+            raise RuntimeError(f"OpenVINO answered {ready} of {submitted} requests")
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """A uint8 NHWC batch -> pooled float32 features per layer, split across the streams."""
