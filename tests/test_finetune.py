@@ -25,7 +25,7 @@ from pipeline.tuning.finetune import (
     prepare,
     unfrozen_count,
 )
-from pipeline.tuning.training import TrainSettings, train
+from pipeline.tuning.training import TrainResult, TrainSettings, _guard, mcnemar_p, train
 
 from .conftest import TINY, make_folder, stage_run_config
 
@@ -254,7 +254,8 @@ def test_a_run_that_cannot_beat_its_probe_keeps_the_probe_and_says_so(folders, t
     assert all(r["val_accuracy"] <= m["start_val_accuracy"] for r in m["history"])
     assert m["best_val_accuracy"] == m["start_val_accuracy"]
     assert json.loads((tmp_path / "out" / "finetune.json").read_text())["kept"] == "probe"
-    assert "no trained epoch beat the linear probe" in caplog.text and "keeping the probe" in caplog.text
+    assert "no trained epoch beat the starting weights'" in caplog.text and "keeping the probe" in caplog.text
+    assert m["guard"].startswith("no trained epoch beat") and m["guard_p"] is None
     saved = torch.load(result.folder / "weights.pth", weights_only=True)
     parent = load_backbone(TINY).network.state_dict()
     assert all(torch.equal(v, parent[k]) for k, v in saved["state_dict"].items())
@@ -278,13 +279,15 @@ def test_a_run_that_beats_its_probe_keeps_its_best_epoch(tmp_path, monkeypatch, 
     options = FinetuneOptions(data / "train", data / "test", backbone=TINY, unfreeze="all", probe_C=1.0,
                               out=tmp_path / "out", name="tiny_stripes", backbones_dir=tmp_path / "backbones",
                               cache_dir=tmp_path / "cache",
-                              train=TrainSettings(epochs=6, batch_size=8, lr=0.1, patience=6, device="cpu"))
+                              train=TrainSettings(epochs=6, batch_size=8, lr=0.1, patience=6, device="cpu",
+                                                  guard_alpha=1.0))  # 7 held-out images: too few for a test
     with caplog.at_level("INFO", logger="pipeline"):
         result = finetune(options, progress=False)
     m = result.metrics
     assert m["kept"] == "fine-tuned" and m["best_epoch"] >= 1 and "keeping the probe" not in caplog.text
     assert m["best_val_accuracy"] > m["start_val_accuracy"]
     assert m["best_val_accuracy"] == max(r["val_accuracy"] for r in m["history"])
+    assert m["best_epoch"] == m["best_trained_epoch"] and m["guard_p"] < 1 and m["guard"].endswith("<= 1): kept")
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
     parent = load_backbone(TINY).network.state_dict()
     assert not all(torch.equal(v, parent[k]) for k, v in saved.items())
@@ -308,3 +311,38 @@ def test_finetune_prints_a_broken_training_image_and_writes_the_skip_list(tmp_pa
     assert f"skipped {broken}: not an image (unknown format)" in out
     assert f"full list, with reasons: {skipped}" in out
     assert skipped.read_text().splitlines() == ["path,reason", f"{broken},not an image (unknown format)"]
+
+
+def test_mcnemar_p_is_the_exact_one_sided_binomial_tail():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == 1 / 32  # five disagreements, all the trained model's way
+    assert mcnemar_p(0, 5) == 1.0
+    assert mcnemar_p(3, 3) == pytest.approx(42 / 64)  # P(X >= 3), X ~ Binomial(6, 1/2)
+    assert mcnemar_p(10, 2) == pytest.approx(79 / 4096)
+
+
+def _run(history: list[tuple[float, int, int]], start: float = 0.80) -> TrainResult:
+    """A finished run: per epoch (held-out accuracy, images gained, images lost against the start)."""
+    records = [{"val_accuracy": a, "val_gained": g, "val_lost": lost} for a, g, lost in history]
+    best = max(range(len(records)), key=lambda i: (records[i]["val_accuracy"], -i)) + 1
+    return TrainResult(history=records, start_val_accuracy=start, best_trained_epoch=best)
+
+
+@pytest.mark.parametrize(("history", "alpha", "kept"), [
+    ([(0.78, 2, 6), (0.82, 6, 2)], 0.05, 0),  # epoch 2 leads by 4 of 200, p 0.14: the start stays
+    ([(0.78, 2, 6), (0.82, 6, 2)], 1.0, 2),  # level 1: any lead is kept (the guard before)
+    ([(0.85, 12, 2), (0.84, 10, 2)], 0.05, 1),  # a lead of 10 with 2 lost, p 0.006: kept
+    ([(0.80, 4, 4)], 1.0, 0),  # a tie never replaces the start
+])
+def test_the_guard_keeps_an_epoch_only_when_it_beats_the_start_by_more_than_chance(history, alpha, kept):
+    result = _run(history)
+    assert _guard(result, TrainSettings(guard_alpha=alpha)) == kept
+    if result.history[result.best_trained_epoch - 1]["val_accuracy"] > result.start_val_accuracy:
+        best = result.history[result.best_trained_epoch - 1]
+        assert result.guard_p == mcnemar_p(best["val_gained"], best["val_lost"])
+
+
+def test_guard_alpha_outside_zero_to_one_is_refused():
+    for alpha in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="guard-alpha"):
+            TrainSettings(guard_alpha=alpha).check()

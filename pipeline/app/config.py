@@ -24,6 +24,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.schema import (
     Fraction,
+    Level,
     NonNegativeFinite,
     PositiveFinite,
     Section,
@@ -109,6 +110,10 @@ class FinetuneSection(Section):
                                  about="stratified share of the training folder held out to choose what is kept: "
                                        "the best epoch, or the linear probe when no epoch beats it there; 0 for "
                                        "none: train every epoch, keep the last")
+    guard_alpha: Level = option(_FT_TRAIN.guard_alpha, accepts="a number above 0 up to 1",
+                                about="with a held-out part: a trained epoch replaces the starting weights (the "
+                                      "probe) only when it beats them there by more than chance, a one-sided "
+                                      "exact McNemar test at this level; 1: any lead")
     patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
                                    about="with a held-out part: epochs without a better held-out accuracy "
                                          "before stopping (the default equals the default epochs: no early stopping)")

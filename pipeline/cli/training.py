@@ -16,7 +16,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                              label_smoothing=args.label_smoothing, batch_size=args.batch_size, patience=args.patience,
-                             seed=args.seed, device=args.device, precision=args.precision)
+                             seed=args.seed, device=args.device, precision=args.precision, guard_alpha=args.guard_alpha)
     options = FinetuneOptions(args.data, args.test, args.backbone, args.unfreeze, args.lr_decay, args.init,
                               args.train_bn, args.val_fraction, args.probe_c, args.out, args.name, args.backbones_dir,
                               args.cache, args.resume, settings)
@@ -28,12 +28,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = run_finetune(options, progress=not args.quiet, on_epoch=report)
     report_skips(result.skipped, args.skipped)
     m = result.metrics
-    if m["kept"] == "initial":
-        print(f"no epoch beat the starting weights on the held-out part ({m['start_val_accuracy']:.1%}): "
-              "the saved backbone keeps them")
-    elif m["kept"] == "fine-tuned" and m["start_val_accuracy"] is not None:
-        print(f"kept epoch {m['best_epoch']}: held-out accuracy {m['best_val_accuracy']:.1%} against "
-              f"{m['start_val_accuracy']:.1%} for the starting weights ({m['images']['val']} held-out images)")
+    if m["guard"] is not None:
+        kept = {"initial": "the saved backbone keeps the starting weights", "probe": "the probe is kept",
+                "fine-tuned": f"epoch {m['best_epoch']} is kept"}[m["kept"]]
+        print(f"{m['guard']} ({m['images']['val']} held-out images): {kept}")
     if m.get("probe_accuracy") is not None:
         print(f"linear probe alone (the LP-FT starting point): test accuracy {m['probe_accuracy']:.1%}")
     if "accuracy" in m:
@@ -70,8 +68,9 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
                     "linear layer, started from the stage-2 linear probe on cached features (LP-FT). AdamW with "
                     "warm-up and cosine decay, discriminative learning rates, train-only augmentation, BatchNorm "
                     "frozen, a checkpoint each epoch (--resume). Never below its own probe: a stratified part of "
-                    "the training folder (--val-fraction) is held out, and when no epoch beats the probe there "
-                    "the probe is kept (refitted on every training image) and the run says so. The result is "
+                    "the training folder (--val-fraction) is held out, and unless the best epoch beats the probe there "
+                    "by more than chance (--guard-alpha) the probe is kept (refitted on every training image) and "
+                    "the run says so. The result is "
                     "saved as a new backbone that extract, rank and the heads use by its name.")
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")
@@ -90,6 +89,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     setting("probe_C", "--probe-c", type=float, metavar="C")
     setting("train_bn", action="store_true")
     setting("val_fraction", type=float)
+    setting("guard_alpha", type=float, metavar="P")
     setting("patience", type=int)
     setting("batch_size", type=int)
     setting("seed", type=int)

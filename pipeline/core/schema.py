@@ -178,6 +178,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # in [0, 1)
+Level = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # in (0, 1]: a test's level
 
 # A name that becomes a file or folder name.
 SafeName = Annotated[str, Field(pattern=f"^(?:{SAFE_NAME.pattern})$", description=SAFE_NAME_RULE)]

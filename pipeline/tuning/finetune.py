@@ -36,7 +36,7 @@ from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import MANIFEST, BackboneSpec, backbone_dirs, get_spec, list_backbones
 from pipeline.models.weights import load_backbone, resolve_weights, save_backbone
 from pipeline.tuning.options import INITS, FinetuneOptions
-from pipeline.tuning.training import Images, decode_images, predict_logits, square, train
+from pipeline.tuning.training import Images, TrainResult, decode_images, predict_logits, square, train
 
 logger = logging.getLogger(__name__)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -345,14 +345,14 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                    options.resume, fingerprint, on_epoch, progress)
     outcome = kept(options.init, result.best_epoch)
     if outcome == "probe":
-        logger.info(f"no trained epoch beat the linear probe on the held-out part of the training folder "
-                    f"({result.start_val_accuracy:.1%}, {len(p.val_set.labels)} images): keeping the probe "
-                    "(the frozen backbone with the probe, refitted on every training image, as its head)")
+        logger.info(f"{guard_verdict(result, settings.guard_alpha)}: keeping the probe (the frozen backbone with "
+                    "the probe, refitted on every training image, as its head)")
         keep_probe(p, options, progress)
     metrics = {"backbone": p.name, "parent": options.backbone, "classes": p.classes, "kept": outcome,
                "trainable_parameters": sum(t.numel() for g in p.groups for t in g["params"]), "blocks": p.blocks,
                "best_epoch": result.best_epoch, "start_val_accuracy": result.start_val_accuracy,
-               "best_val_accuracy": _best_val(result),
+               "best_val_accuracy": _best_val(result), "best_trained_epoch": result.best_trained_epoch,
+               "guard_p": result.guard_p, "guard": guard_verdict(result, settings.guard_alpha),
                "stopped_early": result.stopped_early,
                "resumed_from_epoch": result.resumed_from, "train_seconds": round(result.seconds, 3),
                "history": result.history, "probe_accuracy": p.probe_accuracy,
@@ -372,6 +372,22 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out / "finetune.json", metrics, default=str)
     return FinetuneResult(p.name, folder, metrics, p.skipped + p.test_skipped)
+
+
+def guard_verdict(result: TrainResult, alpha: float) -> str | None:
+    """Why the run kept what it kept, in a line; None without a held-out part."""
+    if result.start_val_accuracy is None:
+        return None
+    start = f"the starting weights' {result.start_val_accuracy:.1%}"
+    if not result.best_trained_epoch or result.guard_p is None:
+        return f"no trained epoch beat {start} on the held-out part"
+    best = result.history[result.best_trained_epoch - 1]
+    lead = (f"epoch {result.best_trained_epoch} ({best['val_accuracy']:.1%} on the held-out part, "
+            f"{best['val_gained']} images gained and {best['val_lost']} lost against {start}; McNemar p = "
+            f"{result.guard_p:.3f}")
+    if result.best_epoch:
+        return f"{lead} <= {alpha:g}): kept"
+    return f"{lead} > {alpha:g}) does not beat them by more than chance"
 
 
 def _best_val(result) -> float | None:

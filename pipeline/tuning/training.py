@@ -109,22 +109,32 @@ def predict_logits(model: nn.Module, images: Images, pre: Preprocess, settings: 
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)  # per epoch: loss, val accuracy, seconds
-    best_epoch: int = 0
+    best_epoch: int = 0  # the epoch kept; 0: the starting weights
     stopped_early: bool = False
     seconds: float = 0.0
     resumed_from: int = 0  # epochs already done when this process started
     start_val_accuracy: float | None = None  # of the starting weights (epoch 0), with a validation split
+    best_trained_epoch: int = 0  # the trained epoch best on the held-out part, kept or not
+    guard_p: float | None = None  # its one-sided McNemar p-value against the starting weights
 
 
-def _val_accuracy(model: nn.Module, val_set: Images, pre: Preprocess, settings: TrainSettings) -> float:
-    return float((predict_logits(model, val_set, pre, settings).argmax(1) == val_set.labels).mean())
+def _val_correct(model: nn.Module, val_set: Images, pre: Preprocess, settings: TrainSettings) -> np.ndarray:
+    return predict_logits(model, val_set, pre, settings).argmax(1) == val_set.labels
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """One-sided exact McNemar test: the chance of `gained` or more of the `gained + lost` held-out images
+    on which two models disagree going the trained model's way, were neither better (a fair coin)."""
+    n = gained + lost
+    return sum(math.comb(n, k) for k in range(gained, n + 1)) / 2 ** n if n else 1.0
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-CHECKPOINT_FORMAT = 2  # 1 (unmarked): loaded with weights_only=False; 2: tensors and plain values only
+CHECKPOINT_FORMAT = 3  # 1 (unmarked): loaded with weights_only=False; 2: tensors and plain values only;
+# 3: the starting weights and their held-out answers kept beside the best epoch (the guard's test)
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
@@ -191,47 +201,73 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     augment = augmentation(pre.crop)
-    result, best_val, best_state = TrainResult(), -1.0, None
+    result = TrainResult()
+    best_val, best_state = -1.0, None  # the best trained epoch so far, on the held-out part
+    start_state, start_correct = None, None  # the starting weights and which held-out images they get right
     validate = val_set is not None and len(val_set.labels) > 0
     if resume and checkpoint is not None:
         state = _load_checkpoint(checkpoint, fingerprint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        result = TrainResult(state["history"], state["best_epoch"], state["stopped_early"], state["seconds"],
-                             len(state["history"]), state.get("start_val_accuracy"))
-        best_val, best_state = state["best_val"], state["best_state"]
+        result = TrainResult(state["history"], 0, state["stopped_early"], state["seconds"],
+                             len(state["history"]), state["start_val_accuracy"], state["best_trained_epoch"])
+        best_val, best_state, start_state = state["best_val"], state["best_state"], state["start_state"]
+        start_correct = None if state["start_correct"] is None else np.array(state["start_correct"], dtype=bool)
     elif validate:
-        # Epoch 0, the starting weights (with LP-FT: the linear probe), competes for the best epoch, so a
-        # run that only overfits its few images ends where it started instead of below it.
-        result.start_val_accuracy = _val_accuracy(model, val_set, pre, settings)
-        best_val, best_state = result.start_val_accuracy, _copy_state(model)
+        # Epoch 0, the starting weights (with LP-FT: the linear probe), competes with the trained epochs,
+        # so a run that only overfits its few images ends where it started instead of below it.
+        start_correct = _val_correct(model, val_set, pre, settings)
+        result.start_val_accuracy = float(start_correct.mean())
+        start_state = _copy_state(model)
     started = time.perf_counter() - result.seconds
     epoch = len(result.history)
     while epoch < settings.epochs and not result.stopped_early:
         epoch += 1
         record = _epoch(model, optimizer, scheduler, loss_fn, augment, train_set, pre, settings, epoch, progress)
         if validate:
-            record["val_accuracy"] = _val_accuracy(model, val_set, pre, settings)
+            correct = _val_correct(model, val_set, pre, settings)
+            record["val_accuracy"] = float(correct.mean())
+            # held-out images this epoch gets right and the starting weights not, and the other way round
+            record["val_gained"] = int((correct & ~start_correct).sum())
+            record["val_lost"] = int((start_correct & ~correct).sum())
         score = record.get("val_accuracy", float(epoch))  # no validation split: the last epoch is the best
         if score > best_val:
-            best_val, result.best_epoch = score, epoch
+            best_val, result.best_trained_epoch = score, epoch
             best_state = _copy_state(model)
-        result.stopped_early = val_set is not None and epoch - result.best_epoch >= settings.patience
+        leader = result.best_trained_epoch if best_val > (result.start_val_accuracy or -1.0) else 0
+        result.stopped_early = validate and epoch - leader >= settings.patience
         result.history.append(record)
         result.seconds = time.perf_counter() - started
         if checkpoint is not None:
             _save_checkpoint(checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": result.history, "best_epoch": result.best_epoch, "best_val": best_val,
+                "history": result.history, "best_trained_epoch": result.best_trained_epoch, "best_val": best_val,
                 "best_state": best_state, "stopped_early": result.stopped_early, "seconds": result.seconds,
-                "start_val_accuracy": result.start_val_accuracy, "fingerprint": fingerprint})
+                "start_val_accuracy": result.start_val_accuracy, "start_state": start_state,
+                "start_correct": None if start_correct is None else start_correct.tolist(), "fingerprint": fingerprint})
         if on_epoch:
             on_epoch(epoch, record)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    result.best_epoch = _guard(result, settings) if validate else result.best_trained_epoch
+    kept_state = best_state if result.best_epoch else start_state
+    if kept_state is not None:
+        model.load_state_dict(kept_state)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _guard(result: TrainResult, settings: TrainSettings) -> int:
+    """The epoch kept: the trained epoch best on the held-out part when it beats the starting weights there
+    by more than chance (one-sided exact McNemar test at `settings.guard_alpha`), else 0, the starting
+    weights. The best of several epochs on one small held-out part is an estimate biased upwards: a small
+    lead over the starting weights there does not carry over to new images (benchmarks/RESULTS.md)."""
+    if not result.best_trained_epoch:
+        return 0
+    best = result.history[result.best_trained_epoch - 1]
+    if best["val_accuracy"] <= result.start_val_accuracy:
+        return 0
+    result.guard_p = mcnemar_p(best["val_gained"], best["val_lost"])
+    return result.best_trained_epoch if result.guard_p <= settings.guard_alpha else 0
 
 
 def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
