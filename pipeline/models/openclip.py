@@ -7,29 +7,33 @@ path (`pipeline.models.download.fetch`). The curated entries below are registere
 `register_openclip` registers any other (from a plugin, see `pipeline.models.registry`).
 
 Only CLIP models with OpenCLIP's own text transformer and its bundled BPE tokenizer are supported (no
-Hugging Face text towers or tokenizers, which would need downloads of their own). Importing this module
-imports neither torch nor open_clip: the networks are in `pipeline.models.openclip_network`.
+Hugging Face text towers or tokenizers, which would need downloads of their own). Importing this module,
+or making a spec, imports neither torch nor open_clip: the networks are in `pipeline.models.openclip_network`,
+and an architecture's config is read from the JSON file open_clip ships for it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import BackboneError
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.download import RemoteFile, fetch
+from pipeline.models.normalise import OPENAI_MEAN, OPENAI_STD
 from pipeline.models.registry import BackboneSpec, Card, Layer, get_spec, register
 
 if TYPE_CHECKING:
     import numpy as np
 
+_LOCATIONS = ("hf-hub:", "local-dir:")  # names open_clip looks up elsewhere than its own configs
 EMBEDDING = "embedding"  # the layer: projected, L2-normalised image embedding
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.OPENAI_DATASET_MEAN / _STD, without the import
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,7 @@ class ClipModel:
         if isinstance(self.architecture, dict):
             config = self.architecture
         else:
-            import open_clip
-
-            config = open_clip.get_model_config(self.architecture)
+            config = _open_clip_config(self.architecture)
             if config is None:
                 raise BackboneError(f"open_clip_torch has no model config {self.architecture!r}")
         text = config.get("text_cfg", {})
@@ -61,6 +63,22 @@ class ClipModel:
             raise BackboneError(f"CLIP architecture {self.architecture!r} uses a Hugging Face text tower or "
                                 "tokenizer, which this pipeline does not support")
         return config
+
+
+def _open_clip_config(name: str) -> dict | None:
+    """`open_clip.get_model_config(name)`, without importing open_clip (seconds, with torch) while nothing
+    has imported it yet: until then its registry holds exactly the JSON files it ships in `model_configs/`
+    that have embed_dim, vision_cfg and text_cfg, each under its file's stem (open_clip's `factory.py`)."""
+    package = None if "open_clip" in sys.modules or name.startswith(_LOCATIONS) else find_spec("open_clip")
+    if package is None or not package.submodule_search_locations:
+        import open_clip
+
+        return open_clip.get_model_config(name)
+    path = Path(package.submodule_search_locations[0]) / "model_configs" / f"{name}.json"
+    if Path(name).name != name or not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return config if all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")) else None
 
 
 def _hub(repo: str, revision: str, sha256: str, size_mb: int, file_name: str) -> RemoteFile:
