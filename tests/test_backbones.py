@@ -12,11 +12,13 @@ from pipeline.core.errors import BackboneError
 from pipeline.features.extract import forward
 from pipeline.images.preprocess import Preprocess
 from pipeline.models import registry
+from pipeline.models.openclip import CURATED as CLIP_CURATED
 from pipeline.models.openclip import clip_backbones
 from pipeline.models.registry import BACKBONES_ENV, PLUGINS_ENV, get_spec, list_backbones, register
 from pipeline.models.taps import TappedNetwork, tapped
 from pipeline.models.timm_zoo import CURATED
 from pipeline.models.weights import file_sha256, load_backbone
+from pipeline.models.zoo import TORCHVISION
 
 from .conftest import FLOWERS, TINY, TINY_WIDE, needs_flowers
 from .tinynet import PLUGIN as TINY_PLUGIN
@@ -42,6 +44,53 @@ def test_importing_and_listing_the_registry_imports_no_torch_and_builds_nothing(
     env = {**{k: v for k, v in os.environ.items() if k != PLUGINS_ENV}, BACKBONES_ENV: str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [*BUILTIN, "False", "False"]
+
+
+_HEAVY = ("torch", "torchvision", "timm", "open_clip")
+
+
+def test_the_backbones_listing_and_auto_import_no_torch_timm_or_open_clip(tmp_path):
+    """`pipeline backbones` and `backbones: auto` describe every built-in from recorded facts: a fresh
+    process that runs both (and every spec) has imported none of the libraries that build networks."""
+    code = ("import sys\nfrom pipeline.cli.main import main\nfrom pipeline.app.config import auto_candidates\n"
+            "from pipeline.models.registry import get_spec, list_backbones\n"
+            "assert main(['backbones']) == 0\nauto_candidates(None)\n[get_spec(n).layers for n in list_backbones()]\n"
+            f"print('imported:', *[m for m in {_HEAVY!r} if m in sys.modules])")
+    env = {**{k: v for k, v in os.environ.items() if k != PLUGINS_ENV}, BACKBONES_ENV: str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "efficientnet_lite0\n" in out and "dinov2_vits14_reg\n" in out and "block1..12_cls_mean:768" in out
+    assert out.splitlines()[-1] == "imported:"
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_the_recorded_torchvision_facts_are_torchvisions_own(name):
+    """The listing reads a torchvision backbone's weights, file, card and preprocessing from the record;
+    they must be what torchvision states for the model's DEFAULT weights (the preprocessing goes into the
+    cache key; the file name carries the SHA-256 prefix the download is checked against)."""
+    from torchvision import models
+
+    entry, spec = TORCHVISION[name], get_spec(name)
+    weights = models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    assert entry.weights == str(weights) and spec.source == f"torchvision {weights}"
+    assert (entry.url, entry.file_mb) == (weights.url, weights.meta["_file_size"])
+    assert spec.remote.url == weights.url and spec.remote.size == int(weights.meta["_file_size"] * 1e6)
+    meta = weights.meta
+    assert (entry.num_params, entry.top1) == (meta["num_params"], meta["_metrics"]["ImageNet-1K"]["acc@1"])
+    assert spec.preprocess == Preprocess(transform.resize_size[0], transform.crop_size[0], tuple(transform.mean),
+                                         tuple(transform.std), transform.interpolation.value)
+    assert spec.categories == tuple(weights.meta["categories"])
+
+
+def test_clip_configs_are_read_as_open_clip_reads_them_without_importing_it(monkeypatch):
+    import open_clip
+
+    monkeypatch.delitem(sys.modules, "open_clip")  # as in a fresh process: the packaged JSON files are read
+    for model in CLIP_CURATED.values():
+        assert model.config() == open_clip.get_model_config(model.architecture)
+    assert "open_clip" not in sys.modules
+    with pytest.raises(BackboneError, match="has no model config 'ViT-Nope'"):
+        replace(CLIP_CURATED["clip_vit_b16_laion2b"], architecture="ViT-Nope").config()
 
 
 def test_a_registered_factory_runs_on_first_use_only_and_can_be_replaced(monkeypatch):

@@ -23,7 +23,7 @@ from pipeline.models import registry
 from pipeline.models.download import RemoteFile
 from pipeline.models.registry import get_spec
 from pipeline.models.taps import TappedNetwork, tapped
-from pipeline.models.timm_zoo import CURATED, layers_of, timm_spec
+from pipeline.models.timm_zoo import CURATED, layout_of, model_facts, timm_spec
 from pipeline.models.weights import load_backbone, save_backbone
 
 from .conftest import ROOT
@@ -86,7 +86,7 @@ def test_offline_refuses_the_download_with_one_line(served_vit, tiny_folder, cac
 def test_mean_pooling_leaves_out_the_class_and_register_tokens():
     network = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=1,
                                 embed_dim=32, num_heads=2, img_size=28).eval()
-    layers = layers_of(network)
+    layers = layout_of(network).layers()
     assert layers["final_mean"].prefix == 5  # one class token and four registers
     x = torch.rand(2, 3, 28, 28)
     with torch.inference_mode():
@@ -109,6 +109,22 @@ def test_curated_entries_carry_their_card_preprocessing_and_pin():
     assert "stage4" in get_spec("convnext_tiny_22k").layers
     resnet = get_spec("resnet18").remote  # torchvision's own pin: the SHA-256 prefix in the file name
     assert (resnet.file_name, resnet.sha256) == ("resnet18-f37072fd.pth", "f37072fd")
+
+
+@pytest.mark.parametrize("name", CURATED)
+def test_the_recorded_facts_of_a_curated_model_are_timms_own(name):
+    """Listing a curated model reads its recorded pretrained config, tap points and parameter count;
+    they must be what timm states and builds (here on the meta device), or cache keys would drift."""
+    entry = CURATED[name]
+    facts = model_facts(entry.model, **({"img_size": entry.img_size} if entry.img_size else {}))
+    assert entry.facts.pretrained == facts.pretrained
+    assert entry.facts.layout == facts.layout
+    assert entry.facts.params == facts.params
+    spec = get_spec(name)  # made from the recorded facts, as the timm.NAME family makes it from the network
+    fresh = timm_spec(name, entry.model, revision=entry.revision, size=entry.size, img_size=entry.img_size,
+                      crop_pct=entry.crop_pct)
+    assert (spec.preprocess, spec.layers, spec.remote) == (fresh.preprocess, fresh.layers, fresh.remote)
+    assert spec.card.params_m == fresh.card.params_m and spec.card.licence == fresh.card.licence
 
 
 def test_any_timm_model_by_name():

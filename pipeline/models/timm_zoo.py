@@ -275,11 +275,11 @@ def timm_spec(name: str, model: str, *, remote: RemoteFile | None = None, revisi
         load_network=partial(_load, model, kwargs))
 
 
-def curated_spec(name: str, entry: ZooEntry, *, recorded: bool = True) -> BackboneSpec:
-    """A curated entry's spec, from its recorded facts (`recorded=False`: from the network, for tests)."""
+def curated_spec(name: str, entry: ZooEntry) -> BackboneSpec:
+    """A curated entry's spec, from its recorded facts: timm is imported only to build the network."""
     return timm_spec(name, entry.model, revision=entry.revision, size=entry.size, published=entry.published,
                      citation=entry.citation, img_size=entry.img_size, crop_pct=entry.crop_pct,
-                     note=f"; {_DINOV2_EVAL}" if entry.img_size else "", facts=entry.facts if recorded else None)
+                     note=f"; {_DINOV2_EVAL}" if entry.img_size else "", facts=entry.facts)
 
 
 def family_spec(name: str) -> BackboneSpec:
