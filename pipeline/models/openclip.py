@@ -74,8 +74,10 @@ def _open_clip_config(name: str) -> dict | None:
         import open_clip
 
         return open_clip.get_model_config(name)
+    if Path(name).name != name:  # a path is no name of open_clip's registry
+        return None
     path = Path(package.submodule_search_locations[0]) / "model_configs" / f"{name}.json"
-    if Path(name).name != name or not path.is_file():
+    if not path.is_file():
         return None
     config = json.loads(path.read_text(encoding="utf-8"))
     return config if all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")) else None

@@ -3,10 +3,10 @@
 Each curated entry names a timm model and its pretrained tag; its input size, mean, std, interpolation and
 crop are those of that model's `pretrained_cfg` (DINOv2 alone is overridden: see `ZooEntry.img_size`), its
 layers and parameter count those of the network itself, and its weights file is on the Hugging Face hub,
-reached through `pipeline.models.download` (on disk, or a checked download). A curated entry records those
-facts (`Pretrained`, `Layout`, `params`; tests/test_zoo.py checks them against timm), so that listing and
-describing it imports neither torch nor timm, as timm's own registry describes models without building
-them. A `timm.NAME` model reads them from the network, built on the meta device (no memory, no weights). Weights
+reached through `pipeline.models.download` (on disk, or a checked download). A curated entry records
+those facts (`ModelFacts`; tests/test_zoo.py checks them against timm), so that listing and describing it
+imports neither torch nor timm, as timm's own registry describes models without building them. A
+`timm.NAME` model reads them from its network, built on the meta device (no memory, no weights). Weights
 are loaded by timm from that local file (safetensors, or torch.load with weights_only=True), which also
 adapts them to the chosen input size; timm never downloads anything itself here.
 
@@ -45,7 +45,6 @@ NO_LICENCE = "see the model card"
 SOURCE_URL = "https://huggingface.co/{repo}/resolve/{revision}/{file}"
 
 
-
 @dataclass(frozen=True)
 class Pretrained:
     """What the registry reads from a timm model's `pretrained_cfg`, with timm's defaults filled in."""
@@ -56,9 +55,9 @@ class Pretrained:
     crop_pct: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    interpolation: str = "bicubic"
+    interpolation: str
+    license: str
     crop_mode: str = "center"
-    license: str = NO_LICENCE
     hf_hub_filename: str = HUB_FILE
 
     @classmethod
@@ -131,10 +130,12 @@ class ZooEntry:
 _DINOV2_EVAL = ("DINOv2's own linear evaluation runs at 224 px (resize 256, centre crop 224; "
                 "facebookresearch/dinov2 data/transforms.py), not the 518 px of its pretraining config")
 
+
 def _pretrained(model: str, size: int, crop_pct: float, mean: tuple[float, ...], std: tuple[float, ...],
-         license: str = "apache-2.0") -> Pretrained:
+                license: str = "apache-2.0") -> Pretrained:
     """A curated model's pretrained config: bicubic, centre crop, weights in timm's hub repo of that name."""
-    return Pretrained(model.partition(".")[0], f"timm/{model}", (3, size, size), crop_pct, mean, std, license=license)
+    return Pretrained(model.partition(".")[0], f"timm/{model}", (3, size, size), crop_pct, mean, std, "bicubic",
+                      license)
 
 
 CURATED: dict[str, ZooEntry] = {

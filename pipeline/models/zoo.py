@@ -30,12 +30,11 @@ LITE_TOP1 = {0: 75.1, 1: 76.7, 2: 77.6}  # the TF lite README's float figures
 LITE_PARAMS_M = {0: 4.7, 1: 5.4, 2: 6.1}
 
 
-
 @dataclass(frozen=True)
 class TorchvisionEntry:
     """A torchvision model's DEFAULT weights as torchvision describes them (`weights.meta`, `weights.transforms()`),
-    recorded so that listing them imports neither torch nor torchvision (tests/test_zoo.py checks them
-    against torchvision), with our tap points as {layer: (module, dim)} and the default layer."""
+    recorded so that listing them imports neither torch nor torchvision (tests/test_backbones.py checks
+    them against torchvision), with our tap points as {layer: (module, dim)} and the default layer."""
 
     weights: str  # the weights enum member, e.g. "ResNet18_Weights.IMAGENET1K_V1"
     url: str
