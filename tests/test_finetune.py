@@ -346,3 +346,16 @@ def test_guard_alpha_outside_zero_to_one_is_refused():
     for alpha in (0.0, 1.5):
         with pytest.raises(ConfigError, match="guard-alpha"):
             TrainSettings(guard_alpha=alpha).check()
+
+
+def test_the_figure_says_why_a_better_held_out_epoch_was_not_kept(tmp_path):
+    from pipeline.reporting.figures import finetune_figure
+
+    history = [{"epoch": e, "loss": 1.0 / e, "val_accuracy": 0.80 + 0.01 * e, "val_gained": 8, "val_lost": 3}
+               for e in range(1, 5)]
+    metrics = {"history": history, "backbone": "tiny_ft", "kept": "probe", "best_epoch": 0, "best_trained_epoch": 4,
+               "start_val_accuracy": 0.82, "guard_p": 0.113, "guard_alpha": 0.05, "probe_accuracy": 0.8,
+               "accuracy": 0.81}
+    path = finetune_figure(metrics, tmp_path / "finetune.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 600 and image.size[1] > 300

@@ -105,8 +105,8 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
     curve.set_ylabel("training loss (label-smoothed cross-entropy)")
     curve.set_xticks([0, *epochs])
     curve.grid(alpha=0.3)
-    kept = ("the linear probe (no epoch beat it on the held-out part)" if metrics.get("kept") == "probe"
-            else f"epoch {metrics['best_epoch']}")
+    kept = ("the linear probe (no epoch beat it by more than chance on the held-out part)"
+            if metrics.get("kept") == "probe" else f"epoch {metrics['best_epoch']}")
     curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: {kept}")
     legend_axis = curve
     if metrics.get("start_val_accuracy") is not None:
@@ -114,6 +114,15 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
         legend_axis.plot([0, *epochs], [metrics["start_val_accuracy"], *[h.get("val_accuracy") for h in history]],
                          "s--", color="#dd8452", label="held-out accuracy (epoch 0: the starting weights)")
         legend_axis.set_ylabel("held-out accuracy (part of the training folder)")
+        best = metrics.get("best_trained_epoch")
+        if metrics.get("guard_p") is not None and best and best != metrics["best_epoch"]:
+            # the guard's reason, where a better held-out score did not replace the probe
+            legend_axis.annotate(f"best epoch: McNemar p = {metrics['guard_p']:.3f}\n> {metrics['guard_alpha']:g},"
+                                 " not kept", (best, history[best - 1]["val_accuracy"]),
+                                 xytext=(-12 if 2 * best > len(epochs) else 12, -45), textcoords="offset points",
+                                 ha="right" if 2 * best > len(epochs) else "left", fontsize=8, color="#a0522d",
+                                 bbox={"boxstyle": "round", "fc": "white", "ec": "#dd8452"},
+                                 arrowprops={"arrowstyle": "->", "color": "#dd8452"})
         legend_axis.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
     handles = [h for ax in dict.fromkeys((curve, legend_axis)) for h in ax.get_legend_handles_labels()[0]]
     legend_axis.legend(handles=handles, loc="best", fontsize=8)
