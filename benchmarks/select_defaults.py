@@ -3,6 +3,7 @@ flowers12, dtd10 and intel6 (no test folder is read).
 
     nice -n 10 python benchmarks/select_defaults.py fusion   [--folds 3] [--cache /work/shared-cache]
     nice -n 10 python benchmarks/select_defaults.py finetune [--folds 3] [--run-folds 1] [--epochs 4]
+                                                             [--candidates LABEL] [--guard-alpha 1]
     nice -n 10 python benchmarks/select_defaults.py refit    [--folds 3]
 
 fusion: stratified K-fold CV of each training folder on cached head-layer features (no forward pass):
@@ -14,6 +15,9 @@ finetune: the same folds, but each candidate is a whole `finetune` run with the 
     of the K (compute: one fold of one set is a few minutes of 2 shared CPU cores per candidate). The
     run also scores the probe refitted on the fold's whole training part: the cheap half of the
     "refit on everything after choosing" question.
+
+    With `--guard-alpha 1` it also prints the fold accuracy each level of the guard's test would give
+    (training does not depend on the level: one run per fold answers for every level).
 
 refit: when the guard keeps the probe, is it better refitted on the whole training part? The same
     folds, Lite0's cached features: the probe (logistic regression, C by CV) fitted on the 80% that
@@ -38,6 +42,7 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.features.extract import extract
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
+from pipeline.tuning.options import GUARD_ALPHA
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -90,9 +95,10 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
     from pipeline.tuning.options import FinetuneOptions, TrainSettings
 
     rows = []
+    candidates = [c for c in FINETUNE if not args.candidates or c[0] in args.candidates]
     # candidate before set: when compute runs out, the candidates done have every set
     for fold in range(args.run_folds):
-        for label, unfreeze, lr in FINETUNE:
+        for label, unfreeze, lr in candidates:
             for name in args.sets:
                 paths, labels, classes = pooled(DATA / name, parts=("train",))
                 split = folds(labels, args.folds)[fold]
@@ -101,13 +107,14 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
                     options = FinetuneOptions(
                         data / "train", data / "test", unfreeze=unfreeze, out=Path(work) / "run", name="cv",
                         backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
-                        train=TrainSettings(epochs=args.epochs, lr=lr, patience=args.epochs))
+                        train=TrainSettings(epochs=args.epochs, lr=lr, patience=args.epochs,
+                                            guard_alpha=args.guard_alpha))
                     m = finetune(options, progress=False).metrics
                     whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
                     refit = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
                 rows.append({"set": name, "fold": fold, "candidate": label, "accuracy": m["accuracy"],
                              "probe_accuracy": m["probe_accuracy"], "probe_refit_accuracy": refit,
-                             "kept": m["kept"], "best_epoch": m["best_epoch"],
+                             "kept": m["kept"], "best_epoch": m["best_epoch"], "guard_p": m["guard_p"],
                              "val": [m["start_val_accuracy"], *[h["val_accuracy"] for h in m["history"]]],
                              "seconds": m["seconds"]})
                 print(f"{name:<10} fold {fold} {label:<14} final {m['accuracy']:.2%} (kept {m['kept']}, epoch "
@@ -115,6 +122,22 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
                       f"({m['seconds']:.0f} s)", flush=True)
                 _save(args, rows)
     return rows
+
+
+def guard_levels(rows: list[dict]) -> None:
+    """From runs made with --guard-alpha 1 (an epoch kept for any held-out lead): what each level of the
+    guard's McNemar test would have scored on the folds. Training does not depend on the level, so a level
+    that rejects a kept epoch ends with the probe refitted on the fold's training part (its fold accuracy
+    on cached features, `probe_refit_accuracy`); the probe's outcome is scored that way for every level."""
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    print(f"\n{'guard level':<14}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
+    for level in (0.01, 0.05, 0.1, 0.2, 0.5, 1.0):
+        means = []
+        for name in sets:
+            scores = [r["accuracy"] if r["kept"] == "fine-tuned" and r["guard_p"] <= level
+                      else r["probe_refit_accuracy"] for r in rows if r["set"] == name]
+            means.append(float(np.mean(scores)))
+        print(f"{level:<14g}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
 
 
 def refit(args: argparse.Namespace) -> list[dict]:
@@ -158,13 +181,19 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=1, help="finetune: run the first R of the K folds")
     parser.add_argument("--epochs", type=int, default=4, help="finetune: epochs of every candidate")
+    parser.add_argument("--candidates", nargs="+", help="finetune: only these candidates (their labels)")
+    parser.add_argument("--guard-alpha", type=float, default=GUARD_ALPHA,
+                        help="finetune: the guard's level; 1 (any lead) also prints what each level would score")
     parser.add_argument("--cache", default="/work/shared-cache")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.part in ("fusion", "refit"):
         table((fusion if args.part == "fusion" else refit)(args), "mean")
     else:
-        table(finetune_cv(args), "accuracy")
+        rows = finetune_cv(args)
+        table(rows, "accuracy")
+        if args.guard_alpha == 1:
+            guard_levels(rows)
 
 
 if __name__ == "__main__":
