@@ -33,7 +33,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 "fine-tuned": f"epoch {m['best_epoch']} is kept"}[m["kept"]]
         print(f"{m['guard']} ({m['images']['val']} held-out images): {kept}")
     if m.get("probe_accuracy") is not None:
-        print(f"linear probe alone (the LP-FT starting point): test accuracy {m['probe_accuracy']:.1%}")
+        start = m.get("start_probe_accuracy")
+        started = "" if start is None or m["images"]["val"] == 0 else (
+            f" (the probe LP-FT started from, fitted on the {m['images']['train']} images it trained on: {start:.1%})")
+        print(f"linear probe alone (logistic regression on every training image): test accuracy "
+              f"{m['probe_accuracy']:.1%}{started}")
     if "accuracy" in m:
         what = "kept the probe" if m["kept"] == "probe" else f"fine-tuned (best epoch {m['best_epoch']})"
         print(f"{what}: test accuracy {m['accuracy']:.1%}, "

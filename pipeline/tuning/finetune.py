@@ -262,7 +262,7 @@ class Prepared:
     test: tuple[Images, Dataset] | None
     skipped: list[tuple[str, str]]  # (path, reason): training files left out, by the scan or the decoding
     probe: object = None  # the fitted stage-2 Pipeline, with init="probe"
-    probe_accuracy: float | None = None
+    probe_accuracy: float | None = None  # the probe's test accuracy; after training, that of every image's probe
     test_skipped: list[tuple[str, str]] = field(default_factory=list)  # the same for the test folder
 
 
@@ -306,14 +306,20 @@ class FinetuneResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training, then test files
 
 
-def keep_probe(p: Prepared, options: FinetuneOptions, progress: bool = True) -> None:
-    """No trained epoch beat the probe on the held-out part: the model is the parent network with the
-    probe as its head. The probe is refitted on every training image (the held-out part too, cheap on
-    cached features) and folded into the classifier; the network keeps the parent's weights."""
+def every_image_probe(p: Prepared, options: FinetuneOptions, progress: bool = True):
+    """The probe fitted on every training image (the held-out part too; cheap, on cached features): stage
+    2's logistic regression on this backbone, the head a user would have without fine-tuning."""
     images = [p.fit_set] + ([p.val_set] if p.val_set is not None else [])
     every = Dataset([path for i in images for path in i.paths], np.concatenate([i.labels for i in images]),
                     p.classes, [])
-    p.probe = fit_probe(every, options.backbone, options, progress)
+    return fit_probe(every, options.backbone, options, progress)
+
+
+def keep_probe(p: Prepared, probe, options: FinetuneOptions) -> None:
+    """No trained epoch beat the probe on the held-out part: the model is the parent network with the
+    probe refitted on every training image as its head (folded into the classifier); the network keeps
+    the parent's weights."""
+    p.probe = probe
     weight, bias = linear_from_probe(p.probe, len(p.classes))
     with torch.no_grad():
         p.model.classifier.weight.copy_(weight.to(p.model.classifier.weight.device))
@@ -344,10 +350,17 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, settings, out / "checkpoint.pt",
                    options.resume, fingerprint, on_epoch, progress)
     outcome = kept(options.init, result.best_epoch)
-    if outcome == "probe":
-        logger.info(f"{guard_verdict(result, settings.guard_alpha)}: keeping the probe (the frozen backbone with "
-                    "the probe, refitted on every training image, as its head)")
-        keep_probe(p, options, progress)
+    start_probe_accuracy = p.probe_accuracy
+    if options.init == "probe":  # the reference: the probe on every training image (kept, when no epoch beats it)
+        probe = p.probe
+        if p.val_set is not None:
+            probe = every_image_probe(p, options, progress)
+            if p.test is not None:
+                p.probe_accuracy = probe_accuracy(probe, p.test[1], options, progress)
+        if outcome == "probe":
+            logger.info(f"{guard_verdict(result, settings.guard_alpha)}: keeping the probe (the frozen backbone "
+                        "with the probe, refitted on every training image, as its head)")
+            keep_probe(p, probe, options)
     metrics = {"backbone": p.name, "parent": options.backbone, "classes": p.classes, "kept": outcome,
                "trainable_parameters": sum(t.numel() for g in p.groups for t in g["params"]), "blocks": p.blocks,
                "best_epoch": result.best_epoch, "start_val_accuracy": result.start_val_accuracy,
@@ -357,6 +370,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                "stopped_early": result.stopped_early,
                "resumed_from_epoch": result.resumed_from, "train_seconds": round(result.seconds, 3),
                "history": result.history, "probe_accuracy": p.probe_accuracy,
+               "start_probe_accuracy": start_probe_accuracy,
                "images": {"train": len(p.fit_set.labels), "val": 0 if p.val_set is None else len(p.val_set.labels),
                           "skipped": len(p.skipped)},
                "options": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
