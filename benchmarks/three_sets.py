@@ -70,9 +70,11 @@ def lpft(name: str, split_count: int, runs: int, cache: str, first: int = 0) -> 
         rows.append({"split": i, **{k: m[k] for k in ("accuracy", "probe_accuracy", "kept", "best_epoch",
                                                       "start_val_accuracy", "best_val_accuracy", "best_trained_epoch",
                                                       "guard_p", "guard", "seconds")},
+                     "start_probe_accuracy": m.get("start_probe_accuracy"),
                      "val": [h["val_accuracy"] for h in m["history"]]})
         print(f"{name:<10} split {i}: LP-FT {m['accuracy']:.2%} (kept {m['kept']}, epoch {m['best_epoch']}), "
-              f"its probe {m['probe_accuracy']:.2%} ({m['seconds']:.0f} s); {m['guard']}", flush=True)
+              f"the probe on every training image {m['probe_accuracy']:.2%} ({m['seconds']:.0f} s); {m['guard']}",
+              flush=True)
     return rows
 
 
