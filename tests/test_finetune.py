@@ -266,8 +266,8 @@ def test_a_run_that_cannot_beat_its_probe_keeps_the_probe_and_says_so(folders, t
     test = extract(folders / "test", TINY, ["head"], folders / "cache", "cpu", "bf16",
                    progress=False).feature_sets[(TINY, "head")]
     probe_on_test = float(np.mean(everything.predict(test.features.compute()) == test.labels))
-    assert m["accuracy"] == pytest.approx(probe_on_test, abs=1 / 6)  # the network's bf16 pass: one image at most
-    assert m["probe_accuracy"] == probe_on_test  # the reference: the probe on every training image, cached features
+    # the reference is the probe on every training image, on cached features; what is kept is that probe, scored so
+    assert m["probe_accuracy"] == probe_on_test and m["accuracy"] == probe_on_test
     assert m["start_probe_accuracy"] is not None  # the probe it started from, on the 9 images it trained on
     monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
     predicted = _predicts_with("tiny_ft", folders / "train", folders / "test", tmp_path)

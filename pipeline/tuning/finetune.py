@@ -376,9 +376,13 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                "options": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
                               if k != "train"}, **asdict(settings)}}
     if p.test is not None:
-        predicted = predict_logits(p.model, p.test[0], p.parent.preprocess, settings).argmax(1)
-        metrics["accuracy"] = float(accuracy_score(p.test[0].labels, predicted))
-        metrics["macro_f1"] = float(f1_score(p.test[0].labels, predicted, average="macro"))
+        if outcome == "probe":  # the parent network with the probe as its head: scored as the probe is
+            labels, predicted = probe_predictions(p.probe, p.test[1], options, progress)
+        else:
+            labels = p.test[0].labels
+            predicted = predict_logits(p.model, p.test[0], p.parent.preprocess, settings).argmax(1)
+        metrics["accuracy"] = float(accuracy_score(labels, predicted))
+        metrics["macro_f1"] = float(f1_score(labels, predicted, average="macro"))
     state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
              "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
     summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch", "kept")}
@@ -412,9 +416,15 @@ def _best_val(result) -> float | None:
     return result.history[result.best_epoch - 1].get("val_accuracy")
 
 
-def probe_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool = True) -> float:
-    """The linear probe alone on the test split (cached features): what fine-tuning has to beat."""
+def probe_predictions(probe, test: Dataset, options: FinetuneOptions,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predicted classes) of the linear probe on the test split's cached features."""
     layer = get_spec(options.backbone).default_layer
     fs = extract(test, options.backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
                  progress=progress).feature_sets[(options.backbone, layer)]
-    return float(accuracy_score(fs.labels, probe.predict(fs.features.compute())))
+    return fs.labels, probe.predict(fs.features.compute())
+
+
+def probe_accuracy(probe, test: Dataset, options: FinetuneOptions, progress: bool = True) -> float:
+    """The linear probe alone on the test split (cached features): what fine-tuning has to beat."""
+    return float(accuracy_score(*probe_predictions(probe, test, options, progress)))
