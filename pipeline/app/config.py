@@ -111,9 +111,10 @@ class FinetuneSection(Section):
                                        "the best epoch, or the linear probe when no epoch beats it there; 0 for "
                                        "none: train every epoch, keep the last")
     guard_alpha: Level = option(_FT_TRAIN.guard_alpha, accepts="a number above 0 up to 1",
-                                about="with a held-out part: a trained epoch replaces the starting weights (the "
-                                      "probe) only when it beats them there by more than chance, a one-sided "
-                                      "exact McNemar test at this level; 1: any lead")
+                                about="with a held-out part: the best trained epoch replaces the starting weights "
+                                      "(the probe) when it beats them there: by any lead at 1 (the default, chosen "
+                                      "by cross-validation), by more than chance at a lower level (a one-sided "
+                                      "exact McNemar test)")
     patience: PositiveInt = option(_FT_TRAIN.patience, accepts="a positive integer",
                                    about="with a held-out part: epochs without a better held-out accuracy "
                                          "before stopping (the default equals the default epochs: no early stopping)")

@@ -73,8 +73,8 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
                     "warm-up and cosine decay, discriminative learning rates, train-only augmentation, BatchNorm "
                     "frozen, a checkpoint each epoch (--resume). Never below its own probe: a stratified part of "
                     "the training folder (--val-fraction) is held out, and unless the best epoch beats the probe there "
-                    "by more than chance (--guard-alpha) the probe is kept (refitted on every training image) and "
-                    "the run says so. The result is "
+                    "(--guard-alpha: by any lead, or by more than chance) the probe is kept (refitted on every "
+                    "training image) and the run says so. The result is "
                     "saved as a new backbone that extract, rank and the heads use by its name.")
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")

@@ -405,7 +405,7 @@ def guard_verdict(result: TrainResult, alpha: float) -> str | None:
             f"{best['val_gained']} images gained and {best['val_lost']} lost against {start}; McNemar p = "
             f"{result.guard_p:.3f}")
     if result.best_epoch:
-        return f"{lead} <= {alpha:g}): kept"
+        return f"{lead}{'' if alpha >= 1 else f' <= {alpha:g}'}): kept"
     return f"{lead} > {alpha:g}) does not beat them by more than chance"
 
 
