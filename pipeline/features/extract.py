@@ -208,17 +208,6 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
     import dask
 
     if scheduler is None:
-        if jobs[0].runtime == "openvino":
-            # Two shards at a time in threads: while one decodes its first images, drains its last requests
-            # or writes its arrays, the other keeps OpenVINO's streams busy (they are shared: one compiled
-            # network per process, each thread with its own requests).
-            lock = threading.Lock()
-
-            def update(count: int) -> None:
-                with lock:
-                    bar.update(count)
-            tasks = [dask.delayed(run_shard, pure=False)(job, update) for job in jobs]
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=2))
         # Dask's local in-process scheduler, one shard at a time: torch already uses every core.
         tasks = [dask.delayed(run_shard, pure=False)(job, bar.update) for job in jobs]
         return list(dask.compute(*tasks, scheduler="sync"))
