@@ -360,3 +360,31 @@ def test_the_figure_says_why_a_better_held_out_epoch_was_not_kept(tmp_path):
     path = finetune_figure(metrics, tmp_path / "finetune.png")
     with Image.open(path) as image:
         assert image.size[0] > 600 and image.size[1] > 300
+
+
+@pytest.mark.parametrize("level", ["1", "0.01"])
+def test_finetune_says_what_the_guard_kept_and_why(tmp_path, capsys, caplog, level):
+    """The stripes run leads its probe on the held-out part by a few of its 7 images: any lead (level 1,
+    the default) keeps the epoch and the CLI prints the evidence; at 0.01 the lead is not enough, and the
+    probe is kept, saying so in the log (and in finetune.json)."""
+    import json
+
+    from pipeline.cli.main import main
+
+    data = tmp_path / "stripes"
+    _stripes(data / "train", 16, 0)
+    _stripes(data / "test", 8, 5000)
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert main(["finetune", "--data", str(data / "train"), "--test", str(data / "test"), "--backbone", TINY,
+                     "--unfreeze", "all", "--probe-c", "1", "--epochs", "6", "--batch-size", "8", "--lr", "0.1",
+                     "--guard-alpha", level, "--device", "cpu", "--out", str(tmp_path / "out"), "--name", "tiny_g",
+                     "--backbones-dir", str(tmp_path / "backbones"), "--cache", str(tmp_path / "cache"),
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert m["guard_alpha"] == float(level) and 0 < m["guard_p"] < 1 and m["best_trained_epoch"] >= 1
+    if level == "1":
+        assert m["kept"] == "fine-tuned" and f"McNemar p = {m['guard_p']:.3f}): kept (7 held-out images)" in out
+    else:
+        assert m["kept"] == "probe" and "does not beat them by more than chance: keeping the probe" in caplog.text
+        assert out.count("McNemar p") == 1  # said once: the log line, not again by the CLI

@@ -28,10 +28,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = run_finetune(options, progress=not args.quiet, on_epoch=report)
     report_skips(result.skipped, args.skipped)
     m = result.metrics
-    if m["guard"] is not None:
-        kept = {"initial": "the saved backbone keeps the starting weights", "probe": "the probe is kept",
-                "fine-tuned": f"epoch {m['best_epoch']} is kept"}[m["kept"]]
-        print(f"{m['guard']} ({m['images']['val']} held-out images): {kept}")
+    if m["guard"] is not None and m["kept"] != "probe":  # keeping the probe is logged where it is decided
+        tail = ": the saved backbone keeps the starting weights" if m["kept"] == "initial" else ""
+        print(f"{m['guard']}{tail} ({m['images']['val']} held-out images)")
     if m.get("probe_accuracy") is not None:
         start = m.get("start_probe_accuracy")
         started = "" if start is None or m["images"]["val"] == 0 else (
