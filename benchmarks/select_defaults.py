@@ -192,7 +192,7 @@ def main() -> None:
     else:
         rows = finetune_cv(args)
         table(rows, "accuracy")
-        if args.guard_alpha == 1:
+        if args.guard_alpha == 1 and len({r["candidate"] for r in rows}) == 1:  # levels of one recipe
             guard_levels(rows)
 
 
