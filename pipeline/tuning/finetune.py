@@ -351,12 +351,14 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                    options.resume, fingerprint, on_epoch, progress)
     outcome = kept(options.init, result.best_epoch)
     start_probe_accuracy = p.probe_accuracy
+    reference = None  # (labels, predicted) of the probe on every training image, on the test split
     if options.init == "probe":  # the reference: the probe on every training image (kept, when no epoch beats it)
         probe = p.probe
         if p.val_set is not None:
             probe = every_image_probe(p, options, progress)
             if p.test is not None:
-                p.probe_accuracy = probe_accuracy(probe, p.test[1], options, progress)
+                reference = probe_predictions(probe, p.test[1], options, progress)
+                p.probe_accuracy = float(accuracy_score(*reference))
         if outcome == "probe":
             logger.info(f"{guard_verdict(result, settings.guard_alpha)}: keeping the probe (the frozen backbone "
                         "with the probe, refitted on every training image, as its head)")
@@ -376,8 +378,8 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                "options": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
                               if k != "train"}, **asdict(settings)}}
     if p.test is not None:
-        if outcome == "probe":  # the parent network with the probe as its head: scored as the probe is
-            labels, predicted = probe_predictions(p.probe, p.test[1], options, progress)
+        if outcome == "probe" and reference is not None:  # the parent network with the reference probe as head
+            labels, predicted = reference
         else:
             labels = p.test[0].labels
             predicted = predict_logits(p.model, p.test[0], p.parent.preprocess, settings).argmax(1)
