@@ -219,3 +219,30 @@ def test_workers_started_with_dask_malloc_trim_get_glibc_thresholds_back():
     worker = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_TRIM_THRESHOLD_": "65536"},
                             capture_output=True, text=True, check=True)
     assert (plain.stdout.strip(), worker.stdout.strip()) == ("False", "True")
+
+
+def test_a_failed_background_commit_stops_the_run_and_keeps_every_other_shard(tiny_folder, cache_dir, monkeypatch):
+    """With the local scheduler a shard is committed on the writer thread while the next one runs: a commit
+    that fails (here the second) ends the run with its error, and every shard committed stays trusted."""
+    from pipeline.core.errors import OutputError
+    from pipeline.features import commit
+
+    calls = []
+
+    class SecondCommitFails(FeatureStore):
+        def write_shard(self, shard, *args, **kwargs):
+            calls.append(shard)
+            if len(calls) == 2:
+                raise OutputError(f"cannot write the feature cache {self.root}: no space left")
+            super().write_shard(shard, *args, **kwargs)
+
+    monkeypatch.setattr(commit, "FeatureStore", SecondCommitFails)
+    with pytest.raises(OutputError, match="no space left"):
+        extract(tiny_folder, TINY, cache_dir=cache_dir, shard_size=2, progress=False)
+    (store,) = FeatureStore.all_in(cache_dir)
+    assert calls[1] not in store.records() and calls[0] in store.records()
+    kept = len(store.records())
+    assert store.verify() == []
+    monkeypatch.undo()
+    report = extract(tiny_folder, TINY, cache_dir=cache_dir, shard_size=2, progress=False)
+    assert (report.computed, report.reused) == (12 - 2 * kept, 2 * kept)

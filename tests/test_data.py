@@ -134,3 +134,29 @@ def test_read_checked_gives_the_bytes_or_decodes_reasons(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     assert read_checked(tmp_path / "empty.png") == "empty file"
     assert read_checked(tmp_path).startswith("unreadable file: ")  # a folder: IsADirectoryError
+
+
+def test_quick_files_are_hashed_in_the_calling_thread_and_slow_ones_in_threads(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from pipeline.images import data
+    from pipeline.images.data import hash_file, hash_files, map_files
+
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * 1000)
+    assert hash_files(paths) == [hash_file(p) for p in paths]
+    monkeypatch.setattr(data, "QUICK_FILE_S", 0.01)  # so that a busy test machine cannot look slow
+    here = threading.current_thread()
+
+    def one(i):
+        if i == 10:
+            time.sleep(0.3)  # a file that waits on a disk
+        return i, threading.current_thread() is here
+
+    assert map_files(one, range(10)) == [(i, True) for i in range(10)]
+    result = map_files(one, range(40))
+    assert [i for i, _ in result] == list(range(40))
+    assert all(in_caller for _, in_caller in result[:11]) and not any(in_caller for _, in_caller in result[11:])

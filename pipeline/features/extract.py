@@ -30,6 +30,7 @@ from pipeline.core.hashing import bytes_sha256
 from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.paths import path_text
 from pipeline.features.cache import CacheKey, FeatureStore
+from pipeline.features.commit import ShardResult, ShardWriter, finish_shard
 from pipeline.features.device import resolve_device, resolve_precision, resolve_runtime
 from pipeline.features.settings import DEFAULTS
 from pipeline.images.data import Dataset, scan
@@ -41,6 +42,7 @@ from pipeline.models.weights import file_sha256, load_backbone, resolve_weights
 
 if TYPE_CHECKING:
     import dask.array as da
+    from dask.delayed import Delayed
 
     from pipeline.models.taps import TappedNetwork
 
@@ -65,12 +67,6 @@ class ShardJob:
     image_ids: tuple[str, ...]
     needed: tuple[frozenset[str], ...]  # per store, the ids of this shard that store still lacks
     runtime: str  # "torch", or "openvino" (features/openvino_runtime.py) on the CPU
-
-
-@dataclass
-class ShardResult:
-    computed: int
-    failed: dict[str, str]  # image id -> why it was skipped
 
 
 _NETWORKS: dict[tuple, tuple[TappedNetwork, Preprocess]] = {}
@@ -147,12 +143,14 @@ def _decode_threads(job: ShardJob) -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -> ShardResult:
-    """Decode (in threads) and embed one shard, then commit it to every layer's store that lacks it."""
+def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None,
+              writer: ShardWriter | None = None) -> ShardResult:
+    """Decode (in threads) and embed one shard, then commit it to every layer's store that lacks it
+    (given `writer`, on its thread: features/commit.py)."""
     if job.device == "cuda":  # batched GPU JPEG decoding and preprocessing: features/gpu.py
         from pipeline.features import gpu
 
-        return gpu.run_shard(job, on_progress)
+        return gpu.run_shard(job, on_progress, writer)
     embed_batches: Callable[[Iterable[np.ndarray]], Iterable[dict[str, np.ndarray]]]
     batch_size = job.batch_size
     if job.runtime == "openvino":  # batches run asynchronously, overlapping the decoding of the next ones
@@ -194,12 +192,16 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None) -
             if on_progress:
                 on_progress(len(feats))
     per_image = (time.perf_counter() - started) / max(len(good_ids), 1)
-    for layer, store, needed in zip(job.layers, job.stores, job.needed, strict=True):
-        rows = [i for i, image_id in enumerate(good_ids) if image_id in needed]
-        if rows:
-            FeatureStore(Path(store)).write_shard(job.shard, [good_ids[i] for i in rows],
-                                                  np.concatenate(chunks[layer])[rows], per_image * len(rows))
-    return ShardResult(len(good_ids), failed)
+    features = {layer: np.concatenate(parts) for layer, parts in chunks.items() if parts}
+    return finish_shard(job, good_ids, failed, features, per_image, writer)
+
+
+def _unscanned(job: ShardJob) -> Delayed:
+    """The job as a Dask argument that Dask does not walk through (its tuples hold every path and id of
+    the shard: walking them cost about 5 ms a shard)."""
+    import dask
+
+    return dask.delayed(job, name=f"job-{job.backbone}-{job.shard}-{id(job)}", traverse=False)
 
 
 def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[ShardResult]:
@@ -208,9 +210,11 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
     import dask
 
     if scheduler is None:
-        # Dask's local in-process scheduler, one shard at a time: torch already uses every core.
-        tasks = [dask.delayed(run_shard, pure=False)(job, bar.update) for job in jobs]
-        return list(dask.compute(*tasks, scheduler="sync"))
+        # Dask's local in-process scheduler, one shard at a time (the network already uses every core),
+        # each committed on the writer's thread while the next one runs
+        with ShardWriter() as writer:
+            tasks = [dask.delayed(run_shard, pure=False)(_unscanned(job), bar.update, writer) for job in jobs]
+            return list(dask.compute(*tasks, scheduler="sync"))
     from distributed import Client, KilledWorker, as_completed
 
     try:
@@ -218,7 +222,7 @@ def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[Sh
     except (OSError, TimeoutError, ValueError) as exc:
         raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     with client:
-        futures = client.compute([dask.delayed(run_shard, pure=False)(job) for job in jobs])
+        futures = client.compute([dask.delayed(run_shard, pure=False)(_unscanned(job)) for job in jobs])
         results = []
         for future in as_completed(futures, loop=client.loop):
             try:

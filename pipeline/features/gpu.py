@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from pipeline.features import extract as _extract
-from pipeline.features.cache import FeatureStore
+from pipeline.features.commit import ShardResult, ShardWriter, finish_shard
 from pipeline.features.gpu_images import decode_batch, normalise, preprocess
 from pipeline.images.decode import decode, read_checked
 from pipeline.images.jpeg import JpegHeader, ends_whole, read_jpeg_header
@@ -351,7 +351,8 @@ class _ShardWork:
                 for layer, values in self.outputs.items()}
 
 
-def run_shard(job: _extract.ShardJob, on_progress: Callable[[int], None] | None = None) -> _extract.ShardResult:
+def run_shard(job: _extract.ShardJob, on_progress: Callable[[int], None] | None = None,
+              writer: ShardWriter | None = None) -> ShardResult:
     """`extract.run_shard` for a CUDA device (any device works: the tests run it on the CPU)."""
     network, pre = _extract._network(job)
     runner = _runner(job, network, pre)
@@ -367,11 +368,5 @@ def run_shard(job: _extract.ShardJob, on_progress: Callable[[int], None] | None 
         features = work.features()
     log.debug("shard %s: %d images decoded on %s, %d by the CPU path, %d skipped", job.shard, work.gpu_decoded,
               job.device, len(work.done_ids) - work.gpu_decoded, len(work.failed))
-    good_ids = work.done_ids
-    per_image = (time.perf_counter() - started) / max(len(good_ids), 1)
-    for layer, store, needed in zip(job.layers, job.stores, job.needed, strict=True):
-        rows = [i for i, image_id in enumerate(good_ids) if image_id in needed]
-        if rows:
-            FeatureStore(Path(store)).write_shard(job.shard, [good_ids[i] for i in rows], features[layer][rows],
-                                                  per_image * len(rows))
-    return _extract.ShardResult(len(good_ids), work.failed)
+    per_image = (time.perf_counter() - started) / max(len(work.done_ids), 1)
+    return finish_shard(job, work.done_ids, work.failed, features, per_image, writer)

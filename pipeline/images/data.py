@@ -10,11 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.hashing import bytes_sha256, stream_sha256
 from pipeline.core.paths import path_text
 
+T = TypeVar("T")
+R = TypeVar("R")
 ID_LENGTH = 32  # hex characters of SHA-256 kept as the image id (128 bits)
 
 
@@ -289,6 +292,29 @@ def hash_file(path: Path) -> str:
         return stream_id(fh)
 
 
+# A photo the page cache holds (tens of KB) is read and hashed in about 0.03 ms, where handing it to a
+# thread pool costs about 0.06 ms: such files are hashed fastest in the calling thread (measured: 720
+# flowers12 files in 16 ms, against 26-65 ms in 2-8 threads). Large files, or files waiting on a disk
+# or a network share, are hashed faster several at a time (hashing and reading release the GIL).
+QUICK_FILE_S = 1e-4  # the mean seconds a file under which files are read in the calling thread
+_QUICK_ALLOWANCE = 8  # files' worth of QUICK_FILE_S granted up front (a first slow file switches at once)
+
+
+def map_files(one: Callable[[T], R], items: Sequence[T], workers: int = 4) -> list[R]:
+    """`[one(item) for item in items]` where `one` reads a file: in the calling thread while files
+    prove quick (mean under QUICK_FILE_S), the rest in `workers` threads as soon as they do not."""
+    results: list[R] = []
+    started = time.perf_counter()
+    for item in items:
+        results.append(one(item))
+        if time.perf_counter() - started > QUICK_FILE_S * (len(results) + _QUICK_ALLOWANCE):
+            break
+    if len(results) < len(items):
+        with ThreadPoolExecutor(workers) as pool:
+            results += pool.map(one, items[len(results):])
+    return results
+
+
 def hash_files(paths: list[Path], workers: int = 4) -> list[str | None]:
     """Content ids in order; None where the file cannot be read (it is then skipped by the caller)."""
     def one(path: Path) -> str | None:
@@ -296,5 +322,4 @@ def hash_files(paths: list[Path], workers: int = 4) -> list[str | None]:
             return hash_file(path)
         except OSError:
             return None
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, paths))
+    return map_files(one, paths, workers)

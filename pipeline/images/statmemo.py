@@ -28,11 +28,10 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.core.errors import first_line
-from pipeline.images.data import Dataset, FileStat, hash_file
+from pipeline.images.data import Dataset, FileStat, hash_file, map_files
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +213,8 @@ class StatMemo:
             except OSError:
                 return None
 
-        with ThreadPoolExecutor(workers) as pool:
-            for (i, _folder, _name), image_id in zip(todo, pool.map(one, [t[0] for t in todo]), strict=True):
-                ids[i] = image_id
+        for (i, _folder, _name), image_id in zip(todo, map_files(one, [t[0] for t in todo], workers), strict=True):
+            ids[i] = image_id
         self._remember([(folder, name, paths[i][1], ids[i]) for i, folder, name in todo if ids[i] is not None])
         return ids
 
