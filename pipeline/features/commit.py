@@ -1,12 +1,15 @@
 """Committing a computed shard to the feature stores, here or on the local scheduler's writer thread.
 
 A commit compresses the shard's rows, writes them, syncs the files and the folder, then writes the
-record that makes them count (`FeatureStore.write_shard`): about 10-15 ms a shard in which the network
-would otherwise wait. With Dask's local scheduler, shards run one after another in one process, so the
-commit of one shard is handed to a single writer thread (`ShardWriter`) while the next shard's network
-runs; a task on a dask.distributed worker commits before it returns, so a shard the scheduler counts as
-done is on disk. Either way a shard is trusted only once its record is written: a run stopped while a
-commit is pending loses that shard, which the next run computes again.
+record that makes them count (`FeatureStore.write_shard`): 9-15 ms a shard of 256 Lite0 rows on machine
+B's local disk, a few of them waiting for `fsync` (far longer on a network file system). With Dask's
+local scheduler, shards run one after another in one process, so each commit is handed to a single
+writer thread (`ShardWriter`) while the next shard runs: the network (above all a GPU, which a commit
+would leave idle) does not wait for the disk. On a CPU the network already keeps busy, the compression
+still costs the same CPU time: there the gain is only the waits (benchmarks/RESULTS.md). A task on a
+dask.distributed worker commits before it returns, so a shard the scheduler counts as done is on disk.
+Either way a shard is trusted only once its record is written: a run stopped while a commit is
+pending loses that shard, which the next run computes again.
 """
 
 from __future__ import annotations
