@@ -170,12 +170,19 @@ def _rerun(config: Path) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path, heads):
-    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=3, start_seed=800))
+def _one_head_batch(tmp_path: Path, heads: Path, per_class: int, seed: int) -> tuple[Path, Path]:
+    """A folder of `per_class` settled images, the logistic head as `model.skops`, and a batch config over
+    them, run once; returns (head, config)."""
+    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=per_class, start_seed=seed))
     head = tmp_path / "model.skops"
     _place_head(heads, "lr.skops", head)
     config = _config(tmp_path, [data], {"lr": head})
-    assert run_batch(config, progress=False).predicted == 3
+    assert run_batch(config, progress=False).predicted == per_class
+    return head, config
+
+
+def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path, heads):
+    head, config = _one_head_batch(tmp_path, heads, per_class=3, seed=800)
     record = tmp_path / "batch" / "predictions" / CHECKED_HEADS
     assert json.loads(record.read_text()) == {str(head): file_sha256(head)}
     assert _rerun(config) == {"code": 0, "imported": []}  # no torch, scikit-learn or skops
@@ -195,11 +202,7 @@ def test_an_unchanged_rerun_loads_no_head_and_a_changed_head_is_loaded(tmp_path,
 
 
 def test_a_head_checked_earlier_is_loaded_when_it_has_work_and_fails_then_if_unusable(tmp_path, heads):
-    data = _settled(make_folder(tmp_path / "incoming", classes=1, per_class=2, start_seed=810))
-    head = tmp_path / "model.skops"
-    _place_head(heads, "lr.skops", head)
-    config = _config(tmp_path, [data], {"lr": head})
-    assert run_batch(config, progress=False).predicted == 2
+    head, config = _one_head_batch(tmp_path, heads, per_class=2, seed=810)
     Path(f"{head}.sha256").write_text("0" * 64)  # the head's own bytes are as the record says, its check fails
     log = tmp_path / "batch" / "runs.jsonl"
     assert run_batch(config, progress=False).exit_code == 0  # nothing to predict: the head is not loaded
