@@ -1,6 +1,6 @@
 """LP-FT fine-tuning of the bundled EfficientNet-Lite0 on flowers12, against the linear probe alone.
 
-    flock /tmp/bench.lock python benchmarks/finetune_flowers.py [--unfreeze last:6] [--epochs 10] [--lr 1e-3]
+    flock /tmp/bench.lock python benchmarks/finetune_flowers.py [--unfreeze last:6] [--epochs 10] [--lr 3e-4]
                                                                 [--val-fraction 0] [--resamples N] [--train-cv K]
 
 Writes runs/bench/finetune_flowers.json. Targets (issue 4): test accuracy >= 98% and above the
