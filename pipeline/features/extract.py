@@ -266,9 +266,10 @@ class ExtractReport:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        took = f"{self.seconds:.1f} s"  # a rate only where something was computed
         return (f"images: {self.images} | rows computed: {self.computed} | rows reused: {self.reused} | "
                 f"files skipped: {len(self.skipped)} | files read: {self.opened} | "
-                f"{self.images_per_second:.1f} images/s ({self.seconds:.1f} s)")
+                + (f"{self.images_per_second:.1f} images/s ({took})" if self.computed else took))
 
 
 def layers_for(backbone: str, layers: Iterable[str] | None) -> list[str]:
