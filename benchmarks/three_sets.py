@@ -104,6 +104,9 @@ def main() -> None:
         runs = lpft(name, args.resamples, args.finetune_resamples, args.cache, args.from_split)
         result["sets"].setdefault(name, {})["lpft"] = {"runs": runs, "accuracy": _stats([r["accuracy"] for r in runs]),
                                         "own_probe": _stats([r["probe_accuracy"] for r in runs])}
+        if runs:
+            print(f"{name:<10} LP-FT mean {np.mean([r['accuracy'] for r in runs]):.2%} over {len(runs)} splits; the "
+                  f"probe on every training image {np.mean([r['probe_accuracy'] for r in runs]):.2%}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
