@@ -19,6 +19,12 @@ finetune: the same folds, but each candidate is a whole `finetune` run with the 
     With `--guard-alpha 1` it also prints the fold accuracy each level of the guard's test would give
     (training does not depend on the level: one run per fold answers for every level).
 
+retrain: for the runs of a finetune part's output (`--runs JSON`) that kept a trained epoch k, the same
+    recipe again on the fold's whole training part for k epochs (no held-out part): is the network
+    better for the 20% the guard held out? Runs that kept the probe score as they did.
+    nice -n 10 python benchmarks/select_defaults.py retrain --runs runs/bench/select_defaults_lr.json
+                                                            [--candidates LABEL] [--folds 3]
+
 refit: when the guard keeps the probe, is it better refitted on the whole training part? The same
     folds, Lite0's cached features: the probe (logistic regression, C by CV) fitted on the 80% that
     `finetune` trains on (its stratified split, seed 0) against the probe fitted on all of it.
@@ -89,29 +95,36 @@ def fusion(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def finetune_cv(args: argparse.Namespace) -> list[dict]:
+def _fold_finetune(args: argparse.Namespace, name: str, fold: int, unfreeze: str, lr: float, epochs: int,
+                   val_fraction: float | None = None) -> tuple[dict, float]:
+    """One `finetune` run on a fold of a set's training folder, scored on the fold's held-out images; also
+    the probe refitted on the fold's whole training part (its fold accuracy on cached features)."""
     from pipeline.images.data import require_labelled, scan
     from pipeline.tuning.finetune import finetune, fit_probe, probe_accuracy
-    from pipeline.tuning.options import FinetuneOptions, TrainSettings
+    from pipeline.tuning.options import VAL_FRACTION, FinetuneOptions, TrainSettings
 
+    paths, labels, classes = pooled(DATA / name, parts=("train",))
+    split = folds(labels, args.folds)[fold]
+    with tempfile.TemporaryDirectory(prefix="select-") as work:
+        data = write_split(paths, labels, classes, split, Path(work) / "data")
+        options = FinetuneOptions(
+            data / "train", data / "test", unfreeze=unfreeze, out=Path(work) / "run", name="cv",
+            backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
+            val_fraction=VAL_FRACTION if val_fraction is None else val_fraction,
+            train=TrainSettings(epochs=epochs, lr=lr, patience=epochs, guard_alpha=args.guard_alpha))
+        m = finetune(options, progress=False).metrics
+        whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
+        return m, probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
+
+
+def finetune_cv(args: argparse.Namespace) -> list[dict]:
     rows = []
     candidates = [c for c in FINETUNE if not args.candidates or c[0] in args.candidates]
     # candidate before set: when compute runs out, the candidates done have every set
     for fold in range(args.run_folds):
         for label, unfreeze, lr in candidates:
             for name in args.sets:
-                paths, labels, classes = pooled(DATA / name, parts=("train",))
-                split = folds(labels, args.folds)[fold]
-                with tempfile.TemporaryDirectory(prefix="select-") as work:
-                    data = write_split(paths, labels, classes, split, Path(work) / "data")
-                    options = FinetuneOptions(
-                        data / "train", data / "test", unfreeze=unfreeze, out=Path(work) / "run", name="cv",
-                        backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
-                        train=TrainSettings(epochs=args.epochs, lr=lr, patience=args.epochs,
-                                            guard_alpha=args.guard_alpha))
-                    m = finetune(options, progress=False).metrics
-                    whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
-                    refit = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
+                m, refit = _fold_finetune(args, name, fold, unfreeze, lr, args.epochs)
                 rows.append({"set": name, "fold": fold, "candidate": label, "accuracy": m["accuracy"],
                              "probe_accuracy": m["probe_accuracy"], "probe_refit_accuracy": refit,
                              "kept": m["kept"], "best_epoch": m["best_epoch"], "guard_p": m["guard_p"],
@@ -121,6 +134,28 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
                       f"{m['best_epoch']})  probe {m['probe_accuracy']:.2%}  probe refit {refit:.2%}  "
                       f"({m['seconds']:.0f} s)", flush=True)
                 _save(args, rows)
+    return rows
+
+
+def retrain_cv(args: argparse.Namespace) -> list[dict]:
+    """For each run of a `finetune` part's output (`--runs`) that kept a trained epoch k: `finetune` again on
+    the fold's whole training part (no held-out part, the probe on all of it as the start) for k epochs,
+    scored on the same held-out images. A run that kept the probe scores as it did."""
+    rows = []
+    recipes = {label: (unfreeze, lr) for label, unfreeze, lr in FINETUNE}
+    for run in json.loads(Path(args.runs).read_text())["runs"]:
+        if args.candidates and run["candidate"] not in args.candidates or run["set"] not in args.sets:
+            continue
+        row = {key: run[key] for key in ("set", "fold", "candidate", "best_epoch")}
+        rows.append({**row, "candidate": f"{run['candidate']} guard", "accuracy": run["accuracy"]})
+        accuracy = run["accuracy"]
+        if run["kept"] == "fine-tuned":
+            m, _ = _fold_finetune(args, run["set"], run["fold"], *recipes[run["candidate"]], run["best_epoch"], 0.0)
+            accuracy = m["accuracy"]
+            print(f"{run['set']:<10} fold {run['fold']} {run['candidate']:<14} epoch {run['best_epoch']}: "
+                  f"{run['accuracy']:.2%} on 80%, retrained on 100% {accuracy:.2%} ({m['seconds']:.0f} s)", flush=True)
+        rows.append({**row, "candidate": f"{run['candidate']} retrain", "accuracy": accuracy})
+        _save(args, rows)
     return rows
 
 
@@ -176,7 +211,7 @@ def table(rows: list[dict], score: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("fusion", "finetune", "refit"))
+    parser.add_argument("part", choices=("fusion", "finetune", "refit", "retrain"))
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=1, help="finetune: run the first R of the K folds")
@@ -185,10 +220,13 @@ def main() -> None:
     parser.add_argument("--guard-alpha", type=float, default=GUARD_ALPHA,
                         help="finetune: the guard's level; 1 (any lead) also prints what each level would score")
     parser.add_argument("--cache", default="/work/shared-cache")
+    parser.add_argument("--runs", help="retrain: the JSON a finetune part wrote")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.part in ("fusion", "refit"):
         table((fusion if args.part == "fusion" else refit)(args), "mean")
+    elif args.part == "retrain":
+        table(retrain_cv(args), "accuracy")
     else:
         rows = finetune_cv(args)
         table(rows, "accuracy")
