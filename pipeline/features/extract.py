@@ -16,6 +16,7 @@ import os
 import platform
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -198,10 +199,11 @@ def run_shard(job: ShardJob, on_progress: Callable[[int], None] | None = None,
 
 def _unscanned(job: ShardJob) -> Delayed:
     """The job as a Dask argument that Dask does not walk through (its tuples hold every path and id of
-    the shard: walking them cost about 5 ms a shard)."""
+    the shard: walking them cost about 5 ms a shard). Named, as Dask would otherwise hash the whole job
+    for its key; the random part keeps the key unique on a cluster that outlives one run."""
     import dask
 
-    return dask.delayed(job, name=f"job-{job.backbone}-{job.shard}-{id(job)}", traverse=False)
+    return dask.delayed(job, name=f"job-{job.backbone}-{job.shard}-{uuid.uuid4().hex}", traverse=False)
 
 
 def _run_jobs(jobs: list[ShardJob], scheduler: str | None, bar: tqdm) -> list[ShardResult]:

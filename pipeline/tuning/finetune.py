@@ -405,8 +405,7 @@ def guard_verdict(result: TrainResult, alpha: float) -> str | None:
     best = result.history[result.best_trained_epoch - 1]
     lead = (f"epoch {result.best_trained_epoch} ({best['val_accuracy']:.1%} on the held-out part, "
             f"{best['val_gained']} image{'' if best['val_gained'] == 1 else 's'} gained and {best['val_lost']} lost "
-            f"against {start}; McNemar p = "
-            f"{result.guard_p:.3f}")
+            f"against {start}; McNemar p = {result.guard_p:.3f}")
     if result.best_epoch:
         return f"{lead}{'' if alpha >= 1 else f' <= {alpha:g}'}): kept"
     return f"{lead} > {alpha:g}) does not beat them by more than chance"
