@@ -96,9 +96,10 @@ def fusion(args: argparse.Namespace) -> list[dict]:
 
 
 def _fold_finetune(args: argparse.Namespace, name: str, fold: int, unfreeze: str, lr: float, epochs: int,
-                   val_fraction: float | None = None) -> tuple[dict, float]:
-    """One `finetune` run on a fold of a set's training folder, scored on the fold's held-out images; also
-    the probe refitted on the fold's whole training part (its fold accuracy on cached features)."""
+                   val_fraction: float | None = None, refit_probe: bool = True) -> tuple[dict, float | None]:
+    """One `finetune` run on a fold of a set's training folder, scored on the fold's held-out images; with
+    `refit_probe`, also the probe refitted on the fold's whole training part (its fold accuracy on cached
+    features), else None."""
     from pipeline.images.data import require_labelled, scan
     from pipeline.tuning.finetune import finetune, fit_probe, probe_accuracy
     from pipeline.tuning.options import VAL_FRACTION, FinetuneOptions, TrainSettings
@@ -113,6 +114,8 @@ def _fold_finetune(args: argparse.Namespace, name: str, fold: int, unfreeze: str
             val_fraction=VAL_FRACTION if val_fraction is None else val_fraction,
             train=TrainSettings(epochs=epochs, lr=lr, patience=epochs, guard_alpha=args.guard_alpha))
         m = finetune(options, progress=False).metrics
+        if not refit_probe:
+            return m, None
         whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
         return m, probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
 
@@ -150,7 +153,8 @@ def retrain_cv(args: argparse.Namespace) -> list[dict]:
         rows.append({**row, "candidate": f"{run['candidate']} guard", "accuracy": run["accuracy"]})
         accuracy = run["accuracy"]
         if run["kept"] == "fine-tuned":
-            m, _ = _fold_finetune(args, run["set"], run["fold"], *recipes[run["candidate"]], run["best_epoch"], 0.0)
+            m, _ = _fold_finetune(args, run["set"], run["fold"], *recipes[run["candidate"]], run["best_epoch"], 0.0,
+                                 refit_probe=False)
             accuracy = m["accuracy"]
             print(f"{run['set']:<10} fold {run['fold']} {run['candidate']:<14} epoch {run['best_epoch']}: "
                   f"{run['accuracy']:.2%} on 80%, retrained on 100% {accuracy:.2%} ({m['seconds']:.0f} s)", flush=True)
