@@ -48,7 +48,6 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.features.extract import extract
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
-from pipeline.images.data import require_labelled, scan
 from pipeline.tuning.options import GUARD_ALPHA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +59,9 @@ FUSION = [("logreg lite0", "logistic_regression", LITES[:1], {})] + [
     (f"fusion {'+'.join(s[-1] for s in sources)} k={k}", "pca_fusion", sources, {"components": k})
     for sources, k in ((LITES, 64), (LITES, 128), (LITES, 256), (LITES[1:], 128))]
 # (label, unfreeze, lr): every candidate runs the same epochs with LP-FT and the probe guard.
-FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3), ("last:3 lr1e-3", "last:3", 1e-3), ("last:6 lr3e-4", "last:6", 3e-4)]
+# (label, unfreeze, lr, share held out for the guard; None: the default)
+FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3, None), ("last:3 lr1e-3", "last:3", 1e-3, None),
+            ("last:6 lr3e-4", "last:6", 3e-4, None), ("last:6 lr3e-4 val0.1", "last:6", 3e-4, 0.1)]
 
 
 def folds(labels: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -101,6 +102,7 @@ def _fold_finetune(args: argparse.Namespace, name: str, fold: int, unfreeze: str
     """One `finetune` run on a fold of a set's training folder, scored on the fold's held-out images; with
     `refit_probe`, also the probe refitted on the fold's whole training part (its fold accuracy on cached
     features), else None."""
+    from pipeline.images.data import require_labelled, scan
     from pipeline.tuning.finetune import finetune, fit_probe, probe_accuracy
     from pipeline.tuning.options import VAL_FRACTION, FinetuneOptions, TrainSettings
 
@@ -125,9 +127,9 @@ def finetune_cv(args: argparse.Namespace) -> list[dict]:
     candidates = [c for c in FINETUNE if not args.candidates or c[0] in args.candidates]
     # candidate before set: when compute runs out, the candidates done have every set
     for fold in range(args.run_folds):
-        for label, unfreeze, lr in candidates:
+        for label, unfreeze, lr, val_fraction in candidates:
             for name in args.sets:
-                m, refit = _fold_finetune(args, name, fold, unfreeze, lr, args.epochs)
+                m, refit = _fold_finetune(args, name, fold, unfreeze, lr, args.epochs, val_fraction)
                 rows.append({"set": name, "fold": fold, "candidate": label, "accuracy": m["accuracy"],
                              "probe_accuracy": m["probe_accuracy"], "probe_refit_accuracy": refit,
                              "kept": m["kept"], "best_epoch": m["best_epoch"], "guard_p": m["guard_p"],
@@ -145,7 +147,7 @@ def retrain_cv(args: argparse.Namespace) -> list[dict]:
     the fold's whole training part (no held-out part, the probe on all of it as the start) for k epochs,
     scored on the same held-out images. A run that kept the probe scores as it did."""
     rows = []
-    recipes = {label: (unfreeze, lr) for label, unfreeze, lr in FINETUNE}
+    recipes = {label: (unfreeze, lr) for label, unfreeze, lr, _ in FINETUNE}
     for run in json.loads(Path(args.runs).read_text())["runs"]:
         if args.candidates and run["candidate"] not in args.candidates or run["set"] not in args.sets:
             continue
@@ -161,96 +163,6 @@ def retrain_cv(args: argparse.Namespace) -> list[dict]:
         rows.append({**row, "candidate": f"{run['candidate']} retrain", "accuracy": accuracy})
         _save(args, rows)
     return rows
-
-
-WISE = (0.5, 0.75)  # averaging: the fine-tuned weights' share in a blend with the starting weights
-LAST = (3, 5)  # averaging: uniform means of the last N epochs' weights
-
-
-def _blend(states: list[dict], shares: list[float]) -> dict:
-    """The weighted mean of state dicts (floating tensors; integer buffers from the last state)."""
-    return {k: sum(w * s[k].float() for s, w in zip(states, shares, strict=True)).to(v.dtype)
-            if v.is_floating_point() else v for k, v in states[-1].items()}
-
-
-def _snapshot(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def averaging_cv(args: argparse.Namespace) -> list[dict]:
-    """One LP-FT run per fold (the default recipe) keeping every epoch's weights, then which held-out
-    images (the guard's part, `val`) and fold images (`fold`) each candidate gets right: the epochs
-    (0: the probe), blends of an epoch with the probe (WiSE-FT), and means of the last epochs' weights."""
-    from pipeline.tuning.finetune import fit_probe, prepare, probe_accuracy
-    from pipeline.tuning.options import FinetuneOptions, TrainSettings
-    from pipeline.tuning.training import predict_logits, train
-
-    rows = []
-    for fold in range(args.run_folds):
-        for name in args.sets:
-            paths, labels, classes = pooled(DATA / name, parts=("train",))
-            with tempfile.TemporaryDirectory(prefix="select-") as work:
-                data = write_split(paths, labels, classes, folds(labels, args.folds)[fold], Path(work) / "data")
-                options = FinetuneOptions(data / "train", data / "test", out=Path(work) / "run", name="cv",
-                                          backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
-                                          train=TrainSettings(epochs=args.epochs, patience=args.epochs))
-                started = time.perf_counter()
-                p = prepare(options, progress=False)
-                states = [_snapshot(p.model)]
-                train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, options.train, progress=False,
-                      on_epoch=lambda _e, _r, model=p.model, states=states: states.append(_snapshot(model)))
-                candidates = {f"e{k}": s for k, s in enumerate(states)}
-                candidates |= {f"wise{a:g} e{k}": _blend([states[0], s], [1 - a, a])
-                               for a in WISE for k, s in enumerate(states) if k}
-                candidates |= {f"last{n}": _blend(states[-n:], [1 / n] * n) for n in LAST if n < len(states)}
-                row = {"set": name, "fold": fold, "epochs": len(states) - 1, "val": {}, "fold_right": {}}
-                for label, state in candidates.items():
-                    p.model.load_state_dict(state)
-                    for key, images in (("val", p.val_set), ("fold_right", p.test[0])):
-                        right = predict_logits(p.model, images, p.parent.preprocess, options.train).argmax(1) \
-                            == images.labels
-                        row[key][label] = "".join("1" if r else "0" for r in right)
-                whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
-                row["probe_refit_accuracy"] = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"),
-                                                             options, False)
-                row["seconds"] = round(time.perf_counter() - started, 1)
-            rows.append(row)
-            print(f"{name:<10} fold {fold}: {len(candidates)} candidates ({row['seconds']:.0f} s)", flush=True)
-            _save(args, rows)
-    return rows
-
-
-def _score(right: str) -> float:
-    return right.count("1") / len(right)
-
-
-def averaging_rules(rows: list[dict]) -> None:
-    """Fold accuracy of each rule: a rule names a candidate per run (chosen on the held-out part only),
-    which is kept when it beats the probe there, else the probe refitted on the fold's training part."""
-    def pick(row: dict, labels: list[str]) -> float:
-        best = max(labels, key=lambda c: (_score(row["val"][c]), -labels.index(c)))  # the earliest of ties
-        if _score(row["val"][best]) > _score(row["val"]["e0"]):
-            return _score(row["fold_right"][best])
-        return row["probe_refit_accuracy"]
-
-    def epochs(row: dict, prefix: str = "") -> list[str]:
-        return [f"{prefix}e{k}" for k in range(1, row["epochs"] + 1)]
-
-    rules = {"best epoch (the guard today)": lambda r: pick(r, epochs(r)),
-             "last epoch": lambda r: pick(r, [f"e{r['epochs']}"])}
-    for a in WISE:
-        rules[f"wise {a:g} of the best epoch"] = lambda r, a=a: pick(r, [max(
-            epochs(r), key=lambda c: (_score(r["val"][c]), -int(c[1:]))).replace("e", f"wise{a:g} e", 1)])
-        rules[f"wise {a:g}, epoch chosen blended"] = lambda r, a=a: pick(r, epochs(r, f"wise{a:g} "))
-        rules[f"wise {a:g} of the last epoch"] = lambda r, a=a: pick(r, [f"wise{a:g} e{r['epochs']}"])
-    for n in LAST:
-        rules[f"mean of the last {n}"] = lambda r, n=n: pick(r, [f"last{n}"])
-    rules["probe refitted (no fine-tuning)"] = lambda r: r["probe_refit_accuracy"]
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    print(f"\n{'rule':<34}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
-    for label, rule in rules.items():
-        means = [float(np.mean([rule(r) for r in rows if r["set"] == s])) for s in sets]
-        print(f"{label:<34}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
 
 
 def guard_levels(rows: list[dict]) -> None:
@@ -305,7 +217,7 @@ def table(rows: list[dict], score: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("fusion", "finetune", "refit", "retrain", "averaging"))
+    parser.add_argument("part", choices=("fusion", "finetune", "refit", "retrain"))
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=1, help="finetune: run the first R of the K folds")
@@ -319,8 +231,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.part in ("fusion", "refit"):
         table((fusion if args.part == "fusion" else refit)(args), "mean")
-    elif args.part == "averaging":
-        averaging_rules(json.loads(Path(args.runs).read_text())["runs"] if args.runs else averaging_cv(args))
     elif args.part == "retrain":
         table(retrain_cv(args), "accuracy")
     else:

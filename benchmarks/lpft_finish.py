@@ -1,0 +1,217 @@
+"""What an LP-FT run should keep at its end, judged by cross-validation inside the TRAINING folders of
+flowers12, dtd10 and intel6 (the folds of select_defaults.py; no test folder is read).
+
+    nice -n 10 python benchmarks/lpft_finish.py averaging [--folds 3] [--run-folds 3] [--epochs 10]
+    nice -n 10 python benchmarks/lpft_finish.py headrefit [--folds 3] [--run-folds 3] [--epochs 10]
+    python benchmarks/lpft_finish.py averaging --runs runs/bench/lpft_finish_averaging.json  (rules only)
+
+Each fold run is one `finetune` recipe with the defaults (LP-FT, the probe guard's held-out part), kept
+in memory with every epoch's weights; the candidates are then scored on the held-out part (which
+chooses) and on the fold's held-out images (which judge).
+
+averaging: the epochs themselves (epoch 0: the probe), blends of an epoch with the probe (WiSE-FT,
+    Wortsman et al. 2022: a share `a` of the trained weights, 1 - a of the probe's) and means of the
+    last N epochs' weights (as stochastic weight averaging does). A rule names the candidates it
+    chooses among on the held-out part; its choice is kept when it beats the probe there, else the
+    probe refitted on the fold's whole training part (what `finetune` does).
+headrefit: for the guard's best epoch and the last, the network with its trained linear layer against
+    a logistic regression (the stage-2 probe, C by its inner CV) refitted on the network's features
+    of the fold's whole training part (the held-out part too), or of the part it trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from resplit import pooled, write_split
+from select_defaults import DATA, LITES, SETS, folds
+
+from pipeline.heads.fit import fit_head
+from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
+from pipeline.images.data import require_labelled, scan
+
+ROOT = Path(__file__).resolve().parents[1]
+WISE = (0.5, 0.75)  # the trained weights' share in a blend with the probe's
+LAST = (3, 5)  # means of the last N epochs' weights
+
+
+def _snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _blend(states: list[dict], shares: list[float]) -> dict:
+    """The weighted mean of state dicts (floating tensors; other buffers from the last state)."""
+    return {k: sum(w * s[k].float() for s, w in zip(states, shares, strict=True)).to(v.dtype)
+            if v.is_floating_point() else v for k, v in states[-1].items()}
+
+
+@contextmanager
+def fold_run(args: argparse.Namespace, name: str, fold: int) -> Iterator[tuple]:
+    """(prepared, its settings, every epoch's weights (0: the probe), the TrainResult, the probe refitted on
+    the fold's whole training part: its fold accuracy) for one fold of a set, trained with the defaults."""
+    from pipeline.tuning.finetune import fit_probe, prepare, probe_accuracy
+    from pipeline.tuning.options import FinetuneOptions, TrainSettings
+    from pipeline.tuning.training import train
+
+    paths, labels, classes = pooled(DATA / name, parts=("train",))
+    with tempfile.TemporaryDirectory(prefix="lpft-finish-") as work:
+        data = write_split(paths, labels, classes, folds(labels, args.folds)[fold], Path(work) / "data")
+        options = FinetuneOptions(data / "train", data / "test", out=Path(work) / "run", name="cv",
+                                  backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
+                                  train=TrainSettings(epochs=args.epochs, patience=args.epochs))
+        p = prepare(options, progress=False)
+        states = [_snapshot(p.model)]
+        result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, options.train, progress=False,
+                       on_epoch=lambda _e, _r: states.append(_snapshot(p.model)))
+        whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
+        fold_probe = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
+        yield p, options.train, states, result, fold_probe
+
+
+def averaging_cv(row: dict, p, settings, states: list[dict]) -> None:
+    """Which held-out images (`val`) and fold images (`fold_right`) each candidate gets right, as '0'/'1'."""
+    from pipeline.tuning.training import predict_logits
+
+    candidates = {f"e{k}": s for k, s in enumerate(states)}
+    candidates |= {f"wise{a:g} e{k}": _blend([states[0], s], [1 - a, a]) for a in WISE for k, s in enumerate(states)
+                   if k}
+    candidates |= {f"last{n}": _blend(states[-n:], [1 / n] * n) for n in LAST if n < len(states)}
+    row |= {"epochs": len(states) - 1, "val": {}, "fold_right": {}}
+    for label, state in candidates.items():
+        p.model.load_state_dict(state)
+        for key, images in (("val", p.val_set), ("fold_right", p.test[0])):
+            right = predict_logits(p.model, images, p.parent.preprocess, settings).argmax(1) == images.labels
+            row[key][label] = "".join("1" if r else "0" for r in right)
+
+
+def _embed(model, pixels: np.ndarray, pre, settings) -> np.ndarray:
+    """The network's pooled features (its linear layer's input) for evaluation-cropped images."""
+    import torch
+
+    from pipeline.tuning.training import to_input
+
+    model.eval()
+    with torch.inference_mode(), torch.autocast(settings.device, torch.bfloat16, enabled=settings.precision == "bf16"):
+        return np.concatenate([model.features(to_input(torch.from_numpy(pixels[i:i + 64]).permute(0, 3, 1, 2), pre,
+                                                       settings.device)).float().cpu().numpy()
+                               for i in range(0, len(pixels), 64)])
+
+
+def head_refit_cv(row: dict, p, settings, states: list[dict], result) -> None:
+    """Fold accuracy of the best and the last epoch with the trained head and with refitted probes."""
+    from pipeline.tuning.training import predict_logits
+
+    spec = HeadSpec("refit", "logistic_regression", LITES[:1], dict(HEAD_OPTIONS["logistic_regression"]))
+    pre, test = p.parent.preprocess, p.test[0]
+    margin = (p.fit_set.pixels.shape[1] - pre.crop) // 2  # the square's centre crop: evaluation's input
+    fit_pixels = p.fit_set.pixels[:, margin:margin + pre.crop, margin:margin + pre.crop]
+    every = np.concatenate([fit_pixels, p.val_set.pixels])
+    every_labels = np.concatenate([p.fit_set.labels, p.val_set.labels])
+    row |= {"best_trained_epoch": result.best_trained_epoch, "guard_p": result.guard_p}
+    for key, epoch in (("best", result.best_trained_epoch), ("last", len(states) - 1)):
+        p.model.load_state_dict(states[epoch])
+        trained = predict_logits(p.model, test, pre, settings).argmax(1)
+        X, X_test = _embed(p.model, every, pre, settings), _embed(p.model, test.pixels, pre, settings)
+        row[key] = {"epoch": epoch, "trained head": float(np.mean(trained == test.labels))}
+        for label, part in (("refit on 100%", slice(None)), ("refit on 80%", slice(0, len(fit_pixels)))):
+            head = fit_head(spec, X[part], every_labels[part], [X.shape[1]]).pipeline
+            row[key][label] = float(np.mean(head.predict(X_test) == test.labels))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for fold in range(args.run_folds):
+        for name in args.sets:
+            started = time.perf_counter()
+            with fold_run(args, name, fold) as (p, settings, states, result, probe_refit):
+                row = {"set": name, "fold": fold, "best_epoch": result.best_epoch, "probe_refit_accuracy": probe_refit}
+                if args.part == "averaging":
+                    averaging_cv(row, p, settings, states)
+                else:
+                    head_refit_cv(row, p, settings, states, result)
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(row)
+            print(f"{name:<10} fold {fold}: kept epoch {row['best_epoch']}, probe on the fold's training part "
+                  f"{probe_refit:.2%} ({row['seconds']:.0f} s)", flush=True)
+            out = Path(args.out or ROOT / "runs" / "bench" / f"lpft_finish_{args.part}.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"settings": vars(args), "runs": rows}, indent=1, default=str))
+    return rows
+
+
+def _line(label: str, means: list[float]) -> None:
+    print(f"{label:<34}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
+
+
+def _score(right: str) -> float:
+    return right.count("1") / len(right)
+
+
+def averaging_rules(rows: list[dict]) -> dict:
+    """Fold accuracy per set of each rule (a rule: the candidates it chooses among on the held-out part)."""
+    def pick(row: dict, labels: list[str]) -> float:
+        best = max(labels, key=lambda c: (_score(row["val"][c]), -labels.index(c)))  # the earliest of ties
+        if _score(row["val"][best]) > _score(row["val"]["e0"]):
+            return _score(row["fold_right"][best])
+        return row["probe_refit_accuracy"]
+
+    def epochs(row: dict, prefix: str = "") -> list[str]:
+        return [f"{prefix}e{k}" for k in range(1, row["epochs"] + 1)]
+
+    def best(row: dict) -> str:
+        return max(epochs(row), key=lambda c: (_score(row["val"][c]), -int(c[1:])))
+
+    rules = {"best epoch (the guard today)": lambda r: pick(r, epochs(r)),
+             "last epoch": lambda r: pick(r, [f"e{r['epochs']}"])}
+    for a in WISE:
+        rules[f"wise {a:g} of the best epoch"] = lambda r, a=a: pick(r, [f"wise{a:g} {best(r)}"])
+        rules[f"wise {a:g}, epoch chosen blended"] = lambda r, a=a: pick(r, epochs(r, f"wise{a:g} "))
+        rules[f"wise {a:g} of the last epoch"] = lambda r, a=a: pick(r, [f"wise{a:g} e{r['epochs']}"])
+    for n in LAST:
+        rules[f"mean of the last {n}"] = lambda r, n=n: pick(r, [f"last{n}"])
+        rules[f"best epoch or mean of last {n}"] = lambda r, n=n: pick(r, [*epochs(r), f"last{n}"])
+    rules["probe refitted (no fine-tuning)"] = lambda r: r["probe_refit_accuracy"]
+    return {label: {s: [rule(r) for r in rows if r["set"] == s] for s in dict.fromkeys(r["set"] for r in rows)}
+            for label, rule in rules.items()}
+
+
+def head_refit_rules(rows: list[dict]) -> dict:
+    """The guard's decision as it was (a trained epoch, or the probe refitted), with each head."""
+    sets = dict.fromkeys(r["set"] for r in rows)
+    table = {f"{key} epoch, {head}": {s: [r[key][head] if r["best_epoch"] else r["probe_refit_accuracy"]
+                                          for r in rows if r["set"] == s] for s in sets}
+             for key in ("best", "last") for head in ("trained head", "refit on 100%", "refit on 80%")}
+    table["probe refitted (no fine-tuning)"] = {s: [r["probe_refit_accuracy"] for r in rows if r["set"] == s]
+                                                for s in sets}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("averaging", "headrefit"))
+    parser.add_argument("--sets", nargs="+", default=list(SETS))
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--run-folds", type=int, default=3, help="run the first R of the K folds")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--cache", default="/work/shared-cache")
+    parser.add_argument("--runs", help="score the rules on the JSON an earlier run wrote (no training)")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = json.loads(Path(args.runs).read_text())["runs"] if args.runs else run(args)
+    table = (averaging_rules if args.part == "averaging" else head_refit_rules)(rows)
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    print(f"\n{'rule (fold runs per set)':<34}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
+    for label, scores in table.items():
+        _line(label, [float(np.mean(scores[s])) for s in sets])
+    print("fold runs: " + ", ".join(f"{s} {len(table['probe refitted (no fine-tuning)'][s])}" for s in sets))
+
+
+if __name__ == "__main__":
+    main()
