@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from resplit import pooled, write_split
-from select_defaults import DATA, LITES, SETS, folds
+from select_defaults import LITES, SETS, fold_folder, fold_options, fold_probe_accuracy
 
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
-from pipeline.images.data import require_labelled, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 WISE = (0.5, 0.75)  # the trained weights' share in a blend with the probe's
@@ -56,72 +53,66 @@ def _blend(states: list[dict], shares: list[float]) -> dict:
 def fold_run(args: argparse.Namespace, name: str, fold: int) -> Iterator[tuple]:
     """(prepared, its settings, every epoch's weights (0: the probe), the TrainResult, the probe refitted on
     the fold's whole training part: its fold accuracy) for one fold of a set, trained with the defaults."""
-    from pipeline.tuning.finetune import fit_probe, prepare, probe_accuracy
-    from pipeline.tuning.options import FinetuneOptions, TrainSettings
+    from pipeline.tuning.finetune import prepare
+    from pipeline.tuning.options import TrainSettings
     from pipeline.tuning.training import train
 
-    paths, labels, classes = pooled(DATA / name, parts=("train",))
-    with tempfile.TemporaryDirectory(prefix="lpft-finish-") as work:
-        data = write_split(paths, labels, classes, folds(labels, args.folds)[fold], Path(work) / "data")
-        options = FinetuneOptions(data / "train", data / "test", out=Path(work) / "run", name="cv",
-                                  backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
-                                  train=TrainSettings(epochs=args.epochs, patience=args.epochs))
+    with fold_folder(args, name, fold) as data:
+        options = fold_options(data, args, train=TrainSettings(epochs=args.epochs, patience=args.epochs))
         p = prepare(options, progress=False)
         states = [_snapshot(p.model)]
         result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, options.train, progress=False,
                        on_epoch=lambda _e, _r: states.append(_snapshot(p.model)))
-        whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
-        fold_probe = probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
-        yield p, options.train, states, result, fold_probe
+        yield p, options.train, states, result, fold_probe_accuracy(data, options)
 
 
 def averaging_cv(row: dict, p, settings, states: list[dict]) -> None:
     """Which held-out images (`val`) and fold images (`fold_right`) each candidate gets right, as '0'/'1'."""
     from pipeline.tuning.training import predict_logits
 
-    candidates = {f"e{k}": s for k, s in enumerate(states)}
-    candidates |= {f"wise{a:g} e{k}": _blend([states[0], s], [1 - a, a]) for a in WISE for k, s in enumerate(states)
-                   if k}
-    candidates |= {f"last{n}": _blend(states[-n:], [1 / n] * n) for n in LAST if n < len(states)}
+    candidates = [(f"e{k}", lambda s=s: s) for k, s in enumerate(states)]
+    candidates += [(f"wise{a:g} e{k}", lambda s=s, a=a: _blend([states[0], s], [1 - a, a]))
+                   for a in WISE for k, s in enumerate(states) if k]
+    candidates += [(f"last{n}", lambda n=n: _blend(states[-n:], [1 / n] * n)) for n in LAST if n < len(states)]
     row |= {"epochs": len(states) - 1, "val": {}, "fold_right": {}}
-    for label, state in candidates.items():
-        p.model.load_state_dict(state)
+    for label, state in candidates:  # each blend built when its turn comes: one in memory at a time
+        p.model.load_state_dict(state())
         for key, images in (("val", p.val_set), ("fold_right", p.test[0])):
             right = predict_logits(p.model, images, p.parent.preprocess, settings).argmax(1) == images.labels
             row[key][label] = "".join("1" if r else "0" for r in right)
 
 
-def _embed(model, pixels: np.ndarray, pre, settings) -> np.ndarray:
-    """The network's pooled features (its linear layer's input) for evaluation-cropped images."""
-    import torch
+def _embed(model, images, pre, settings) -> np.ndarray:
+    """The network's pooled features (its linear layer's input): `predict_logits` without the layer."""
+    from torch import nn
 
-    from pipeline.tuning.training import to_input
+    from pipeline.tuning.training import predict_logits
 
-    model.eval()
-    with torch.inference_mode(), torch.autocast(settings.device, torch.bfloat16, enabled=settings.precision == "bf16"):
-        return np.concatenate([model.features(to_input(torch.from_numpy(pixels[i:i + 64]).permute(0, 3, 1, 2), pre,
-                                                       settings.device)).float().cpu().numpy()
-                               for i in range(0, len(pixels), 64)])
+    classifier, model.classifier = model.classifier, nn.Identity()
+    try:
+        return predict_logits(model, images, pre, settings)
+    finally:
+        model.classifier = classifier
 
 
 def head_refit_cv(row: dict, p, settings, states: list[dict], result) -> None:
     """Fold accuracy of the best and the last epoch with the trained head and with refitted probes."""
-    from pipeline.tuning.training import predict_logits
+    from pipeline.tuning.training import Images, predict_logits
 
     spec = HeadSpec("refit", "logistic_regression", LITES[:1], dict(HEAD_OPTIONS["logistic_regression"]))
     pre, test = p.parent.preprocess, p.test[0]
     margin = (p.fit_set.pixels.shape[1] - pre.crop) // 2  # the square's centre crop: evaluation's input
     fit_pixels = p.fit_set.pixels[:, margin:margin + pre.crop, margin:margin + pre.crop]
-    every = np.concatenate([fit_pixels, p.val_set.pixels])
-    every_labels = np.concatenate([p.fit_set.labels, p.val_set.labels])
+    every = Images(np.concatenate([fit_pixels, p.val_set.pixels]),
+                   np.concatenate([p.fit_set.labels, p.val_set.labels]), p.fit_set.paths + p.val_set.paths)
     row |= {"best_trained_epoch": result.best_trained_epoch, "guard_p": result.guard_p}
     for key, epoch in (("best", result.best_trained_epoch), ("last", len(states) - 1)):
         p.model.load_state_dict(states[epoch])
         trained = predict_logits(p.model, test, pre, settings).argmax(1)
-        X, X_test = _embed(p.model, every, pre, settings), _embed(p.model, test.pixels, pre, settings)
+        X, X_test = _embed(p.model, every, pre, settings), _embed(p.model, test, pre, settings)
         row[key] = {"epoch": epoch, "trained head": float(np.mean(trained == test.labels))}
         for label, part in (("refit on 100%", slice(None)), ("refit on 80%", slice(0, len(fit_pixels)))):
-            head = fit_head(spec, X[part], every_labels[part], [X.shape[1]]).pipeline
+            head = fit_head(spec, X[part], every.labels[part], [X.shape[1]]).pipeline
             row[key][label] = float(np.mean(head.predict(X_test) == test.labels))
 
 
@@ -174,7 +165,7 @@ def averaging_rules(rows: list[dict]) -> dict:
         rules[f"wise {a:g} of the best epoch"] = lambda r, a=a: pick(r, [f"wise{a:g} {best(r)}"])
         rules[f"wise {a:g}, epoch chosen blended"] = lambda r, a=a: pick(r, epochs(r, f"wise{a:g} "))
         rules[f"wise {a:g} of the last epoch"] = lambda r, a=a: pick(r, [f"wise{a:g} e{r['epochs']}"])
-    for n in LAST:
+    for n in (n for n in LAST if all(f"last{n}" in r["val"] for r in rows)):  # runs of n epochs or more
         rules[f"mean of the last {n}"] = lambda r, n=n: pick(r, [f"last{n}"])
         rules[f"best epoch or mean of last {n}"] = lambda r, n=n: pick(r, [*epochs(r), f"last{n}"])
     rules["probe refitted (no fine-tuning)"] = lambda r: r["probe_refit_accuracy"]

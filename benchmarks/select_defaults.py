@@ -38,6 +38,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,8 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.features.extract import extract
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
-from pipeline.tuning.options import GUARD_ALPHA
+from pipeline.images.data import require_labelled, scan
+from pipeline.tuning.options import GUARD_ALPHA, VAL_FRACTION, FinetuneOptions, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -58,10 +61,10 @@ LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 FUSION = [("logreg lite0", "logistic_regression", LITES[:1], {})] + [
     (f"fusion {'+'.join(s[-1] for s in sources)} k={k}", "pca_fusion", sources, {"components": k})
     for sources, k in ((LITES, 64), (LITES, 128), (LITES, 256), (LITES[1:], 128))]
-# (label, unfreeze, lr): every candidate runs the same epochs with LP-FT and the probe guard.
-# (label, unfreeze, lr, share held out for the guard; None: the default)
-FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3, None), ("last:3 lr1e-3", "last:3", 1e-3, None),
-            ("last:6 lr3e-4", "last:6", 3e-4, None), ("last:6 lr3e-4 val0.1", "last:6", 3e-4, 0.1)]
+# (label, unfreeze, lr, share held out for the guard): every candidate runs the same epochs with LP-FT and
+# the probe guard.
+FINETUNE = [("last:6 lr1e-3", "last:6", 1e-3, VAL_FRACTION), ("last:3 lr1e-3", "last:3", 1e-3, VAL_FRACTION),
+            ("last:6 lr3e-4", "last:6", 3e-4, VAL_FRACTION), ("last:6 lr3e-4 val0.1", "last:6", 3e-4, 0.1)]
 
 
 def folds(labels: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -97,29 +100,40 @@ def fusion(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _fold_finetune(args: argparse.Namespace, name: str, fold: int, unfreeze: str, lr: float, epochs: int,
-                   val_fraction: float | None = None, refit_probe: bool = True) -> tuple[dict, float | None]:
-    """One `finetune` run on a fold of a set's training folder, scored on the fold's held-out images; with
-    `refit_probe`, also the probe refitted on the fold's whole training part (its fold accuracy on cached
-    features), else None."""
-    from pipeline.images.data import require_labelled, scan
-    from pipeline.tuning.finetune import finetune, fit_probe, probe_accuracy
-    from pipeline.tuning.options import VAL_FRACTION, FinetuneOptions, TrainSettings
-
+@contextmanager
+def fold_folder(args: argparse.Namespace, name: str, fold: int) -> Iterator[Path]:
+    """A temporary folder: data/train and data/test (a fold of the set's training folder, as symlinks),
+    beside which a run may write; yields data."""
     paths, labels, classes = pooled(DATA / name, parts=("train",))
-    split = folds(labels, args.folds)[fold]
     with tempfile.TemporaryDirectory(prefix="select-") as work:
-        data = write_split(paths, labels, classes, split, Path(work) / "data")
-        options = FinetuneOptions(
-            data / "train", data / "test", unfreeze=unfreeze, out=Path(work) / "run", name="cv",
-            backbones_dir=Path(work) / "backbones", cache_dir=args.cache,
-            val_fraction=VAL_FRACTION if val_fraction is None else val_fraction,
-            train=TrainSettings(epochs=epochs, lr=lr, patience=epochs, guard_alpha=args.guard_alpha))
+        yield write_split(paths, labels, classes, folds(labels, args.folds)[fold], Path(work) / "data")
+
+
+def fold_options(data: Path, args: argparse.Namespace, **changes) -> FinetuneOptions:
+    """`finetune`'s options for a fold folder: the fold's parts, outputs beside it, `changes` on top."""
+    return FinetuneOptions(data / "train", data / "test", out=data.parent / "run", name="cv",
+                           backbones_dir=data.parent / "backbones", cache_dir=args.cache, **changes)
+
+
+def fold_probe_accuracy(data: Path, options: FinetuneOptions) -> float:
+    """The probe refitted on the fold's whole training part, scored on its held-out images (cached features)."""
+    from pipeline.tuning.finetune import fit_probe, probe_accuracy
+
+    whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
+    return probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
+
+
+def _fold_finetune(args: argparse.Namespace, name: str, fold: int, unfreeze: str, lr: float, epochs: int,
+                   val_fraction: float = VAL_FRACTION, refit_probe: bool = True) -> tuple[dict, float | None]:
+    """One `finetune` run on a fold of a set's training folder, scored on the fold's held-out images; with
+    `refit_probe`, also `fold_probe_accuracy`, else None."""
+    from pipeline.tuning.finetune import finetune
+
+    with fold_folder(args, name, fold) as data:
+        options = fold_options(data, args, unfreeze=unfreeze, val_fraction=val_fraction,
+                               train=TrainSettings(epochs=epochs, lr=lr, patience=epochs, guard_alpha=args.guard_alpha))
         m = finetune(options, progress=False).metrics
-        if not refit_probe:
-            return m, None
-        whole = fit_probe(require_labelled(scan(data / "train"), "fold"), options.backbone, options, False)
-        return m, probe_accuracy(whole, require_labelled(scan(data / "test"), "fold"), options, False)
+        return m, fold_probe_accuracy(data, options) if refit_probe else None
 
 
 def finetune_cv(args: argparse.Namespace) -> list[dict]:
@@ -183,8 +197,6 @@ def guard_levels(rows: list[dict]) -> None:
 
 def refit(args: argparse.Namespace) -> list[dict]:
     from sklearn.model_selection import train_test_split
-
-    from pipeline.tuning.options import VAL_FRACTION
 
     rows = []
     for name in args.sets:
