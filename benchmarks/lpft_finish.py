@@ -3,7 +3,8 @@ flowers12, dtd10 and intel6 (the folds of select_defaults.py; no test folder is 
 
     nice -n 10 python benchmarks/lpft_finish.py averaging [--folds 3] [--run-folds 3] [--epochs 10]
     nice -n 10 python benchmarks/lpft_finish.py headrefit [--folds 3] [--run-folds 3] [--epochs 10]
-    python benchmarks/lpft_finish.py averaging --runs runs/bench/lpft_finish_averaging.json  (rules only)
+    nice -n 10 python benchmarks/lpft_finish.py ensemble  [--folds 3] [--run-folds 3] [--epochs 10]
+    python benchmarks/lpft_finish.py PART --runs runs/bench/lpft_finish_PART.json  (the rules only, no training)
 
 Each fold run is one `finetune` recipe with the defaults (LP-FT, the probe guard's held-out part), kept
 in memory with every epoch's weights; the candidates are then scored on the held-out part (which
@@ -17,6 +18,10 @@ averaging: the epochs themselves (epoch 0: the probe), blends of an epoch with t
 headrefit: for the guard's best epoch and the last, the network with its trained linear layer against
     a logistic regression (the stage-2 probe, C by its inner CV) refitted on the network's features
     of the fold's whole training part (the held-out part too), or of the part it trained on.
+ensemble: output ensembles (the mean of the two members' probabilities) of an epoch's network with the
+    probe refitted on the fold's whole training part (on cached features): kept where the guard keeps
+    the epoch, always, or with the guard itself judging the ensemble (with the probe the run started
+    from) against the probe on the held-out part. Every member's log-probabilities are stored.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from select_defaults import LITES, SETS, fold_folder, fold_options, fold_probe_accuracy
 
+from pipeline.features.extract import extract
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 
@@ -63,7 +69,7 @@ def fold_run(args: argparse.Namespace, name: str, fold: int) -> Iterator[tuple]:
         states = [_snapshot(p.model)]
         result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, options.train, progress=False,
                        on_epoch=lambda _e, _r: states.append(_snapshot(p.model)))
-        yield p, options.train, states, result, fold_probe_accuracy(data, options)
+        yield p, options, states, result, fold_probe_accuracy(data, options)
 
 
 def averaging_cv(row: dict, p, settings, states: list[dict]) -> None:
@@ -80,6 +86,38 @@ def averaging_cv(row: dict, p, settings, states: list[dict]) -> None:
         for key, images in (("val", p.val_set), ("fold_right", p.test[0])):
             right = predict_logits(p.model, images, p.parent.preprocess, settings).argmax(1) == images.labels
             row[key][label] = "".join("1" if r else "0" for r in right)
+
+
+def _log_probabilities(logits: np.ndarray) -> list[list[float]]:
+    shifted = logits - logits.max(1, keepdims=True)
+    return np.round(shifted - np.log(np.exp(shifted).sum(1, keepdims=True)), 4).tolist()
+
+
+def ensemble_cv(row: dict, p, options, states: list[dict]) -> None:
+    """Log-probabilities on the held-out part (`val`) and the fold's held-out images (`fold`) of every
+    epoch's network and of the probes on cached features: the one LP-FT started from (fitted on the part
+    it trains on) and the one refitted on the fold's whole training part."""
+    from pipeline.images.data import Dataset
+    from pipeline.models.registry import get_spec
+    from pipeline.tuning.finetune import every_image_probe
+    from pipeline.tuning.training import predict_logits
+
+    layer = get_spec(options.backbone).default_layer
+    parts = {"val": p.val_set, "fold": p.test[0]}
+    row |= {"epochs": len(states) - 1, **{f"{key}_labels": images.labels.tolist() for key, images in parts.items()}}
+    for key, images in parts.items():
+        row[key] = {}
+        for k, state in enumerate(states):
+            p.model.load_state_dict(state)
+            row[key][f"e{k}"] = _log_probabilities(predict_logits(p.model, images, p.parent.preprocess, options.train))
+    refit = every_image_probe(p, options, False)
+    for key, images in parts.items():
+        dataset = Dataset(images.paths, images.labels, p.classes, [])
+        fs = extract(dataset, options.backbone, [layer], options.cache_dir, progress=False).feature_sets
+        X = fs[(options.backbone, layer)].features.compute()
+        row[key]["probe"] = np.round(p.probe.predict_log_proba(X), 4).tolist()
+        if key == "fold":
+            row[key]["refit"] = np.round(refit.predict_log_proba(X), 4).tolist()
 
 
 def _embed(model, images, pre, settings) -> np.ndarray:
@@ -121,12 +159,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     for fold in range(args.run_folds):
         for name in args.sets:
             started = time.perf_counter()
-            with fold_run(args, name, fold) as (p, settings, states, result, probe_refit):
+            with fold_run(args, name, fold) as (p, options, states, result, probe_refit):
                 row = {"set": name, "fold": fold, "best_epoch": result.best_epoch, "probe_refit_accuracy": probe_refit}
                 if args.part == "averaging":
-                    averaging_cv(row, p, settings, states)
+                    averaging_cv(row, p, options.train, states)
+                elif args.part == "ensemble":
+                    ensemble_cv(row, p, options, states)
                 else:
-                    head_refit_cv(row, p, settings, states, result)
+                    head_refit_cv(row, p, options.train, states, result)
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(f"{name:<10} fold {fold}: kept epoch {row['best_epoch']}, probe on the fold's training part "
@@ -173,6 +213,34 @@ def averaging_rules(rows: list[dict]) -> dict:
             for label, rule in rules.items()}
 
 
+def ensemble_rules(rows: list[dict]) -> dict:
+    """Fold accuracy per set of today's guard and of output ensembles (the mean of two members'
+    probabilities) of the network with the probe."""
+    def right(row: dict, key: str, *members: str) -> np.ndarray:
+        mean = np.mean([np.exp(np.asarray(row[key][m])) for m in members], axis=0)
+        return mean.argmax(1) == np.asarray(row[f"{key}_labels"])
+
+    def best(row: dict, *partner: str) -> str:  # the trained epoch best on the held-out part, the earliest of ties
+        return max((f"e{k}" for k in range(1, row["epochs"] + 1)), key=lambda e: (right(row, "val", e, *partner).sum(),
+                                                                                    -int(e[1:])))
+
+    def guard(row: dict, ensemble: bool, chosen_with_probe: bool) -> float:
+        epoch = best(row, *(["probe"] if chosen_with_probe else []))
+        held = right(row, "val", epoch, *(["probe"] if chosen_with_probe else [])).sum()
+        if held > right(row, "val", "e0").sum():
+            return float(right(row, "fold", epoch, *(["refit"] if ensemble else [])).mean())
+        return float(right(row, "fold", "refit").mean())
+
+    rules = {"best epoch (the guard today)": lambda r: guard(r, False, False),
+             "guard today, ensemble when kept": lambda r: guard(r, True, False),
+             "guard on the ensemble": lambda r: guard(r, True, True),
+             "ensemble of the best epoch, always": lambda r: float(right(r, "fold", best(r), "refit").mean()),
+             "ensemble of the last epoch, always": lambda r: float(right(r, "fold", f"e{r['epochs']}", "refit").mean()),
+             "probe refitted (no fine-tuning)": lambda r: float(right(r, "fold", "refit").mean())}
+    return {label: {s: [rule(r) for r in rows if r["set"] == s] for s in dict.fromkeys(r["set"] for r in rows)}
+            for label, rule in rules.items()}
+
+
 def head_refit_rules(rows: list[dict]) -> dict:
     """The guard's decision as it was (a trained epoch, or the probe refitted), with each head."""
     sets = dict.fromkeys(r["set"] for r in rows)
@@ -186,7 +254,7 @@ def head_refit_rules(rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("averaging", "headrefit"))
+    parser.add_argument("part", choices=("averaging", "headrefit", "ensemble"))
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=3, help="run the first R of the K folds")
@@ -196,7 +264,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = json.loads(Path(args.runs).read_text())["runs"] if args.runs else run(args)
-    table = (averaging_rules if args.part == "averaging" else head_refit_rules)(rows)
+    table = {"averaging": averaging_rules, "ensemble": ensemble_rules, "headrefit": head_refit_rules}[args.part](rows)
     sets = list(dict.fromkeys(r["set"] for r in rows))
     print(f"\n{'rule (fold runs per set)':<34}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
     for label, scores in table.items():

@@ -8,6 +8,12 @@ logistic regression on Lite0 (C by CV) and PCA fusion of Lite0+1+2 (the head's d
 feature cache; on the first `--finetune-resamples` splits also `finetune` with every default (LP-FT,
 the probe guard on), whose own probe (fitted on the 80% it trains on) is reported beside it.
 Prints mean, sd and the number of splits per method; writes runs/bench/three_sets.json after every run.
+
+    python benchmarks/three_sets.py --summary runs/bench/three_sets_*.json
+
+pools the LP-FT runs of several outputs (a split run twice counts once: the last file named wins) and
+prints per set LP-FT and the probe on every training image over the same splits, and their paired
+difference with its standard error.
 """
 
 from __future__ import annotations
@@ -78,6 +84,22 @@ def lpft(name: str, split_count: int, runs: int, cache: str, first: int = 0) -> 
     return rows
 
 
+def summary(files: list[str]) -> None:
+    """LP-FT against the probe on every training image, per set, over every split the files hold."""
+    runs: dict[str, dict[int, dict]] = {}
+    for file in files:
+        for name, result in json.loads(Path(file).read_text())["sets"].items():
+            runs.setdefault(name, {}).update({r["split"]: r for r in result.get("lpft", {}).get("runs", [])})
+    print(f"{'set':<10}{'splits':>7}{'LP-FT':>9}{'probe':>9}{'LP-FT - probe':>15}{'se':>7}  kept the probe")
+    for name, by_split in runs.items():
+        rows = [by_split[i] for i in sorted(by_split)]
+        lpft, probe = (np.array([r[key] for r in rows]) * 100 for key in ("accuracy", "probe_accuracy"))
+        gap = lpft - probe
+        se = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else float("nan")
+        print(f"{name:<10}{len(rows):>7}{lpft.mean():>8.2f}%{probe.mean():>8.2f}%{gap.mean():>+14.2f} {se:>7.2f}  "
+              f"{sum(r['kept'] == 'probe' for r in rows)} of {len(rows)}; splits {sorted(by_split)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["flowers12", "dtd10", "intel6"])
@@ -89,7 +111,10 @@ def main() -> None:
                         help="heads only, LP-FT only (separate processes can run the sets side by side), or both")
     parser.add_argument("--cache", default="/work/shared-cache")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "three_sets.json"))
+    parser.add_argument("--summary", nargs="+", metavar="JSON", help="pool the LP-FT runs of these outputs (no runs)")
     args = parser.parse_args()
+    if args.summary:
+        return summary(args.summary)
     result: dict = {"settings": vars(args), "sets": {}}
     for name in args.sets if args.part != "lpft" else []:
         sets = features(DATA / name, LITES, args.cache)
