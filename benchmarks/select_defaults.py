@@ -25,6 +25,15 @@ retrain: for the runs of a finetune part's output (`--runs JSON`) that kept a tr
     nice -n 10 python benchmarks/select_defaults.py retrain --runs runs/bench/select_defaults_lr.json
                                                             [--candidates LABEL] [--folds 3]
 
+margin: does the guard keep better epochs when the held-out lead must pass what the probe would gain
+    from the 20% it never sees? For each fold run of a finetune part's output (`--runs JSON`, same folds),
+    the probe's learning curve on the guard's held-out part (cached features): the probe on the 80% the
+    run trains on against probes on 75% of that (5 draws); the lead an epoch needs is that gain times
+    `m` (log(100/80) / log(80/60) = 0.78 for a curve linear in log images, or 1). Scored offline as
+    `guard_levels` scores levels.
+    nice -n 10 python benchmarks/select_defaults.py margin --runs runs/bench/select_defaults_lr.json
+                                                           [--candidates LABEL]
+
 refit: when the guard keeps the probe, is it better refitted on the whole training part? The same
     folds, Lite0's cached features: the probe (logistic regression, C by CV) fitted on the 80% that
     `finetune` trains on (its stratified split, seed 0) against the probe fitted on all of it.
@@ -195,6 +204,54 @@ def guard_levels(rows: list[dict]) -> None:
         print(f"{level:<14g}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
 
 
+def _curve(args: argparse.Namespace, name: str, fold: int, draws: int = 5) -> tuple[int, float]:
+    """(held-out images, how many more of them the probe on the run's 80% gets right than probes on 75%
+    of that 80%, the mean of `draws`), on cached features; the held-out part is `finetune`'s own split."""
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.images.data import Dataset
+    from pipeline.tuning.finetune import _split, fit_probe, probe_predictions
+
+    with fold_folder(args, name, fold) as data:
+        options = fold_options(data, args)
+        dataset = require_labelled(scan(data / "train"), "fold")
+        y = dataset.labels
+        fit, val = _split(y, VAL_FRACTION, options.train.seed)
+
+        def part(rows: np.ndarray) -> Dataset:
+            return Dataset([dataset.paths[i] for i in rows], y[rows], dataset.class_names, [])
+
+        def right(rows: np.ndarray) -> int:
+            labels, predicted = probe_predictions(fit_probe(part(rows), options.backbone, options, False), part(val),
+                                                  options, False)
+            return int(np.sum(labels == predicted))
+
+        fewer = [right(np.sort(train_test_split(fit, test_size=0.25, stratify=y[fit], random_state=seed)[0]))
+                 for seed in range(draws)]
+        return len(val), right(fit) - float(np.mean(fewer))
+
+
+def margin(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for run in json.loads(Path(args.runs).read_text())["runs"]:
+        if args.candidates and run["candidate"] not in args.candidates or run["set"] not in args.sets:
+            continue
+        held, gain = _curve(args, run["set"], run["fold"])
+        best = int(np.argmax(run["val"][1:])) + 1  # the earliest best trained epoch
+        lead = round((run["val"][best] - run["val"][0]) * held)
+        row = {key: run[key] for key in ("set", "fold", "candidate")}
+        print(f"{run['set']:<10} fold {run['fold']}: best epoch {best} leads by {lead} of {held} held-out images; "
+              f"the probe gains {gain:.1f} from 75% to 100% of the 80%", flush=True)
+        # a probe kept by the run scores as it did (`finetune`'s own refit); one a margin keeps, as in guard_levels
+        probe = run["accuracy"] if run["kept"] == "probe" else run["probe_refit_accuracy"]
+        for label, m in (("guard today (any lead)", 0.0), ("lead > 0.78 x the gain", 0.78), ("lead > the gain", 1.0)):
+            kept = lead > max(0.0, m * gain)
+            rows.append({**row, "candidate": label, "accuracy": run["accuracy"] if kept else probe, "lead": lead,
+                         "gain": gain})
+        _save(args, rows)
+    return rows
+
+
 def refit(args: argparse.Namespace) -> list[dict]:
     from sklearn.model_selection import train_test_split
 
@@ -229,7 +286,7 @@ def table(rows: list[dict], score: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("fusion", "finetune", "refit", "retrain"))
+    parser.add_argument("part", choices=("fusion", "finetune", "refit", "retrain", "margin"))
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=1, help="finetune: run the first R of the K folds")
@@ -238,13 +295,13 @@ def main() -> None:
     parser.add_argument("--guard-alpha", type=float, default=GUARD_ALPHA,
                         help="finetune: the guard's level; 1 (any lead) also prints what each level would score")
     parser.add_argument("--cache", default="/work/shared-cache")
-    parser.add_argument("--runs", help="retrain: the JSON a finetune part wrote")
+    parser.add_argument("--runs", help="retrain, margin: the JSON a finetune part wrote")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.part in ("fusion", "refit"):
         table((fusion if args.part == "fusion" else refit)(args), "mean")
-    elif args.part == "retrain":
-        table(retrain_cv(args), "accuracy")
+    elif args.part in ("retrain", "margin"):
+        table((retrain_cv if args.part == "retrain" else margin)(args), "accuracy")
     else:
         rows = finetune_cv(args)
         table(rows, "accuracy")
