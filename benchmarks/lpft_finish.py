@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from select_defaults import LITES, SETS, fold_folder, fold_options, fold_probe_accuracy
+from sklearn.model_selection import StratifiedKFold
 
 from pipeline.features.extract import extract
 from pipeline.heads.fit import fit_head
@@ -89,12 +90,12 @@ def averaging_cv(row: dict, p, settings, states: list[dict]) -> None:
 
 
 def _log_probabilities(logits: np.ndarray) -> list[list[float]]:
-    shifted = logits - logits.max(1, keepdims=True)
+    shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)  # float64: rounded values print short
     return np.round(shifted - np.log(np.exp(shifted).sum(1, keepdims=True)), 4).tolist()
 
 
 def ensemble_cv(row: dict, p, options, states: list[dict]) -> None:
-    """Log-probabilities on the held-out part (`val`) and the fold's held-out images (`fold`) of every
+    """Log-probabilities on the held-out part (`val`) and the fold's held-out images (`fold_test`) of every
     epoch's network and of the probes on cached features: the one LP-FT started from (fitted on the part
     it trains on) and the one refitted on the fold's whole training part."""
     from pipeline.images.data import Dataset
@@ -103,7 +104,7 @@ def ensemble_cv(row: dict, p, options, states: list[dict]) -> None:
     from pipeline.tuning.training import predict_logits
 
     layer = get_spec(options.backbone).default_layer
-    parts = {"val": p.val_set, "fold": p.test[0]}
+    parts = {"val": p.val_set, "fold_test": p.test[0]}
     row |= {"epochs": len(states) - 1, **{f"{key}_labels": images.labels.tolist() for key, images in parts.items()}}
     for key, images in parts.items():
         row[key] = {}
@@ -115,9 +116,9 @@ def ensemble_cv(row: dict, p, options, states: list[dict]) -> None:
         dataset = Dataset(images.paths, images.labels, p.classes, [])
         fs = extract(dataset, options.backbone, [layer], options.cache_dir, progress=False).feature_sets
         X = fs[(options.backbone, layer)].features.compute()
-        row[key]["probe"] = np.round(p.probe.predict_log_proba(X), 4).tolist()
-        if key == "fold":
-            row[key]["refit"] = np.round(refit.predict_log_proba(X), 4).tolist()
+        row[key]["probe"] = np.round(p.probe.predict_log_proba(X).astype(np.float64), 4).tolist()
+        if key == "fold_test":
+            row[key]["refit"] = np.round(refit.predict_log_proba(X).astype(np.float64), 4).tolist()
 
 
 def _embed(model, images, pre, settings) -> np.ndarray:
@@ -214,29 +215,49 @@ def averaging_rules(rows: list[dict]) -> dict:
 
 
 def ensemble_rules(rows: list[dict]) -> dict:
-    """Fold accuracy per set of today's guard and of output ensembles (the mean of two members'
-    probabilities) of the network with the probe."""
+    """Fold accuracy per set of today's guard, of output ensembles (the mean of two members' probabilities)
+    of the network with the probe, and of guards that judge the epoch on held-out images it was not
+    chosen on (the choice of epoch made on the rest of the held-out part)."""
     def right(row: dict, key: str, *members: str) -> np.ndarray:
         mean = np.mean([np.exp(np.asarray(row[key][m])) for m in members], axis=0)
         return mean.argmax(1) == np.asarray(row[f"{key}_labels"])
 
-    def best(row: dict, *partner: str) -> str:  # the trained epoch best on the held-out part, the earliest of ties
-        return max((f"e{k}" for k in range(1, row["epochs"] + 1)), key=lambda e: (right(row, "val", e, *partner).sum(),
-                                                                                    -int(e[1:])))
+    def best(row: dict, *partner: str, among: np.ndarray | slice = slice(None)) -> str:
+        """The trained epoch best on (`among`) the held-out part, the earliest of ties."""
+        return max((f"e{k}" for k in range(1, row["epochs"] + 1)),
+                   key=lambda e: (right(row, "val", e, *partner)[among].sum(), -int(e[1:])))
+
+    def fold(row: dict, *members: str) -> float:
+        return float(right(row, "fold_test", *members).mean())
 
     def guard(row: dict, ensemble: bool, chosen_with_probe: bool) -> float:
         epoch = best(row, *(["probe"] if chosen_with_probe else []))
         held = right(row, "val", epoch, *(["probe"] if chosen_with_probe else [])).sum()
         if held > right(row, "val", "e0").sum():
-            return float(right(row, "fold", epoch, *(["refit"] if ensemble else [])).mean())
-        return float(right(row, "fold", "refit").mean())
+            return fold(row, epoch, *(["refit"] if ensemble else []))
+        return fold(row, "refit")
+
+    def nested(row: dict, k: int) -> float:
+        """The best epoch kept when choosing on k-1 parts of the held-out images and judging on the k-th
+        (summed over the k ways, 5 seeds of the parts) beats the probe on them: the choice's own lead,
+        without the upward bias of a maximum over epochs."""
+        labels, kept = np.asarray(row["val_labels"]), []
+        for seed in range(5):
+            lead = 0
+            for chosen_on, judged_on in StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels):
+                epoch = best(row, among=chosen_on)
+                lead += int(right(row, "val", epoch)[judged_on].sum() - right(row, "val", "e0")[judged_on].sum())
+            kept.append(fold(row, best(row)) if lead > 0 else fold(row, "refit"))
+        return float(np.mean(kept))
 
     rules = {"best epoch (the guard today)": lambda r: guard(r, False, False),
              "guard today, ensemble when kept": lambda r: guard(r, True, False),
              "guard on the ensemble": lambda r: guard(r, True, True),
-             "ensemble of the best epoch, always": lambda r: float(right(r, "fold", best(r), "refit").mean()),
-             "ensemble of the last epoch, always": lambda r: float(right(r, "fold", f"e{r['epochs']}", "refit").mean()),
-             "probe refitted (no fine-tuning)": lambda r: float(right(r, "fold", "refit").mean())}
+             "ensemble of the best epoch, always": lambda r: fold(r, best(r), "refit"),
+             "ensemble of the last epoch, always": lambda r: fold(r, f"e{r['epochs']}", "refit"),
+             "guard on a 2-fold nested choice": lambda r: nested(r, 2),
+             "guard on a 5-fold nested choice": lambda r: nested(r, 5),
+             "probe refitted (no fine-tuning)": lambda r: fold(r, "refit")}
     return {label: {s: [rule(r) for r in rows if r["set"] == s] for s in dict.fromkeys(r["set"] for r in rows)}
             for label, rule in rules.items()}
 
