@@ -21,7 +21,10 @@ headrefit: for the guard's best epoch and the last, the network with its trained
 ensemble: output ensembles (the mean of the two members' probabilities) of an epoch's network with the
     probe refitted on the fold's whole training part (on cached features): kept where the guard keeps
     the epoch, always, or with the guard itself judging the ensemble (with the probe the run started
-    from) against the probe on the held-out part. Every member's log-probabilities are stored.
+    from) against the probe on the held-out part. Every member's log-probabilities are stored, so the
+    same runs also score guards that judge the epoch on held-out images it was not chosen on (nested:
+    chosen on k-1 parts of the held-out part, judged on the k-th), free of the upward bias of taking
+    the best of ten epochs on the images that judge it.
 """
 
 from __future__ import annotations
