@@ -3,7 +3,7 @@ flowers12, dtd10 and intel6 (the folds of select_defaults.py; no test folder is 
 
     nice -n 10 python benchmarks/lpft_finish.py averaging [--folds 3] [--run-folds 3] [--epochs 10]
     nice -n 10 python benchmarks/lpft_finish.py headrefit [--folds 3] [--run-folds 3] [--epochs 10]
-    nice -n 10 python benchmarks/lpft_finish.py ensemble  [--folds 3] [--run-folds 3] [--epochs 10]
+    nice -n 10 python benchmarks/lpft_finish.py ensemble  [--folds 3] [--run-folds 3] [--epochs 10] [--seed 0]
     python benchmarks/lpft_finish.py PART --runs runs/bench/lpft_finish_PART.json  (the rules only, no training)
 
 Each fold run is one `finetune` recipe with the defaults (LP-FT, the probe guard's held-out part), kept
@@ -24,7 +24,9 @@ ensemble: output ensembles (the mean of the two members' probabilities) of an ep
     from) against the probe on the held-out part. Every member's log-probabilities are stored, so the
     same runs also score guards that judge the epoch on held-out images it was not chosen on (nested:
     chosen on k-1 parts of the held-out part, judged on the k-th), free of the upward bias of taking
-    the best of ten epochs on the images that judge it.
+    the best of ten epochs on the images that judge it. Given two outputs (`--runs A B`, B run with
+    `--seed 1`: another held-out part, shuffling and augmentation), it scores guards that weigh both
+    runs' held-out parts (twice the training) and keep the first run's network.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def fold_run(args: argparse.Namespace, name: str, fold: int) -> Iterator[tuple]:
     from pipeline.tuning.training import train
 
     with fold_folder(args, name, fold) as data:
-        options = fold_options(data, args, train=TrainSettings(epochs=args.epochs, patience=args.epochs))
+        options = fold_options(data, args, train=TrainSettings(epochs=args.epochs, patience=args.epochs,
+                                                               seed=args.seed))
         p = prepare(options, progress=False)
         states = [_snapshot(p.model)]
         result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, options.train, progress=False,
@@ -182,7 +185,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def _line(label: str, means: list[float]) -> None:
-    print(f"{label:<34}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
+    print(f"{label:<46}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
 
 
 def _score(right: str) -> float:
@@ -217,14 +220,46 @@ def averaging_rules(rows: list[dict]) -> dict:
             for label, rule in rules.items()}
 
 
+def right(row: dict, key: str, *members: str) -> np.ndarray:
+    """Which of a part's images (`val` or `fold_test`) the mean of the members' probabilities gets right."""
+    mean = np.mean([np.exp(np.asarray(row[key][m])) for m in members], axis=0)
+    return mean.argmax(1) == np.asarray(row[f"{key}_labels"])
+
+
+def two_runs_rules(first: list[dict], second: list[dict]) -> dict:
+    """Two `ensemble` runs per fold with different seeds (so different held-out parts): guards that
+    weigh both held-out parts, scored on the fold's images. The first run's network is kept."""
+    pairs = [(a, b) for a in first for b in second if (a["set"], a["fold"]) == (b["set"], b["fold"])]
+
+    def fold(row: dict, member: str) -> float:
+        return float(right(row, "fold_test", member).mean())
+
+    def lead(row: dict, k: int) -> int:
+        return int(right(row, "val", f"e{k}").sum() - right(row, "val", "e0").sum())
+
+    def best(row: dict) -> int:
+        return max(range(1, row["epochs"] + 1), key=lambda k: (lead(row, k), -k))
+
+    def both(a: dict, b: dict) -> float:  # the epoch best on the two held-out parts together
+        k = max(range(1, a["epochs"] + 1), key=lambda k: (lead(a, k) + lead(b, k), -k))
+        return fold(a, f"e{k}") if lead(a, k) + lead(b, k) > 0 else fold(a, "refit")
+
+    rules = {"first run, the guard today": lambda a, b: fold(a, f"e{best(a)}") if lead(a, best(a)) > 0
+             else fold(a, "refit"),
+             "second run, the guard today": lambda a, b: fold(b, f"e{best(b)}") if lead(b, best(b)) > 0
+             else fold(b, "refit"),
+             "an epoch chosen on both held-out parts": both,
+             "each run's best epoch leads on its own part": lambda a, b: fold(a, f"e{best(a)}")
+             if lead(a, best(a)) > 0 and lead(b, best(b)) > 0 else fold(a, "refit"),
+             "probe refitted (no fine-tuning)": lambda a, b: fold(a, "refit")}
+    sets = dict.fromkeys(a["set"] for a, _ in pairs)
+    return {label: {s: [rule(a, b) for a, b in pairs if a["set"] == s] for s in sets} for label, rule in rules.items()}
+
+
 def ensemble_rules(rows: list[dict]) -> dict:
     """Fold accuracy per set of today's guard, of output ensembles (the mean of two members' probabilities)
     of the network with the probe, and of guards that judge the epoch on held-out images it was not
     chosen on (the choice of epoch made on the rest of the held-out part)."""
-    def right(row: dict, key: str, *members: str) -> np.ndarray:
-        mean = np.mean([np.exp(np.asarray(row[key][m])) for m in members], axis=0)
-        return mean.argmax(1) == np.asarray(row[f"{key}_labels"])
-
     def best(row: dict, *partner: str, among: np.ndarray | slice = slice(None)) -> str:
         """The trained epoch best on (`among`) the held-out part, the earliest of ties."""
         return max((f"e{k}" for k in range(1, row["epochs"] + 1)),
@@ -283,14 +318,21 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--run-folds", type=int, default=3, help="run the first R of the K folds")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="finetune's seed: its held-out part, shuffling and augmentation (a second run per fold)")
     parser.add_argument("--cache", default="/work/shared-cache")
-    parser.add_argument("--runs", help="score the rules on the JSON an earlier run wrote (no training)")
+    parser.add_argument("--runs", nargs="+", help="score the rules on the JSON an earlier run wrote (no training); "
+                        "ensemble: a second file (another --seed) also scores guards weighing both held-out parts")
     parser.add_argument("--out")
     args = parser.parse_args()
-    rows = json.loads(Path(args.runs).read_text())["runs"] if args.runs else run(args)
-    table = {"averaging": averaging_rules, "ensemble": ensemble_rules, "headrefit": head_refit_rules}[args.part](rows)
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    print(f"\n{'rule (fold runs per set)':<34}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
+    rows = json.loads(Path(args.runs[0]).read_text())["runs"] if args.runs else run(args)
+    if args.part == "ensemble" and args.runs and len(args.runs) > 1:
+        table = two_runs_rules(rows, json.loads(Path(args.runs[1]).read_text())["runs"])
+    else:
+        rules = {"averaging": averaging_rules, "ensemble": ensemble_rules, "headrefit": head_refit_rules}
+        table = rules[args.part](rows)
+    sets = list(next(iter(table.values())))
+    print(f"\n{'rule (fold runs per set)':<46}" + "".join(f"{s:>11}" for s in sets) + f"{'mean':>9}")
     for label, scores in table.items():
         _line(label, [float(np.mean(scores[s])) for s in sets])
     print("fold runs: " + ", ".join(f"{s} {len(table['probe refitted (no fine-tuning)'][s])}" for s in sets))
