@@ -188,6 +188,13 @@ def _line(label: str, means: list[float]) -> None:
     print(f"{label:<46}" + "".join(f"{m:>11.2%}" for m in means) + f"{np.mean(means):>9.2%}")
 
 
+def _by_set(rules: dict, items: list, set_of=lambda r: r["set"]) -> dict:
+    """{rule label: {set: the rule's fold accuracy on each of the set's items}}."""
+    sets = dict.fromkeys(set_of(item) for item in items)
+    return {label: {s: [rule(item) for item in items if set_of(item) == s] for s in sets}
+            for label, rule in rules.items()}
+
+
 def _score(right: str) -> float:
     return right.count("1") / len(right)
 
@@ -216,8 +223,7 @@ def averaging_rules(rows: list[dict]) -> dict:
         rules[f"mean of the last {n}"] = lambda r, n=n: pick(r, [f"last{n}"])
         rules[f"best epoch or mean of last {n}"] = lambda r, n=n: pick(r, [*epochs(r), f"last{n}"])
     rules["probe refitted (no fine-tuning)"] = lambda r: r["probe_refit_accuracy"]
-    return {label: {s: [rule(r) for r in rows if r["set"] == s] for s in dict.fromkeys(r["set"] for r in rows)}
-            for label, rule in rules.items()}
+    return _by_set(rules, rows)
 
 
 def right(row: dict, key: str, *members: str) -> np.ndarray:
@@ -226,13 +232,15 @@ def right(row: dict, key: str, *members: str) -> np.ndarray:
     return mean.argmax(1) == np.asarray(row[f"{key}_labels"])
 
 
+def _fold(row: dict, *members: str) -> float:
+    """Accuracy on the fold's held-out images of the mean of the members' probabilities."""
+    return float(right(row, "fold_test", *members).mean())
+
+
 def two_runs_rules(first: list[dict], second: list[dict]) -> dict:
     """Two `ensemble` runs per fold with different seeds (so different held-out parts): guards that
     weigh both held-out parts, scored on the fold's images. The first run's network is kept."""
     pairs = [(a, b) for a in first for b in second if (a["set"], a["fold"]) == (b["set"], b["fold"])]
-
-    def fold(row: dict, member: str) -> float:
-        return float(right(row, "fold_test", member).mean())
 
     def lead(row: dict, k: int) -> int:
         return int(right(row, "val", f"e{k}").sum() - right(row, "val", "e0").sum())
@@ -240,20 +248,20 @@ def two_runs_rules(first: list[dict], second: list[dict]) -> dict:
     def best(row: dict) -> int:
         return max(range(1, row["epochs"] + 1), key=lambda k: (lead(row, k), -k))
 
+    def guard(row: dict) -> float:  # the guard today, on one run
+        return _fold(row, f"e{best(row)}") if lead(row, best(row)) > 0 else _fold(row, "refit")
+
     def both(a: dict, b: dict) -> float:  # the epoch best on the two held-out parts together
         k = max(range(1, a["epochs"] + 1), key=lambda k: (lead(a, k) + lead(b, k), -k))
-        return fold(a, f"e{k}") if lead(a, k) + lead(b, k) > 0 else fold(a, "refit")
+        return _fold(a, f"e{k}") if lead(a, k) + lead(b, k) > 0 else _fold(a, "refit")
 
-    rules = {"first run, the guard today": lambda a, b: fold(a, f"e{best(a)}") if lead(a, best(a)) > 0
-             else fold(a, "refit"),
-             "second run, the guard today": lambda a, b: fold(b, f"e{best(b)}") if lead(b, best(b)) > 0
-             else fold(b, "refit"),
-             "an epoch chosen on both held-out parts": both,
-             "each run's best epoch leads on its own part": lambda a, b: fold(a, f"e{best(a)}")
-             if lead(a, best(a)) > 0 and lead(b, best(b)) > 0 else fold(a, "refit"),
-             "probe refitted (no fine-tuning)": lambda a, b: fold(a, "refit")}
-    sets = dict.fromkeys(a["set"] for a, _ in pairs)
-    return {label: {s: [rule(a, b) for a, b in pairs if a["set"] == s] for s in sets} for label, rule in rules.items()}
+    rules = {"first run, the guard today": lambda pair: guard(pair[0]),
+             "second run, the guard today": lambda pair: guard(pair[1]),
+             "an epoch chosen on both held-out parts": lambda pair: both(*pair),
+             "each run's best epoch leads on its own part": lambda pair: guard(pair[0])
+             if lead(pair[1], best(pair[1])) > 0 else _fold(pair[0], "refit"),
+             "probe refitted (no fine-tuning)": lambda pair: _fold(pair[0], "refit")}
+    return _by_set(rules, pairs, lambda pair: pair[0]["set"])
 
 
 def ensemble_rules(rows: list[dict]) -> dict:
@@ -265,15 +273,12 @@ def ensemble_rules(rows: list[dict]) -> dict:
         return max((f"e{k}" for k in range(1, row["epochs"] + 1)),
                    key=lambda e: (right(row, "val", e, *partner)[among].sum(), -int(e[1:])))
 
-    def fold(row: dict, *members: str) -> float:
-        return float(right(row, "fold_test", *members).mean())
-
     def guard(row: dict, ensemble: bool, chosen_with_probe: bool) -> float:
         epoch = best(row, *(["probe"] if chosen_with_probe else []))
         held = right(row, "val", epoch, *(["probe"] if chosen_with_probe else [])).sum()
         if held > right(row, "val", "e0").sum():
-            return fold(row, epoch, *(["refit"] if ensemble else []))
-        return fold(row, "refit")
+            return _fold(row, epoch, *(["refit"] if ensemble else []))
+        return _fold(row, "refit")
 
     def nested(row: dict, k: int) -> float:
         """The best epoch kept when choosing on k-1 parts of the held-out images and judging on the k-th
@@ -285,30 +290,27 @@ def ensemble_rules(rows: list[dict]) -> dict:
             for chosen_on, judged_on in StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels):
                 epoch = best(row, among=chosen_on)
                 lead += int(right(row, "val", epoch)[judged_on].sum() - right(row, "val", "e0")[judged_on].sum())
-            kept.append(fold(row, best(row)) if lead > 0 else fold(row, "refit"))
+            kept.append(_fold(row, best(row)) if lead > 0 else _fold(row, "refit"))
         return float(np.mean(kept))
 
     rules = {"best epoch (the guard today)": lambda r: guard(r, False, False),
              "guard today, ensemble when kept": lambda r: guard(r, True, False),
              "guard on the ensemble": lambda r: guard(r, True, True),
-             "ensemble of the best epoch, always": lambda r: fold(r, best(r), "refit"),
-             "ensemble of the last epoch, always": lambda r: fold(r, f"e{r['epochs']}", "refit"),
+             "ensemble of the best epoch, always": lambda r: _fold(r, best(r), "refit"),
+             "ensemble of the last epoch, always": lambda r: _fold(r, f"e{r['epochs']}", "refit"),
              "guard on a 2-fold nested choice": lambda r: nested(r, 2),
              "guard on a 5-fold nested choice": lambda r: nested(r, 5),
-             "probe refitted (no fine-tuning)": lambda r: fold(r, "refit")}
-    return {label: {s: [rule(r) for r in rows if r["set"] == s] for s in dict.fromkeys(r["set"] for r in rows)}
-            for label, rule in rules.items()}
+             "probe refitted (no fine-tuning)": lambda r: _fold(r, "refit")}
+    return _by_set(rules, rows)
 
 
 def head_refit_rules(rows: list[dict]) -> dict:
     """The guard's decision as it was (a trained epoch, or the probe refitted), with each head."""
-    sets = dict.fromkeys(r["set"] for r in rows)
-    table = {f"{key} epoch, {head}": {s: [r[key][head] if r["best_epoch"] else r["probe_refit_accuracy"]
-                                          for r in rows if r["set"] == s] for s in sets}
+    rules = {f"{key} epoch, {head}": lambda r, key=key, head=head: r[key][head] if r["best_epoch"]
+             else r["probe_refit_accuracy"]
              for key in ("best", "last") for head in ("trained head", "refit on 100%", "refit on 80%")}
-    table["probe refitted (no fine-tuning)"] = {s: [r["probe_refit_accuracy"] for r in rows if r["set"] == s]
-                                                for s in sets}
-    return table
+    rules["probe refitted (no fine-tuning)"] = lambda r: r["probe_refit_accuracy"]
+    return _by_set(rules, rows)
 
 
 def main() -> None:
