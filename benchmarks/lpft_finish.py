@@ -4,6 +4,7 @@ flowers12, dtd10 and intel6 (the folds of select_defaults.py; no test folder is 
     nice -n 10 python benchmarks/lpft_finish.py averaging [--folds 3] [--run-folds 3] [--epochs 10]
     nice -n 10 python benchmarks/lpft_finish.py headrefit [--folds 3] [--run-folds 3] [--epochs 10]
     nice -n 10 python benchmarks/lpft_finish.py ensemble  [--folds 3] [--run-folds 3] [--epochs 10] [--seed 0]
+    nice -n 10 python benchmarks/lpft_finish.py ensemble --test-splits 10 [--from-split 0] [--sets dtd10]
     python benchmarks/lpft_finish.py PART --runs runs/bench/lpft_finish_PART.json  (the rules only, no training)
 
 Each fold run is one `finetune` recipe with the defaults (LP-FT, the probe guard's held-out part), kept
@@ -27,19 +28,25 @@ ensemble: output ensembles (the mean of the two members' probabilities) of an ep
     the best of ten epochs on the images that judge it. Given two outputs (`--runs A B`, B run with
     `--seed 1`: another held-out part, shuffling and augmentation), it scores guards that weigh both
     runs' held-out parts (twice the training) and keep the first run's network.
+
+--test-splits N: the same runs on the re-drawn train/test splits of three_sets.py (the set's train and
+test folders pooled, resplit.py seed 1; split i is the same there) instead of CV folds: the "fold"
+images are then a split's test images. This checks a rule chosen by the CV; it chooses nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from select_defaults import LITES, SETS, fold_folder, fold_options, fold_probe_accuracy
+from resplit import pooled, resampled_indices, write_split
+from select_defaults import DATA, LITES, SETS, fold_folder, fold_options, fold_probe_accuracy
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.features.extract import extract
@@ -62,14 +69,26 @@ def _blend(states: list[dict], shares: list[float]) -> dict:
 
 
 @contextmanager
+def test_split_folder(name: str, split: int, count: int) -> Iterator[Path]:
+    """data/train and data/test of three_sets.py's re-drawn split `split` (of `count`), as symlinks."""
+    paths, labels, classes = pooled(DATA / name)
+    test_size = len(pooled(DATA / name, parts=("test",))[1])
+    with tempfile.TemporaryDirectory(prefix="lpft-split-") as work:
+        yield write_split(paths, labels, classes, resampled_indices(labels, test_size, count)[split],
+                          Path(work) / "data")
+
+
+@contextmanager
 def fold_run(args: argparse.Namespace, name: str, fold: int) -> Iterator[tuple]:
     """(prepared, its settings, every epoch's weights (0: the probe), the TrainResult, the probe refitted on
-    the fold's whole training part: its fold accuracy) for one fold of a set, trained with the defaults."""
+    the fold's whole training part: its fold accuracy) for one fold of a set (or, with --test-splits, one
+    re-drawn split), trained with the defaults."""
     from pipeline.tuning.finetune import prepare
     from pipeline.tuning.options import TrainSettings
     from pipeline.tuning.training import train
 
-    with fold_folder(args, name, fold) as data:
+    folder = test_split_folder(name, fold, args.test_splits) if args.test_splits else fold_folder(args, name, fold)
+    with folder as data:
         options = fold_options(data, args, train=TrainSettings(epochs=args.epochs, patience=args.epochs,
                                                                seed=args.seed))
         p = prepare(options, progress=False)
@@ -163,7 +182,7 @@ def head_refit_cv(row: dict, p, settings, states: list[dict], result) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for fold in range(args.run_folds):
+    for fold in range(args.from_split, args.test_splits) if args.test_splits else range(args.run_folds):
         for name in args.sets:
             started = time.perf_counter()
             with fold_run(args, name, fold) as (p, options, states, result, probe_refit):
@@ -176,7 +195,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     head_refit_cv(row, p, options.train, states, result)
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
-            print(f"{name:<10} fold {fold}: kept epoch {row['best_epoch']}, probe on the fold's training part "
+            part = "split" if args.test_splits else "fold"
+            print(f"{name:<10} {part} {fold}: kept epoch {row['best_epoch']}, probe on the {part}'s training part "
                   f"{probe_refit:.2%} ({row['seconds']:.0f} s)", flush=True)
             out = Path(args.out or ROOT / "runs" / "bench" / f"lpft_finish_{args.part}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +342,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0,
                         help="finetune's seed: its held-out part, shuffling and augmentation (a second run per fold)")
+    parser.add_argument("--test-splits", type=int, default=0,
+                        help="run on three_sets.py's first N re-drawn train/test splits instead of CV folds")
+    parser.add_argument("--from-split", type=int, default=0, help="with --test-splits: start at this split")
     parser.add_argument("--cache", default="/work/shared-cache")
     parser.add_argument("--runs", nargs="+", help="score the rules on the JSON an earlier run wrote (no training); "
                         "ensemble: a second file (another --seed) also scores guards weighing both held-out parts")

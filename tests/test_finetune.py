@@ -16,15 +16,8 @@ from pipeline.heads.spec import HeadSpec
 from pipeline.images.data import require_labelled, scan
 from pipeline.models.registry import BACKBONES_ENV, get_spec, list_backbones
 from pipeline.models.weights import load_backbone
-from pipeline.tuning.finetune import (
-    FinetuneOptions,
-    blocks,
-    finetune,
-    fit_probe,
-    linear_from_probe,
-    prepare,
-    unfrozen_count,
-)
+from pipeline.tuning.finetune import FinetuneOptions, finetune, fit_probe, prepare
+from pipeline.tuning.network import blocks, linear_from_probe, unfrozen_count
 from pipeline.tuning.training import TrainResult, TrainSettings, _guard, mcnemar_p, train
 
 from .conftest import TINY, make_folder, stage_run_config

@@ -125,6 +125,10 @@ class FinetuneSection(Section):
     backbones_dir: Annotated[str | None, AfterValidator(from_config_folder("finetune.backbones_dir"))] = option(
         None, accepts="a folder path (relative to the config file's folder)",
         about="where the backbone is saved (default: the first folder of $PIPELINE_BACKBONES, else backbones/)")
+    ensemble: bool = option(dataclass_default(FinetuneOptions, "ensemble"), accepts="true or false",
+                            about="keep the last epoch's network averaged with the linear probe, saved as one twin "
+                                  "backbone (the parent's blocks shared, the trained ones run in both versions); "
+                                  "the probe is kept instead when the ensemble is below it on the held-out part")
     resume: bool = option(dataclass_default(FinetuneOptions, "resume"), accepts="true or false",
                           about="continue from the checkpoint in output_dir/finetune (same options needed)")
 

@@ -67,7 +67,7 @@ class FinetuneScores(Record):
     backbone: str  # the saved backbone's id
     probe_accuracy: float | None
     best_epoch: int
-    kept: str  # fine-tuned | probe (no epoch beat it on the held-out part) | initial
+    kept: str  # fine-tuned | probe (nothing trained beat it on the held-out part) | initial | ensemble
 
 
 class CompareRow(Record):

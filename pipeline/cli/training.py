@@ -19,7 +19,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device, precision=args.precision, guard_alpha=args.guard_alpha)
     options = FinetuneOptions(args.data, args.test, args.backbone, args.unfreeze, args.lr_decay, args.init,
                               args.train_bn, args.val_fraction, args.probe_c, args.out, args.name, args.backbones_dir,
-                              args.cache, args.resume, settings)
+                              args.cache, args.resume, settings, ensemble=args.ensemble)
 
     def report(epoch: int, record: dict) -> None:
         val = f", held-out accuracy {record['val_accuracy']:.1%}" if "val_accuracy" in record else ""
@@ -38,7 +38,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"linear probe alone (logistic regression on every training image): test accuracy "
               f"{m['probe_accuracy']:.1%}{started}")
     if "accuracy" in m:
-        what = "kept the probe" if m["kept"] == "probe" else f"fine-tuned (best epoch {m['best_epoch']})"
+        what = {"probe": "kept the probe", "ensemble": f"the ensemble of epoch {m['best_epoch']} with the probe"
+                }.get(m["kept"], f"fine-tuned (best epoch {m['best_epoch']})")
         print(f"{what}: test accuracy {m['accuracy']:.1%}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"saved backbone {result.backbone!r} in {result.folder} ({m['seconds']:.0f} s); "
@@ -93,6 +94,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     setting("train_bn", action="store_true")
     setting("val_fraction", type=float)
     setting("guard_alpha", type=float, metavar="P")
+    setting("ensemble", action="store_true")
     setting("patience", type=int)
     setting("batch_size", type=int)
     setting("seed", type=int)

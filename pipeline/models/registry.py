@@ -31,6 +31,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,12 +56,14 @@ class Layer:
     """A tap point: the output of `module` (a dotted path in the network; "" is the network's own output).
     A feature map is globally average-pooled; a token sequence is pooled by `pool` (one of POOLS): the
     class token, the mean of the patch tokens (the `prefix` leading class and register tokens left out),
-    or both concatenated."""
+    or both concatenated. A `twin` layer of a twin network (`pipeline.models.twin`) runs on both streams:
+    its pooled features are the parent's and the fine-tuned ones side by side (`dim` counts both)."""
 
     module: str
     dim: int
     pool: str = ""
     prefix: int = 0
+    twin: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,18 +224,30 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
         weights = path.parent / manifest["weights"]
         pre = Preprocess(**{**manifest["preprocess"], "mean": tuple(manifest["preprocess"]["mean"]),
                             "std": tuple(manifest["preprocess"]["std"])})
-        layers = {name: Layer(layer["module"], int(layer["dim"]), layer.get("pool", ""), int(layer.get("prefix", 0)))
+        layers = {name: Layer(layer["module"], int(layer["dim"]), layer.get("pool", ""), int(layer.get("prefix", 0)),
+                              bool(layer.get("twin", False)))
                   for name, layer in manifest["layers"].items()}
-        name, parent = manifest["name"], manifest["parent"]
+        name, parent, twin = manifest["name"], manifest["parent"], [str(p) for p in manifest.get("twin", [])]
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT}")
-        return BackboneSpec(name=name, build=lambda: get_spec(parent).build(), locate_weights=lambda: weights,
+        return BackboneSpec(name=name, build=partial(_build_saved, parent, twin), locate_weights=lambda: weights,
                             preprocess=pre, layers=layers, default_layer=manifest["default_layer"],
                             source=f"fine-tuned from {parent} ({path})",
                             load_categories=lambda: tuple(manifest.get("classes", ())),
                             weights_sha256=manifest["weights_sha256"], parent=parent)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BackboneError(f"saved backbone manifest {path} is unusable: {first_line(exc)}") from None
+
+
+def _build_saved(parent: str, twin: list[str]) -> nn.Module:
+    """The network of a saved backbone before its weights are loaded: the parent's architecture, or for an
+    ensemble of the parent with its fine-tuned copy a twin of two (`pipeline.models.twin`)."""
+    if not twin:
+        return get_spec(parent).build()
+    from pipeline.models.twin import make_twin
+
+    spec = get_spec(parent)
+    return make_twin(spec.build(), spec.build(), twin)
 
 
 def _user_specs() -> dict[str, BackboneSpec]:
@@ -247,11 +262,15 @@ def _user_specs() -> dict[str, BackboneSpec]:
     return specs
 
 
-def manifest_for(name: str, parent: BackboneSpec, weights: str, weights_sha256: str, extra: dict) -> dict:
+def manifest_for(name: str, parent: BackboneSpec, weights: str, weights_sha256: str, extra: dict,
+                 layers: dict[str, Layer] | None = None, twin: list[str] | None = None) -> dict:
     """The manifest of saved backbone `name`: its weights file and checksum, and the parent's
-    preprocessing and tap points (fine-tuning changes the weights, not the architecture)."""
+    preprocessing and tap points (fine-tuning changes the weights, not the architecture); a twin's
+    (`twin`: its changed modules) names its own `layers`."""
+    layers = parent.layers if layers is None else layers
     return {"format": MANIFEST_FORMAT, "name": name, "parent": parent.name, "weights": weights,
             "weights_sha256": weights_sha256, "preprocess": parent.preprocess.as_dict(),
-            "layers": {k: {"module": v.module, "dim": v.dim, **({"pool": v.pool, "prefix": v.prefix} if v.pool else {})}
-                       for k, v in parent.layers.items()},
-            "default_layer": parent.default_layer, **extra}
+            "layers": {k: {"module": v.module, "dim": v.dim, **({"pool": v.pool, "prefix": v.prefix} if v.pool else {}),
+                           **({"twin": True} if v.twin else {})}
+                       for k, v in layers.items()},
+            "default_layer": parent.default_layer, **({"twin": list(twin)} if twin else {}), **extra}

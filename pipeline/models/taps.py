@@ -46,7 +46,16 @@ class TappedNetwork(nn.Module):
 
 def pooled(out: torch.Tensor, layer: Layer) -> torch.Tensor:
     """One vector per image: a feature map averaged over space; a token sequence (batch, tokens, dim)
-    as its class token, the mean of its patch tokens (after `layer.prefix` class/register tokens), or both."""
+    as its class token, the mean of its patch tokens (after `layer.prefix` class/register tokens), or both.
+    A twin layer's two streams are pooled each, then set side by side (`pipeline.models.twin.fold`)."""
+    if layer.twin:
+        from pipeline.models.twin import fold
+
+        return fold(_pooled(out, layer))
+    return _pooled(out, layer)
+
+
+def _pooled(out: torch.Tensor, layer: Layer) -> torch.Tensor:
     if out.ndim == 4:
         return out.mean((2, 3))
     if out.ndim == 3 and layer.pool:

@@ -17,7 +17,7 @@ from pipeline.core.errors import BackboneError, PipelineError, first_line
 from pipeline.core.hashing import file_sha256 as _sha256
 from pipeline.core.io import atomic_write, make_folder, write_json_atomic
 from pipeline.models.download import on_disk
-from pipeline.models.registry import MANIFEST, BackboneSpec, get_spec, manifest_for
+from pipeline.models.registry import MANIFEST, BackboneSpec, Layer, get_spec, manifest_for
 
 if TYPE_CHECKING:
     from torch import nn
@@ -88,15 +88,17 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None,
     return LoadedBackbone(spec, network, path, file_sha256(path))
 
 
-def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, state: dict, extra: dict) -> Path:
-    """Write `root/name/weights.pth` and its manifest (checksum, parent, preprocessing, layers); the
-    manifest is written last and atomically, so a killed save never leaves a loadable half."""
+def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, state: dict, extra: dict,
+                  layers: dict[str, Layer] | None = None, twin: list[str] | None = None) -> Path:
+    """Write `root/name/weights.pth` and its manifest (checksum, parent, preprocessing, layers: the
+    parent's unless `layers`; `twin`: the changed modules of a twin network); the manifest is written
+    last and atomically, so a killed save never leaves a loadable half."""
     import torch
 
     folder = make_folder(Path(root) / name)
     weights = folder / "weights.pth"
     with atomic_write(weights, "wb") as fh:
         torch.save(state, fh)
-    manifest = manifest_for(name, parent, weights.name, file_sha256(weights), extra)
+    manifest = manifest_for(name, parent, weights.name, file_sha256(weights), extra, layers, twin)
     write_json_atomic(folder / MANIFEST, manifest)
     return folder

@@ -105,8 +105,9 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
     curve.set_ylabel("training loss (label-smoothed cross-entropy)")
     curve.set_xticks([0, *epochs])
     curve.grid(alpha=0.3)
-    kept = ("the linear probe (no epoch beat it by more than chance on the held-out part)"
-            if metrics.get("kept") == "probe" else f"epoch {metrics['best_epoch']}")
+    kept = {"probe": "the linear probe (nothing trained beat it on the held-out part)",
+            "ensemble": f"epoch {metrics['best_epoch']}, averaged with the probe"}.get(metrics.get("kept"),
+                                                                                 f"epoch {metrics['best_epoch']}")
     curve.axvline(metrics["best_epoch"], color="grey", linestyle=":", label=f"kept: {kept}")
     legend_axis = curve
     if metrics.get("start_val_accuracy") is not None:
@@ -123,11 +124,15 @@ def finetune_figure(metrics: dict, path: Path) -> Path:
                                  ha="right" if 2 * best > len(epochs) else "left", fontsize=8, color="#a0522d",
                                  bbox={"boxstyle": "round", "fc": "white", "ec": "#dd8452"},
                                  arrowprops={"arrowstyle": "->", "color": "#dd8452"})
+        if metrics.get("ensemble_val_accuracy") is not None:
+            legend_axis.plot([len(epochs)], [metrics["ensemble_val_accuracy"]], "*", color="#55a868", markersize=13,
+                             label="held-out accuracy of the last epoch averaged with the probe")
         legend_axis.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
     handles = [h for ax in dict.fromkeys((curve, legend_axis)) for h in ax.get_legend_handles_labels()[0]]
     legend_axis.legend(handles=handles, loc="best", fontsize=8)
     curve.set_title(f"training: {metrics['backbone']}")
-    final = "kept: the probe, refitted" if metrics.get("kept") == "probe" else "fine-tuned"
+    final = {"probe": "kept: the probe, refitted", "ensemble": "fine-tuned + probe"}.get(metrics.get("kept"),
+                                                                                          "fine-tuned")
     scores = [("linear probe alone", metrics.get("probe_accuracy")), (final, metrics.get("accuracy"))]
     scores = [(name, value) for name, value in scores if value is not None]
     if scores:

@@ -32,7 +32,8 @@ from pipeline.images.data import test_labels as labels_in
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import BackboneSpec, get_spec
 from pipeline.models.weights import load_backbone, resolve_weights
-from pipeline.tuning.finetune import build_model, check_unfreeze
+from pipeline.tuning.finetune import check_unfreeze
+from pipeline.tuning.network import build_model
 from pipeline.tuning.options import CompareOptions
 from pipeline.tuning.training import Images, TrainSettings, decode_images, predict_logits, square, train
 

@@ -1,13 +1,12 @@
 """Stage 3: fine-tune a backbone on a labelled folder and save it as a new registered backbone.
 
 The trunk is cut at its default feature layer (the one stage 2 reads) and a new linear layer is put
-on the pooled output. LP-FT: that layer starts from the stage-2 logistic-regression probe fitted on
-the same backbone's cached features (its StandardScaler folded into the weights), so training begins
-at the probe's accuracy instead of from noise that would first wreck the pretrained features.
-Blocks are the network's parameterised units in execution order (a BatchNorm joins the block before
-it); `last:N` unfreezes the N blocks nearest the head, each earlier one at `lr_decay` times the lr of
-the one after it. BatchNorm layers stay in eval mode with frozen affine parameters unless
-`train_bn`: batch statistics of a few dozen images would only add noise to ImageNet's.
+on the pooled output (`pipeline.tuning.network`). LP-FT: that layer starts from the stage-2
+logistic-regression probe fitted on the same backbone's cached features (its StandardScaler folded
+into the weights), so training begins at the probe's accuracy instead of from noise that would first
+wreck the pretrained features. A part of the training folder is held out to judge what is kept: the
+best epoch, or the probe when no epoch beats it there; with `ensemble`, the last epoch averaged with
+the probe (`pipeline.tuning.ensemble`), or the probe when that is below it there.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
-from torch import nn
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import make_folder, write_json_atomic
@@ -35,130 +33,13 @@ from pipeline.images.data import Dataset, require_labelled, scan, test_labels
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import MANIFEST, BackboneSpec, backbone_dirs, get_spec, list_backbones
 from pipeline.models.weights import load_backbone, resolve_weights, save_backbone
+from pipeline.tuning import ensemble
+from pipeline.tuning.ensemble import check_ensemble
+from pipeline.tuning.network import FineTuneNet, build_model, linear_from_probe
 from pipeline.tuning.options import INITS, FinetuneOptions
 from pipeline.tuning.training import Images, TrainResult, decode_images, predict_logits, square, train
 
 logger = logging.getLogger(__name__)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-class _Tapped(Exception):  # noqa: N818 - control flow, not an error: the trunk ends at the tap
-    def __init__(self, output: torch.Tensor) -> None:
-        self.output = output
-
-
-class FineTuneNet(nn.Module):
-    """Trunk up to the tap module, global average pooling, a new linear layer.
-
-    The trunk stops at the tap (its hook raises), so the original classifier never runs."""
-
-    def __init__(self, network: nn.Module, tap: str, dim: int, classes: int, train_bn: bool = False) -> None:
-        super().__init__()
-        self.network = network
-        self.classifier = nn.Linear(dim, classes)
-        self.train_bn = train_bn
-        self.frozen_blocks: list[nn.Module] = []
-        dict(network.named_modules())[tap].register_forward_hook(self._stop)
-
-    @staticmethod
-    def _stop(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        raise _Tapped(output)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            self.network(x)
-        except _Tapped as tapped:
-            out = tapped.output
-        else:
-            raise RuntimeError("the tap module did not run")
-        return out.float().mean((2, 3)) if out.ndim == 4 else out.float().flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-    def train(self, mode: bool = True) -> FineTuneNet:
-        """Frozen blocks (dropout, stochastic depth) and, unless `train_bn`, every BatchNorm stay in eval."""
-        super().train(mode)
-        for block in self.frozen_blocks:
-            block.eval()
-        if not self.train_bn:
-            for module in self.modules():
-                if isinstance(module, _BN):
-                    module.eval()
-        return self
-
-
-def blocks(network: nn.Module, tap: str, input_size: int = 64) -> list[list[nn.Module]]:
-    """The trunk's units in execution order, up to the tap: each child of a top-level Sequential or
-    ModuleList (else the top-level module) that has parameters; a BatchNorm joins the unit before it."""
-    candidates = []
-    for child in network.children():
-        inner = list(child.children()) if isinstance(child, nn.Sequential | nn.ModuleList) else [child]
-        candidates += [m for m in inner if any(True for _ in m.parameters())]
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_pre_hook(lambda m, _i: order.append(m)) for m in candidates]
-    hooks.append(dict(network.named_modules())[tap].register_forward_hook(FineTuneNet._stop))
-    try:
-        with torch.no_grad():
-            network(torch.zeros(1, 3, input_size, input_size))
-    except _Tapped:
-        pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-    units: list[list[nn.Module]] = []
-    for module in dict.fromkeys(order):
-        if isinstance(module, _BN) and units:
-            units[-1].append(module)
-        else:
-            units.append([module])
-    return units
-
-
-def unfrozen_count(unfreeze: str, total: int) -> int:
-    """How many trunk blocks (counted from the head) `head`, `last:N` or `all` trains."""
-    if unfreeze == "head":
-        return 0
-    if unfreeze == "all":
-        return total
-    match = re.fullmatch(r"last:(\d+)", unfreeze)
-    if not match or not 1 <= int(match.group(1)) <= total:
-        raise ConfigError(f"unfreeze must be head, all or last:N with 1 <= N <= {total} (blocks of this backbone), "
-                          f"not {unfreeze!r}")
-    return int(match.group(1))
-
-
-def freeze(model: FineTuneNet, units: list[list[nn.Module]], count: int, lr: float, decay: float) -> list[dict]:
-    """Freeze all but the last `count` blocks; return AdamW groups with discriminative learning rates."""
-    model.network.requires_grad_(False)
-    groups = [{"params": list(model.classifier.parameters()), "lr": lr}]
-    trained = units[len(units) - count:] if count else []
-    model.frozen_blocks = [m for unit in units[:len(units) - count] for m in unit]
-    for depth, unit in enumerate(reversed(trained), start=1):
-        params = []
-        for module in unit:
-            module.requires_grad_(True)
-            for sub in module.modules():
-                if isinstance(sub, _BN) and not model.train_bn:
-                    sub.requires_grad_(False)
-            params += [p for p in module.parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr * decay ** depth})
-    return groups
-
-
-def linear_from_probe(pipeline, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of a linear layer giving the probe's logits on raw features: the probe standardises
-    first, so W' = W / scale and b' = b - W' @ mean. A binary probe's single row z becomes (0, z)."""
-    scaler, clf = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
-    if list(clf.classes_) != list(range(classes)):
-        raise ConfigError("the probe did not see every class; every class needs training images")
-    coef, intercept = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    weight = coef / scaler.scale_
-    bias = intercept - weight @ scaler.mean_
-    return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
 
 
 def fit_probe(dataset: Dataset, backbone: str, options: FinetuneOptions, progress: bool = True):
@@ -207,6 +88,8 @@ def check_options(options: FinetuneOptions) -> str:
     if options.probe_C is not None and not 0 < options.probe_C < math.inf:
         raise ConfigError(f"probe C must be a finite positive number, not {options.probe_C}")
     check_unfreeze(options.unfreeze)
+    if options.ensemble:
+        check_ensemble(0 if options.unfreeze == "head" else 1, options.init)
     options.train.check()
     spec = get_spec(options.backbone)
     resolve_weights(spec)
@@ -230,20 +113,6 @@ def _test_images(options: FinetuneOptions, classes: list[str], pre: Preprocess,
     images, skipped = decode_images(test.paths, labels, pre, "decode test", progress)
     return (images, Dataset(images.paths, images.labels, classes, [])), list(test.skipped) + skipped
 
-
-def build_model(network: nn.Module, spec: BackboneSpec, classes: int, probe, unfreeze: str, lr: float,
-                lr_decay: float, train_bn: bool = False) -> tuple[FineTuneNet, list[dict], int]:
-    """The network cut at its default layer with a new linear layer (the probe's, folded, when given),
-    all but the chosen blocks frozen; returns it with its AdamW groups and its number of blocks."""
-    tap = spec.layers[spec.default_layer]
-    model = FineTuneNet(network, tap.module, tap.dim, classes, train_bn)
-    if probe is not None:
-        weight, bias = linear_from_probe(probe, classes)
-        with torch.no_grad():
-            model.classifier.weight.copy_(weight)
-            model.classifier.bias.copy_(bias)
-    units = blocks(network, tap.module)
-    return model, freeze(model, units, unfrozen_count(unfreeze, len(units)), lr, lr_decay), len(units)
 
 
 @dataclass
@@ -328,7 +197,8 @@ def keep_probe(p: Prepared, probe, options: FinetuneOptions) -> None:
 
 def kept(init: str, best_epoch: int) -> str:
     """What the saved backbone holds: "fine-tuned" (an epoch's weights), "probe" (LP-FT whose probe no
-    epoch beat on the held-out part) or "initial" (a random head no epoch beat)."""
+    epoch beat on the held-out part) or "initial" (a random head no epoch beat); with `ensemble`,
+    `finetune` itself decides between "ensemble" and "probe"."""
     if best_epoch:
         return "fine-tuned"
     return "probe" if init == "probe" else "initial"
@@ -346,10 +216,19 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     settings = options.train
     out = make_folder(options.out)
     fingerprint = {"backbone": options.backbone, "unfreeze": options.unfreeze, "lr_decay": options.lr_decay,
-                   "init": options.init, "train_bn": options.train_bn, "val_fraction": options.val_fraction}
+                   "init": options.init, "train_bn": options.train_bn, "val_fraction": options.val_fraction,
+                   **({"ensemble": True} if options.ensemble else {})}
     result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, settings, out / "checkpoint.pt",
-                   options.resume, fingerprint, on_epoch, progress)
+                   options.resume, fingerprint, on_epoch, progress, restore=not options.ensemble)
     outcome = kept(options.init, result.best_epoch)
+    verdict = None  # with --ensemble and a held-out part: the guard's judgement of the ensemble
+    if options.ensemble:
+        if p.val_set is not None:
+            verdict = ensemble.judge(p.model, p.probe, p.val_set, p.classes, p.parent.preprocess, options,
+                                     len(result.history))
+        outcome = "ensemble" if verdict is None or verdict.kept else "probe"
+        if outcome == "probe":  # the network holds the last epoch's weights: back to the parent's
+            p.model.network.load_state_dict(load_backbone(options.backbone).network.state_dict())
     start_probe_accuracy = p.probe_accuracy
     reference = None  # (labels, predicted) of the probe on every training image, on the test split
     if options.init == "probe":  # the reference: the probe on every training image (kept, when no epoch beats it)
@@ -360,8 +239,9 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                 reference = probe_predictions(probe, p.test[1], options, progress)
                 p.probe_accuracy = float(accuracy_score(*reference))
         if outcome == "probe":
-            logger.info(f"{guard_verdict(result, settings.guard_alpha)}: keeping the probe (the frozen backbone "
-                        "with the probe, refitted on every training image, as its head)")
+            why = verdict.line() if verdict is not None else guard_verdict(result, settings.guard_alpha)
+            logger.info(f"{why}: keeping the probe (the frozen backbone with the probe, refitted on every "
+                        "training image, as its head)")
             keep_probe(p, probe, options)
     metrics = {"backbone": p.name, "parent": options.backbone, "classes": p.classes, "kept": outcome,
                "trainable_parameters": sum(t.numel() for g in p.groups for t in g["params"]), "blocks": p.blocks,
@@ -369,6 +249,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                "best_val_accuracy": _best_val(result), "best_trained_epoch": result.best_trained_epoch,
                "guard_p": result.guard_p, "guard_alpha": settings.guard_alpha,
                "guard": guard_verdict(result, settings.guard_alpha),
+               **(_ensemble_metrics(verdict, outcome, result) if options.ensemble else {}),
                "stopped_early": result.stopped_early,
                "resumed_from_epoch": result.resumed_from, "train_seconds": round(result.seconds, 3),
                "history": result.history, "probe_accuracy": p.probe_accuracy,
@@ -380,16 +261,24 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     if p.test is not None:
         if outcome == "probe" and reference is not None:  # the parent network with the reference probe as head
             labels, predicted = reference
+        elif outcome == "ensemble":
+            labels = p.test[0].labels
+            predicted = ensemble.predict(p.model, probe, p.test[0], p.classes, p.parent.preprocess, options)
         else:
             labels = p.test[0].labels
             predicted = predict_logits(p.model, p.test[0], p.parent.preprocess, settings).argmax(1)
         metrics["accuracy"] = float(accuracy_score(labels, predicted))
         metrics["macro_f1"] = float(f1_score(labels, predicted, average="macro"))
-    state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
-             "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
     summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch", "kept")}
-    folder = save_backbone(_backbones_root(options), p.name, p.parent, state,
-                                    {"classes": p.classes, "finetune": summary})
+    extra = {"classes": p.classes, "finetune": summary}
+    if outcome == "ensemble":
+        twin = ensemble.twin_state(p.parent, p.model.network, p.model.trained_units,
+                                   *linear_from_probe(probe, len(p.classes)), p.model.classifier)
+        folder = save_backbone(_backbones_root(options), p.name, p.parent, twin.state, extra, twin.layers, twin.paths)
+    else:
+        state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
+                 "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
+        folder = save_backbone(_backbones_root(options), p.name, p.parent, state, extra)
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out / "finetune.json", metrics, default=str)
     return FinetuneResult(p.name, folder, metrics, p.skipped + p.test_skipped)
@@ -409,6 +298,16 @@ def guard_verdict(result: TrainResult, alpha: float) -> str | None:
     if result.best_epoch:
         return f"{lead}{'' if alpha >= 1 else f' <= {alpha:g}'}): kept"
     return f"{lead} > {alpha:g}) does not beat them by more than chance"
+
+
+def _ensemble_metrics(verdict: ensemble.Verdict | None, outcome: str, result: TrainResult) -> dict:
+    """What `--ensemble` changes in finetune.json: the epoch in the ensemble (the last), the guard's line
+    about the ensemble (no McNemar test: the epochs are not judged), and its held-out accuracy."""
+    last = len(result.history) if outcome == "ensemble" else 0
+    if verdict is None:
+        return {"best_epoch": last, "guard": None, "guard_p": None, "ensemble_val_accuracy": None}
+    return {"best_epoch": last, "guard": verdict.line(), "guard_p": None, "ensemble_val_accuracy": verdict.accuracy,
+            "best_val_accuracy": verdict.accuracy if verdict.kept else result.start_val_accuracy}
 
 
 def _best_val(result) -> float | None:

@@ -86,6 +86,7 @@ class FinetuneOptions:
     cache_dir: str | Path = DEFAULTS.cache_dir
     resume: bool = False
     train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=LR, epochs=EPOCHS, patience=EPOCHS))
+    ensemble: bool = False  # keep the last epoch's network averaged with the probe (pipeline.tuning.ensemble)
 
 
 @dataclass

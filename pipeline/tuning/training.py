@@ -188,8 +188,9 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
 def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Images | None, pre: Preprocess,
           settings: TrainSettings, checkpoint: Path | None = None, resume: bool = False,
           fingerprint: dict | None = None, on_epoch: Callable[[int, dict], None] | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train `model` (its parameter `groups`, each with its own lr) and leave it at its best epoch.
+          progress: bool = True, restore: bool = True) -> TrainResult:
+    """Train `model` (its parameter `groups`, each with its own lr) and leave it at its best epoch (with
+    `restore`, else at its last).
 
     `fingerprint` (settings that must not change between a run and its resumption) is stored with
     the checkpoint; `on_epoch(epoch, record)` is called after each epoch's checkpoint is written."""
@@ -250,7 +251,7 @@ def train(model: nn.Module, groups: list[dict], train_set: Images, val_set: Imag
             on_epoch(epoch, record)
     result.best_epoch = _guard(result, settings) if validate else result.best_trained_epoch
     kept_state = best_state if result.best_epoch else start_state
-    if kept_state is not None:
+    if restore and kept_state is not None:
         model.load_state_dict(kept_state)
     result.seconds = time.perf_counter() - started
     return result

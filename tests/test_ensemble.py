@@ -1,0 +1,138 @@
+"""`finetune --ensemble` and twin networks: the last epoch's network averaged with the probe, saved as one
+backbone whose features are the parent's and the fine-tuned network's side by side."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.errors import ConfigError
+from pipeline.features.extract import extract
+from pipeline.models.registry import BACKBONES_ENV, Layer, get_spec
+from pipeline.models.taps import TappedNetwork
+from pipeline.models.twin import make_twin, twin_layers
+from pipeline.models.weights import load_backbone
+from pipeline.tuning.finetune import FinetuneOptions, finetune
+from pipeline.tuning.network import blocks
+from pipeline.tuning.training import TrainSettings
+
+from .conftest import TINY, make_folder
+from .test_finetune import _options, _predicts_with, _stripes
+
+
+def _tuned_copy(seed: int = 0) -> torch.nn.Module:
+    """The tiny parent network with its last two blocks' weights moved (a stand-in for training)."""
+    network = copy.deepcopy(load_backbone(TINY).network)
+    units = blocks(network, get_spec(TINY).layers["head"].module)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for unit in units[-2:]:
+            for module in unit:
+                for parameter in module.parameters():
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return network
+
+
+def test_a_twin_runs_the_shared_blocks_once_and_sets_both_streams_side_by_side():
+    spec = get_spec(TINY)
+    parent, tuned = load_backbone(TINY).network, _tuned_copy()
+    names = {id(m): n for n, m in tuned.named_modules()}
+    paths = [names[id(m)] for unit in blocks(tuned, spec.layers["head"].module)[-2:] for m in unit]
+    assert paths == ["_blocks.2", "_conv_head", "_bn1"]
+    flags = twin_layers(parent, paths, {k: v.module for k, v in spec.layers.items()}, spec.preprocess.crop)
+    assert flags == {"stage1": False, "stage2": True, "head": True}
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = {name: TappedNetwork(network, spec.layers)(x)
+                    for name, network in (("parent", parent), ("tuned", tuned))}
+        layers = {k: Layer(v.module, v.dim * (2 if flags[k] else 1), v.pool, v.prefix, flags[k])
+                  for k, v in spec.layers.items()}
+        got = TappedNetwork(make_twin(copy.deepcopy(tuned), copy.deepcopy(parent), paths).eval(), layers)(x)
+    torch.testing.assert_close(got["stage1"], expected["parent"]["stage1"])
+    for layer in ("stage2", "head"):
+        torch.testing.assert_close(got[layer], torch.cat([expected["parent"][layer], expected["tuned"][layer]], 1))
+
+
+def test_ensemble_saves_a_twin_whose_classifier_is_the_runs_ensemble(tmp_path, monkeypatch, caplog):
+    """A run that keeps the ensemble saves the twin: its head features are the parent's and the last
+    epoch's side by side, and its classifier reproduces the run's test predictions (the mean of the
+    network's and the refitted probe's log-probabilities); a user fits and predicts on it by name."""
+    data = tmp_path / "stripes"
+    _stripes(data / "train", 16, 0)
+    _stripes(data / "test", 8, 5000)
+    options = FinetuneOptions(data / "train", data / "test", backbone=TINY, unfreeze="last:2", probe_C=1.0,
+                              out=tmp_path / "out", name="tiny_ens", backbones_dir=tmp_path / "backbones",
+                              cache_dir=tmp_path / "cache", ensemble=True,
+                              train=TrainSettings(epochs=4, batch_size=8, lr=0.1, patience=4, device="cpu",
+                                                  precision="fp32"))
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = finetune(options, progress=False)
+    m = result.metrics
+    assert m["kept"] == "ensemble" and m["best_epoch"] == 4 and "keeping the probe" not in caplog.text
+    assert m["guard"].startswith("the ensemble of epoch 4 with the probe (") and m["guard"].endswith("): kept")
+    assert m["ensemble_val_accuracy"] == m["best_val_accuracy"] >= m["start_val_accuracy"]
+    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
+    spec = get_spec("tiny_ens")
+    assert spec.layers["head"] == Layer("_head_act", 128, twin=True) and not spec.layers["stage1"].twin
+    cache = tmp_path / "use-cache"
+    X = {name: extract(data / "test", name, ["head"], cache, "cpu", "fp32", progress=False)
+         .feature_sets[(name, "head")] for name in (TINY, "tiny_ens")}
+    twin = X["tiny_ens"].features.compute()
+    np.testing.assert_allclose(twin[:, :64], X[TINY].features.compute(), rtol=1e-4, atol=1e-5)
+    saved = torch.load(result.folder / "weights.pth", weights_only=True)
+    logits = torch.from_numpy(twin) @ saved["classifier"]["weight"].T + saved["classifier"]["bias"]
+    accuracy = float(np.mean(logits.argmax(1).numpy() == X["tiny_ens"].labels))
+    assert accuracy == m["accuracy"]
+    state = saved["state_dict"]
+    assert not torch.equal(state["_conv_head.frozen.weight"], state["_conv_head.tuned.weight"])
+    predicted = _predicts_with("tiny_ens", data / "train", data / "test", tmp_path)
+    assert len(predicted) == 16 and set(predicted) <= {"class0", "class1"}
+
+
+def test_an_ensemble_below_its_probe_on_the_held_out_part_keeps_the_probe(tmp_path, caplog):
+    """lr 1000 wrecks the network: the ensemble with it is below the probe on the held-out part, so the
+    saved backbone is the parent network with the refitted probe as its head, and the run says so."""
+    folders = tmp_path / "data"
+    make_folder(folders / "train", classes=3, per_class=4)
+    make_folder(folders / "test", classes=3, per_class=2, start_seed=100)
+    options = _options(folders, tmp_path, unfreeze="all", ensemble=True, train={"epochs": 2, "lr": 1e3})
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = finetune(options, progress=False)
+    m = result.metrics
+    assert m["kept"] == "probe" and m["best_epoch"] == 0 and m["guard"].endswith("is below the probe")
+    assert "keeping the probe" in caplog.text and m["accuracy"] == m["probe_accuracy"]
+    saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
+    parent = load_backbone(TINY).network.state_dict()
+    assert saved.keys() == parent.keys() and all(torch.equal(v, parent[k]) for k, v in saved.items())
+
+
+@pytest.mark.parametrize(("change", "message"), [({"init": "random"}, "needs --init probe"),
+                                                 ({"unfreeze": "head"}, "needs trained blocks")])
+def test_ensemble_refuses_what_it_cannot_average(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        finetune(FinetuneOptions(tmp_path, backbone=TINY, ensemble=True, **change), progress=False)
+
+
+def test_the_cli_says_what_the_ensemble_scored_and_draws_it(tmp_path, capsys):
+    """`pipeline finetune --ensemble` prints the guard's line about the ensemble and what was kept, and
+    the figure names the ensemble."""
+    import json
+
+    from pipeline.cli.main import main
+
+    data = tmp_path / "stripes"
+    _stripes(data / "train", 16, 0)
+    _stripes(data / "test", 8, 5000)
+    assert main(["finetune", "--data", str(data / "train"), "--test", str(data / "test"), "--backbone", TINY,
+                 "--unfreeze", "last:2", "--probe-c", "1", "--epochs", "3", "--batch-size", "8", "--lr", "0.1",
+                 "--ensemble", "--device", "cpu", "--out", str(tmp_path / "out"), "--name", "tiny_e",
+                 "--backbones-dir", str(tmp_path / "backbones"), "--cache", str(tmp_path / "cache"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert m["kept"] == "ensemble" and m["options"]["ensemble"] is True
+    assert f"{m['guard']} (7 held-out images)" in out
+    assert f"the ensemble of epoch 3 with the probe: test accuracy {m['accuracy']:.1%}" in out
+    assert (tmp_path / "out" / "finetune.png").stat().st_size > 10_000
