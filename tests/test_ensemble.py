@@ -56,29 +56,37 @@ def test_a_twin_runs_the_shared_blocks_once_and_sets_both_streams_side_by_side()
         torch.testing.assert_close(got[layer], torch.cat([expected["parent"][layer], expected["tuned"][layer]], 1))
 
 
-def test_ensemble_saves_a_twin_whose_classifier_is_the_runs_ensemble(tmp_path, monkeypatch, caplog):
-    """A run that keeps the ensemble saves the twin: its head features are the parent's and the last
-    epoch's side by side, and its classifier reproduces the run's test predictions (the mean of the
-    network's and the refitted probe's log-probabilities); a user fits and predicts on it by name."""
-    data = tmp_path / "stripes"
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    """`finetune --ensemble` on the stripes (fp32), kept as a twin; its backbones folder is searched."""
+    root = tmp_path_factory.mktemp("ensemble")
+    data = root / "stripes"
     _stripes(data / "train", 16, 0)
     _stripes(data / "test", 8, 5000)
     options = FinetuneOptions(data / "train", data / "test", backbone=TINY, unfreeze="last:2", probe_C=1.0,
-                              out=tmp_path / "out", name="tiny_ens", backbones_dir=tmp_path / "backbones",
-                              cache_dir=tmp_path / "cache", ensemble=True,
+                              out=root / "out", name="tiny_ens", backbones_dir=root / "backbones",
+                              cache_dir=root / "cache", ensemble=True,
                               train=TrainSettings(epochs=4, batch_size=8, lr=0.1, patience=4, device="cpu",
                                                   precision="fp32"))
-    with caplog.at_level("INFO", logger="pipeline"):
-        result = finetune(options, progress=False)
+    result = finetune(options, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BACKBONES_ENV, str(root / "backbones"))
+        yield result, data, root
+
+
+def test_ensemble_saves_a_twin_whose_classifier_is_the_runs_ensemble(ensemble_run, tmp_path):
+    """A run that keeps the ensemble saves the twin: its head features are the parent's and the last
+    epoch's side by side, and its classifier reproduces the run's test predictions (the mean of the
+    network's and the refitted probe's log-probabilities); a user fits and predicts on it by name."""
+    result, data, _root = ensemble_run
     m = result.metrics
-    assert m["kept"] == "ensemble" and m["best_epoch"] == 4 and "keeping the probe" not in caplog.text
+    assert m["kept"] == "ensemble" and m["best_epoch"] == 4 and m["guard_p"] is None
     assert m["guard"].startswith("the ensemble of epoch 4 with the probe (") and m["guard"].endswith("): kept")
     assert m["ensemble_val_accuracy"] == m["best_val_accuracy"] >= m["start_val_accuracy"]
-    monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
     spec = get_spec("tiny_ens")
     assert spec.layers["head"] == Layer("_head_act", 128, twin=True) and not spec.layers["stage1"].twin
     cache = tmp_path / "use-cache"
-    X = {name: extract(data / "test", name, ["head"], cache, "cpu", "fp32", progress=False)
+    X = {name: extract(data / "test", name, ["head"], cache, "cpu", "fp32", progress=False, runtime="torch")
          .feature_sets[(name, "head")] for name in (TINY, "tiny_ens")}
     twin = X["tiny_ens"].features.compute()
     np.testing.assert_allclose(twin[:, :64], X[TINY].features.compute(), rtol=1e-4, atol=1e-5)
@@ -90,6 +98,30 @@ def test_ensemble_saves_a_twin_whose_classifier_is_the_runs_ensemble(tmp_path, m
     assert not torch.equal(state["_conv_head.frozen.weight"], state["_conv_head.tuned.weight"])
     predicted = _predicts_with("tiny_ens", data / "train", data / "test", tmp_path)
     assert len(predicted) == 16 and set(predicted) <= {"class0", "class1"}
+
+
+@pytest.mark.parametrize("layer", ["head", "stage1"])
+def test_openvino_extracts_the_twin_as_torch_does(ensemble_run, tmp_path, layer):
+    _result, data, _root = ensemble_run
+    features = {runtime: extract(data / "test", "tiny_ens", [layer], tmp_path / runtime, "cpu", "fp32",
+                                 progress=False, runtime=runtime).feature_sets[("tiny_ens", layer)]
+                for runtime in ("torch", "openvino")}
+    assert features["openvino"].cache_key != features["torch"].cache_key
+    np.testing.assert_allclose(features["openvino"].features.compute(), features["torch"].features.compute(),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_a_head_on_the_twin_exports_to_one_onnx_model_that_agrees_with_predict(ensemble_run, tmp_path):
+    from .test_export import fitted_heads, onnx_vs_predict
+
+    _result, data, _root = ensemble_run
+    model = fitted_heads(tmp_path, {"lr": ("logistic_regression", ["tiny_ens:head"], {"C": 1.0})})["lr"]
+    onnx_path = tmp_path / "lr.onnx"
+    from pipeline.cli.main import main
+
+    assert main(["export", "--head", str(model), "--out", str(onnx_path)]) == 0
+    expected, got = onnx_vs_predict(model, onnx_path, data / "test", tmp_path / "cache")
+    assert np.abs(expected - got).max() <= 1e-3 and (expected.argmax(1) == got.argmax(1)).all()
 
 
 def test_an_ensemble_below_its_probe_on_the_held_out_part_keeps_the_probe(tmp_path, caplog):
