@@ -318,6 +318,9 @@ def ensemble_rules(rows: list[dict]) -> dict:
              "guard on the ensemble": lambda r: guard(r, True, True),
              "ensemble of the best epoch, always": lambda r: _fold(r, best(r), "refit"),
              "ensemble of the last epoch, always": lambda r: _fold(r, f"e{r['epochs']}", "refit"),
+             "finetune --ensemble (last epoch, unless below)": lambda r: _fold(r, f"e{r['epochs']}", "refit")
+             if right(r, "val", f"e{r['epochs']}", "probe").sum() >= right(r, "val", "probe").sum()
+             else _fold(r, "refit"),
              "guard on a 2-fold nested choice": lambda r: nested(r, 2),
              "guard on a 5-fold nested choice": lambda r: nested(r, 5),
              "probe refitted (no fine-tuning)": lambda r: _fold(r, "refit")}
