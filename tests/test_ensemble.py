@@ -85,6 +85,7 @@ def test_ensemble_saves_a_twin_whose_classifier_is_the_runs_ensemble(ensemble_ru
     assert m["ensemble_val_accuracy"] == m["best_val_accuracy"] >= m["start_val_accuracy"]
     spec = get_spec("tiny_ens")
     assert spec.layers["head"] == Layer("_head_act", 128, twin=True) and not spec.layers["stage1"].twin
+    assert "a twin with it (finetune --ensemble)" in spec.source and spec.parent == TINY
     cache = tmp_path / "use-cache"
     X = {name: extract(data / "test", name, ["head"], cache, "cpu", "fp32", progress=False, runtime="torch")
          .feature_sets[(name, "head")] for name in (TINY, "tiny_ens")}

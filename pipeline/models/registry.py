@@ -232,7 +232,8 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
             raise ValueError(f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT}")
         return BackboneSpec(name=name, build=partial(_build_saved, parent, twin), locate_weights=lambda: weights,
                             preprocess=pre, layers=layers, default_layer=manifest["default_layer"],
-                            source=f"fine-tuned from {parent} ({path})",
+                            source=f"fine-tuned from {parent}{', a twin with it (finetune --ensemble)' if twin else ''}"
+                                   f" ({path})",
                             load_categories=lambda: tuple(manifest.get("classes", ())),
                             weights_sha256=manifest["weights_sha256"], parent=parent)
     except (OSError, ValueError, KeyError, TypeError) as exc:
