@@ -124,7 +124,7 @@ def test_resume_after_an_interruption_continues_at_the_next_epoch_and_matches(fo
 
 
 def test_saved_backbone_loads_through_the_registry_and_gets_its_own_cache_key(folders, tmp_path, monkeypatch):
-    result = finetune(_options(folders, tmp_path, name="flowers_ft", val_fraction=0), progress=False)
+    result = finetune(_options(folders, tmp_path, name="flowers_ft", val_fraction=0, ensemble=False), progress=False)
     monkeypatch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
     assert "flowers_ft" in list_backbones()
     spec = get_spec("flowers_ft")
@@ -239,7 +239,7 @@ def test_a_run_that_cannot_beat_its_probe_keeps_the_probe_and_says_so(folders, t
     import json
 
     options = _options(folders, tmp_path, val_fraction=FinetuneOptions("x").val_fraction, unfreeze="all",
-                       train={"epochs": 2, "lr": 1e3})
+                       ensemble=False, train={"epochs": 2, "lr": 1e3})
     with caplog.at_level("INFO", logger="pipeline"):
         result = finetune(options, progress=False)
     m = result.metrics
@@ -273,7 +273,7 @@ def test_a_run_that_beats_its_probe_keeps_its_best_epoch(tmp_path, monkeypatch, 
     _stripes(data / "test", 8, 5000)
     options = FinetuneOptions(data / "train", data / "test", backbone=TINY, unfreeze="all", probe_C=1.0,
                               out=tmp_path / "out", name="tiny_stripes", backbones_dir=tmp_path / "backbones",
-                              cache_dir=tmp_path / "cache",
+                              cache_dir=tmp_path / "cache", ensemble=False,
                               train=TrainSettings(epochs=6, batch_size=8, lr=0.1, patience=6, device="cpu"))
     with caplog.at_level("INFO", logger="pipeline"):
         result = finetune(options, progress=False)
@@ -370,9 +370,9 @@ def test_finetune_says_what_the_guard_kept_and_why(tmp_path, capsys, caplog, lev
     with caplog.at_level("INFO", logger="pipeline"):
         assert main(["finetune", "--data", str(data / "train"), "--test", str(data / "test"), "--backbone", TINY,
                      "--unfreeze", "all", "--probe-c", "1", "--epochs", "6", "--batch-size", "8", "--lr", "0.1",
-                     "--guard-alpha", level, "--device", "cpu", "--out", str(tmp_path / "out"), "--name", "tiny_g",
-                     "--backbones-dir", str(tmp_path / "backbones"), "--cache", str(tmp_path / "cache"),
-                     "--quiet"]) == 0
+                     "--guard-alpha", level, "--no-ensemble", "--device", "cpu", "--out", str(tmp_path / "out"),
+                     "--name", "tiny_g", "--backbones-dir", str(tmp_path / "backbones"),
+                     "--cache", str(tmp_path / "cache"), "--quiet"]) == 0
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert m["guard_alpha"] == float(level) and 0 < m["guard_p"] < 1 and m["best_trained_epoch"] >= 1

@@ -128,7 +128,9 @@ class FinetuneSection(Section):
     ensemble: bool = option(dataclass_default(FinetuneOptions, "ensemble"), accepts="true or false",
                             about="keep the last epoch's network averaged with the linear probe, saved as one twin "
                                   "backbone (the parent's blocks shared, the trained ones run in both versions); "
-                                  "the probe is kept instead when the ensemble is below it on the held-out part")
+                                  "the probe is kept instead when the ensemble is below it on the held-out part. "
+                                  "On by default where it can be made (LP-FT with trained blocks); off: the "
+                                  "held-out part judges the epochs (the best one, or the probe)")
     resume: bool = option(dataclass_default(FinetuneOptions, "resume"), accepts="true or false",
                           about="continue from the checkpoint in output_dir/finetune (same options needed)")
 

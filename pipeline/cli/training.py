@@ -94,7 +94,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     setting("train_bn", action="store_true")
     setting("val_fraction", type=float)
     setting("guard_alpha", type=float, metavar="P")
-    setting("ensemble", action="store_true")
+    setting("ensemble", action=argparse.BooleanOptionalAction)
     setting("patience", type=int)
     setting("batch_size", type=int)
     setting("seed", type=int)

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.errors import ConfigError
 from pipeline.features.extract import extract
 from pipeline.images.data import Dataset
 from pipeline.images.preprocess import Preprocess
@@ -51,12 +50,15 @@ class Verdict:
         return f"{what}: kept" if self.kept else f"{what} is below the probe"
 
 
-def check_ensemble(unfrozen: int, init: str) -> None:
+def not_applicable(init: str, unfreeze: str) -> str | None:
+    """Why the ensemble cannot be made for these options (None: it can): it averages the network with
+    the probe LP-FT starts from, and needs trained blocks to differ from the parent."""
     if init != "probe":
-        raise ConfigError("--ensemble averages the network with its linear probe: it needs --init probe")
-    if unfrozen == 0:
-        raise ConfigError("--ensemble needs trained blocks (--unfreeze last:N or all): with --unfreeze head the "
-                          "ensemble would be one linear layer on the parent's features, a probe")
+        return "the ensemble averages the network with its linear probe, and --init random has none"
+    if unfreeze == "head":
+        return ("with --unfreeze head only the linear layer trains, and its average with the probe is one linear "
+                "layer on the parent's features")
+    return None
 
 
 def log_probabilities(logits: np.ndarray) -> np.ndarray:

@@ -34,7 +34,6 @@ from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import MANIFEST, BackboneSpec, backbone_dirs, get_spec, list_backbones
 from pipeline.models.weights import load_backbone, resolve_weights, save_backbone
 from pipeline.tuning import ensemble
-from pipeline.tuning.ensemble import check_ensemble
 from pipeline.tuning.network import FineTuneNet, build_model, linear_from_probe
 from pipeline.tuning.options import INITS, FinetuneOptions
 from pipeline.tuning.training import Images, TrainResult, decode_images, predict_logits, square, train
@@ -88,8 +87,6 @@ def check_options(options: FinetuneOptions) -> str:
     if options.probe_C is not None and not 0 < options.probe_C < math.inf:
         raise ConfigError(f"probe C must be a finite positive number, not {options.probe_C}")
     check_unfreeze(options.unfreeze)
-    if options.ensemble:
-        check_ensemble(0 if options.unfreeze == "head" else 1, options.init)
     options.train.check()
     spec = get_spec(options.backbone)
     resolve_weights(spec)
@@ -215,14 +212,15 @@ def finetune(options: FinetuneOptions, progress: bool = True,
     p = prepare(options, progress)
     settings = options.train
     out = make_folder(options.out)
+    use_ensemble = uses_ensemble(options)
     fingerprint = {"backbone": options.backbone, "unfreeze": options.unfreeze, "lr_decay": options.lr_decay,
                    "init": options.init, "train_bn": options.train_bn, "val_fraction": options.val_fraction,
-                   **({"ensemble": True} if options.ensemble else {})}
+                   **({"ensemble": True} if use_ensemble else {})}
     result = train(p.model, p.groups, p.fit_set, p.val_set, p.parent.preprocess, settings, out / "checkpoint.pt",
-                   options.resume, fingerprint, on_epoch, progress, restore=not options.ensemble)
+                   options.resume, fingerprint, on_epoch, progress, restore=not use_ensemble)
     outcome = kept(options.init, result.best_epoch)
-    verdict = None  # with --ensemble and a held-out part: the guard's judgement of the ensemble
-    if options.ensemble:
+    verdict = None  # with the ensemble and a held-out part: the guard's judgement of the ensemble
+    if use_ensemble:
         if p.val_set is not None:
             verdict = ensemble.judge(p.model, p.probe, p.val_set, p.classes, p.parent.preprocess, options,
                                      len(result.history))
@@ -249,7 +247,7 @@ def finetune(options: FinetuneOptions, progress: bool = True,
                "best_val_accuracy": _best_val(result), "best_trained_epoch": result.best_trained_epoch,
                "guard_p": result.guard_p, "guard_alpha": settings.guard_alpha,
                "guard": guard_verdict(result, settings.guard_alpha),
-               **(_ensemble_metrics(verdict, outcome, result) if options.ensemble else {}),
+               **(_ensemble_metrics(verdict, outcome, result) if use_ensemble else {}),
                "stopped_early": result.stopped_early,
                "resumed_from_epoch": result.resumed_from, "train_seconds": round(result.seconds, 3),
                "history": result.history, "probe_accuracy": p.probe_accuracy,
@@ -298,6 +296,17 @@ def guard_verdict(result: TrainResult, alpha: float) -> str | None:
     if result.best_epoch:
         return f"{lead}{'' if alpha >= 1 else f' <= {alpha:g}'}): kept"
     return f"{lead} > {alpha:g}) does not beat them by more than chance"
+
+
+def uses_ensemble(options: FinetuneOptions) -> bool:
+    """Whether the run keeps the ensemble with the probe: `options.ensemble` (the default), where it can
+    be made; where it cannot, the run says why and the best epoch is judged instead."""
+    if not options.ensemble:
+        return False
+    reason = ensemble.not_applicable(options.init, options.unfreeze)
+    if reason is not None:
+        logger.info(f"no ensemble ({reason}): the held-out part judges the epochs instead")
+    return reason is None
 
 
 def _ensemble_metrics(verdict: ensemble.Verdict | None, outcome: str, result: TrainResult) -> dict:
