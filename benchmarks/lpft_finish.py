@@ -364,6 +364,23 @@ def main() -> None:
     for label, scores in table.items():
         _line(label, [float(np.mean(scores[s])) for s in sets])
     print("fold runs: " + ", ".join(f"{s} {len(table['probe refitted (no fine-tuning)'][s])}" for s in sets))
+    if args.part != "averaging":
+        paired(table, sets)
+
+
+def paired(table: dict, sets: list[str]) -> None:
+    """Each rule against the refitted probe on the same runs: the mean paired difference (points), its
+    standard error, and on how many runs the rule is above / level with / below the probe."""
+    probe = table["probe refitted (no fine-tuning)"]
+    print(f"\n{'rule - probe: mean (se) above/level/below':<46}" + "".join(f"{s:>22}" for s in sets))
+    for label, scores in table.items():
+        cells = []
+        for s in sets:
+            diff = (np.array(scores[s]) - np.array(probe[s])) * 100
+            se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+            cells.append(f"{diff.mean():+.2f} ({se:.2f}) {(diff > 1e-9).sum()}/{(abs(diff) <= 1e-9).sum()}/"
+                         f"{(diff < -1e-9).sum()}")
+        print(f"{label:<46}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -71,11 +71,13 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="Stage 3: unfreeze the last blocks of a backbone (or all, or none) and train it with a new "
                     "linear layer, started from the stage-2 linear probe on cached features (LP-FT). AdamW with "
                     "warm-up and cosine decay, discriminative learning rates, train-only augmentation, BatchNorm "
-                    "frozen, a checkpoint each epoch (--resume). Never below its own probe: a stratified part of "
-                    "the training folder (--val-fraction) is held out, and unless the best epoch beats the probe there "
-                    "(--guard-alpha: by any lead, or by more than chance) the probe is kept (refitted on every "
-                    "training image) and the run says so. The result is "
-                    "saved as a new backbone that extract, rank and the heads use by its name.")
+                    "frozen, a checkpoint each epoch (--resume). What is kept is the last epoch's network averaged "
+                    "with the probe (--ensemble, the default: one twin backbone, the parent's blocks shared). Never "
+                    "below its own probe: a stratified part of the training folder (--val-fraction) is held out, "
+                    "and when the ensemble is below the probe there (with --no-ensemble: unless the best epoch beats "
+                    "the probe there, --guard-alpha) the probe is kept (refitted on every training image) and the "
+                    "run says so. The result is saved as a new backbone that extract, rank and the heads use by its "
+                    "name.")
     add = parser.add_argument
     add("--data", required=True, metavar="DIR", help="labelled training folder (DIR/<class>/<image>)")
     add("--test", metavar="DIR", help="labelled test folder: reports test accuracy of the probe and the fine-tuned net")
