@@ -6,8 +6,9 @@ Each set's train and test folders are pooled and re-drawn into stratified splits
 folder's size (resplit.py, seed 1: split i is the same for every method). On every split:
 logistic regression on Lite0 (C by CV) and PCA fusion of Lite0+1+2 (the head's defaults), from the
 feature cache; on the first `--finetune-resamples` splits also `finetune` with every default (LP-FT,
-the probe guard on), with beside it the probe on every training image (`probe_accuracy`) and the probe
-it started from (`start_probe_accuracy`, fitted on the 80% it trains on).
+the ensemble with the probe, guarded by the held-out part), with beside it the probe on every training
+image (`probe_accuracy`) and the probe it started from (`start_probe_accuracy`, fitted on the 80% it
+trains on).
 Prints mean, sd and the number of splits per method; writes runs/bench/three_sets.json after every run.
 
     python benchmarks/three_sets.py --summary runs/bench/three_sets_*.json
