@@ -205,9 +205,11 @@ def finetune(options: FinetuneOptions, progress: bool = True,
              on_epoch: Callable[[int, dict], None] | None = None) -> FinetuneResult:
     """Fine-tune, evaluate on `options.test` if given, and register the result as a new backbone.
 
-    With a held-out part (`val_fraction` > 0) the epoch kept is the best on it, the probe (epoch 0)
-    included: when no epoch beats the probe, the probe is kept (refitted on every training image) and
-    the run says so; otherwise the best epoch is kept as trained on the rest (no second training)."""
+    By default (`options.ensemble`, where it can be made) what is kept is the last epoch's network
+    averaged with the probe, saved as a twin backbone (`pipeline.tuning.ensemble`); with a held-out
+    part (`val_fraction` > 0) the probe is kept instead (refitted on every training image) when the
+    ensemble is below it there, and the run says so. Without the ensemble the epoch kept is the best on
+    the held-out part, the probe (epoch 0) included, kept as trained on the rest (no second training)."""
     started = time.perf_counter()
     p = prepare(options, progress)
     settings = options.train
