@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.features.extract import extract
+from pipeline.features.extract import FeatureSet, extract
 from pipeline.images.data import Dataset
 from pipeline.images.preprocess import Preprocess
 from pipeline.models.registry import BackboneSpec, Layer, get_spec
@@ -66,12 +66,17 @@ def log_probabilities(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
+def cached_features(dataset: Dataset, backbone: str, options, progress: bool = False) -> FeatureSet:
+    """`backbone`'s default-layer features of `dataset`, from the feature cache (computed where missing),
+    on the run's device and precision: what the probe is fitted on and scored with."""
+    layer = get_spec(backbone).default_layer
+    return extract(dataset, backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
+                   progress=progress).feature_sets[(backbone, layer)]
+
+
 def probe_log_probabilities(probe, images: Images, classes: list[str], options) -> np.ndarray:
     """The stage-2 probe's log-probabilities for `images`, on the parent's cached features (in their order)."""
-    backbone = options.backbone
-    layer = get_spec(backbone).default_layer
-    fs = extract(Dataset(images.paths, images.labels, classes, []), backbone, [layer], options.cache_dir,
-                 options.train.device, options.train.precision, progress=False).feature_sets[(backbone, layer)]
+    fs = cached_features(Dataset(images.paths, images.labels, classes, []), options.backbone, options)
     if [str(p) for p in fs.paths] != [str(p) for p in images.paths]:  # the same decoder read them: never expected
         raise RuntimeError("the cached features and the decoded images list different files")
     return probe.predict_log_proba(fs.features.compute())

@@ -26,7 +26,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import make_folder, write_json_atomic
 from pipeline.core.names import SAFE_NAME_RULE, is_safe_name
-from pipeline.features.extract import extract, resolve_device, resolve_precision
+from pipeline.features.extract import resolve_device, resolve_precision
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 from pipeline.images.data import Dataset, require_labelled, scan, test_labels
@@ -43,12 +43,9 @@ logger = logging.getLogger(__name__)
 
 def fit_probe(dataset: Dataset, backbone: str, options: FinetuneOptions, progress: bool = True):
     """The stage-2 logistic regression on the backbone's cached default-layer features of `dataset`."""
-    layer = get_spec(backbone).default_layer
-    report = extract(dataset, backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
-                     progress=progress)
-    fs = report.feature_sets[(backbone, layer)]
+    fs = ensemble.cached_features(dataset, backbone, options, progress)
     C = HEAD_OPTIONS["logistic_regression"]["C"] if options.probe_C is None else options.probe_C
-    spec = HeadSpec("probe", "logistic_regression", [f"{backbone}:{layer}"], {"source": None, "C": C})
+    spec = HeadSpec("probe", "logistic_regression", [f"{backbone}:{fs.layer}"], {"source": None, "C": C})
     features = fs.features.compute()
     return fit_head(spec, features, fs.labels, [features.shape[1]], class_names=fs.class_names).pipeline
 
@@ -331,9 +328,7 @@ def _best_val(result) -> float | None:
 def probe_predictions(probe, test: Dataset, options: FinetuneOptions,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(labels, predicted classes) of the linear probe on the test split's cached features."""
-    layer = get_spec(options.backbone).default_layer
-    fs = extract(test, options.backbone, [layer], options.cache_dir, options.train.device, options.train.precision,
-                 progress=progress).feature_sets[(options.backbone, layer)]
+    fs = ensemble.cached_features(test, options.backbone, options, progress)
     return fs.labels, probe.predict(fs.features.compute())
 
 
