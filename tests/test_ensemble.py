@@ -4,16 +4,19 @@ backbone whose features are the parent's and the fine-tuned network's side by si
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.features.extract import extract
+from pipeline.features.trained_on import trained_on
+from pipeline.images.data import hash_files
 from pipeline.models.registry import BACKBONES_ENV, Layer, get_spec
 from pipeline.models.taps import TappedNetwork
 from pipeline.models.twin import make_twin, twin_layers
-from pipeline.models.weights import load_backbone
+from pipeline.models.weights import TRAINED_ON, load_backbone
 from pipeline.tuning.finetune import FinetuneOptions, finetune
 from pipeline.tuning.network import blocks
 from pipeline.tuning.training import TrainSettings
@@ -100,6 +103,27 @@ def test_ensemble_saves_a_twin_whose_classifier_is_the_runs_ensemble(ensemble_ru
     assert len(predicted) == 16 and set(predicted) <= {"class0", "class1"}
 
 
+def test_fitting_on_the_images_that_trained_the_network_is_warned_of(ensemble_run, tmp_path, capsys):
+    """The twin lists the images that trained its network (the training folder less its held-out part):
+    `pipeline fit` on that folder warns that its cross-validated scores are optimistic, and on the test
+    folder, which trained nothing, it does not."""
+    from pipeline.cli.main import main
+
+    result, data, _root = ensemble_run
+    listed = set((result.folder / TRAINED_ON).read_text().split())
+    train_ids = hash_files(sorted(path for path in (data / "train").rglob("*.png")))
+    assert listed < set(train_ids) and len(listed) == result.metrics["images"]["train"]
+    assert trained_on(get_spec("tiny_ens")) == listed and not trained_on(get_spec(TINY))
+    for split in ("train", "test"):
+        assert main(["fit", "--data", str(data / split), "--type", "logistic_regression", "--backbone", "tiny_ens",
+                     "--out", str(tmp_path / f"{split}.skops"), "--cache", str(tmp_path / "cache"), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        warned = (f"warning: {len(listed)} of the {len(train_ids)} images of --data {data / 'train'} trained "
+                  "backbone 'tiny_ens' (pipeline finetune): cross-validated scores on them are optimistic")
+        assert (warned in err) == (split == "train"), err
+    assert "optimistic" not in err
+
+
 @pytest.mark.parametrize("layer", ["head", "stage1"])
 def test_openvino_extracts_the_twin_as_torch_does(ensemble_run, tmp_path, layer):
     _result, data, _root = ensemble_run
@@ -139,6 +163,8 @@ def test_an_ensemble_below_its_probe_on_the_held_out_part_keeps_the_probe(tmp_pa
     saved = torch.load(result.folder / "weights.pth", weights_only=True)["state_dict"]
     parent = load_backbone(TINY).network.state_dict()
     assert saved.keys() == parent.keys() and all(torch.equal(v, parent[k]) for k, v in saved.items())
+    assert not (result.folder / TRAINED_ON).exists()  # the parent's network: no image trained it
+    assert "trained_on" not in json.loads((result.folder / "backbone.json").read_text())
 
 
 @pytest.mark.parametrize(("change", "reason"), [({"init": "random"}, "--init random has none"),
@@ -156,7 +182,6 @@ def test_where_no_ensemble_can_be_made_the_epochs_are_judged_and_the_run_says_wh
 def test_the_cli_says_what_the_ensemble_scored_and_draws_it(tmp_path, capsys):
     """`pipeline finetune --ensemble` prints the guard's line about the ensemble and what was kept, and
     the figure names the ensemble."""
-    import json
 
     from pipeline.cli.main import main
 

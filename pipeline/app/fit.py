@@ -12,6 +12,7 @@ from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.features.extract import extract
 from pipeline.features.settings import DEFAULTS
 from pipeline.features.sources import feature_set, matrix, source_meta
+from pipeline.features.trained_on import warn_trained_on
 from pipeline.heads.bundle import HeadBundle, save_bundle
 from pipeline.heads.fit import FittedHead, fit_head
 from pipeline.heads.zero_shot import check_source, prior_for
@@ -46,6 +47,7 @@ def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: s
     dataset = require_labelled(scan(config.data["train"]), f"--data {data}")
     report = extract(dataset, progress=progress, **{**config.features.model_dump(exclude={"candidates"}),
                                                     "layers": spec.sources})
+    warn_trained_on(report.feature_sets.values(), f"--data {data}")
     X, dims = matrix(report.feature_sets, spec.sources)
     first = feature_set(report.feature_sets, spec.sources[0])
     fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names,

@@ -31,6 +31,7 @@ from pipeline.core.errors import ConfigError, DataError
 from pipeline.features.cache import FeatureStore
 from pipeline.features.extract import extract, layers_for
 from pipeline.features.settings import DEFAULTS
+from pipeline.features.trained_on import warn_trained_on
 from pipeline.heads.fit import logistic_regression
 from pipeline.images.data import Dataset
 
@@ -224,6 +225,7 @@ def rank(data: str | os.PathLike | Dataset, backbones: list[str], layers: list[s
                      progress=progress, **extract_options)
     logger.info(f"features: {report.summary()}")
     sets = {f"{b}:{layer}": fs for (b, layer), fs in report.feature_sets.items()}
+    warn_trained_on(sets.values(), str(data) if not isinstance(data, Dataset) else "the data")
     first = sets[sources[0]]
     if not first.class_names:
         raise ConfigError(f"ranking needs a labelled folder (DIR/<class>/<image>), got {data}")

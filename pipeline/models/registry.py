@@ -88,6 +88,7 @@ class BackboneSpec:
     load_categories: Callable[[], tuple[str, ...]] = field(default=tuple, repr=False)  # class names, on demand
     weights_sha256: str | None = None  # set for saved (fine-tuned) backbones: their file must match it
     parent: str | None = None  # the backbone a saved one was fine-tuned from
+    trained_on: Path | None = None  # a saved one's list of the content ids of the images that trained its network
     remote: RemoteFile | None = None  # where its weights are downloaded from, and their pin
     card: Card | None = None
     load_network: Callable[[Path], nn.Module] | None = None  # builds it with a weights file (else build + state dict)
@@ -235,7 +236,8 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
                             source=f"fine-tuned from {parent}{', a twin with it (finetune --ensemble)' if twin else ''}"
                                    f" ({path})",
                             load_categories=lambda: tuple(manifest.get("classes", ())),
-                            weights_sha256=manifest["weights_sha256"], parent=parent)
+                            weights_sha256=manifest["weights_sha256"], parent=parent,
+                            trained_on=path.parent / manifest["trained_on"] if "trained_on" in manifest else None)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BackboneError(f"saved backbone manifest {path} is unusable: {first_line(exc)}") from None
 

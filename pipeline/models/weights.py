@@ -9,6 +9,7 @@ safetensors, by timm), so a weights file cannot run code.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,10 +89,15 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None,
     return LoadedBackbone(spec, network, path, file_sha256(path))
 
 
+TRAINED_ON = "trained_on.txt"  # beside a saved backbone's manifest: the images that trained its network
+
+
 def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, state: dict, extra: dict,
-                  layers: dict[str, Layer] | None = None, twin: list[str] | None = None) -> Path:
+                  layers: dict[str, Layer] | None = None, twin: list[str] | None = None,
+                  trained_on: Iterable[str] = ()) -> Path:
     """Write `root/name/weights.pth` and its manifest (checksum, parent, preprocessing, layers: the
-    parent's unless `layers`; `twin`: the changed modules of a twin network); the manifest is written
+    parent's unless `layers`; `twin`: the changed modules of a twin network); `trained_on`, the content
+    ids of the images that trained the network, go in `TRAINED_ON`, one a line. The manifest is written
     last and atomically, so a killed save never leaves a loadable half."""
     import torch
 
@@ -99,6 +105,11 @@ def save_backbone(root: str | os.PathLike, name: str, parent: BackboneSpec, stat
     weights = folder / "weights.pth"
     with atomic_write(weights, "wb") as fh:
         torch.save(state, fh)
+    ids = sorted(set(trained_on))
+    if ids:
+        with atomic_write(folder / TRAINED_ON) as fh:
+            fh.write("".join(f"{image_id}\n" for image_id in ids))
+        extra = {**extra, "trained_on": TRAINED_ON}
     manifest = manifest_for(name, parent, weights.name, file_sha256(weights), extra, layers, twin)
     write_json_atomic(folder / MANIFEST, manifest)
     return folder
