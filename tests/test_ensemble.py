@@ -117,7 +117,8 @@ def test_fitting_on_the_images_that_trained_the_network_is_warned_of(ensemble_ru
     for split in ("train", "test"):
         assert main(["fit", "--data", str(data / split), "--type", "logistic_regression", "--backbone", "tiny_ens",
                      "--out", str(tmp_path / f"{split}.skops"), "--cache", str(tmp_path / "cache"), "--quiet"]) == 0
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
+        assert ("(optimistic: see the warning above)" in out) == (split == "train"), out
         warned = (f"warning: {len(listed)} of the {len(train_ids)} images of --data {data / 'train'} trained "
                   "backbone 'tiny_ens' (pipeline finetune): cross-validated scores on them are optimistic")
         assert (warned in err) == (split == "train"), err

@@ -24,6 +24,7 @@ class FitResult:
     fitted: FittedHead
     path: Path  # the saved bundle; its checksum is beside it, in `path.sha256`
     skipped: list[tuple[str, str]]  # (path, reason) of the files of `data` that were not used
+    trained_on: dict[str, int]  # backbone -> images of `data` that trained its network (its CV is optimistic)
 
 
 def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: str = "head",
@@ -47,11 +48,11 @@ def fit(data: str | os.PathLike, head_type: str, out: str | os.PathLike, name: s
     dataset = require_labelled(scan(config.data["train"]), f"--data {data}")
     report = extract(dataset, progress=progress, **{**config.features.model_dump(exclude={"candidates"}),
                                                     "layers": spec.sources})
-    warn_trained_on(report.feature_sets.values(), f"--data {data}")
+    trained_on = warn_trained_on(report.feature_sets.values(), f"--data {data}")
     X, dims = matrix(report.feature_sets, spec.sources)
     first = feature_set(report.feature_sets, spec.sources[0])
     fitted = fit_head(spec, X, first.labels, dims, class_names=first.class_names,
                       prior=prior_for(spec, first.class_names))
     path = save_bundle(out, HeadBundle.of(fitted, first.class_names,
                                           source_meta(report.feature_sets, spec.sources, Path(cache_dir))))
-    return FitResult(fitted, path, report.skipped)
+    return FitResult(fitted, path, report.skipped, trained_on)

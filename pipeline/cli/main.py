@@ -55,7 +55,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _skip_list(args, result.skipped)
     fitted = result.fitted
     score = ("no cross-validation (one setting)" if fitted.cv_accuracy is None
-             else f"cross-validated accuracy {fitted.cv_accuracy:.1%}")
+             else f"cross-validated accuracy {fitted.cv_accuracy:.1%}"
+             + (" (optimistic: see the warning above)" if result.trained_on else ""))
     rule = fitted.decision
     decides = "".join([f"; calibration {fitted.calibration}" if fitted.calibration != "none" else "",
                        f"; unknown below {rule.reject_threshold:.3f}" if rule.reject_threshold is not None else "",
