@@ -1,6 +1,7 @@
-"""Where OpenVINO's bf16 error comes from: EfficientNet-Lite0 with some of its layers kept in f32.
+"""Where OpenVINO's bf16 error comes from: EfficientNet-Lite with some of its layers kept in f32.
 
     nice -n 10 python benchmarks/openvino_bf16_layers.py [--data ../shared/data/flowers12/test] [--rounds 3]
+        [--backbone efficientnet_lite0|efficientnet_lite1|efficientnet_lite2]
 
 The reference is torch fp32 (`extract.forward`) on the decoded photos. Each variant is the network
 `extract` compiles (`openvino_runtime.FromUint8`, bf16 hint, one stream per core) with a set of nodes
@@ -10,7 +11,7 @@ is written into the chosen layers' XML and the model is read back. Reported per 
 convolutions run in f32 (the compiled model's own account), the cosine similarity of each photo's
 features to the reference (min, mean, the five lowest) and the network's speed on preloaded batches
 (images/s and CPU ms per image, medians of `--rounds` rounds, variants interleaved). The variants name
-Lite0's blocks (`_blocks.N` in the converted node names).
+the Lite networks' blocks (`_blocks.N` in the converted node names; Lite0 has 16, Lite1 and Lite2 more).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from pipeline.models.taps import tapped
 from pipeline.models.weights import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-Keep = Callable[[ov.Node, int], bool]  # (node, Lite0 block: -1 stem, 0..15 blocks, 16 head) -> keep in f32
+HEAD = 1000  # the block number `blocks` gives the head convolution and the pooling
+Keep = Callable[[ov.Node, int], bool]  # (node, block: -1 stem, 0.. blocks, HEAD) -> keep in f32
 VARIANTS: dict[str, Keep | None] = {
     "bf16": lambda node, block: False,
     "bf16, block 0's depthwise conv in f32": lambda node, block: block == 0
@@ -46,15 +48,15 @@ VARIANTS: dict[str, Keep | None] = {
     "bf16, block 0 in f32": lambda node, block: block == 0,
     "bf16, stem and blocks 0-3 in f32": lambda node, block: block < 4,
     "bf16, every depthwise conv in f32": lambda node, block: node.get_type_name() == "GroupConvolution",
-    "bf16, head conv and pooling in f32": lambda node, block: block == 16,
+    "bf16, head conv and pooling in f32": lambda node, block: block == HEAD,
     "f32": None,
 }
 
 
 def blocks(model: ov.Model) -> list[tuple[ov.Node, int]]:
-    """Each node with its Lite0 block, read from the nearest named node at or after it (the converter
-    renames fused convolutions, the batch norm after them keeps the module's name)."""
-    nodes, found, block = list(model.get_ordered_ops()), [], 16
+    """Each node with its block, read from the nearest named node at or after it (the converter renames
+    fused convolutions, the batch norm after them keeps the module's name)."""
+    nodes, found, block = list(model.get_ordered_ops()), [], HEAD
     for node in reversed(nodes):
         name = node.get_friendly_name()
         if match := re.search(r"_blocks\.(\d+)", name):
@@ -84,20 +86,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/flowers12/test"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=[f"efficientnet_lite{i}" for i in range(3)])
     parser.add_argument("--out", default=str(ROOT / "runs/bench/openvino_bf16_layers.json"))
     args = parser.parse_args()
-    spec = get_spec("efficientnet_lite0")
+    spec = get_spec(args.backbone)
     pre, layer = spec.preprocess, spec.default_layer
     images = np.stack([decode(path, pre) for path in scan(args.data).paths])
     batches = [images[start:start + 32] for start in range(0, len(images), 32)]
-    network = tapped(load_backbone("efficientnet_lite0"), [layer]).eval()
+    network = tapped(load_backbone(args.backbone), [layer]).eval()
     reference = np.concatenate([forward(network, pre, batch, "cpu", "fp32")[layer] for batch in batches])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings
         model = ov.convert_model(FromUint8(network, pre, (layer,)).eval(), input=[([-1, pre.crop, pre.crop, 3],
                                  ov.Type.u8)], example_input=torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8))
     threads = torch.get_num_threads()
-    queues, result = {}, {"data": args.data, "images": len(images), "variants": {}}
+    queues, result = {}, {"backbone": args.backbone, "data": args.data, "images": len(images), "variants": {}}
     with tempfile.TemporaryDirectory() as folder:
         for name, keep in VARIANTS.items():
             marked = model if keep is None else with_f32_nodes(model, keep, Path(folder))

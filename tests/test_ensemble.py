@@ -120,7 +120,7 @@ def test_fitting_on_the_images_that_trained_the_network_is_warned_of(ensemble_ru
         out, err = capsys.readouterr()
         assert ("(optimistic: see the warning above)" in out) == (split == "train"), out
         warned = (f"warning: {len(listed)} of the {len(train_ids)} images of --data {data / 'train'} trained "
-                  "backbone 'tiny_ens' (pipeline finetune): cross-validated scores on them are optimistic")
+                  "backbone 'tiny_ens' (pipeline finetune): scores on them (cross-validation, LogME) are optimistic")
         assert (warned in err) == (split == "train"), err
     assert "optimistic" not in err
 

@@ -32,9 +32,12 @@ def trained_on(spec: BackboneSpec) -> frozenset[str]:
         return frozenset()
 
 
-def warn_trained_on(feature_sets: Iterable[FeatureSet], what: str) -> dict[str, int]:
-    """Warn, per backbone, when images of `what` (e.g. "--data train/") trained its network; returns how
-    many did, by backbone (only those with any)."""
+SCORE_HEADS = "score the head on images the network never saw (pipeline evaluate)"
+
+
+def warn_trained_on(feature_sets: Iterable[FeatureSet], what: str, advice: str = SCORE_HEADS) -> dict[str, int]:
+    """Warn, per backbone, when images of `what` (e.g. "--data train/") trained its network, ending with
+    `advice`; returns how many did, by backbone (only those with any)."""
     shared: dict[str, int] = {}
     seen: set[str] = set()
     for fs in feature_sets:
@@ -46,7 +49,6 @@ def warn_trained_on(feature_sets: Iterable[FeatureSet], what: str) -> dict[str, 
         if count:
             shared[fs.backbone] = count
             logger.warning(f"warning: {count} of the {len(fs.image_ids)} images of {what} trained backbone "
-                           f"{fs.backbone!r} (pipeline finetune): cross-validated scores on them are optimistic, "
-                           "and so are the settings those scores choose; score the head on images the network "
-                           "never saw (pipeline evaluate)")
+                           f"{fs.backbone!r} (pipeline finetune): scores on them (cross-validation, LogME) are "
+                           f"optimistic, and so are the settings those scores choose; {advice}")
     return shared
