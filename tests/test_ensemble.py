@@ -21,7 +21,7 @@ from pipeline.tuning.finetune import FinetuneOptions, finetune
 from pipeline.tuning.network import blocks
 from pipeline.tuning.training import TrainSettings
 
-from .conftest import TINY, make_folder
+from .conftest import TINY, make_folder, stage_run_config
 from .test_finetune import _options, _predicts_with, _stripes
 
 
@@ -123,6 +123,18 @@ def test_fitting_on_the_images_that_trained_the_network_is_warned_of(ensemble_ru
                   "backbone 'tiny_ens' (pipeline finetune): scores on them (cross-validation, LogME) are optimistic")
         assert (warned in err) == (split == "train"), err
     assert "optimistic" not in err
+
+
+def test_a_run_config_on_the_networks_training_folder_is_warned_of_too(ensemble_run, tmp_path, caplog):
+    from pipeline.app.run import run
+
+    result, data, _root = ensemble_run
+    config = stage_run_config(tmp_path / "run.yaml", data, tmp_path / "cache", tmp_path / "out", "",
+                              backbone="tiny_ens")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        run(config, progress=False)
+    count = len((result.folder / TRAINED_ON).read_text().split())
+    assert f"{count} of the 32 images of 'data.train' trained backbone 'tiny_ens'" in caplog.text
 
 
 @pytest.mark.parametrize("layer", ["head", "stage1"])
