@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import openvino as ov
 import torch
 
 from pipeline.features.extract import forward
+from pipeline.features.openvino_precise import kept_in_f32, module_paths
 from pipeline.features.openvino_runtime import FromUint8
 from pipeline.images.data import scan
 from pipeline.images.decode import decode
@@ -54,32 +54,21 @@ VARIANTS: dict[str, Keep | None] = {
 
 
 def blocks(model: ov.Model) -> list[tuple[ov.Node, int]]:
-    """Each node with its block, read from the nearest named node at or after it (the converter renames
-    fused convolutions, the batch norm after them keeps the module's name)."""
-    nodes, found, block = list(model.get_ordered_ops()), [], HEAD
-    for node in reversed(nodes):
-        name = node.get_friendly_name()
-        if match := re.search(r"_blocks\.(\d+)", name):
-            block = int(match.group(1))
-        elif "_conv_stem" in name or "._bn0/" in name:
-            block = -1
-        found.append((node, block))
-    return found[::-1]
+    """Each node with its block (`openvino_precise.module_paths`: the module of the nearest named node at
+    or after it)."""
+    found = []
+    for node, path in module_paths(model, FromUint8.ROOT):
+        if match := re.match(r"_blocks\.(\d+)", path):
+            found.append((node, int(match.group(1))))
+        else:
+            found.append((node, -1 if path.startswith(("_conv_stem", "_bn0")) else HEAD))
+    return found
 
 
-def with_f32_nodes(model: ov.Model, keep: Keep, folder: Path) -> ov.Model:
-    names = {node.get_friendly_name() for node, block in blocks(model)
-             if node.get_type_name() not in ("Parameter", "Constant", "Result") and keep(node, block)}
-    ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
-    text = (folder / "model.xml").read_text()
-
-    def mark(layer: re.Match) -> str:
-        attribute = '\n<rt_info><attribute name="precise" version="0" /></rt_info>'
-        return layer.group(0) + attribute if layer.group(1) in names else layer.group(0)
-
-    (folder / "marked.xml").write_text(re.sub(r'<layer id="\d+" name="([^"]*)" type="[^"]*" version="[^"]*">',
-                                              mark, text))
-    return ov.Core().read_model(folder / "marked.xml", folder / "model.bin")
+def with_f32_nodes(model: ov.Model, keep: Keep) -> set[str]:
+    """The names of the operations `keep` keeps in f32."""
+    return {node.get_friendly_name() for node, block in blocks(model)
+            if node.get_type_name() not in ("Parameter", "Constant", "Result") and keep(node, block)}
 
 
 def main() -> None:
@@ -101,30 +90,29 @@ def main() -> None:
                                  ov.Type.u8)], example_input=torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8))
     threads = torch.get_num_threads()
     queues, result = {}, {"backbone": args.backbone, "data": args.data, "images": len(images), "variants": {}}
-    with tempfile.TemporaryDirectory() as folder:
-        for name, keep in VARIANTS.items():
-            marked = model if keep is None else with_f32_nodes(model, keep, Path(folder))
+    for name, keep in VARIANTS.items():
+        with kept_in_f32(model, set() if keep is None else with_f32_nodes(model, keep)) as marked:
             compiled = ov.Core().compile_model(marked, "CPU", {
                 "INFERENCE_PRECISION_HINT": "f32" if keep is None else "bf16", "PERFORMANCE_HINT": "THROUGHPUT",
                 "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads})
-            convolutions = [node.get_rt_info()["runtimePrecision"].astype(str)
-                            for node in compiled.get_runtime_model().get_ordered_ops()
-                            if node.get_rt_info()["layerType"].astype(str) == "Convolution"]
-            queues[name] = queue = ov.AsyncInferQueue(compiled, threads)
-            outputs: dict[int, np.ndarray] = {}
-            queue.set_callback(lambda request, i, out=outputs: out.__setitem__(
-                i, request.get_output_tensor(0).data.copy()))
-            for i, batch in enumerate(batches):
-                queue.start_async({0: batch}, i)
-            queue.wait_all()
-            features = np.concatenate([outputs[i] for i in range(len(batches))])
-            norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
-            cosine = (features * reference).sum(1) / norms
-            result["variants"][name] = {
-                "f32_convolutions": convolutions.count("f32"), "convolutions": len(convolutions),
-                "cosine_min": round(float(cosine.min()), 5), "cosine_mean": round(float(cosine.mean()), 5),
-                "cosine_lowest_five": [round(float(c), 5) for c in np.sort(cosine)[:5]],
-                "images_per_s": [], "cpu_ms_per_image": []}
+        convolutions = [node.get_rt_info()["runtimePrecision"].astype(str)
+                        for node in compiled.get_runtime_model().get_ordered_ops()
+                        if node.get_rt_info()["layerType"].astype(str) == "Convolution"]
+        queues[name] = queue = ov.AsyncInferQueue(compiled, threads)
+        outputs: dict[int, np.ndarray] = {}
+        queue.set_callback(lambda request, i, out=outputs: out.__setitem__(
+            i, request.get_output_tensor(0).data.copy()))
+        for i, batch in enumerate(batches):
+            queue.start_async({0: batch}, i)
+        queue.wait_all()
+        features = np.concatenate([outputs[i] for i in range(len(batches))])
+        norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
+        cosine = (features * reference).sum(1) / norms
+        result["variants"][name] = {
+            "f32_convolutions": convolutions.count("f32"), "convolutions": len(convolutions),
+            "cosine_min": round(float(cosine.min()), 5), "cosine_mean": round(float(cosine.mean()), 5),
+            "cosine_lowest_five": [round(float(c), 5) for c in np.sort(cosine)[:5]],
+            "images_per_s": [], "cpu_ms_per_image": []}
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         for name, queue in queues.items():

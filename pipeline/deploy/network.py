@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import ConfigError
-from pipeline.features.extract import forward, resolve_device
+from pipeline.features.extract import f32_modules, forward, resolve_device
 from pipeline.features.openvino_runtime import CompiledNetwork, NetworkId, compiled_network, runtime_for
 from pipeline.heads.bundle import HeadBundle
 from pipeline.heads.predict import feature_options
@@ -89,7 +89,8 @@ class HeadNetwork:
             layers = list(dict.fromkeys(layer for backbone, layer in self.sources if backbone == name))
             network = tapped(loaded, layers).to(self.device, memory_format=torch.channels_last).eval()
             pre = loaded.spec.preprocess
-            key = NetworkId(name, options["weights"], sha, tuple(layers), self.precision)
+            key = NetworkId(name, options["weights"], sha, tuple(layers), self.precision,
+                            f32_modules(name, self.precision, options["runtime"], options["openvino_f32"]))
             compiled = compiled_network(key) if openvino and runtime_for(key) == "openvino" else None
             self.backbones.append(_Backbone(name, network, pre, names[Geometry.of(pre)], compiled))
         self.runtimes = {b.name: "torch" if b.compiled is None else "openvino" for b in self.backbones}

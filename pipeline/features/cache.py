@@ -74,12 +74,15 @@ class CacheKey:
     module: str = ""  # the tapped module inside the network, in case a layer name is ever remapped
     decoder: str = DECODER
     runtime: str = "torch"  # what ran the network (features.device.resolve_runtime)
+    f32: str = ""  # OpenVINO bf16: the modules kept in f32, comma-separated (features.openvino_precise)
 
     @property
     def digest(self) -> str:
         fields_ = asdict(self)
         if self.runtime == "torch":  # keys made before there was a choice of runtime keep their digest
             del fields_["runtime"]
+        if not self.f32:  # as do keys made before modules were kept in f32
+            del fields_["f32"]
         text = json.dumps({**fields_, "format": FORMAT_VERSION}, sort_keys=True)
         return bytes_sha256(text.encode())[:16]
 

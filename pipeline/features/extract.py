@@ -68,6 +68,7 @@ class ShardJob:
     image_ids: tuple[str, ...]
     needed: tuple[frozenset[str], ...]  # per store, the ids of this shard that store still lacks
     runtime: str  # "torch", or "openvino" (features/openvino_runtime.py) on the CPU
+    f32: tuple[str, ...] = ()  # with OpenVINO in bf16, the modules kept in f32 (`f32_modules`)
 
 
 _NETWORKS: dict[tuple, tuple[TappedNetwork, Preprocess]] = {}
@@ -293,12 +294,21 @@ def _check_layer_owners(backbones: list[str], layers: Iterable[str] | None) -> N
                               f"({', '.join(backbones)})")
 
 
-def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str, runtime: str = "torch") -> CacheKey:
+def f32_modules(backbone: str, precision: str, runtime: str, openvino_f32: bool = True) -> tuple[str, ...]:
+    """The modules of `backbone` that OpenVINO keeps in f32: its spec's `openvino_f32` where OpenVINO runs
+    it in bf16; none with `openvino_f32` False (the plain bf16 that made features before 2026-11-29)."""
+    if not openvino_f32 or runtime != "openvino" or precision != "bf16":
+        return ()
+    return get_spec(backbone).openvino_f32
+
+
+def cache_key(backbone: str, weights_sha256: str, layer: str, precision: str, runtime: str = "torch",
+              f32: tuple[str, ...] = ()) -> CacheKey:
     spec = get_spec(backbone)
     tap = spec.layers[layer]
     module = f"{tap.module}#{tap.pool}" if tap.pool else tap.module  # token pooling; feature maps as before
     return CacheKey(backbone, weights_sha256, spec.preprocess.as_dict(), layer, precision, tap.dim, module,
-                    runtime=runtime)
+                    runtime=runtime, f32=",".join(f32))
 
 
 def _provenance(device: str, runtime: str = "torch") -> dict:
@@ -327,11 +337,13 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
             device: str = DEFAULTS.device, precision: str = DEFAULTS.precision, batch_size: int = DEFAULTS.batch_size,
             shard_size: int = DEFAULTS.shard_size, scheduler: str | None = DEFAULTS.scheduler,
             weights: str | os.PathLike | None = DEFAULTS.weights, progress: bool = True,
-            runtime: str = DEFAULTS.runtime, rehash: bool = False) -> ExtractReport:
+            runtime: str = DEFAULTS.runtime, rehash: bool = False, openvino_f32: bool = True) -> ExtractReport:
     """Embed every image of `data` with each backbone, computing only what the cache lacks (the
     settings' defaults are `pipeline.features.settings.ExtractSettings`). Files are identified through
     the cache's stat memo (`pipeline.images.statmemo`): one whose size, mtime, inode and device are as
-    the memo last saw them is not read again (`rehash` reads every file).
+    the memo last saw them is not read again (`rehash` reads every file). `openvino_f32` False remakes
+    the plain OpenVINO bf16 features of heads fitted before 2026-11-29 (`f32_modules`; `pipeline predict`
+    sets it from the head).
 
     Everything that can be wrong with the arguments (names, layers, weights files) is checked before
     the first image is touched."""
@@ -364,9 +376,11 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
     failed: dict[str, str] = {}  # image id -> reason; every copy of a failed image is skipped
     all_stores = {}
     for backbone in backbones:
+        f32 = f32_modules(backbone, precision, runtime, openvino_f32)
         used = _runtime_used(runtime, cache_dir, backbone, weights_path, shas[backbone], layer_plan[backbone],
-                             precision)
-        stores = [FeatureStore.create(cache_dir, cache_key(backbone, shas[backbone], layer, precision, used),
+                             precision, f32)
+        f32 = f32 if used == "openvino" else ()
+        stores = [FeatureStore.create(cache_dir, cache_key(backbone, shas[backbone], layer, precision, used, f32),
                                       _provenance(device, used)) for layer in layer_plan[backbone]]
         all_stores[backbone] = stores
         present = [store.have(ids[i] for i in usable) for store in stores]
@@ -380,7 +394,7 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
             needed = tuple(frozenset(i for i in chunk_ids if i not in have) for have in present)
             jobs.append(ShardJob(backbone, str(weights_path) if weights_path else None, shas[backbone],
                                  tuple(layer_plan[backbone]), tuple(str(s.root) for s in stores), device,
-                                 precision, batch_size, shard, tuple(paths), tuple(chunk_ids), needed, used))
+                                 precision, batch_size, shard, tuple(paths), tuple(chunk_ids), needed, used, f32))
         with tqdm(total=len(todo), unit="img", desc=backbone, disable=None if progress else True) as bar:
             for result in _run_jobs(jobs, scheduler, bar):
                 report.computed += result.computed
@@ -394,16 +408,16 @@ def extract(data: str | os.PathLike | Dataset, backbones: str | Iterable[str] | 
 
 
 def _runtime_used(runtime: str, cache_dir: Path, backbone: str, weights: Path | None, sha: str, layers: list[str],
-                  precision: str) -> str:
+                  precision: str, f32: tuple[str, ...]) -> str:
     """The runtime that computes this backbone's features: OpenVINO falls back to torch (logged) for a
     network it cannot run. Trying costs a conversion, done here only when the OpenVINO keys are new to
     the cache (the local scheduler then reuses the converted network)."""
-    if runtime != "openvino" or all((cache_dir / cache_key(backbone, sha, layer, precision, runtime).dirname
+    if runtime != "openvino" or all((cache_dir / cache_key(backbone, sha, layer, precision, runtime, f32).dirname
                                      / "meta.json").is_file() for layer in layers):
         return runtime
     from pipeline.features.openvino_runtime import NetworkId, runtime_for  # imports torch and OpenVINO
 
-    return runtime_for(NetworkId(backbone, str(weights) if weights else None, sha, tuple(layers), precision))
+    return runtime_for(NetworkId(backbone, str(weights) if weights else None, sha, tuple(layers), precision, f32))
 
 
 def _warn_about_classes(dataset: Dataset) -> None:

@@ -4,7 +4,8 @@
 threads and returns the pooled output of each tap point, in the job's layer order: the conversion to
 float, the NCHW view and the normalisation are in the graph, so OpenVINO fuses them into the first
 convolution. The model is compiled for the CPU with the precision hint of the run's `precision` (bf16
-where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses) as one
+where the CPU has AVX512-BF16 or AMX, else f32, as `features.device.resolve_precision` chooses; in bf16
+the modules the backbone names in `openvino_f32` stay f32: `features.openvino_precise`) as one
 single-threaded stream per thread torch would use (so a Dask worker started with OMP_NUM_THREADS=1 uses
 one core), and kept for the life of the process: every later shard, and every task of a Dask worker,
 reuses it. Batches run asynchronously as requests of at most `REQUEST_IMAGES` images, two queued per
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import first_line
+from pipeline.features.openvino_precise import kept_in_f32, names_in
 from pipeline.models.taps import tapped
 from pipeline.models.weights import load_backbone
 
@@ -56,6 +58,7 @@ class NetworkId:
     weights_sha256: str
     layers: tuple[str, ...]
     precision: str
+    f32: tuple[str, ...] = ()  # modules kept in f32 when the rest runs in bf16 (`features.openvino_precise`)
 
 
 class CompiledNetwork:
@@ -137,6 +140,8 @@ conversions = 0  # how many networks this process converted (a test checks once 
 class FromUint8(torch.nn.Module):
     """uint8 NHWC in, the tapped network's pooled outputs out (a tuple in layer order)."""
 
+    ROOT = "network.network."  # the backbone's own modules' path prefix in the converted model's names
+
     def __init__(self, network: torch.nn.Module, pre: Preprocess, layers: tuple[str, ...]) -> None:
         super().__init__()
         self.network = network
@@ -166,9 +171,13 @@ def _convert(key: NetworkId) -> CompiledNetwork:
         logging.root.setLevel(root_level)
     # torch's thread count: every core in a plain process, one in a Dask nanny's worker (OMP_NUM_THREADS=1)
     threads = torch.get_num_threads()
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": HINTS[key.precision],
-                                                      "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads,
-                                                      "INFERENCE_NUM_THREADS": threads})
+    config = {"INFERENCE_PRECISION_HINT": HINTS[key.precision], "PERFORMANCE_HINT": "THROUGHPUT",
+              "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads}
+    if key.f32:
+        with kept_in_f32(model, names_in(model, FromUint8.ROOT, key.f32)) as marked:
+            compiled = ov.Core().compile_model(marked, "CPU", config)
+    else:
+        compiled = ov.Core().compile_model(model, "CPU", config)
     network = CompiledNetwork(compiled, key.layers, pre)
     network(np.zeros((1, pre.crop, pre.crop, 3), dtype=np.uint8))  # an operation that fails only when run
     return network
@@ -192,7 +201,8 @@ def compiled_network(key: NetworkId) -> CompiledNetwork:
 
 
 def network_for(job: ShardJob) -> CompiledNetwork:
-    return compiled_network(NetworkId(job.backbone, job.weights, job.weights_sha256, job.layers, job.precision))
+    return compiled_network(NetworkId(job.backbone, job.weights, job.weights_sha256, job.layers, job.precision,
+                                      job.f32))
 
 
 def runtime_for(key: NetworkId) -> str:

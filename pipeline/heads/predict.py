@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.paths import path_text
-from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract
+from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract, f32_modules
 from pipeline.features.settings import DEFAULTS
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
 from pipeline.heads.decision import Decisions, answer_cells, answer_columns, decide
@@ -61,7 +61,9 @@ class Predictions:
 
 def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
     """The `extract` options that remake the head's training features (backbones, layers, precision,
-    runtime, weights), checked against this installation so that nothing is computed with the wrong ones."""
+    runtime, weights, and for OpenVINO bf16 whether modules are kept in f32: a head fitted before
+    2026-11-29 keeps the plain bf16 it was fitted on), checked against this installation so that nothing
+    is computed with the wrong ones."""
     sources = bundle.sources
     precisions, runtimes = {s.precision for s in sources}, {s.runtime for s in sources}
     if len(precisions) != 1 or len(runtimes) != 1:
@@ -69,16 +71,22 @@ def feature_options(bundle: HeadBundle, model: str | os.PathLike) -> dict:
                           f"{sorted(precisions)} {sorted(runtimes)}")
     precision, runtime = precisions.pop(), runtimes.pop()
     weights = sources[0].weights
-    for source in sources:  # the same features as in training, or nothing is computed at all
-        spec = get_spec(source.backbone)
-        sha = file_sha256(resolve_weights(spec, weights))
-        key = cache_key(source.backbone, sha, source.layer, precision, runtime).dirname
-        if key != source.cache_key:
-            raise BundleError(f"{model} was trained on features {source.cache_key}, but this installation "
-                              f"makes {key} (different weights, preprocessing or decoder): refit the head")
+    shas = {name: file_sha256(resolve_weights(get_spec(name), weights)) for name in {s.backbone for s in sources}}
+
+    def keys(openvino_f32: bool) -> list[str]:
+        return [cache_key(s.backbone, shas[s.backbone], s.layer, precision, runtime,
+                          f32_modules(s.backbone, precision, runtime, openvino_f32)).dirname for s in sources]
+
+    made = [s.cache_key for s in sources]
+    # the same features as in training, or nothing is computed at all
+    openvino_f32 = next((flag for flag in (True, False) if keys(flag) == made), None)
+    if openvino_f32 is None:
+        source, key = next((s, key) for s, key in zip(sources, keys(True), strict=True) if key != s.cache_key)
+        raise BundleError(f"{model} was trained on features {source.cache_key}, but this installation "
+                          f"makes {key} (different weights, preprocessing or decoder): refit the head")
     return {"backbones": list(dict.fromkeys(s.backbone for s in sources)),
             "layers": [f"{s.backbone}:{s.layer}" for s in sources], "precision": precision, "runtime": runtime,
-            "weights": weights}
+            "weights": weights, "openvino_f32": openvino_f32}
 
 
 def predict(model: str | os.PathLike, data: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULTS.cache_dir,

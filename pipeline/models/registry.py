@@ -89,6 +89,8 @@ class BackboneSpec:
     weights_sha256: str | None = None  # set for saved (fine-tuned) backbones: their file must match it
     parent: str | None = None  # the backbone a saved one was fine-tuned from
     trained_on: Path | None = None  # a saved one's list of the content ids of the images that trained its network
+    # modules OpenVINO keeps in f32 when it runs the rest in bf16, where bf16 loses most (features.openvino_precise)
+    openvino_f32: tuple[str, ...] = ()
     remote: RemoteFile | None = None  # where its weights are downloaded from, and their pin
     card: Card | None = None
     load_network: Callable[[Path], nn.Module] | None = None  # builds it with a weights file (else build + state dict)
