@@ -35,6 +35,7 @@ import numpy as np
 import pipeline.features.extract as extract_module
 import pipeline.features.openvino_runtime as openvino_runtime
 from pipeline.features.device import resolve_precision
+from pipeline.features.extract import f32_modules
 from pipeline.images.data import scan
 from pipeline.images.decode import decode
 from pipeline.models.registry import get_spec
@@ -79,8 +80,8 @@ def main() -> None:
     paths = scan(data).paths
     images = np.stack([decode(path, spec.preprocess) for path in paths])
     predecoded = {str(path.absolute()): image for path, image in zip(paths, images, strict=True)}
-    key = openvino_runtime.NetworkId(args.backbone, None, file_sha256(resolve_weights(spec)),
-                                     (spec.default_layer,), precision)
+    key = openvino_runtime.NetworkId(args.backbone, None, file_sha256(resolve_weights(spec)), (spec.default_layer,),
+                                     precision, f32_modules(args.backbone, precision, "openvino"))
     pinned = openvino_runtime.compiled_network(key)
     free = unpinned(key)
     warm_up(paths, args.backbone, precision, batch)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.features.device import resolve_precision
-from pipeline.features.extract import extract, forward
+from pipeline.features.extract import extract, f32_modules, forward
 from pipeline.features.openvino_runtime import NetworkId, compiled_network
 from pipeline.images.data import hash_files, scan
 from pipeline.images.decode import decode
@@ -81,7 +81,8 @@ def main() -> None:
     loaded = load_backbone(args.backbone)
     torch_net = tapped(loaded, [spec.default_layer])
     sha = file_sha256(resolve_weights(spec))
-    ov_net = compiled_network(NetworkId(args.backbone, None, sha, (spec.default_layer,), precision))
+    ov_net = compiled_network(NetworkId(args.backbone, None, sha, (spec.default_layer,), precision,
+                                        f32_modules(args.backbone, precision, "openvino")))
     variants = {
         "torch_end_to_end": lambda: end_to_end(data, args.backbone, "torch", precision, args.batch_size),
         "openvino_end_to_end": lambda: end_to_end(data, args.backbone, "openvino", precision, args.batch_size),

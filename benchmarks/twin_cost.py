@@ -24,7 +24,7 @@ import torch
 from openvino_speed import batches_per_second
 
 from pipeline.features.device import resolve_precision
-from pipeline.features.extract import forward
+from pipeline.features.extract import f32_modules, forward
 from pipeline.features.openvino_runtime import NetworkId, compiled_network
 from pipeline.images.data import scan
 from pipeline.images.decode import decode
@@ -75,7 +75,7 @@ def main() -> None:
         for label, name in (("one network", args.backbone), ("twin", twin)):
             spec = get_spec(name)
             ov = compiled_network(NetworkId(name, None, file_sha256(resolve_weights(spec)), (spec.default_layer,),
-                                            precision))
+                                            precision, f32_modules(name, precision, "openvino")))
             variants[f"openvino, {label}"] = functools.partial(batches_per_second, ov.map, images, 32)
         for run in variants.values():  # warm-up
             run()

@@ -20,7 +20,7 @@ from pipeline.features.extract import cache_key, extract, f32_modules
 from pipeline.features.openvino_runtime import NetworkId
 from pipeline.images.decode import decode
 from pipeline.models.registry import BackboneSpec, Layer, get_spec, register
-from pipeline.models.weights import file_sha256, resolve_weights
+from pipeline.models.weights import file_sha256, load_backbone, resolve_weights, save_backbone
 
 from . import tinynet
 from .conftest import FLOWERS, TINY, make_folder, needs_flowers
@@ -92,6 +92,21 @@ def test_lite0_in_bf16_keeps_block_0_in_f32():
                       if node.get_rt_info()["layerType"].astype(str) == "Convolution"]
         counts[f32] = (precisions.count("f32"), len(precisions))
     assert counts == {(): (0, 49), ("_blocks.0",): (2, 49)}
+
+
+def test_a_saved_backbone_keeps_its_parents_f32_modules_and_an_older_manifest_none(tmp_path, monkeypatch):
+    """A backbone fine-tuned from one that names modules to keep in f32 names them in its manifest (the
+    architecture is the parent's); a manifest written before has none, so its features keep their key."""
+    parent = replace(get_spec(TINY), openvino_f32=("_blocks.0",))
+    state = {"state_dict": load_backbone(TINY).network.state_dict()}
+    folder = save_backbone(tmp_path / "saved", "tuned_tiny", parent, state, {})
+    monkeypatch.setenv("PIPELINE_BACKBONES", str(tmp_path / "saved"))
+    assert get_spec("tuned_tiny").openvino_f32 == ("_blocks.0",)
+    manifest = json.loads((folder / "backbone.json").read_text())
+    assert manifest["openvino_f32"] == ["_blocks.0"]
+    del manifest["openvino_f32"]
+    (folder / "backbone.json").write_text(json.dumps(manifest))
+    assert get_spec("tuned_tiny").openvino_f32 == ()
 
 
 @needs_bf16

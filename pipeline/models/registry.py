@@ -239,7 +239,8 @@ def _spec_from_manifest(path: Path) -> BackboneSpec:
                                    f" ({path})",
                             load_categories=lambda: tuple(manifest.get("classes", ())),
                             weights_sha256=manifest["weights_sha256"], parent=parent,
-                            trained_on=path.parent / manifest["trained_on"] if "trained_on" in manifest else None)
+                            trained_on=path.parent / manifest["trained_on"] if "trained_on" in manifest else None,
+                            openvino_f32=tuple(str(m) for m in manifest.get("openvino_f32", ())))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BackboneError(f"saved backbone manifest {path} is unusable: {first_line(exc)}") from None
 
@@ -270,12 +271,13 @@ def _user_specs() -> dict[str, BackboneSpec]:
 def manifest_for(name: str, parent: BackboneSpec, weights: str, weights_sha256: str, extra: dict,
                  layers: dict[str, Layer] | None = None, twin: list[str] | None = None) -> dict:
     """The manifest of saved backbone `name`: its weights file and checksum, and the parent's
-    preprocessing and tap points (fine-tuning changes the weights, not the architecture); a twin's
-    (`twin`: its changed modules) names its own `layers`."""
+    preprocessing, tap points and modules OpenVINO keeps in f32 (fine-tuning changes the weights, not the
+    architecture); a twin's (`twin`: its changed modules) names its own `layers`."""
     layers = parent.layers if layers is None else layers
     return {"format": MANIFEST_FORMAT, "name": name, "parent": parent.name, "weights": weights,
             "weights_sha256": weights_sha256, "preprocess": parent.preprocess.as_dict(),
             "layers": {k: {"module": v.module, "dim": v.dim, **({"pool": v.pool, "prefix": v.prefix} if v.pool else {}),
                            **({"twin": True} if v.twin else {})}
                        for k, v in layers.items()},
-            "default_layer": parent.default_layer, **({"twin": list(twin)} if twin else {}), **extra}
+            "default_layer": parent.default_layer, **({"twin": list(twin)} if twin else {}),
+            **({"openvino_f32": list(parent.openvino_f32)} if parent.openvino_f32 else {}), **extra}
