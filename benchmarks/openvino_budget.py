@@ -14,7 +14,10 @@ process's CPU milliseconds per image, which the cores' sharing does not blur):
 - `end_to_end_unpinned`: `end_to_end` with the network compiled with ENABLE_CPU_PINNING off (the streams'
   threads free to move between cores when a decoding thread takes one);
 - `end_to_end_switch_0.5ms`: `end_to_end` with Python's GIL switch interval at 0.5 ms instead of 5 (the
-  requests' callbacks wait less for a decoding thread that holds the GIL).
+  requests' callbacks wait less for a decoding thread that holds the GIL);
+- `end_to_end_plain_bf16`, `model_alone_plain_bf16`: end to end and the network alone with every layer
+  in bf16, as before 2026-11-29 (`extract(openvino_f32=False)`): what keeping the backbone's
+  `openvino_f32` modules in f32 costs.
 The decoding alone (one thread, per image) is measured once at the end.
 """
 
@@ -28,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +87,7 @@ def main() -> None:
     key = openvino_runtime.NetworkId(args.backbone, None, file_sha256(resolve_weights(spec)), (spec.default_layer,),
                                      precision, f32_modules(args.backbone, precision, "openvino"))
     pinned = openvino_runtime.compiled_network(key)
+    plain = openvino_runtime.compiled_network(replace(key, f32=()))
     free = unpinned(key)
     warm_up(paths, args.backbone, precision, batch)
 
@@ -121,6 +126,9 @@ def main() -> None:
         "model_beside_decoding": beside_decoding,
         "end_to_end_unpinned": lambda: run_end_to_end(network=free),
         "end_to_end_switch_0.5ms": lambda: run_end_to_end(interval=0.0005),
+        "end_to_end_plain_bf16": lambda: end_to_end(data, args.backbone, "openvino", precision, batch,
+                                                    openvino_f32=False),
+        "model_alone_plain_bf16": lambda: batches_per_second(plain.map, images, batch),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     cpu_ms: dict[str, list[float]] = {name: [] for name in variants}

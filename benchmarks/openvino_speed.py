@@ -39,11 +39,12 @@ from pipeline.models.weights import file_sha256, load_backbone, resolve_weights
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def end_to_end(data: Path, backbone: str, runtime: str, precision: str, batch_size: int) -> float:
+def end_to_end(data: Path, backbone: str, runtime: str, precision: str, batch_size: int,
+               openvino_f32: bool = True) -> float:
     """Into a fresh cache, so every distinct image is computed."""
     with tempfile.TemporaryDirectory() as cache:
         report = extract(data, [backbone], cache_dir=cache, precision=precision, runtime=runtime,
-                         batch_size=batch_size, progress=False)
+                         batch_size=batch_size, progress=False, openvino_f32=openvino_f32)
     assert report.reused == 0 and not report.skipped, report.summary()
     return report.images_per_second
 
