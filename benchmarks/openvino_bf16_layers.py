@@ -91,10 +91,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     queues, result = {}, {"backbone": args.backbone, "data": args.data, "images": len(images), "variants": {}}
     for name, keep in VARIANTS.items():
-        with kept_in_f32(model, set() if keep is None else with_f32_nodes(model, keep)) as marked:
-            compiled = ov.Core().compile_model(marked, "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32" if keep is None else "bf16", "PERFORMANCE_HINT": "THROUGHPUT",
-                "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads})
+        config = {"INFERENCE_PRECISION_HINT": "f32" if keep is None else "bf16", "PERFORMANCE_HINT": "THROUGHPUT",
+                  "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads}
+        names = set() if keep is None else with_f32_nodes(model, keep)
+        if names:
+            with kept_in_f32(model, names) as marked:
+                compiled = ov.Core().compile_model(marked, "CPU", config)
+        else:
+            compiled = ov.Core().compile_model(model, "CPU", config)
         convolutions = [node.get_rt_info()["runtimePrecision"].astype(str)
                         for node in compiled.get_runtime_model().get_ordered_ops()
                         if node.get_rt_info()["layerType"].astype(str) == "Convolution"]

@@ -122,7 +122,30 @@ def test_fitting_on_the_images_that_trained_the_network_is_warned_of(ensemble_ru
         warned = (f"warning: {len(listed)} of the {len(train_ids)} images of --data {data / 'train'} trained "
                   "backbone 'tiny_ens' (pipeline finetune): scores on them (cross-validation, LogME) are optimistic")
         assert (warned in err) == (split == "train"), err
-    assert "optimistic" not in err
+        assert main(["evaluate", "--model", str(tmp_path / f"{split}.skops"), "--data", str(data / split),
+                     "--cache", str(tmp_path / "cache"), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("of the evaluated folder trained backbone 'tiny_ens' (pipeline finetune): a test score on them is "
+                "optimistic; test on images the network never saw" in err) == (split == "train"), err
+
+
+def test_a_backbone_fine_tuned_from_a_fine_tuned_one_keeps_its_parents_images(tmp_path):
+    """The second run trains only the linear layer (its network is the first run's): it lists the images
+    that trained that network, which its own run did not."""
+    folders = tmp_path / "data"
+    make_folder(folders / "train", classes=3, per_class=4)
+    make_folder(folders / "test", classes=3, per_class=2, start_seed=100)
+    first = finetune(_options(folders, tmp_path, val_fraction=0.0, ensemble=False), progress=False)
+    assert first.metrics["kept"] == "fine-tuned"
+    listed = set((first.folder / TRAINED_ON).read_text().split())
+    assert listed == set(hash_files(sorted((folders / "train").rglob("*.jpg"))))
+    other = tmp_path / "other"
+    make_folder(other / "train", classes=3, per_class=4, start_seed=200)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BACKBONES_ENV, str(tmp_path / "backbones"))
+        second = finetune(_options(other, tmp_path, backbone="tiny_ft", name="tiny_ft2", unfreeze="head", test=None,
+                                   out=tmp_path / "out2"), progress=False)
+    assert set((second.folder / TRAINED_ON).read_text().split()) == listed
 
 
 def test_a_run_config_on_the_networks_training_folder_is_warned_of_too(ensemble_run, tmp_path, caplog):

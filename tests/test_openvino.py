@@ -4,6 +4,7 @@ torch for a network it cannot convert, and converting once per process or Dask w
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -17,6 +18,7 @@ from pipeline.features import cache as cache_module
 from pipeline.features import openvino_runtime
 from pipeline.features.device import resolve_precision, resolve_runtime
 from pipeline.features.extract import cache_key, extract, f32_modules
+from pipeline.features.openvino_precise import kept_in_f32
 from pipeline.features.openvino_runtime import NetworkId
 from pipeline.images.decode import decode
 from pipeline.models.registry import BackboneSpec, Layer, get_spec, register
@@ -288,3 +290,17 @@ def test_openvino_bf16_matches_torch_fp32_on_real_photos(tmp_path):
     cosine, plain_cosine = _cosine(ov, reference), _cosine(plain, reference)
     assert cosine.min() >= 0.998 and cosine.mean() >= 0.9995, (cosine.min(), cosine.mean())
     assert plain_cosine.min() < cosine.min(), (plain_cosine.min(), cosine.min())
+
+
+def test_modules_that_cannot_be_found_in_the_converted_network_are_refused():
+    """A converter that named operations otherwise must not leave plain bf16 features under a key that
+    says f32: marking names the IR lacks raises (and `runtime_for` then falls back to torch, keyed so)."""
+    import openvino as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's deprecation notes
+        model = ov.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), example_input=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="kept 0 of 1 operations in f32"), kept_in_f32(model, {"no such operation"}):
+        pass
+    with pytest.raises(RuntimeError, match="kept 0 of 0"), kept_in_f32(model, set()):
+        pass

@@ -35,7 +35,7 @@ from pipeline.core.names import DEFAULT_BACKBONE
 from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, extract
 from pipeline.features.sources import feature_set, matrix, source_meta
-from pipeline.features.trained_on import warn_trained_on
+from pipeline.features.trained_on import TEST_ELSEWHERE, TESTED, warn_trained_on
 from pipeline.heads.bundle import HeadBundle, save_bundle
 from pipeline.heads.calibration import uncalibrated
 from pipeline.heads.decision import DecisionRule, answer_cells, answer_columns
@@ -238,6 +238,7 @@ def run_config(config_path: str | Path | None, progress: bool = True, config: Ru
     write_skip_list(out / SKIP_LIST, skipped)  # before the heads: a run that stops later still names them
     train_sets, test_sets = reports["train"].feature_sets, reports["test"].feature_sets
     warn_trained_on(train_sets.values(), "'data.train'")
+    warn_trained_on(test_sets.values(), "'data.test'", TESTED, TEST_ELSEWHERE)
     first, test_first = feature_set(train_sets, specs[0].sources[0]), feature_set(test_sets, specs[0].sources[0])
     _check_rows(first, test_first)
     y_train = first.labels

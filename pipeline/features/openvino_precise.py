@@ -13,6 +13,7 @@ renames the convolutions it fuses, and the batch norm after them keeps the modul
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,10 +47,16 @@ def within(path: str, modules: tuple[str, ...]) -> bool:
 
 
 def _marked(xml: str, names: set[str]) -> str:
+    """The IR with the layers named `names` marked; raises where some are not found (a converter that
+    names them otherwise must not leave features under a key that says f32)."""
     def mark(layer: re.Match) -> str:
-        return layer.group(0) + _PRECISE if layer.group(1) in names else layer.group(0)
+        return layer.group(0) + _PRECISE if html.unescape(layer.group(1)) in names else layer.group(0)
 
-    return _LAYER.sub(mark, xml)
+    marked = _LAYER.sub(mark, xml)
+    found = marked.count(_PRECISE)
+    if not names or found != len(names):
+        raise RuntimeError(f"kept {found} of {len(names)} operations in f32 (the IR names them otherwise)")
+    return marked
 
 
 @contextmanager

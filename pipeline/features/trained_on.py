@@ -32,12 +32,16 @@ def trained_on(spec: BackboneSpec) -> frozenset[str]:
         return frozenset()
 
 
+FITTED = "scores on them (cross-validation, LogME) are optimistic, and so are the settings those scores choose"
 SCORE_HEADS = "score the head on images the network never saw (pipeline evaluate)"
+TESTED = "a test score on them is optimistic"
+TEST_ELSEWHERE = "test on images the network never saw"
 
 
-def warn_trained_on(feature_sets: Iterable[FeatureSet], what: str, advice: str = SCORE_HEADS) -> dict[str, int]:
-    """Warn, per backbone, when images of `what` (e.g. "--data train/") trained its network, ending with
-    `advice`; returns how many did, by backbone (only those with any)."""
+def warn_trained_on(feature_sets: Iterable[FeatureSet], what: str, consequence: str = FITTED,
+                    advice: str = SCORE_HEADS) -> dict[str, int]:
+    """Warn, per backbone, when images of `what` (e.g. "--data train/") trained its network: what follows
+    (`consequence`) and what to do (`advice`); returns how many did, by backbone (only those with any)."""
     shared: dict[str, int] = {}
     seen: set[str] = set()
     for fs in feature_sets:
@@ -49,6 +53,5 @@ def warn_trained_on(feature_sets: Iterable[FeatureSet], what: str, advice: str =
         if count:
             shared[fs.backbone] = count
             logger.warning(f"warning: {count} of the {len(fs.image_ids)} images of {what} trained backbone "
-                           f"{fs.backbone!r} (pipeline finetune): scores on them (cross-validation, LogME) are "
-                           f"optimistic, and so are the settings those scores choose; {advice}")
+                           f"{fs.backbone!r} (pipeline finetune): {consequence}; {advice}")
     return shared

@@ -19,6 +19,7 @@ from pipeline.core.io import atomic_write, make_folder
 from pipeline.core.paths import path_text
 from pipeline.features.extract import ExtractReport, FeatureSet, cache_key, extract, f32_modules
 from pipeline.features.settings import DEFAULTS
+from pipeline.features.trained_on import TEST_ELSEWHERE, TESTED, warn_trained_on
 from pipeline.heads.bundle import BundleError, HeadBundle, load_bundle
 from pipeline.heads.decision import Decisions, answer_cells, answer_columns, decide
 from pipeline.images.data import Dataset
@@ -132,6 +133,7 @@ def evaluate(result: Predictions) -> dict:
         raise BundleError("no usable image to evaluate on (see the skipped files)")
     if unknown:
         raise BundleError(f"classes the head does not know: {', '.join(unknown)}")
+    warn_trained_on(result.report.feature_sets.values(), "the evaluated folder", TESTED, TEST_ELSEWHERE)
     truth = np.asarray([classes.index(names[i]) for i in result.features.labels])
     return {"images": int(len(truth)), "accuracy": float(accuracy_score(truth, result.predicted)),
             "macro_f1": float(f1_score(truth, result.predicted, average="macro"))}

@@ -226,7 +226,7 @@ def rank(data: str | os.PathLike | Dataset, backbones: list[str], layers: list[s
     logger.info(f"features: {report.summary()}")
     sets = {f"{b}:{layer}": fs for (b, layer), fs in report.feature_sets.items()}
     warn_trained_on(sets.values(), str(data) if not isinstance(data, Dataset) else "the data",
-                    "rank it on images the network never saw")
+                    advice="rank it on images the network never saw")
     first = sets[sources[0]]
     if not first.class_names:
         raise ConfigError(f"ranking needs a labelled folder (DIR/<class>/<image>), got {data}")

@@ -27,6 +27,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.io import make_folder, write_json_atomic
 from pipeline.core.names import SAFE_NAME_RULE, is_safe_name
 from pipeline.features.extract import resolve_device, resolve_precision
+from pipeline.features.trained_on import trained_on as images_trained_on
 from pipeline.heads.fit import fit_head
 from pipeline.heads.spec import HEAD_OPTIONS, HeadSpec
 from pipeline.images.data import Dataset, hash_files, require_labelled, scan, test_labels
@@ -268,18 +269,20 @@ def finetune(options: FinetuneOptions, progress: bool = True,
         metrics["macro_f1"] = float(f1_score(labels, predicted, average="macro"))
     summary = {k: metrics.get(k) for k in ("accuracy", "macro_f1", "probe_accuracy", "best_epoch", "kept")}
     extra = {"classes": p.classes, "finetune": summary}
-    # the images whose features the kept network was trained to separate (`features.trained_on` warns of them)
-    trained_on = [i for i in hash_files(p.fit_set.paths) if i is not None] \
-        if outcome in ("ensemble", "fine-tuned") and p.model.trained_units else []
+    # the images whose features the kept network was trained to separate (`features.trained_on` warns of
+    # them): the parent's own, where it was fine-tuned too, and this run's where the network trained
+    trained = set(images_trained_on(p.parent))
+    if outcome in ("ensemble", "fine-tuned") and p.model.trained_units:
+        trained.update(i for i in hash_files(p.fit_set.paths) if i is not None)
     if outcome == "ensemble":
         twin = ensemble.twin_state(p.parent, p.model.network, p.model.trained_units,
                                    *linear_from_probe(probe, len(p.classes)), p.model.classifier)
         folder = save_backbone(_backbones_root(options), p.name, p.parent, twin.state, extra, twin.layers, twin.paths,
-                               trained_on)
+                               trained)
     else:
         state = {"state_dict": {k: v.cpu() for k, v in p.model.network.state_dict().items()},
                  "classifier": {k: v.cpu() for k, v in p.model.classifier.state_dict().items()}}
-        folder = save_backbone(_backbones_root(options), p.name, p.parent, state, extra, trained_on=trained_on)
+        folder = save_backbone(_backbones_root(options), p.name, p.parent, state, extra, trained_on=trained)
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out / "finetune.json", metrics, default=str)
     return FinetuneResult(p.name, folder, metrics, p.skipped + p.test_skipped)
