@@ -182,3 +182,36 @@ def test_a_saved_child_of_a_timm_backbone_keeps_its_pooling(served_vit, monkeypa
     with torch.inference_mode():
         out = tapped(load_backbone("tuned_vit"), ["final_mean"])(x)
         torch.testing.assert_close(out["final_mean"], network.forward_features(x)[:, 1:].mean(1))
+
+
+def test_finetune_keeps_a_twin_of_a_timm_vit_whose_features_are_the_parents_and_the_tuned_side_by_side(
+        served_vit, monkeypatch, tmp_path):
+    """`finetune --ensemble` on a timm ViT (fixed input size, attention blocks, a default layer that taps
+    the whole network's output): the twin's default features are the parent's and the fine-tuned
+    network's side by side, and a user fits and predicts on it."""
+    from pipeline.tuning.finetune import FinetuneOptions, finetune
+    from pipeline.tuning.training import TrainSettings
+
+    from .test_finetune import _predicts_with, _stripes
+
+    data = tmp_path / "stripes"
+    _stripes(data / "train", 16, 0)
+    _stripes(data / "test", 8, 5000)
+    options = FinetuneOptions(data / "train", data / "test", backbone=TINY_VIT, unfreeze="last:1", probe_C=1.0,
+                              out=tmp_path / "out", name="vit_ens", backbones_dir=tmp_path / "backbones",
+                              cache_dir=tmp_path / "cache", ensemble=True, val_fraction=0.0,
+                              train=TrainSettings(epochs=2, batch_size=8, lr=0.01, device="cpu", precision="fp32"))
+    result = finetune(options, progress=False)
+    assert result.metrics["kept"] == "ensemble"  # no held-out part to judge it
+    monkeypatch.setenv("PIPELINE_BACKBONES", str(tmp_path / "backbones"))
+    spec, parent = get_spec("vit_ens"), get_spec(TINY_VIT)
+    layer = parent.default_layer
+    features = {name: extract(data / "test", name, [layer], tmp_path / "use", "cpu", "fp32", progress=False,
+                              runtime="torch").feature_sets[(name, layer)].features.compute()
+                for name in (TINY_VIT, "vit_ens")}
+    width = features[TINY_VIT].shape[1]
+    assert spec.layers[layer].twin and features["vit_ens"].shape == (16, 2 * width)
+    np.testing.assert_allclose(features["vit_ens"][:, :width], features[TINY_VIT], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(features["vit_ens"][:, width:], features[TINY_VIT], atol=1e-4)  # the tuned half
+    predicted = _predicts_with("vit_ens", data / "train", data / "test", tmp_path)
+    assert len(predicted) == 16

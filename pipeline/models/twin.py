@@ -60,14 +60,16 @@ def fold(pooled: torch.Tensor) -> torch.Tensor:
 def twin_layers(network: nn.Module, paths: Sequence[str], modules: dict[str, str],
                 input_size: int) -> dict[str, bool | None]:
     """For each layer name -> tap module of `network` (before it is made a twin; one forward pass of an
-    `input_size` image finds the order): True when the layer runs from the first changed module on (its
-    features are folded), False before it, None when it lies inside a changed module (a twin offers no
-    such layer: only one of the two versions would run it)."""
+    `input_size` image finds the order): True when the layer's output comes from the first changed module
+    on (its features are folded), False before it, None when it lies inside a changed module (a twin
+    offers no such layer: only one of the two versions would run it). The order is the one in which the
+    modules finish, so a module that holds the changed ones (the whole network, for a layer tapping its
+    output: timm's `pooled`) counts as after them."""
     inside = tuple(f"{p}." for p in paths)
     order: list[str] = []
     named = dict(network.named_modules())
     watched = {*modules.values(), paths[0]}
-    hooks = [named[m].register_forward_pre_hook(lambda _m, _i, m=m: order.append(m)) for m in watched]
+    hooks = [named[m].register_forward_hook(lambda _m, _i, _o, m=m: order.append(m)) for m in watched]
     try:
         with torch.no_grad():
             network.eval()(torch.zeros(1, 3, input_size, input_size))

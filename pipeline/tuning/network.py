@@ -154,6 +154,6 @@ def build_model(network: nn.Module, spec: BackboneSpec, classes: int, probe, unf
         with torch.no_grad():
             model.classifier.weight.copy_(weight)
             model.classifier.bias.copy_(bias)
-    units = blocks(network, tap.module)
+    units = blocks(network, tap.module, spec.preprocess.crop)
     return model, freeze(model, units, unfrozen_count(unfreeze, len(units)), lr, lr_decay), len(units)
 
