@@ -4,6 +4,7 @@ torch for a network it cannot convert, and converting once per process or Dask w
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict, replace
 
@@ -267,6 +268,29 @@ def test_a_dask_worker_converts_the_network_once(tmp_path):
         counts = client.run(_conversions)
     assert report.computed == 12
     assert list(counts.values()) == [1]  # six shards, two threads, one worker: one conversion
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_a_cluster_worker_keeps_lite0s_block_0_in_f32_too(tmp_path, monkeypatch):
+    """The modules kept in f32 travel with each shard job: Lite0's features from a Dask worker are the
+    local process's (block 0 in f32), not plain bf16's."""
+    from distributed import LocalCluster
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # LocalCluster leaves them set
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    data = make_folder(tmp_path / "images", classes=2, per_class=3)
+
+    def lite0(cache: str, **options) -> tuple[str, np.ndarray]:
+        return _matrix(extract(data, "efficientnet_lite0", cache_dir=tmp_path / cache, precision="bf16",
+                               runtime="openvino", progress=False, **options))
+
+    (local_key, local), (_, plain) = lite0("local"), lite0("plain", openvino_f32=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        cluster_key, remote = lite0("cluster", shard_size=3, scheduler=cluster.scheduler_address)
+    assert cluster_key == local_key
+    np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(plain, local, rtol=1e-6, atol=1e-6)
 
 
 @needs_flowers
